@@ -1,0 +1,45 @@
+# One-command setup and the project's entry points. Every target sets up what is missing first:
+# a virtual environment in .venv, the package with its dependencies, Fashion-MNIST, the Jupyter
+# kernel "gvr_lab". Override the interpreter with `make PYTHON=python3.12 ...`.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.gvr_lab-installed
+DATA_STAMP := $(VENV)/.gvr_lab-data
+
+.PHONY: setup demo test lab bench clean
+
+setup: $(STAMP) $(DATA_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,notebooks]"
+	$(PY) -m ipykernel install --user --name gvr_lab --display-name "Python (gvr_lab)"
+	touch $(STAMP)
+
+# Fashion-MNIST: found locally, else Debian's package where apt-get and root are available, else
+# torchvision's download (needs internet).
+$(DATA_STAMP): $(STAMP)
+	@if ! $(PY) -c "import sys; from gvr_lab.data import find_fashion_dir; sys.exit(find_fashion_dir(None) is None)"; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  fi; \
+	fi
+	$(PY) -c "from gvr_lab.data import load_dataset; tr, te = load_dataset('fashion_mnist'); print(f'Fashion-MNIST: {len(tr.labels)} train, {len(te.labels)} test images')"
+	touch $(DATA_STAMP)
+
+demo: setup
+	$(VENV)/bin/gvr-lab train --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf runs .pytest_cache

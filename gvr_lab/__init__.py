@@ -1,0 +1,14 @@
+"""gvr_lab: gradient-based regularizers (GVR, Novack et al.'s implicit-regularization suite, the SAM
+family) on one device-resident training loop. See README.md."""
+
+from .data import Batch, list_datasets
+from .errors import UsageError
+from .methods import Method, create_method, list_methods, register_method
+from .models import create_model, list_models
+from .results import load_runs
+from .train import Config, Run, train
+
+__all__ = [
+    "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "list_datasets",
+    "list_methods", "list_models", "load_runs", "register_method", "train",
+]

@@ -1,0 +1,141 @@
+"""The gvr-lab command line: thin wrappers over the package.
+
+Bad input (a UsageError anywhere, an unknown flag, an unreadable config file) prints one line on
+stderr and exits with status 2; nothing is written before the input has been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import yaml
+
+from .data import list_datasets
+from .errors import UsageError
+from .methods import METHODS, list_methods
+from .models import list_models
+from .train import Config, train
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def parse_value(text: str):
+    """A command-line value as YAML: numbers, booleans, lists and null come out typed."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return None if value == "None" else value
+
+
+def parse_method_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--method-arg expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config file {path} must hold a mapping of Config fields, not {type(loaded).__name__}")
+    return loaded
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, named with dashes; defaults stay None so a YAML file can fill in."""
+    for f in dataclasses.fields(Config):
+        if f.name in ("method_args", "model_args"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type == "list":
+            parser.add_argument(flag, nargs="*", type=int, default=None)
+        else:
+            caster = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=caster, default=None, metavar=f.type.upper())
+    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method hyper-parameter, repeatable (see gvr-lab list)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword for create_model, repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values = read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(Config):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    values["method_args"] = {**values.get("method_args", {}), **parse_method_args(args.method_arg)}
+    values["model_args"] = {**values.get("model_args", {}), **parse_method_args(args.model_arg)}
+    return Config.from_dict(values)
+
+
+def cmd_list(args) -> int:
+    print("methods (hyperparameters with defaults):")
+    for name in list_methods():
+        cls = METHODS[name]
+        hp = ", ".join(f"{k}={v!r}" for k, v in cls.hparams.items()) or "none"
+        alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
+        print(f"  {name}{alias}: {hp}")
+    print("models:   " + ", ".join(list_models()))
+    print("datasets: " + ", ".join(list_datasets()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    run = train(config_from_args(args))
+    s = run.summary
+    print(f"run directory: {run.run_dir}")
+    if s["status"] == "diverged":
+        print(f"diverged: training loss not finite at epoch {s['epochs_completed'] - 1}", file=sys.stderr)
+        return 1
+    print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
+          f"wall time {s['wall_time_s']:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="gvr-lab", description="Gradient-based regularizers: train, compare, reproduce.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("list", help="methods with hyperparameters, models, datasets").set_defaults(func=cmd_list)
+    p = sub.add_parser("train", help="one training run into its run directory (rerun to resume)")
+    p.add_argument("--config", metavar="FILE.yaml", help="Config fields as YAML; flags override them")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"gvr-lab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gvr-lab: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Datasets and the device-resident augmenting loader.
+
+Every split is held whole as a uint8 tensor (N, C, H, W) on the training device, as airbench does:
+no DataLoader workers, no per-image PIL transforms. Augmentation runs on the batch in a few tensor
+ops, with its own generator seeded from (seed, epoch), so an epoch is reproducible on its own and a
+resumed run sees exactly the batches an uninterrupted one would.
+
+Datasets: `fashion_mnist` (the offline default), `cifar10`, `cifar100` (torchvision's on-disk
+format) and `synthetic` (deterministic, for tests and smoke runs). Files are looked up in
+$GVR_LAB_DATA, ./data and Debian's /usr/share/datasets, then downloaded through torchvision when
+online; set GVR_LAB_OFFLINE=1 to never try.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError, check_choice
+
+
+@dataclass
+class Batch:
+    """One training batch. `index` holds the dataset indices of the rows; `x2` a second view."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor | None = None
+    x2: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    # The GVR code's constants (specs/methods_seed.md 2.6); Novack's differ in the 4th digit.
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "synthetic": DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    check_choice("dataset", name, list_datasets())
+    return DATASETS[name]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    dirs = [data_dir, os.environ.get("GVR_LAB_DATA"), "data", "/usr/share/datasets"]
+    return [Path(d) for d in dirs if d]
+
+
+def offline() -> bool:
+    return os.environ.get("GVR_LAB_OFFLINE", "") not in ("", "0")
+
+
+def download_root(data_dir) -> Path:
+    return search_dirs(data_dir)[0]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (idx)
+
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Layouts seen in the wild: flat, Debian's folder, torchvision's FashionMNIST/raw.
+FASHION_SUBDIRS = ("", "fashion-mnist", "fashion_mnist", "FashionMNIST/raw")
+
+
+def find_fashion_dir(data_dir) -> Path | None:
+    for root in search_dirs(data_dir):
+        for sub in FASHION_SUBDIRS:
+            d = root / sub
+            if all(idx_path(d, f) for f in FASHION_FILES["train"] + FASHION_FILES["test"]):
+                return d
+    return None
+
+
+def idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx(path: Path, expect_dims: int) -> np.ndarray:
+    """Parse one idx file (MNIST's format), checking magic, dimensions and length."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise UsageError(f"corrupt dataset file {path}: {e}") from None
+    if len(raw) < 4 + 4 * expect_dims:
+        raise UsageError(f"corrupt dataset file {path}: only {len(raw)} bytes")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
+        raise UsageError(f"corrupt dataset file {path}: not a uint8 idx file with {expect_dims} dims")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(np.prod(shape)):
+        raise UsageError(
+            f"corrupt dataset file {path}: header says {shape} but holds {len(body)} bytes (truncated?)"
+        )
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def load_fashion_mnist(data_dir=None) -> tuple[Split, Split]:
+    folder = find_fashion_dir(data_dir)
+    if folder is None:
+        folder = download_with_torchvision("FashionMNIST", data_dir) / "FashionMNIST" / "raw"
+    splits = []
+    for part in ("train", "test"):
+        img_file, lbl_file = (idx_path(folder, f) for f in FASHION_FILES[part])
+        images, labels = read_idx(img_file, 3), read_idx(lbl_file, 1)
+        if images.shape[1:] != (28, 28):
+            raise UsageError(f"corrupt dataset file {img_file}: images are {images.shape[1:]}, not 28x28")
+        splits.append(checked_split(images[:, None], labels, 10, img_file, lbl_file))
+    return splits[0], splits[1]
+
+
+def checked_split(images: np.ndarray, labels: np.ndarray, num_classes: int, img_file, lbl_file) -> Split:
+    if len(images) != len(labels):
+        raise UsageError(f"dataset files disagree: {img_file} has {len(images)} images, {lbl_file} {len(labels)} labels")
+    if len(labels) == 0:
+        raise UsageError(f"dataset file {lbl_file} holds no examples")
+    if labels.max() >= num_classes:
+        raise UsageError(f"corrupt dataset file {lbl_file}: label {int(labels.max())} outside [0, {num_classes})")
+    return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+# --------------------------------------------------------------------------- CIFAR (python pickles)
+
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "CIFAR10",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "CIFAR100",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+def load_cifar(name: str, data_dir=None) -> tuple[Split, Split]:
+    folder_name, train_files, test_files, label_key, tv_name, url = CIFAR[name]
+    wanted = train_files + test_files
+    folder = next((r / folder_name for r in search_dirs(data_dir)
+                   if all((r / folder_name / f).is_file() for f in wanted)), None)
+    if folder is None:
+        where = ", ".join(str(d) for d in search_dirs(data_dir))
+        hint = (f"{name} not found: put the extracted {folder_name}/ folder (from {url}) into one of: {where}"
+                " (or set GVR_LAB_DATA)")
+        folder = download_with_torchvision(tv_name, data_dir, hint) / folder_name
+    num_classes = DATASETS[name].num_classes
+    return tuple(read_cifar_files([folder / f for f in files], label_key, num_classes)
+                 for files in (train_files, test_files))
+
+
+def read_cifar_files(paths: list[Path], label_key: bytes, num_classes: int) -> Split:
+    images, labels = [], []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            data = np.asarray(entry[b"data"], dtype=np.uint8)
+            lbl = np.asarray(entry[label_key], dtype=np.int64)
+        except Exception as e:  # a truncated pickle can raise almost anything
+            raise UsageError(f"corrupt dataset file {path}: {type(e).__name__}: {e}") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lbl):
+            raise UsageError(f"corrupt dataset file {path}: data {data.shape}, {len(lbl)} labels")
+        if len(lbl) and (lbl.min() < 0 or lbl.max() >= num_classes):
+            raise UsageError(f"corrupt dataset file {path}: labels outside [0, {num_classes})")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(lbl)
+    return checked_split(np.concatenate(images), np.concatenate(labels), num_classes, paths[0], paths[0])
+
+
+def download_with_torchvision(tv_name: str, data_dir, hint: str | None = None) -> Path:
+    root = download_root(data_dir)
+    hint = hint or f"{tv_name} not found in {', '.join(map(str, search_dirs(data_dir)))}"
+    if offline():
+        raise UsageError(f"{hint}; GVR_LAB_OFFLINE is set, so no download was tried")
+    import torchvision
+
+    try:
+        getattr(torchvision.datasets, tv_name)(str(root), train=True, download=True)
+        getattr(torchvision.datasets, tv_name)(str(root), train=False, download=True)
+    except Exception as e:
+        raise UsageError(f"{hint}; download failed ({type(e).__name__})") from None
+    return root
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def make_synthetic(n_train: int = 2048, n_test: int = 512, seed: int = 0) -> tuple[Split, Split]:
+    """Ten classes of smooth random 3x32x32 templates plus per-image noise: learnable, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.nn.functional.interpolate(torch.randn(10, 3, 8, 8, generator=g), size=32, mode="bilinear")
+
+    def draw(n):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        x = 128 + 48 * templates[labels] + 40 * torch.randn(n, 3, 32, 32, generator=g)
+        return Split(x.clamp(0, 255).round().to(torch.uint8), labels)
+
+    return draw(n_train), draw(n_test)
+
+
+def load_dataset(name: str, data_dir=None) -> tuple[Split, Split]:
+    """(train, test) splits of a dataset as uint8 CPU tensors."""
+    dataset_info(name)
+    if name == "synthetic":
+        return make_synthetic()
+    if name == "fashion_mnist":
+        return load_fashion_mnist(data_dir)
+    return load_cifar(name, data_dir)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_indices(n: int, train_subset: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) index sets. val_split < 1 is a fraction of n, >= 1 a count."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    n_val = int(round(val_split * n)) if val_split < 1 else int(val_split)
+    if n_val >= n:
+        raise UsageError(f"val_split={val_split} leaves no training examples out of {n}")
+    val, train = perm[:n_val], perm[n_val:]
+    if train_subset:
+        if train_subset > len(train):
+            raise UsageError(f"train_subset={train_subset} exceeds the {len(train)} training examples")
+        train = train[:train_subset]
+    return train.sort().values, val.sort().values
+
+
+# --------------------------------------------------------------------------- batched augmentation
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop of a zero-padded batch (torchvision RandomCrop(size, padding=pad))."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    n_idx = torch.arange(n, device=x.device)[:, None, None, None]
+    c_idx = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[n_idx, c_idx, rows, cols]
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, p: float, size: int, g: torch.Generator) -> torch.Tensor:
+    """Cutout as in the GVR/SAM code: with probability p, zero a size x size square whose centre is
+    uniform over the image (so it may hang off the border). Runs after normalization, so zero is the
+    dataset mean."""
+    n, _, h, w = x.shape
+    apply = torch.rand(n, generator=g, device=x.device) < p
+    top = torch.randint(0, h, (n, 1), generator=g, device=x.device) - size // 2
+    left = torch.randint(0, w, (n, 1), generator=g, device=x.device) - size // 2
+    r = torch.arange(h, device=x.device)
+    c = torch.arange(w, device=x.device)
+    in_rows = (r >= top) & (r < top + size)
+    in_cols = (c >= left) & (c < left + size)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None]
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_pad: int = 4
+    flip: bool = True
+    cutout_p: float = 0.0
+    cutout_size: int = 16
+
+
+class DeviceLoader:
+    """Yields Batch objects from a split held on the device, augmenting per sample in batch.
+
+    `indices` selects rows of the split (a subset or validation part); Batch.index reports them
+    as indices into the full split, so per-sample memories stay valid whatever the subset.
+    """
+
+    def __init__(self, split: Split, info: DatasetInfo, *, batch_size: int, device: torch.device,
+                 indices: torch.Tensor | None = None, augment: Augment | None = None, views: int = 1,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, channels_last: bool = False):
+        self.index = torch.arange(len(split.labels)) if indices is None else indices
+        self.images = split.images[self.index].to(device)
+        self.labels = split.labels[self.index].to(device)
+        self.index = self.index.to(device)
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        self.batch_size, self.device, self.augment, self.views = batch_size, device, augment, views
+        self.shuffle, self.drop_last, self.seed, self.channels_last = shuffle, drop_last, seed, channels_last
+        if drop_last and len(self.labels) < batch_size:
+            raise UsageError(f"batch_size={batch_size} exceeds the {len(self.labels)} training examples")
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def view(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        a = self.augment
+        if a is not None and a.crop_pad:
+            images = random_crop(images, a.crop_pad, g)
+        x = (images.float() / 255 - self.mean) / self.std
+        if a is not None and a.flip:
+            x = random_flip(x, g)
+        if a is not None and a.cutout_p > 0:
+            x = cutout(x, a.cutout_p, a.cutout_size, g)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch: int):
+        """The batches of one epoch; a function of (seed, epoch) only."""
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.images[rows]
+            x = self.view(images, g)
+            x2 = self.view(images, g) if self.views == 2 else None
+            yield Batch(x, self.labels[rows], self.index[rows], x2)

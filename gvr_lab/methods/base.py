@@ -1,0 +1,167 @@
+"""The Method contract and the registry.
+
+A method owns its whole update, as davda54/sam's SAM class does: `step(batch)` runs every forward
+and backward pass it needs and calls `optimizer.step()` itself. The training loop only sets the
+learning rate, calls `start_epoch` and `step`, and averages what `step` returns. It never knows a
+method by name.
+
+Adding a method is one new file in this package: subclass `Method`, give it a `name`, its
+hyper-parameter defaults in `hparams`, and decorate it with `@register_method`. Every module here is
+imported by the package, so nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..errors import UsageError, check_choice
+
+
+class Method(abc.ABC):
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # Hyper-parameter name -> default. Types follow the default (an int is accepted for a float);
+    # a None default means "optional number".
+    hparams: ClassVar[dict[str, Any]] = {}
+    # Hyper-parameter name -> allowed values, for the string-valued ones.
+    choices: ClassVar[dict[str, tuple]] = {}
+    # One line for `gvr-lab list` and the README table: the reference and known deviations.
+    reference: ClassVar[str] = ""
+    # False when the step needs double backward, which torch.compile's AOTAutograd refuses.
+    compilable: ClassVar[bool] = True
+    views: int = 1
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, **hparams):
+        for key, value in self.resolve_hparams(hparams).items():
+            setattr(self, key, value)
+        self.model, self.optimizer = model, optimizer
+        self.label_smoothing, self.amp_dtype = label_smoothing, amp_dtype
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    # ------------------------------------------------------------------ hyper-parameters
+
+    @classmethod
+    def resolve_hparams(cls, given: dict) -> dict:
+        """Defaults overridden by `given`, type-checked; unknown names raise a UsageError."""
+        unknown = sorted(set(given) - set(cls.hparams))
+        if unknown:
+            valid = ", ".join(cls.hparams) or "none"
+            raise UsageError(f"unknown hyperparameter {unknown[0]!r} for method {cls.name!r}; valid: {valid}")
+        resolved = dict(cls.hparams)
+        for key, value in given.items():
+            resolved[key] = coerce(cls.name, key, value, cls.hparams[key])
+            if key in cls.choices:
+                check_choice(f"{key} for method {cls.name!r}", resolved[key], cls.choices[key])
+        cls.validate(resolved)
+        return resolved
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        """Range checks on resolved hyper-parameters; raise UsageError."""
+
+    @classmethod
+    def check_batch_size(cls, hp: dict, batch_size: int) -> None:
+        """Checks that need the batch size (micro-batch divisibility)."""
+
+    # ------------------------------------------------------------------ helpers for steps
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.amp_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in fp32 (logits may be bf16 under autocast)."""
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def metrics(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, **extra) -> dict:
+        """Step metrics as detached 0-dim tensors: no host sync inside the step."""
+        out = {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
+        out.update({k: v.detach() if torch.is_tensor(v) else v for k, v in extra.items()})
+        return out
+
+    # ------------------------------------------------------------------ the contract
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the loop before each epoch."""
+
+    @abc.abstractmethod
+    def step(self, batch: Batch) -> dict:
+        """One complete update, optimizer.step() included; returns at least "loss" and "acc"."""
+
+    def state_dict(self) -> dict:
+        """Tensors and plain Python a resumed run needs (weights_only-safe)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def coerce(method: str, key: str, value, default):
+    """Accept `value` for a hyper-parameter whose default is `default`."""
+    if default is None or value is None:
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, type(default)):
+        return value
+    expected = "a number or None" if default is None else type(default).__name__
+    raise UsageError(f"hyperparameter {key!r} of method {method!r} must be {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[Method]] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    for key in (cls.name, *cls.aliases):
+        ALIASES[key.lower()] = cls.name
+    METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class behind a canonical name or an alias (case-insensitive)."""
+    canonical = ALIASES.get(str(name).lower())
+    if canonical is None:
+        check_choice("method", name, list_methods())
+    return METHODS[canonical]
+
+
+def create_method(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **hparams) -> Method:
+    """Build a method; unknown name or hyper-parameter raises ValueError listing the valid ones.
+
+    Besides the method's own hyper-parameters, `label_smoothing` and `amp_dtype` (the autocast
+    dtype, None for fp32) are accepted; the training loop passes them from its Config.
+    """
+    return method_class(name)(model, optimizer, **hparams)

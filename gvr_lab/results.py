@@ -1,0 +1,120 @@
+"""Run directories: atomic writes, checkpoints, metrics files and `load_runs`.
+
+A run directory holds
+  config.json     every setting of the run (method hyper-parameters resolved to their values)
+  epochs.parquet  one row per epoch (train/test/val loss and accuracy, lr, epoch_time_s, ...)
+  steps.parquet   per-step metrics sampled every `log_every` steps
+  summary.json    final and best accuracy, wall time, status ("running", "completed", "diverged")
+  checkpoint.pt   model, optimizer and method state after the last finished epoch
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written file where a complete one was expected.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import UsageError
+
+CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = "config.json", "epochs.parquet", "steps.parquet", "summary.json", "checkpoint.pt"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    write_atomic(path, buf.getvalue())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, map_location=None) -> dict:
+    """Load with weights_only=True: a checkpoint holding arbitrary pickled objects is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"refusing to load checkpoint {path}: not a plain-tensor checkpoint ({first_line})") from None
+
+
+# ---------------------------------------------------------------------- reading many runs
+
+
+def run_dirs(paths_or_glob) -> list[Path]:
+    """Run directories (those holding config.json) under the given paths or glob patterns."""
+    patterns = [paths_or_glob] if isinstance(paths_or_glob, (str, os.PathLike)) else list(paths_or_glob)
+    found: list[Path] = []
+    for pattern in patterns:
+        for hit in sorted(glob.glob(str(pattern), recursive=True)) or [str(pattern)]:
+            hit = Path(hit)
+            if (hit / CONFIG).is_file():
+                found.append(hit)
+            elif hit.is_dir():
+                found.extend(sorted(p.parent for p in hit.rglob(CONFIG)))
+    return list(dict.fromkeys(found))
+
+
+def flat_config(config: dict) -> dict:
+    """Config as flat columns: method_args become `arg_<name>`, lists become strings."""
+    out = {}
+    for key, value in config.items():
+        if key in ("method_args", "model_args"):
+            prefix = "arg_" if key == "method_args" else "model_"
+            out.update({prefix + k: v if not isinstance(v, (list, dict)) else str(v) for k, v in value.items()})
+        else:
+            out[key] = value if not isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
+    """Tidy table of many runs: one row per (run, epoch) with the config as columns.
+
+    With steps=True, one row per logged step instead. Runs without metrics yet are skipped.
+    """
+    frames = []
+    for run_dir in run_dirs(paths_or_glob):
+        metrics = run_dir / (STEPS if steps else EPOCHS)
+        if not metrics.is_file():
+            continue
+        df = pd.read_parquet(metrics)
+        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+        for key, value in flat_config(read_json(run_dir / CONFIG)).items():
+            if key not in df.columns:
+                df[key] = value
+        df["run_dir"] = str(run_dir)
+        df["status"] = summary.get("status", "unknown")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,348 @@
+"""Config -> run directory: the one training loop, evaluation, logging, checkpoints and resume.
+
+The loop knows nothing about methods beyond the Method contract: it sets the learning rate, calls
+`method.start_epoch` and `method.step`, and averages the 0-dim tensors `step` returns on the device,
+syncing with the host once per epoch (and every `log_every` steps only when a progress bar shows).
+
+Resume follows big_vision: rerunning the same Config into the same run directory continues from
+its last checkpoint (written atomically after every epoch), and a finished run is returned as is.
+Every epoch reseeds the global RNG and the loader from (seed, epoch), so a resumed run computes
+exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import results
+from .data import Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices
+from .errors import UsageError, check_choice
+from .methods import create_method, method_class
+from .models import create_model, list_models
+
+SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Fields that do not change what is computed: a run may be resumed with other values.
+NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress")
+
+
+@dataclass
+class Config:
+    """Every setting of a training run. Defaults: SGD on Fashion-MNIST with a small CNN on the CPU."""
+
+    dataset: str = "fashion_mnist"  # see list_datasets()
+    model: str = "small_cnn"  # see list_models()
+    method: str = "sgd"  # see list_methods(); aliases such as "RegLoss" are accepted
+    method_args: dict = field(default_factory=dict)  # the method's hyper-parameters
+    model_args: dict = field(default_factory=dict)  # extra keywords for create_model (e.g. bn=False)
+    epochs: int = 3
+    batch_size: int = 128  # examples per update (per view)
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # coupled L2, as torch.optim.SGD applies it
+    nesterov: bool = False
+    schedule: str = "cosine"  # constant | cosine (per step) | cosine_epoch | multistep
+    milestones: list = field(default_factory=list)  # multistep epochs; default 50% and 75% of epochs
+    lr_gamma: float = 0.1  # multistep decay factor
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop (padding 4) and horizontal flip
+    cutout: float = 0.0  # probability of a 16x16 Cutout patch (the GVR code uses 0.5)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model when the method allows it
+    quant_bits: int = 0  # LSQ quantization-aware training bit width; 0 = full precision
+    train_subset: int = 0  # train on this many examples (0 = all), drawn with the seed
+    val_split: float = 0.0  # held-out validation part of the training set: fraction < 1 or count
+    eval_batch_size: int = 1000
+    log_every: int = 10  # steps between sampled per-step metrics
+    out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
+    data_dir: str = ""  # where datasets are looked up first
+    progress: bool = True  # progress bar and per-epoch lines
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_type(f, getattr(self, f.name)))
+        check_choice("dataset", self.dataset, list_datasets())
+        check_choice("model", self.model, list_models())
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("precision", self.precision, PRECISIONS)
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UsageError(f"lr must be positive, got {self.lr}")
+        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cutout > 1 or self.label_smoothing >= 1 or self.momentum >= 1:
+            raise UsageError("cutout must be <= 1, label_smoothing and momentum < 1")
+        if self.nesterov and self.momentum == 0:
+            raise UsageError("nesterov needs momentum > 0")
+        if self.quant_bits:
+            raise UsageError("quant_bits: LSQ quantization is not available in this version; use 0")
+        cls = method_class(self.method)
+        self.method = cls.name
+        self.method_args = cls.resolve_hparams(self.method_args)
+        cls.check_batch_size(self.method_args, self.batch_size)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NON_IDENTITY_FIELDS}
+
+    def run_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return Path("runs") / f"{self.dataset}-{self.model}-{self.method}-s{self.seed}-{digest}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UsageError(f"unknown config field {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def check_type(f: dataclasses.Field, value):
+    """Coerce ints to float fields; reject anything else of the wrong type with one line."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[f.type]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise UsageError(f"config field {f.name!r} must be {kind.__name__}, got {value!r}")
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    config: Config
+    history: pd.DataFrame  # one row per epoch
+    summary: dict
+    steps: pd.DataFrame  # sampled per-step metrics
+
+
+# ---------------------------------------------------------------------- pieces of the loop
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available; valid here: auto, cpu")
+    return device
+
+
+def lr_at(config: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        t = (epoch * steps_per_epoch + step_in_epoch) / (config.epochs * steps_per_epoch)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * t))
+    if config.schedule == "cosine_epoch":  # stepped once per epoch, as the GVR code's CosineAnnealingLR
+        return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+    milestones = config.milestones or [config.epochs // 2, (3 * config.epochs) // 4]
+    return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    torch.manual_seed(seed * 1_000_003 + epoch + 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp_dtype) -> dict:
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device)
+    for batch in loader.epoch(0):
+        with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch.x)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum")
+        correct += (logits.argmax(1) == batch.y).sum()
+    model.train()
+    n = len(loader.labels)
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+
+
+def build(config: Config, device: torch.device, amp_dtype):
+    """Data loaders, model, optimizer and method for a Config."""
+    info = dataset_info(config.dataset)
+    train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
+    train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+    channels_last = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.nesterov,
+                                fused=device.type == "cuda")
+    method = create_method(config.method, model, optimizer, label_smoothing=config.label_smoothing,
+                           amp_dtype=amp_dtype, **config.method_args)
+    if config.compile and method.compilable:
+        model.forward = torch.compile(model.forward)
+    augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
+    common = dict(device=device, channels_last=channels_last)
+    train_loader = DeviceLoader(train_split, info, batch_size=config.batch_size, indices=train_idx, augment=augment,
+                                views=method.views, seed=config.seed, **common)
+    eval_loaders = {"test": DeviceLoader(test_split, info, batch_size=config.eval_batch_size, shuffle=False,
+                                         drop_last=False, **common)}
+    if len(val_idx):
+        eval_loaders["val"] = DeviceLoader(train_split, info, batch_size=config.eval_batch_size, indices=val_idx,
+                                           shuffle=False, drop_last=False, **common)
+    return train_loader, eval_loaders, model, optimizer, method
+
+
+def check_run_dir(run_dir: Path, config: Config) -> dict | None:
+    """The stored config of an existing run directory, after checking it is this run's."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} exists and is not a directory")
+    path = run_dir / results.CONFIG
+    if not path.is_file():
+        return None
+    stored = results.read_json(path)
+    new = config.identity()
+    changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k) != new[k])
+    if changed:
+        k = changed[0]
+        raise UsageError(f"run directory {run_dir} holds a different run ({k}: {stored.get(k)!r} there, "
+                         f"{new[k]!r} now); choose another out_dir")
+    return stored
+
+
+def load_run(run_dir: Path, config: Config) -> Run:
+    def frame(name):
+        return pd.read_parquet(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
+
+    return Run(run_dir, config, frame(results.EPOCHS), results.read_json(run_dir / results.SUMMARY), frame(results.STEPS))
+
+
+def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict) -> dict:
+    summary = {"status": status, "wall_time_s": wall_time_s, "epochs_completed": len(history), **extra}
+    if history:
+        best = max(history, key=lambda r: r.get("val_acc", r["test_acc"]))
+        summary.update(final_test_acc=history[-1]["test_acc"], best_test_acc=max(r["test_acc"] for r in history),
+                       best_epoch=best["epoch"], selected_test_acc=best["test_acc"])
+        if "val_acc" in history[-1]:
+            summary.update(final_val_acc=history[-1]["val_acc"], best_val_acc=best["val_acc"])
+    return summary
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def train(config: Config) -> Run:
+    """Run (or resume, or just return) the training run described by `config`."""
+    run_dir = config.run_dir()
+    if check_run_dir(run_dir, config) is not None and (run_dir / results.SUMMARY).is_file():
+        done = load_run(run_dir, config)
+        if done.summary.get("status") == "completed":
+            return done
+
+    device = resolve_device(config.device)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    amp_dtype = torch.bfloat16 if use_bf16 else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_loader, eval_loaders, model, optimizer, method = build(config, device, amp_dtype)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
+    history, steps, start_epoch, wall_before = [], [], 0, 0.0
+    if (run_dir / results.CHECKPOINT).is_file():
+        ckpt = results.load_checkpoint(run_dir / results.CHECKPOINT, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        method.load_state_dict(ckpt["method"])
+        history, steps, start_epoch, wall_before = ckpt["history"], ckpt["steps"], ckpt["epoch"], ckpt["wall_time_s"]
+
+    extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+             "torch": torch.__version__, "steps_per_epoch": len(train_loader)}
+    results.write_json(run_dir / results.SUMMARY, summarize(history, "running", wall_before, extra))
+    steps_per_epoch = len(train_loader)
+    status, t_start = "completed", time.perf_counter()
+    bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch)
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        seed_epoch(config.seed, epoch)
+        method.start_epoch(epoch)
+        sums, logged = {}, []
+        t0 = time.perf_counter()
+        for i, batch in enumerate(train_loader.epoch(epoch)):
+            lr = lr_at(config, epoch, i, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = method.step(batch)
+            for k, v in out.items():
+                sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
+            if i % config.log_every == 0:
+                logged.append((epoch * steps_per_epoch + i, epoch, lr, out))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
+            if bar is not None:
+                bar.update()
+        means = {k: (v / steps_per_epoch).item() for k, v in sums.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        steps.extend({"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}}
+                     for s, e, lr_, o in logged)
+        row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": epoch_time}
+        row.update({f"train_{k}": v for k, v in means.items()})
+        t_eval = time.perf_counter()
+        for split, loader in eval_loaders.items():
+            row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, amp_dtype).items()})
+        row["eval_time_s"] = time.perf_counter() - t_eval
+        history.append(row)
+        if bar is not None:
+            bar.write(format_row(row))
+        if not math.isfinite(row["train_loss"]):
+            status = "diverged"
+            break
+        wall = wall_before + time.perf_counter() - t_start
+        results.write_parquet(run_dir / results.EPOCHS, history)
+        results.write_parquet(run_dir / results.STEPS, steps)
+        results.save_checkpoint(run_dir / results.CHECKPOINT, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+            "epoch": epoch + 1, "history": history, "steps": steps, "wall_time_s": wall})
+        results.write_json(run_dir / results.SUMMARY, summarize(history, "running", wall, extra))
+    if bar is not None:
+        bar.close()
+    if status == "diverged":
+        results.write_parquet(run_dir / results.EPOCHS, history)
+        results.write_parquet(run_dir / results.STEPS, steps)
+    wall = wall_before + time.perf_counter() - t_start
+    results.write_json(run_dir / results.SUMMARY, summarize(history, status, wall, extra))
+    return load_run(run_dir, config)
+
+
+def make_progress(config: Config, initial: int, total: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{config.method} {config.model}", unit="step", leave=False, mininterval=1.0)
+
+
+def format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}", f"lr {row['lr']:.4f}", f"train loss {row['train_loss']:.4f}",
+             f"acc {row['train_acc']:.4f}", f"test loss {row['test_loss']:.4f}", f"acc {row['test_acc']:.4f}"]
+    if "val_acc" in row:
+        parts.append(f"val acc {row['val_acc']:.4f}")
+    parts.append(f"{row['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
