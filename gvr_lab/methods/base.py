@@ -133,6 +133,57 @@ def coerce(method: str, key: str, value, default):
     raise UsageError(f"hyperparameter {key!r} of method {method!r} must be {expected}, got {value!r}")
 
 
+# ---------------------------------------------------------------------- shared tensor helpers
+# Methods build on these rather than writing their own: all work on lists of tensors with the
+# foreach kernels (one launch per op instead of one per parameter) and never sync with the host.
+
+
+def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The .grad of each parameter, zeros where a parameter got none."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm over the concatenation of the tensors, as a 0-dim fp32 tensor."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.float() for t in tensors])))
+
+
+def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+@torch.no_grad()
+def restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Put saved weights back by copy, not by subtracting the perturbation (no drift)."""
+    torch._foreach_copy_(params, saved)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: torch.nn.Module):
+    """Batch norm keeps normalizing with batch statistics but leaves its running statistics alone.
+
+    For the extra passes of SAM-like and finite-difference methods, so the running statistics
+    advance once per step, on the clean pass. With track_running_stats off, training-mode BN
+    receives no buffers, so nothing (not even num_batches_tracked) changes.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 # ---------------------------------------------------------------------- registry
 
 METHODS: dict[str, type[Method]] = {}

@@ -5,7 +5,7 @@ training Config, so this is also Novack et al.'s small-batch `Vanilla` when run 
 settings (momentum 0, weight decay 0, constant lr, batch 128).
 """
 
-from .base import Method, register_method
+from .base import Method, global_norm, grads_of, register_method
 
 
 @register_method
@@ -19,5 +19,7 @@ class SGD(Method):
         logits = self.forward(batch.x)
         loss = self.loss(logits, batch.y)
         loss.backward()
+        # Logged so a later run can graft this run's step lengths (exter_graft reads it).
+        grad_norm = global_norm(grads_of(self.params))
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss)
+        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm)
