@@ -281,22 +281,24 @@ def train(config: Config) -> Run:
     for epoch in range(start_epoch, config.epochs):
         seed_epoch(config.seed, epoch)
         method.start_epoch(epoch)
-        sums, logged = {}, []
+        sums, counts, logged = {}, {}, []
         t0 = time.perf_counter()
         for i, batch in enumerate(train_loader.epoch(epoch)):
             lr = lr_at(config, epoch, i, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            method.diagnose = i % config.log_every == 0
             out = method.step(batch)
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
-            if i % config.log_every == 0:
+                counts[k] = counts.get(k, 0) + 1
+            if method.diagnose:
                 logged.append((epoch * steps_per_epoch + i, epoch, lr, out))
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
             if bar is not None:
                 bar.update()
-        means = {k: (v / steps_per_epoch).item() for k, v in sums.items()}
+        means = {k: (v / counts[k]).item() for k, v in sums.items()}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0

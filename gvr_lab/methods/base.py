@@ -36,6 +36,10 @@ class Method(abc.ABC):
     # False when the step needs double backward, which torch.compile's AOTAutograd refuses.
     compilable: ClassVar[bool] = True
     views: int = 1
+    # Set by the loop before each step: True on steps whose metrics are logged. Diagnostics that
+    # cost extra passes (e.g. per-micro-batch data-gradient norms of penalty methods) are computed
+    # only then; the loop averages each metric over the steps that returned it.
+    diagnose: bool = True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, **hparams):
