@@ -229,8 +229,8 @@ class _WideBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = _conv3x3(c_out, c_out)
-        self.needs_projection = stride != 1 or c_in != c_out
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if self.needs_projection else None
+        needs_projection = stride != 1 or c_in != c_out
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if needs_projection else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = F.relu(self.bn1(x))
@@ -297,7 +297,8 @@ class _PyramidBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = _conv3x3(c_out, c_out)
         self.bn3 = nn.BatchNorm2d(c_out)
-        # Parameter-free shortcut: ceil_mode matches the conv's output size on odd maps (7 -> 4).
+        # Parameter-free shortcut; ceil_mode (as in the reference code) keeps it the size of the strided
+        # conv's output should a map of odd size be downsampled.
         self.downsample = nn.AvgPool2d(2, 2, ceil_mode=True) if stride != 1 else nn.Identity()
         self.extra_channels = c_out - c_in
 
@@ -316,18 +317,13 @@ class PyramidNet(_Classifier):
         # Block i (1-based) has width round(16 + alpha * i / total); the reference code accumulates
         # the same sum in floats, which rounds identically for the published alphas.
         widths = [16] + [int(round(16 + alpha * i / total)) for i in range(1, total + 1)]
+        blocks = [_PyramidBlock(widths[i], widths[i + 1], 2 if i in (n, 2 * n) else 1) for i in range(total)]
         self.conv1 = _conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
-        groups = []
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = [
-                _PyramidBlock(widths[i], widths[i + 1], stride if i == g * n else 1) for i in range(g * n, (g + 1) * n)
-            ]
-            groups.append(blocks)
-        self.layer1 = nn.Sequential(*groups[0])
-        self.layer2 = nn.Sequential(*groups[1])
+        self.layer1 = nn.Sequential(*blocks[:n])
+        self.layer2 = nn.Sequential(*blocks[n : 2 * n])
         # Final BN-ReLU kept in the last stage, as for the Wide-ResNet.
-        self.layer3 = nn.Sequential(*groups[2], nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
+        self.layer3 = nn.Sequential(*blocks[2 * n :], nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
 

@@ -87,8 +87,8 @@ class Method(abc.ABC):
             return self.model(x)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy in fp32 (logits may be bf16 under autocast)."""
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        """Mean cross-entropy, at least in fp32 (logits may be bf16 under autocast)."""
+        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,6 +142,11 @@ def coerce(method: str, key: str, value, default):
 # foreach kernels (one launch per op instead of one per parameter) and never sync with the host.
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for losses and penalties; fp32 and fp64 pass through (tests run in fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The .grad of each parameter, zeros where a parameter got none."""
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -156,7 +161,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm over the concatenation of the tensors, as a 0-dim fp32 tensor."""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.float() for t in tensors])))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([upcast(t) for t in tensors])))
 
 
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
