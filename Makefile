@@ -8,6 +8,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gvr_lab-installed
 DATA_STAMP := $(VENV)/.gvr_lab-data
 
+BENCH_METHODS ?= sgd
+
 .PHONY: setup demo test lab bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
@@ -37,6 +39,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# CPU benchmark of every method on the Fashion-MNIST shape; BENCHMARKS.md has the GPU commands.
+bench: setup
+	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --json runs/bench-cpu.json \
+	  --methods $(BENCH_METHODS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

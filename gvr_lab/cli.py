@@ -16,7 +16,7 @@ from .data import list_datasets
 from .errors import UsageError
 from .methods import METHODS, list_methods
 from .models import list_models
-from .train import Config, train
+from .train import Config, resolve_device, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,6 +114,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench, write_report
+
+    channels, _, size = args.shape.partition("x")
+    if not (channels.isdigit() and size.isdigit()) or int(channels) not in (1, 3) or int(size) not in (28, 32):
+        raise UsageError(f"--shape must be CxS with C in 1, 3 and S in 28, 32, got {args.shape!r}")
+    for name in ("batch_size", "steps", "rounds"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    device = resolve_device(args.device)
+    report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, args.methods,
+                       device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
+                       warmup=args.warmup, rounds=args.rounds)
+    print(format_table(report))
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gvr-lab", description="Gradient-based regularizers: train, compare, reproduce.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -122,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.yaml", help="Config fields as YAML; flags override them")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
+    b.add_argument("--model", default="tiny_cnn", choices=list_models())
+    b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")
+    b.add_argument("--num-classes", type=int, default=10)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--methods", nargs="+", default=["sgd"], metavar="NAME[:K=V,...]",
+                   help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    b.add_argument("--compile", action="store_true", help="torch.compile the model where the method allows it")
+    b.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
+    b.add_argument("--rounds", type=int, default=5, help="timed rounds per method (median reported)")
+    b.add_argument("--json", help="also write the report as JSON here")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""Time per step, throughput and memory of methods, with ratios to sgd measured in the same process.
+
+Every method gets its own model (same seed), optimizer and a fixed device-resident batch of the
+requested shape. After warm-up, rounds of `steps` steps are timed per method with the order
+shuffled each round (a shared CPU drifts; interleaving spreads the drift over all methods), using
+CUDA events on a GPU and perf_counter on the CPU, and the median over rounds is reported. Methods
+that log "sampled" (vsam, looksam) also report the measured fraction p of two-pass steps.
+
+    gvr-lab bench --model resnet18 --shape 3x32 --batch-size 128 --device cuda \
+        --methods sgd sam vsam gvr:penalty=closed_form,target=fc reg_loss:hvp=fd
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import Batch
+from .errors import UsageError
+from .methods import create_method, method_class
+from .models import create_model
+
+EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
+
+
+@dataclass
+class Result:
+    label: str
+    ms_per_step: float
+    ms_min: float
+    images_per_s: float
+    s_per_epoch: float
+    ratio_to_sgd: float
+    peak_mem_mb: float
+    sampled_fraction: float | None
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """'gvr:penalty=closed_form,target=fc' -> ('gvr', {'penalty': 'closed_form', 'target': 'fc'})."""
+    from .cli import parse_value
+
+    name, _, args = spec.partition(":")
+    hp = {}
+    for item in filter(None, args.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"method spec {spec!r}: expected name:key=value,key=value")
+        hp[key] = parse_value(value)
+    return method_class(name).name, hp
+
+
+def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
+    """Give micro-batch methods a micro-batch that divides the batch when none was asked for."""
+    cls = method_class(name)
+    if "micro_batch_size" in cls.hparams and "micro_batch_size" not in hp:
+        hp = {**hp, "micro_batch_size": min(cls.hparams["micro_batch_size"], batch_size)}
+    cls.check_batch_size(cls.resolve_hparams(hp), batch_size)
+    return hp
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop_ms(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end)
+        return 1000 * (time.perf_counter() - self.t0)
+
+
+def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, specs: list[str],
+              device: str = "cpu", precision: str = "fp32", compile: bool = False, steps: int = 5,
+              warmup: int = 3, rounds: int = 5, seed: int = 0) -> dict:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    channels, size = shape
+    parsed = [parse_method_spec(s) for s in specs]
+    if all(name != "sgd" or hp for name, hp in parsed):
+        parsed.insert(0, ("sgd", {}))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, channels, size, size, generator=g)
+    batch = Batch(x, torch.randint(0, num_classes, (batch_size,), generator=g), torch.arange(batch_size),
+                  x + 0.1 * torch.randn(x.shape, generator=g))
+    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    batch = Batch(*(t.to(dev, memory_format=memory_format) if t.dim() == 4 else t.to(dev)
+                    for t in (batch.x, batch.y, batch.index, batch.x2)))
+
+    entries = []
+    for name, hp in parsed:
+        hp = fit_to_batch(name, hp, batch_size)
+        torch.manual_seed(seed)
+        net = create_model(model, num_classes=num_classes, in_channels=channels).to(dev, memory_format=memory_format)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              fused=dev.type == "cuda")
+        method = create_method(name, net, opt, amp_dtype=amp_dtype, **hp)
+        if compile and method.compilable:
+            net.forward = torch.compile(net.forward)
+        method.start_epoch(10_000)  # past every warm-up / start epoch: the steady state
+        label = name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
+        entries.append({"label": label, "method": method, "times": [], "sampled": []})
+
+    clock = Clock(dev)
+    for entry in entries:
+        for _ in range(warmup):
+            entry["method"].step(batch)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    order = random.Random(seed)
+    for _ in range(rounds):
+        for entry in order.sample(entries, len(entries)):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            clock.start()
+            for _ in range(steps):
+                out = entry["method"].step(batch)
+                if "sampled" in out:
+                    entry["sampled"].append(torch.as_tensor(out["sampled"], dtype=torch.float32))
+            entry["times"].append(clock.stop_ms() / steps)
+            entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
+
+    sgd_ms = statistics.median(entries[0]["times"])
+    results = []
+    for entry in entries:
+        ms = statistics.median(entry["times"])
+        sampled = float(torch.stack(entry["sampled"]).mean()) if entry["sampled"] else None
+        results.append(Result(entry["label"], ms, min(entry["times"]), 1000 * batch_size / ms,
+                              ms / 1000 * EPOCH_IMAGES / batch_size, ms / sgd_ms, entry["peak"], sampled))
+    return {
+        "setup": {"model": model, "shape": f"{channels}x{size}", "batch_size": batch_size, "device": str(dev),
+                  "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+                  "threads": torch.get_num_threads(), "precision": precision, "compile": compile,
+                  "steps": steps, "warmup": warmup, "rounds": rounds, "torch": torch.__version__,
+                  "python": platform.python_version()},
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_table(report: dict) -> str:
+    s = report["setup"]
+    lines = [f"# {s['model']} {s['shape']} batch {s['batch_size']} on {s['device']} ({s['device_name']}, "
+             f"{s['threads']} threads), {s['precision']}, compile={s['compile']}, torch {s['torch']}; "
+             f"median of {s['rounds']} rounds x {s['steps']} steps",
+             "| method | ms/step (median) | ms/step (min) | img/s | s per 50k epoch | x sgd | peak MiB | p (two-pass) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        p = "" if r["sampled_fraction"] is None else f"{r['sampled_fraction']:.2f}"
+        lines.append(f"| {r['label']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | {r['images_per_s']:.0f} | "
+                     f"{r['s_per_epoch']:.2f} | {r['ratio_to_sgd']:.2f} | {r['peak_mem_mb']:.0f} | {p} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> None:
+    from pathlib import Path
+
+    from .results import write_atomic
+
+    write_atomic(Path(path), (json.dumps(report, indent=2) + "\n").encode())

@@ -1,0 +1,221 @@
+"""GVR: gradient-variance regularization on two augmented views (Habibu-Ahmad, 2025).
+
+Every image of the batch comes as two independently augmented views, a (`batch.x`) and b
+(`batch.x2`), with one label. With S a random subset of s = min(subset, n) rows, the same rows for
+both views, and T the target parameters,
+
+    J = La + Lb + alpha * P            reduction="sum"  (the original code)
+    J = (La + Lb) / 2 + alpha * P      reduction="mean"
+    P = || grad_T L^a_S - grad_T L^b_S ||^2
+
+La, Lb are the mean cross-entropies of the two views over all n rows, L^a_S, L^b_S those over the
+rows in S. The step applies the base optimizer to grad J. The penalty's part of it,
+alpha * grad P = 2 alpha (H^a_S - H^b_S) d~ (d = g_a - g_b zero-padded outside T, H the Hessians of
+the subset losses), reaches every layer, not only T. For i.i.d. views E[P] = 2 tr Var[grad_T L_S]:
+P/2 is a one-sample estimate of the augmentation variance of the subset gradient.
+
+Reference: README and code of github.com/Habibu-Ahmad/Gradient-Variance-Reduction (final
+src/utils.py, commit 4260a2f; specs/methods_seed.md section 2). What the code does, where the
+README says otherwise, and what is reproduced here by default:
+
+* target: the README says "only the last layer"; the code takes the gradient w.r.t. every
+  parameter whose name contains "conv5_x" or "fc", i.e. the whole last residual stage plus the
+  classifier: 8,445,028 of ResNet-18's 11,220,132 parameters (75%, C=100). target="last_stage"
+  (default) is that set, chosen by module reference (model.last_stage, model.fc), never by name.
+  "fc" (51,300 for C=100) is the README's reading; "all" is every trainable parameter.
+* the two mean data losses are summed, so alpha=0 is SGD on both views at about twice the
+  effective learning rate of single-view SGD (and half its weight-decay-to-data ratio), not the
+  SGD baseline. reduction="mean" is the fair alpha=0 ablation, which the repo does not report.
+* one subset per step (a fresh randperm), shared by both views (README: "subsampled
+  independently"); only the penalty uses it, the data losses use all n rows.
+* create_graph: the first upload (17f1e8e) took the view gradients without create_graph, so the
+  penalty changed nothing (it also averaged the losses and used subset 16); the final code uses
+  create_graph=True, subset 32 and summed losses, which penalty="exact" reproduces. Whether the
+  released logs came from the create_graph=True version cannot be verified.
+* alpha = 0.01 is the run scripts' value (train.py's argparse default is 0.001).
+
+Penalty implementations. All three compute the same P; on a BN-free, dropout-free model their
+updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps)).
+
+* exact: the original's double backward. The subset rows of each view get their own forward (BN
+  normalizes them with the subset's statistics), g = autograd.grad(L_S, T, create_graph=True), and
+  one backward of J. Not compilable: AOTAutograd has no double backward.
+* fd: grad P by a forward difference of D = grad L^a_S - grad L^b_S (all parameters) along d~:
+  grad P ~ (2/h) [D(theta + h d~) - D(theta)], h = fd_eps / ||d||, so the weights move by exactly
+  fd_eps in parameter space. Four first-order passes on the subset (each view at theta and at the
+  moved point, BN as in exact), weights restored by copy, then the data backward. fd_eps = 1e-3
+  sits in the flat part of the error curve in both float32 (rounding error grows as fd_eps falls:
+  ~1e-3 relative error at 1e-3, ~1e-2 at 1e-4) and float64 (truncation error grows with fd_eps,
+  ~1e-4 at 1e-3); see tests/test_gvr.py. Under bf16 autocast the probes inherit bf16 rounding:
+  prefer exact or closed_form there.
+* closed_form (target "fc" only, a UsageError otherwise): for a linear head on mean CE,
+  grad_W L_S = delta^T h and grad_bias L_S = sum_j delta_j with delta_j = (softmax(z_j) - q_j) / s,
+  h the penultimate features (model.forward_features), z = model.fc(h) and q the loss's target
+  distribution (one-hot, smoothed under label smoothing). P is then an ordinary function of the
+  subset rows of the two full-batch forwards, computed in at least fp32: no extra forward, no
+  double backward, one backward, compilable. With BatchNorm in the body those rows are normalized
+  with the full-batch statistics (exact and fd: the subset's), and with dropout they keep the
+  full-batch masks, so closed_form equals exact only for BN- and dropout-free bodies.
+
+BN running statistics advance exactly once per step, in the forward of view a over all n rows (the
+clean pass); view b's forward and every penalty pass run with them frozen. Deviation: the original
+froze them in every pass of the GVR step (BN momentum 0) and updated them only through the
+training-accuracy forward of view a that its train.py runs after optimizer.step(), i.e. with the
+post-step weights; we fold that update into the clean pass to save a forward.
+
+Other deviation: the data losses are cross-entropies in at least fp32 (`loss` below keeps float64
+models in float64, where the base class would cast them down to fp32).
+
+Metrics: "loss" = La, "loss2" = Lb, "acc" (view a), "penalty" = P, "grad_diff_norm" = sqrt(P) =
+||g_a - g_b|| over T, "grad_norm" = ||grad J|| over all parameters (before the optimizer's weight
+decay and momentum).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..errors import UsageError
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method,
+                   restore, set_grads)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 activations, float64 for float64 ones."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Differentiable squared Euclidean norm of the concatenation, in the tensors' own dtype."""
+    return torch.stack(torch._foreach_norm(tensors)).square().sum()
+
+
+@register_method
+class GVR(Method):
+    name = "gvr"
+    views = 2
+    hparams = {"alpha": 0.01, "target": "last_stage", "subset": 32, "reduction": "sum", "penalty": "exact",
+               "fd_eps": 1e-3}
+    choices = {"target": ("fc", "last_stage", "all"), "reduction": ("sum", "mean"),
+               "penalty": ("closed_form", "exact", "fd")}
+    reference = ("Habibu-Ahmad 2025 (GVR repo code: last stage + fc target, summed view losses, shared "
+                 "subset, double backward); BN stats updated on the clean pass, not a post-step forward")
+    compilable = False  # the default penalty="exact" double-backwards; set per instance below
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        if hp["alpha"] < 0:
+            raise UsageError(f"alpha for method 'gvr' must be >= 0, got {hp['alpha']}")
+        if hp["subset"] < 1:
+            raise UsageError(f"subset for method 'gvr' must be >= 1, got {hp['subset']}")
+        if hp["fd_eps"] <= 0:
+            raise UsageError(f"fd_eps for method 'gvr' must be > 0, got {hp['fd_eps']}")
+        if hp["penalty"] == "closed_form" and hp["target"] != "fc":
+            raise UsageError(f"penalty 'closed_form' of method 'gvr' needs target 'fc', got {hp['target']!r}; "
+                             "use penalty 'exact' or 'fd' for it")
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
+        super().__init__(model, optimizer, **kwargs)
+        self.compilable = self.penalty == "closed_form"
+        modules = {"fc": [model.fc], "last_stage": [model.last_stage, model.fc], "all": [model]}[self.target]
+        wanted = {id(p) for m in modules for p in m.parameters()}
+        # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
+        self.in_target = [id(p) in wanted for p in self.params]
+        self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
+        if not self.target_params:
+            raise UsageError(f"target {self.target!r} of method 'gvr' has no trainable parameters")
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.to(_compute_dtype(logits)), y, label_smoothing=self.label_smoothing)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, batch: Batch) -> dict:
+        self.zero_grad()
+        n = batch.y.shape[0]
+        rows = torch.randperm(n, device=batch.y.device)[: min(self.subset, n)]
+        run = {"closed_form": self._step_closed_form, "exact": self._step_exact, "fd": self._step_fd}[self.penalty]
+        logits_a, loss_a, loss_b, penalty = run(batch, rows)
+        grad_norm = global_norm(grads_of(self.params))
+        self.optimizer.step()
+        return self.metrics(logits_a, batch.y, loss_a, loss2=loss_b, penalty=penalty,
+                            grad_diff_norm=penalty.detach().sqrt(), grad_norm=grad_norm)
+
+    def _data_loss(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
+        return loss_a + loss_b if self.reduction == "sum" else (loss_a + loss_b) / 2
+
+    def _view_forwards(self, batch: Batch):
+        """Both views over all n rows, each with its own BN batch statistics; the running statistics
+        advance in view a's forward only."""
+        logits_a = self.forward(batch.x)
+        with frozen_bn_stats(self.model):
+            logits_b = self.forward(batch.x2)
+        return logits_a, self.loss(logits_a, batch.y), self.loss(logits_b, batch.y)
+
+    def _step_exact(self, batch: Batch, rows: torch.Tensor):
+        y = batch.y[rows]
+        with frozen_bn_stats(self.model):
+            g_a = torch.autograd.grad(self.loss(self.forward(batch.x[rows]), y), self.target_params,
+                                      create_graph=True)
+            g_b = torch.autograd.grad(self.loss(self.forward(batch.x2[rows]), y), self.target_params,
+                                      create_graph=True)
+        penalty = _squared_norm(torch._foreach_sub(g_a, g_b))
+        logits_a, loss_a, loss_b = self._view_forwards(batch)
+        (self._data_loss(loss_a, loss_b) + self.alpha * penalty).backward()
+        return logits_a, loss_a, loss_b, penalty
+
+    def _grad_difference(self, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """D = grad L^a_S - grad L^b_S over all parameters (one backward through both views' graphs)."""
+        difference = self.loss(self.forward(x_a), y) - self.loss(self.forward(x_b), y)
+        return list(torch.autograd.grad(difference, self.params, materialize_grads=True))
+
+    def _step_fd(self, batch: Batch, rows: torch.Tensor):
+        x_a, x_b, y = batch.x[rows], batch.x2[rows], batch.y[rows]
+        with frozen_bn_stats(self.model), local_pass(self.model):
+            difference = self._grad_difference(x_a, x_b, y)
+            d = [g for g, t in zip(difference, self.in_target) if t]
+            penalty = _squared_norm(d)
+            # ||h d|| = fd_eps; the clamp keeps h finite when the views agree (d = 0, grad P = 0).
+            h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
+            saved = clone_all(self.target_params)
+            with torch.no_grad():
+                torch._foreach_add_(self.target_params, torch._foreach_mul(d, h))
+            moved = self._grad_difference(x_a, x_b, y)
+            restore(self.target_params, saved)
+        penalty_grad = torch._foreach_sub(moved, difference)
+        torch._foreach_mul_(penalty_grad, 2 * self.alpha / h)
+        # The data backward accumulates onto alpha * grad P.
+        set_grads(self.params, penalty_grad)
+        logits_a, loss_a, loss_b = self._view_forwards(batch)
+        self._data_loss(loss_a, loss_b).backward()
+        return logits_a, loss_a, loss_b, penalty
+
+    def _step_closed_form(self, batch: Batch, rows: torch.Tensor):
+        fc = self.model.fc
+        with self.autocast():
+            features_a = self.model.forward_features(batch.x)
+            logits_a = fc(features_a)
+            with frozen_bn_stats(self.model):
+                features_b = self.model.forward_features(batch.x2)
+            logits_b = fc(features_b)
+        loss_a, loss_b = self.loss(logits_a, batch.y), self.loss(logits_b, batch.y)
+        penalty = self._fc_penalty(features_a[rows], logits_a[rows], features_b[rows], logits_b[rows], batch.y[rows])
+        (self._data_loss(loss_a, loss_b) + self.alpha * penalty).backward()
+        return logits_a, loss_a, loss_b, penalty
+
+    def _fc_penalty(self, h_a: torch.Tensor, z_a: torch.Tensor, h_b: torch.Tensor, z_b: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+        """||grad_fc L^a_S - grad_fc L^b_S||^2 of `self.loss` from the head's inputs and outputs."""
+        dtype = _compute_dtype(z_a)
+        s, num_classes = z_a.shape
+        smoothing = self.label_smoothing
+        q = F.one_hot(y, num_classes).to(dtype) * (1 - smoothing) + smoothing / num_classes
+        delta_a = (torch.softmax(z_a.to(dtype), 1) - q) / s
+        delta_b = (torch.softmax(z_b.to(dtype), 1) - q) / s
+        weight_diff = delta_a.T @ h_a.to(dtype) - delta_b.T @ h_b.to(dtype)
+        penalty = weight_diff.square().sum()
+        if self.model.fc.bias is not None:
+            penalty = penalty + (delta_a.sum(0) - delta_b.sum(0)).square().sum()
+        return penalty
