@@ -6,9 +6,9 @@ from .errors import UsageError
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
 from .results import load_runs
-from .train import Config, Run, train
+from .train import Config, Run, train, train_grid
 
 __all__ = [
     "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "list_datasets",
-    "list_methods", "list_models", "load_runs", "register_method", "train",
+    "list_methods", "list_models", "load_runs", "register_method", "train", "train_grid",
 ]

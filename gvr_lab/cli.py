@@ -16,6 +16,7 @@ from .data import list_datasets
 from .errors import UsageError
 from .methods import METHODS, list_methods
 from .models import list_models
+from .runner import PRESETS
 from .train import Config, resolve_device, train
 
 
@@ -134,6 +135,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def parse_params(pairs: list[list[str]]) -> dict:
+    return {name: parse_value(value) for name, value in pairs}
+
+
+def cmd_run(args) -> int:
+    from .runner import NotebookFailed, run_notebook
+
+    try:
+        run_dir = run_notebook(args.notebook, parse_params(args.p), preset=args.preset, params_file=args.f,
+                               force=args.force, runs_root=args.runs_root, log_output=args.log_output)
+    except NotebookFailed as e:
+        print(f"gvr-lab: {e}", file=sys.stderr)
+        return 1
+    print(f"executed notebook: {run_dir / 'executed.ipynb'}")
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from .plots import write_figures_index
+    from .runner import NotebookFailed, notebook_paths, run_notebook
+
+    params = {"fig_root": args.out} if args.out else {}
+    failed = 0
+    for path in notebook_paths():
+        try:
+            # forced: a finished training run is not retrained, so this only redraws its figures
+            run_dir = run_notebook(path, dict(params), preset=args.preset, force=True, runs_root=args.runs_root)
+            print(f"{path.name}: {run_dir}")
+        except NotebookFailed as e:
+            print(f"gvr-lab: {e}", file=sys.stderr)
+            failed += 1
+    index = write_figures_index(args.out or "figures", args.preset)
+    print(f"wrote {index}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gvr-lab", description="Gradient-based regularizers: train, compare, reproduce.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -142,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.yaml", help="Config fields as YAML; flags override them")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+    r = sub.add_parser("run", help="execute a notebook headless through papermill")
+    r.add_argument("notebook")
+    r.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter (YAML value: numbers, true/false, [lists]), repeatable")
+    r.add_argument("-f", metavar="PARAMS.yaml", help="parameters from a YAML file")
+    r.add_argument("--preset", choices=PRESETS, help="parameter preset from notebooks/presets.yaml")
+    r.add_argument("--force", action="store_true", help="execute again even if this run completed")
+    r.add_argument("--runs-root", default="runs/notebooks")
+    r.add_argument("--log-output", action="store_true", help="stream the notebook's output")
+    r.set_defaults(func=cmd_run)
+    fg = sub.add_parser("figures", help="run every notebook as needed and regenerate every figure and table")
+    fg.add_argument("--preset", choices=PRESETS, default="cpu")
+    fg.add_argument("--out", help="figure root instead of figures/")
+    fg.add_argument("--runs-root", default="runs/notebooks")
+    fg.set_defaults(func=cmd_figures)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
     b.add_argument("--model", default="tiny_cnn", choices=list_models())
     b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")

@@ -32,7 +32,7 @@ from .models import create_model, list_models
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Fields that do not change what is computed: a run may be resumed with other values.
-NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress")
+NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Config:
     out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
     data_dir: str = ""  # where datasets are looked up first
     progress: bool = True  # progress bar and per-epoch lines
+    label: str = ""  # a name for plots and tables (e.g. "LB+GN"); does not change the run
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -331,6 +332,19 @@ def train(config: Config) -> Run:
     wall = wall_before + time.perf_counter() - t_start
     results.write_json(run_dir / results.SUMMARY, summarize(history, status, wall, extra))
     return load_run(run_dir, config)
+
+
+def train_grid(base: dict, variants: list[dict], seeds: list[int], runs_dir) -> list[Run]:
+    """Train every variant (a dict of Config fields, with a "label") for every seed into
+    runs_dir/<label>-s<seed>. A diverged run is recorded as such and the grid goes on."""
+    runs = []
+    for variant in variants:
+        name = variant.get("label") or variant.get("method") or base.get("method", "sgd")
+        for seed in seeds:
+            fields = {**base, **variant, "label": name, "seed": seed,
+                      "out_dir": str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")}
+            runs.append(train(Config.from_dict(fields)))
+    return runs
 
 
 def make_progress(config: Config, initial: int, total: int):

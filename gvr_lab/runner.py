@@ -1,0 +1,128 @@
+"""Execute a jupytext notebook headless through papermill, with what papermill lacks.
+
+Added on top of papermill's Python API (specs/ecosystem.md 1.6): parameters are validated against
+the notebook's `parameters` cell (unknown name or wrong type is an error, not a warning), presets
+(`notebooks/presets.yaml`), list/dict values that survive the command line, the `gvr_lab` kernel
+with a fallback to the current interpreter's, a one-line report of a failed cell with the partial
+notebook kept, and completed runs skipped unless forced.
+
+Parameters are merged in this order: the notebook's defaults < preset < `-f params.yaml` < `-p`.
+Each run goes to runs/notebooks/<notebook>-<preset>-<hash>/ with executed.ipynb, params.json and,
+once it finished, DONE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError, check_choice
+
+PRESETS = ("smoke", "cpu", "gpu", "paper")
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+PRESET_FILE = NOTEBOOKS / "presets.yaml"
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised; the message names the notebook, the cell and the error line."""
+
+
+def declared_parameters(nb, path) -> dict:
+    import papermill as pm
+
+    declared = pm.inspect_notebook(nb)
+    if not declared:
+        raise UsageError(f"{path} has no cell tagged 'parameters'")
+    return declared
+
+
+def check_parameters(params: dict, declared: dict, path) -> dict:
+    listing = ", ".join(f"{n}: {d['inferred_type_name']}" for n, d in declared.items())
+    checked = {}
+    for name, value in params.items():
+        if name not in declared:
+            raise UsageError(f"unknown parameter {name!r} for {path}; declared: {listing}")
+        kind = TYPES.get(declared[name]["inferred_type_name"])
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise UsageError(f"parameter {name!r} of {path} must be {kind.__name__}, got {value!r}; declared: {listing}")
+        checked[name] = value
+    return checked
+
+
+def preset_parameters(stem: str, preset: str | None) -> dict:
+    if preset is None:
+        return {}
+    check_choice("preset", preset, PRESETS)
+    presets = yaml.safe_load(PRESET_FILE.read_text()) if PRESET_FILE.is_file() else {}
+    return dict((presets.get(stem) or {}).get(preset) or {})
+
+
+def read_params_file(path: str) -> dict:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read parameter file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"parameter file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"parameter file {path} must hold a mapping of parameter names to values")
+    return loaded
+
+
+def pick_kernel() -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "gvr_lab" if "gvr_lab" in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+def run_dir_for(stem: str, preset: str | None, params: dict, runs_root: Path) -> Path:
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return runs_root / f"{stem}-{preset or 'custom'}-{digest}"
+
+
+def run_notebook(path, params: dict | None = None, preset: str | None = None, params_file: str | None = None,
+                 force: bool = False, runs_root="runs/notebooks", timeout: float | None = None,
+                 log_output: bool = False) -> Path:
+    """Execute `path` with validated parameters; returns its run folder. Raises NotebookFailed."""
+    import jupytext
+    import papermill as pm
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"notebook {path} not found")
+    nb = jupytext.read(path)
+    declared = declared_parameters(nb, path)
+    merged = preset_parameters(path.stem, preset)
+    merged.update(read_params_file(params_file) if params_file else {})
+    merged.update(params or {})
+    merged = check_parameters(merged, declared, path)
+    run_dir = run_dir_for(path.stem, preset, merged, Path(runs_root))
+    if (run_dir / "DONE").is_file() and not force:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "DONE").unlink(missing_ok=True)
+    (run_dir / "params.json").write_text(json.dumps({"notebook": str(path), "preset": preset, **merged},
+                                                    indent=2, default=str) + "\n")
+    if log_output:  # papermill only configures logging in its own CLI (papermill#496)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = run_dir / "executed.ipynb"
+    try:
+        pm.execute_notebook(nb, str(out), parameters=merged, kernel_name=pick_kernel(), cwd=str(REPO),
+                            execution_timeout=timeout, log_output=log_output, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
+        raise NotebookFailed(f"{path}: cell {e.exec_count} failed: {line} (partial notebook kept: {out})") from None
+    (run_dir / "DONE").write_text("")
+    return run_dir
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
