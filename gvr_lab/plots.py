@@ -10,14 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg") if not os.environ.get("MPLBACKEND") else None
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from .results import write_atomic  # noqa: E402
+from .results import write_atomic
 
 LABELS = {
     "epoch": "epoch", "step": "step", "test_acc": "test accuracy", "train_acc": "training accuracy",
@@ -26,6 +23,13 @@ LABELS = {
     "penalty": "penalty", "grad_diff_norm": "gradient difference norm ||g_a - g_b||",
     "psf_norm": "PSF norm", "epoch_time_s": "time per epoch (s)", "images_per_s": "throughput (images/s)",
 }
+
+
+def figure_dir(fig_root, notebook_stem: str) -> Path:
+    """figures/<name>/ for notebooks/NN_<name>.py."""
+    path = Path(fig_root) / notebook_stem.split("_", 1)[-1]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def set_style() -> None:
@@ -107,7 +111,8 @@ def write_figures_index(root, preset: str | None) -> Path:
         files = sorted(f for f in folder.iterdir() if f.suffix in (".png", ".md"))
         if not files:
             continue
-        lines += [f"## {folder.name}", "", f"From `notebooks/{folder.name}.py`, preset `{preset}`.", ""]
+        notebook = next(iter(sorted(Path("notebooks").glob(f"[0-9][0-9]_{folder.name}.py"))), f"*_{folder.name}.py")
+        lines += [f"## {folder.name}", "", f"From `{notebook}`, preset `{preset}`.", ""]
         lines += [f"- [{f.name}]({folder.name}/{f.name})" for f in files]
         lines.append("")
     path = root / "README.md"

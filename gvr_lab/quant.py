@@ -41,8 +41,8 @@ Which activations are unsigned (our rule; the paper quantizes post-ReLU activati
 activation quantizer decides at its initialization, from the same batch. It is unsigned iff that
 input has no negative entry, which is exactly the inputs that follow a ReLU (also through
 pooling, dropout or flatten) and non-negative raw pixels; the first layer on mean-subtracted
-images and layers that read a BN output without ReLU (PyramidNet's block input, WRN's identity
-paths are not read by convs) come out signed. The decision is stored in the `signed` buffer.
+images and convs that read a BN output without ReLU (the first conv of each PyramidNet block)
+come out signed. The decision is stored in the `signed` buffer.
 A static rule ("the producer is a ReLU") would need tracing the model, and a wrong unsigned guess
 would clip half the distribution to 0; a wrong signed guess only wastes one bit.
 
@@ -161,7 +161,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool, device=device))
         self.ready, self.q_n, self.q_p = False, None, None
-        self.register_load_state_dict_post_hook(lambda module, _: module._mirror_buffers())
+        self.register_load_state_dict_post_hook(_mirror_after_load)
 
     def _mirror_buffers(self) -> None:
         self.ready = bool(self.initialized)
@@ -191,8 +191,14 @@ class ActivationQuantizer(nn.Module):
         return lsq_quantize(x, self.step, self.q_n, self.q_p, 1.0 / math.sqrt(features * self.q_p))
 
     def extra_repr(self) -> str:
-        sign = "signed" if self.q_n else "unsigned" if self.ready else "sign set at first forward"
-        return f"bits={self.bits}, {sign}"
+        if not self.ready:
+            return f"bits={self.bits}, sign set at the first forward"
+        return f"bits={self.bits}, {'signed' if self.q_n else 'unsigned'}"
+
+
+def _mirror_after_load(module: ActivationQuantizer, incompatible_keys) -> None:
+    # A module-level function, not a lambda, so a pickled model (torch.save(model)) still loads.
+    module._mirror_buffers()
 
 
 class QuantConv2d(nn.Conv2d):

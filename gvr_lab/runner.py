@@ -34,11 +34,21 @@ class NotebookFailed(RuntimeError):
 
 
 def declared_parameters(nb, path) -> dict:
+    """papermill's view of the parameters cell, checked against Python's own parse of it (papermill
+    skips a line it cannot parse with only a warning, which would silently drop a parameter)."""
+    import ast
+
     import papermill as pm
 
     declared = pm.inspect_notebook(nb)
-    if not declared:
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
         raise UsageError(f"{path} has no cell tagged 'parameters'")
+    for node in ast.parse(cells[0].source).body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id not in declared:
+            raise UsageError(f"{path}: papermill cannot parse the parameters-cell line of {target.id!r} "
+                             "(keep it 'name: type = literal  # help' without '=' in the comment)")
     return declared
 
 
