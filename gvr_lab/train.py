@@ -305,7 +305,8 @@ def train(config: Config) -> Run:
         epoch_time = time.perf_counter() - t0
         steps.extend({"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}}
                      for s, e, lr_, o in logged)
-        row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": epoch_time}
+        row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": epoch_time,
+               "images_per_s": steps_per_epoch * config.batch_size / epoch_time}
         row.update({f"train_{k}": v for k, v in means.items()})
         t_eval = time.perf_counter()
         for split, loader in eval_loaders.items():

@@ -63,9 +63,6 @@ froze them in every pass of the GVR step (BN momentum 0) and updated them only t
 training-accuracy forward of view a that its train.py runs after optimizer.step(), i.e. with the
 post-step weights; we fold that update into the clean pass to save a forward.
 
-Other deviation: the data losses are cross-entropies in at least fp32 (`loss` below keeps float64
-models in float64, where the base class would cast them down to fp32).
-
 Metrics: "loss" = La, "loss2" = Lb, "acc" (view a), "penalty" = P, "grad_diff_norm" = sqrt(P) =
 ||g_a - g_b|| over T, "grad_norm" = ||grad J|| over all parameters (before the optimizer's weight
 decay and momentum).
@@ -79,12 +76,7 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..errors import UsageError
 from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method,
-                   restore, set_grads)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 activations, float64 for float64 ones."""
-    return torch.promote_types(t.dtype, torch.float32)
+                   restore, set_grads, upcast)
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -126,9 +118,6 @@ class GVR(Method):
         self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
         if not self.target_params:
             raise UsageError(f"target {self.target!r} of method 'gvr' has no trainable parameters")
-
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.to(_compute_dtype(logits)), y, label_smoothing=self.label_smoothing)
 
     # ------------------------------------------------------------------ the step
 
@@ -208,13 +197,13 @@ class GVR(Method):
     def _fc_penalty(self, h_a: torch.Tensor, z_a: torch.Tensor, h_b: torch.Tensor, z_b: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
         """||grad_fc L^a_S - grad_fc L^b_S||^2 of `self.loss` from the head's inputs and outputs."""
-        dtype = _compute_dtype(z_a)
+        z_a, z_b, h_a, h_b = upcast(z_a), upcast(z_b), upcast(h_a), upcast(h_b)
         s, num_classes = z_a.shape
         smoothing = self.label_smoothing
-        q = F.one_hot(y, num_classes).to(dtype) * (1 - smoothing) + smoothing / num_classes
-        delta_a = (torch.softmax(z_a.to(dtype), 1) - q) / s
-        delta_b = (torch.softmax(z_b.to(dtype), 1) - q) / s
-        weight_diff = delta_a.T @ h_a.to(dtype) - delta_b.T @ h_b.to(dtype)
+        q = F.one_hot(y, num_classes).to(z_a.dtype) * (1 - smoothing) + smoothing / num_classes
+        delta_a = (torch.softmax(z_a, 1) - q) / s
+        delta_b = (torch.softmax(z_b, 1) - q) / s
+        weight_diff = delta_a.T @ h_a - delta_b.T @ h_b
         penalty = weight_diff.square().sum()
         if self.model.fc.bias is not None:
             penalty = penalty + (delta_a.sum(0) - delta_b.sum(0)).square().sum()

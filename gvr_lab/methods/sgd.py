@@ -22,4 +22,5 @@ class SGD(Method):
         # Logged so a later run can graft this run's step lengths (exter_graft reads it).
         grad_norm = global_norm(grads_of(self.params))
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm)
+        # The batch is its own (only) micro-batch: same trajectory as the micro-batch methods log.
+        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, micro_grad_norm=grad_norm)

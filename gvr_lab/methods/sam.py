@@ -1,0 +1,231 @@
+"""Sharpness-aware minimization (SAM) and adaptive SAM (ASAM).
+
+SAM (Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021) minimizes max_{||eps||_2 <= rho} L_B(w + eps).
+Linearizing the inner maximum gives, with g = grad L_B(w) and the norm over ALL parameters together,
+
+    eps = rho * d / (||d|| + xi),            d = g,  xi = 1e-12
+    g_S = grad L_B(w')  at  w' = w + eps     (the Hessian term of d eps / d w is dropped, as in the paper)
+
+and the base optimizer (torch.optim.SGD with the run's momentum, Nesterov and weight decay) takes its
+step with g_S at the restored weights w.
+
+ASAM (Kwon, Kim, Park, Choi, ICML 2021) measures the ball in weight-scaled coordinates,
+T_w = |w| + eta elementwise:
+
+    eps = rho * T_w^2 d / (||T_w d|| + xi),  so that ||T_w^-1 eps|| = rho.
+
+As in the official code (SamsungLabs/ASAM), T_w scales only the parameters whose name contains
+"weight" (conv and linear weights, and BN's gamma); biases and BN's beta keep T = 1. davda54/sam's
+`adaptive=True` instead scales every tensor with eta = 0 (its issue #81).
+
+One step, owned by the method (davda54's first_step / second_step without a closure):
+
+1. Pass 1 at w, in train mode: the clean pass. Its loss and accuracy are the logged "loss" and
+   "acc", and batch-norm running statistics advance here, once per step, as in the JAX reference.
+   Under DDP it runs inside `no_sync` (base.local_pass): each rank perturbs with its own gradient,
+   which is the paper's multi-accelerator setting (m = local batch). g comes from autograd.grad, so
+   `.grad` only ever accumulates the update gradient.
+2. eps from g as above; w += eps (foreach).
+3. Pass 2 at w + eps on the same batch, BN normalizing with batch statistics but its running
+   statistics frozen (base.frozen_bn_stats, the davda54 #17 fix), and with the same dropout masks as
+   pass 1: the global RNG is snapshotted before pass 1 and replayed before pass 2 (the JAX reference
+   reuses the PRNG key). Its backward is the synchronized one under DDP.
+4. w restored by copy (no drift from subtracting eps), then optimizer.step() with g_S.
+
+m-sharpness (`m`, paper section 4.1): the local batch is split into B/m groups of m consecutive
+examples; group j gets its own g_j, eps_j and g_S,j, and the update gradient is mean_j g_S,j (each
+group loss is a group mean, so this is the full-batch mean when every group is the same size).
+With more than one group, every pass runs with BN running statistics frozen and, when the model
+has BN layers that track them, one extra no-grad forward of the whole batch at w in train mode
+advances them once per step (as a single clean pass would). "loss" and "acc" are then the group
+means of pass 1, "grad_norm" the norm of mean_j g_j. Under DDP the first passes run without
+gradient sync and the groups' second passes accumulate locally, syncing on the last one.
+
+Weight decay (spec sam_family.md 1.4): by default (`wd_in_perturbation=False`, davda54 and most
+ports) it lives only in the base optimizer, at the unperturbed w. With `wd_in_perturbation=True`
+the step computes what the JAX reference does with the L2 term inside the loss: d = g + lambda w
+(lambda = the weight_decay of the parameter's optimizer group) and update gradient
+grad[L + lambda/2 ||.||^2](w + eps) = g_S + lambda (w + eps). The base optimizer adds lambda w
+itself, so the method adds lambda * eps (mean over groups) to .grad before the synchronized
+backward, which keeps DDP ranks identical.
+
+Mixed precision: bf16 autocast needs nothing (eps is invariant to the loss scale, the loss is fp32,
+the gradients are those of fp32 parameters). fp16 with a GradScaler is not offered: the loop has
+no fp16 mode.
+
+Metrics: "loss", "acc" (pass 1), "grad_norm" (||g|| at w), "sam_grad_norm" (norm of the gradient
+handed to the base optimizer, before its own weight decay), "sharpness" (L(w + eps) - L(w) on the
+batch, group mean: the SAM sharpness proxy).
+
+Deviations from davda54/sam: no closure (the method runs both passes); BN running statistics and
+dropout masks handled inside the step rather than by the user; ASAM follows the official code's
+bias handling and eta (see above), not davda54's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import UsageError
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method,
+                   restore, set_grads)
+
+XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
+
+
+class RngReplay:
+    """Snapshot of the global RNG, replayed so a later pass draws the same dropout masks.
+
+    CPU generator always, plus the CUDA generator of `device` when on a GPU (reading it does not
+    sync with the device: the Philox state is a seed and an offset kept on the host).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def ascent_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d params without touching .grad (zeros for parameters the loss does not reach)."""
+    return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+
+
+def scaled_to(direction: list[torch.Tensor], radius: float, norm: torch.Tensor) -> list[torch.Tensor]:
+    """direction * radius / (norm + XI): SAM's eps when norm = ||direction||."""
+    return torch._foreach_mul(direction, radius / (norm + XI))
+
+
+@contextlib.contextmanager
+def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor]):
+    """Weights at w + eps inside the block, restored to w by copy on exit."""
+    saved = clone_all(params)
+    with torch.no_grad():
+        torch._foreach_add_(params, eps)
+    try:
+        yield
+    finally:
+        restore(params, saved)
+
+
+def tracks_bn_stats(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
+
+
+def check_rho(name: str, rho: float) -> None:
+    if rho < 0:
+        raise UsageError(f"rho for method {name!r} must be >= 0, got {rho}")
+
+
+@register_method
+class SAM(Method):
+    name = "sam"
+    hparams = {"rho": 0.05, "adaptive": False, "m": None, "wd_in_perturbation": False, "eta": 0.01}
+    reference = ("Foret et al. ICLR 2021 (davda54/sam step without closure); BN stats from the clean pass, "
+                 "same dropout masks in both passes; adaptive=True is ASAM with the official bias handling")
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        check_rho(cls.name, hp["rho"])
+        m = hp["m"]
+        if m is not None and (m != int(m) or m < 1):
+            raise UsageError(f"m for method {cls.name!r} must be a positive integer or None, got {m}")
+        if hp["eta"] < 0:
+            raise UsageError(f"eta for method {cls.name!r} must be >= 0, got {hp['eta']}")
+
+    @classmethod
+    def check_batch_size(cls, hp: dict, batch_size: int) -> None:
+        if hp["m"] is not None and batch_size % int(hp["m"]):
+            raise UsageError(f"m={hp['m']} for method {cls.name!r} must divide the batch size {batch_size}")
+
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        if self.m is not None:
+            self.m = int(self.m)
+        if self.adaptive:
+            names = {id(p): n for n, p in model.named_parameters()}
+            is_weight = ["weight" in names.get(id(p), "") for p in self.params]
+            # T_w = |w| * scale + offset: |w| + eta on weights, 1 elsewhere.
+            self.t_scale = [1.0 if w else 0.0 for w in is_weight]
+            self.t_offset = [self.eta if w else 1.0 for w in is_weight]
+
+    # ------------------------------------------------------------------ the perturbation
+
+    def weight_decays(self) -> list[float]:
+        return [g["weight_decay"] for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def perturbation(self, g: list[torch.Tensor], g_norm: torch.Tensor) -> list[torch.Tensor]:
+        """eps for the ascent gradient g (whose norm is g_norm)."""
+        if self.wd_in_perturbation:
+            g = torch._foreach_add(g, torch._foreach_mul(self.params, self.weight_decays()))
+            g_norm = global_norm(g)
+        if not self.adaptive:
+            return scaled_to(g, self.rho, g_norm)
+        t = torch._foreach_abs(self.params)
+        torch._foreach_mul_(t, self.t_scale)
+        torch._foreach_add_(t, self.t_offset)
+        td = torch._foreach_mul(g, t)
+        return scaled_to(torch._foreach_mul(td, t), self.rho, global_norm(td))
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, batch):
+        self.zero_grad()
+        size = batch.x.shape[0]
+        m = size if self.m is None else self.m
+        if size % m:
+            raise UsageError(f"m={m} for method {self.name!r} must divide the batch size {size}")
+        groups = size // m
+        if groups > 1 and tracks_bn_stats(self.model):
+            with torch.no_grad():
+                self.forward(batch.x)
+        device = self.params[0].device
+        logits, losses, sharpness, g_sum = [], [], [], None
+        for j, (x, y) in enumerate(zip(batch.x.split(m), batch.y.split(m))):
+            rng = RngReplay(device)
+            # One group: pass 1 is the clean pass and moves the running statistics itself.
+            with local_pass(self.model), frozen_bn_stats(self.model) if groups > 1 else contextlib.nullcontext():
+                logits.append(self.forward(x))
+                loss = self.loss(logits[-1], y)
+                g = ascent_grads(loss, self.params)
+            g_norm = global_norm(g)
+            eps = self.perturbation(g, g_norm)
+            if self.wd_in_perturbation:
+                wd_eps = torch._foreach_mul(eps, [wd / groups for wd in self.weight_decays()])
+                if j == 0:
+                    set_grads(self.params, wd_eps)
+                else:
+                    torch._foreach_add_(grads_of(self.params), wd_eps)
+            rng.replay()
+            last = j == groups - 1
+            with perturbed(self.params, eps), frozen_bn_stats(self.model), \
+                    (contextlib.nullcontext() if last else local_pass(self.model)):
+                loss_s = self.loss(self.forward(x), y)
+                (loss_s / groups).backward()
+            losses.append(loss.detach())
+            sharpness.append(loss_s.detach() - loss.detach())
+            g_sum = g if g_sum is None else torch._foreach_add(g_sum, g)
+        grad_norm = g_norm if groups == 1 else global_norm(g_sum) / groups
+        sam_grad_norm = global_norm(grads_of(self.params))
+        self.optimizer.step()
+        logits = torch.cat(logits) if groups > 1 else logits[0]
+        return self.metrics(logits, batch.y, torch.stack(losses).mean(), grad_norm=grad_norm,
+                            sam_grad_norm=sam_grad_norm, sharpness=torch.stack(sharpness).mean())
+
+
+@register_method
+class ASAM(SAM):
+    name = "asam"
+    hparams = {**SAM.hparams, "rho": 0.5, "adaptive": True}
+    reference = ("Kwon et al. ICML 2021 (SamsungLabs/ASAM: T_w = |w| + eta on 'weight' tensors only); "
+                 "rho 0.5 as its CIFAR-10 README; the sam step otherwise")
+
