@@ -105,10 +105,13 @@ def cmd_list(args) -> int:
 
 def cmd_train(args) -> int:
     run = train(config_from_args(args))
+    if run is None:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     s = run.summary
     print(f"run directory: {run.run_dir}")
     if s["status"] == "diverged":
-        print(f"diverged: training loss not finite at epoch {s['epochs_completed'] - 1}", file=sys.stderr)
+        print(f"gvr-lab: diverged at step {s['diverged_step']}: loss {s['diverged_value']}; history kept in "
+              f"{run.run_dir}", file=sys.stderr)
         return 1
     print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
           f"wall time {s['wall_time_s']:.1f} s")

@@ -312,7 +312,8 @@ class DeviceLoader:
 
     def __init__(self, split: Split, info: DatasetInfo, *, batch_size: int, device: torch.device,
                  indices: torch.Tensor | None = None, augment: Augment | None = None, views: int = 1,
-                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, channels_last: bool = False):
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         self.index = torch.arange(len(split.labels)) if indices is None else indices
         self.images = split.images[self.index].to(device)
         self.labels = split.labels[self.index].to(device)
@@ -323,6 +324,11 @@ class DeviceLoader:
         self.shuffle, self.drop_last, self.seed, self.channels_last = shuffle, drop_last, seed, channels_last
         if drop_last and len(self.labels) < batch_size:
             raise UsageError(f"batch_size={batch_size} exceeds the {len(self.labels)} training examples")
+        if batch_size % world_size:
+            raise UsageError(f"batch_size={batch_size} must be divisible by the {world_size} data-parallel ranks")
+        # Under data parallelism every rank walks the same global order and takes its slice of
+        # each global batch, so the union over ranks is exactly the single-process batch.
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -345,7 +351,9 @@ class DeviceLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
-            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            local = self.batch_size // self.world_size
+            start = i * self.batch_size + self.rank * local
+            rows = order[start : start + local]
             images = self.images[rows]
             x = self.view(images, g)
             x2 = self.view(images, g) if self.views == 2 else None

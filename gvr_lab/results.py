@@ -12,6 +12,7 @@ half-written file where a complete one was expected.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import io
 import json
@@ -68,6 +69,32 @@ def load_checkpoint(path: Path, map_location=None) -> dict:
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"refusing to load checkpoint {path}: not a plain-tensor checkpoint ({first_line})") from None
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training process. The kernel drops
+    it when the process dies (even by SIGKILL), so a crashed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise UsageError(f"run directory {self.path.parent} is in use by another training process; "
+                             "wait for it to finish or choose another out_dir") from None
+        # Temporary files of a writer killed mid-write: the lock proves nobody is writing them.
+        for stale in self.path.parent.glob(".*.tmp"):
+            stale.unlink()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 # ---------------------------------------------------------------------- reading many runs

@@ -25,12 +25,14 @@ import torch
 
 from . import results
 from .data import Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices
+from .distributed import GradSync, World, average_buffers, init_world, reduce_means
 from .errors import UsageError, check_choice
 from .methods import create_method, method_class
 from .models import create_model, list_models
 
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16")
+FINAL_STATUSES = ("completed", "diverged")
 # Fields that do not change what is computed: a run may be resumed with other values.
 NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label")
 
@@ -181,12 +183,12 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp_dtype) -> dict:
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
 
 
-def build(config: Config, device: torch.device, amp_dtype):
+def build(config: Config, device: torch.device, amp_dtype, world: World):
     """Data loaders, model, optimizer and method for a Config."""
     info = dataset_info(config.dataset)
     train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
     train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
     channels_last = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -195,12 +197,14 @@ def build(config: Config, device: torch.device, amp_dtype):
                                 fused=device.type == "cuda")
     method = create_method(config.method, model, optimizer, label_smoothing=config.label_smoothing,
                            amp_dtype=amp_dtype, **config.method_args)
+    method.sync_grads = GradSync(optimizer, world).now
     if config.compile and method.compilable:
         model.forward = torch.compile(model.forward)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
     common = dict(device=device, channels_last=channels_last)
     train_loader = DeviceLoader(train_split, info, batch_size=config.batch_size, indices=train_idx, augment=augment,
-                                views=method.views, seed=config.seed, **common)
+                                views=method.views, seed=config.seed, rank=world.rank, world_size=world.size,
+                                **common)
     eval_loaders = {"test": DeviceLoader(test_split, info, batch_size=config.eval_batch_size, shuffle=False,
                                          drop_last=False, **common)}
     if len(val_idx):
@@ -248,22 +252,47 @@ def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict)
 
 
 def train(config: Config) -> Run:
-    """Run (or resume, or just return) the training run described by `config`."""
+    """Run (or resume, or just return) the training run described by `config`.
+
+    Under torchrun every rank calls this with the same Config; rank 0 alone writes files.
+    """
     run_dir = config.run_dir()
     if check_run_dir(run_dir, config) is not None and (run_dir / results.SUMMARY).is_file():
         done = load_run(run_dir, config)
-        if done.summary.get("status") == "completed":
+        if done.summary.get("status") in FINAL_STATUSES:
             return done
 
     device = resolve_device(config.device)
+    world = init_world(device.type)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_bf16 else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_loader, eval_loaders, model, optimizer, method = build(config, device, amp_dtype)
+    parts = build(config, device, amp_dtype, world)  # reads the data: bad input fails before any write
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with results.RunLock(run_dir):
+            return run_loop(config, run_dir, world, device, amp_dtype, *parts)
+    run_loop(config, run_dir, world, device, amp_dtype, *parts)
+    return None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
+
+def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, amp_dtype,
+             train_loader: DeviceLoader, eval_loaders: dict, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, method) -> Run | None:
+    def write(path_name: str, rows):
+        if world.main:
+            results.write_parquet(run_dir / path_name, rows)
+
+    def write_summary(status: str, wall: float, **more):
+        if world.main:
+            results.write_json(run_dir / results.SUMMARY, summarize(history, status, wall, {**extra, **more}))
+
+    if world.main:
+        results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
     history, steps, start_epoch, wall_before = [], [], 0, 0.0
     if (run_dir / results.CHECKPOINT).is_file():
         ckpt = results.load_checkpoint(run_dir / results.CHECKPOINT, map_location=device)
@@ -272,17 +301,18 @@ def train(config: Config) -> Run:
         method.load_state_dict(ckpt["method"])
         history, steps, start_epoch, wall_before = ckpt["history"], ckpt["steps"], ckpt["epoch"], ckpt["wall_time_s"]
 
-    extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-             "torch": torch.__version__, "steps_per_epoch": len(train_loader)}
-    results.write_json(run_dir / results.SUMMARY, summarize(history, "running", wall_before, extra))
     steps_per_epoch = len(train_loader)
-    status, t_start = "completed", time.perf_counter()
-    bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch)
+    extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+             "torch": torch.__version__, "steps_per_epoch": steps_per_epoch, "world_size": world.size}
+    write_summary("running", wall_before)
+    status, t_start, diverged = "completed", time.perf_counter(), {}
+    bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch) if world.main else None
     model.train()
     for epoch in range(start_epoch, config.epochs):
         seed_epoch(config.seed, epoch)
         method.start_epoch(epoch)
         sums, counts, logged = {}, {}, []
+        losses = torch.empty(steps_per_epoch, device=device)  # kept on device; checked once per epoch
         t0 = time.perf_counter()
         for i, batch in enumerate(train_loader.epoch(epoch)):
             lr = lr_at(config, epoch, i, steps_per_epoch)
@@ -290,6 +320,7 @@ def train(config: Config) -> Run:
                 group["lr"] = lr
             method.diagnose = i % config.log_every == 0
             out = method.step(batch)
+            losses[i] = out["loss"]
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
                 counts[k] = counts.get(k, 0) + 1
@@ -299,7 +330,7 @@ def train(config: Config) -> Run:
                     bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
             if bar is not None:
                 bar.update()
-        means = {k: (v / counts[k]).item() for k, v in sums.items()}
+        means = reduce_means({k: (v / counts[k]).item() for k, v in sums.items()}, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
@@ -308,31 +339,37 @@ def train(config: Config) -> Run:
         row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": epoch_time,
                "images_per_s": steps_per_epoch * config.batch_size / epoch_time}
         row.update({f"train_{k}": v for k, v in means.items()})
+        average_buffers(model, world)
         t_eval = time.perf_counter()
-        for split, loader in eval_loaders.items():
-            row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, amp_dtype).items()})
+        if world.main:
+            for split, loader in eval_loaders.items():
+                row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, amp_dtype).items()})
         row["eval_time_s"] = time.perf_counter() - t_eval
         history.append(row)
         if bar is not None:
             bar.write(format_row(row))
-        if not math.isfinite(row["train_loss"]):
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad) or not all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
             status = "diverged"
+            i = int(bad[0]) if len(bad) else steps_per_epoch - 1
+            diverged = {"diverged_step": epoch * steps_per_epoch + i,
+                        "diverged_value": float(losses[i]) if len(bad) else row.get("test_loss", float("nan"))}
             break
         wall = wall_before + time.perf_counter() - t_start
-        results.write_parquet(run_dir / results.EPOCHS, history)
-        results.write_parquet(run_dir / results.STEPS, steps)
-        results.save_checkpoint(run_dir / results.CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-            "epoch": epoch + 1, "history": history, "steps": steps, "wall_time_s": wall})
-        results.write_json(run_dir / results.SUMMARY, summarize(history, "running", wall, extra))
+        write(results.EPOCHS, history)
+        write(results.STEPS, steps)
+        if world.main:
+            results.save_checkpoint(run_dir / results.CHECKPOINT, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                "epoch": epoch + 1, "history": history, "steps": steps, "wall_time_s": wall})
+        write_summary("running", wall)
     if bar is not None:
         bar.close()
-    if status == "diverged":
-        results.write_parquet(run_dir / results.EPOCHS, history)
-        results.write_parquet(run_dir / results.STEPS, steps)
-    wall = wall_before + time.perf_counter() - t_start
-    results.write_json(run_dir / results.SUMMARY, summarize(history, status, wall, extra))
-    return load_run(run_dir, config)
+    if status == "diverged":  # keep the history up to the failure; the last checkpoint stays the last good one
+        write(results.EPOCHS, history)
+        write(results.STEPS, steps)
+    write_summary(status, wall_before + time.perf_counter() - t_start, **diverged)
+    return load_run(run_dir, config) if world.main else None
 
 
 def train_grid(base: dict, variants: list[dict], seeds: list[int], runs_dir) -> list[Run]:

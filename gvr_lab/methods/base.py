@@ -102,6 +102,11 @@ class Method(abc.ABC):
 
     # ------------------------------------------------------------------ the contract
 
+    def sync_grads(self) -> None:
+        """Average .grad across data-parallel ranks now, for methods that transform the global
+        gradient before the step (normalized GD, grafting). Otherwise gradients are averaged in a
+        pre-hook of optimizer.step(). A no-op in one process; the loop installs the real one."""
+
     def start_epoch(self, epoch: int) -> None:
         """Called by the loop before each epoch."""
 
