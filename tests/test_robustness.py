@@ -1,0 +1,145 @@
+"""Data parallelism, crash safety, locking, divergence and bad input (issue: scale out and survive)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gvr_lab import Config, train, train_grid
+from gvr_lab.cli import main
+from gvr_lab.errors import UsageError
+from gvr_lab.results import load_checkpoint, write_atomic
+
+ENV = {**os.environ, "GVR_LAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TINY = ["--dataset", "synthetic", "--model", "tiny_cnn", "--device", "cpu", "--no-progress", "--train-subset", "512"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "gvr_lab", *args], env=ENV, capture_output=True, text=True, **kw)
+
+
+def torchrun(nproc, *args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "gvr_lab", *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def weights(run_dir):
+    return load_checkpoint(Path(run_dir) / "checkpoint.pt")["model"]
+
+
+# ---------------------------------------------------------------------- data parallel (gloo, CPU)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, args", [("sgd", []), ("pseudo_gd", ["--method-arg", "micro_batch_size=16"])])
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, method, args):
+    common = ["train", *TINY, "--method", method, *args, "--epochs", "2", "--batch-size", "64", "--no-augment",
+              "--momentum", "0.9", "--weight-decay", "0.0005"]
+    one = cli(*common, "--out-dir", str(tmp_path / "one"))
+    two = torchrun(2, *common, "--out-dir", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:  # fp32 all-reduce sums in another order than one backward: agree to rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    h1 = pd.read_parquet(tmp_path / "one" / "epochs.parquet")
+    h2 = pd.read_parquet(tmp_path / "two" / "epochs.parquet")
+    pd.testing.assert_series_equal(h1["train_loss"], h2["train_loss"], rtol=1e-4)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+
+
+# ---------------------------------------------------------------------- crash safety
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    args = ["train", *TINY, "--epochs", "12", "--batch-size", "32", "--cutout", "0.5"]
+    reference = cli(*args, "--out-dir", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = []
+    summary = out / "summary.json"
+    while len(kills) < 5:
+        proc = subprocess.Popen([sys.executable, "-m", "gvr_lab", *args, "--out-dir", str(out)], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.time()  # wait until this process has written its first summary: training is under way
+        while proc.poll() is None and (not summary.exists() or summary.stat().st_mtime < started):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 5.0))
+        if proc.poll() is None:
+            kills.append(json.loads(summary.read_text())["epochs_completed"])
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if json.loads(summary.read_text())["status"] == "completed":
+            break
+    final = cli(*args, "--out-dir", str(out))
+    assert final.returncode == 0, final.stderr
+    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "epochs.parquet")[cols],
+                                  pd.read_parquet(tmp_path / "ref" / "epochs.parquet")[cols])
+    assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(tmp_path / "ref").values()))
+    assert not list(out.glob(".*.tmp"))
+    print("kill points (epochs completed when killed):", kills)
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    write_atomic(path, b"old complete checkpoint")
+
+    def crash(*a, **k):
+        raise OSError("disk died mid-write")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        write_atomic(path, b"new" * 1000)
+    assert path.read_bytes() == b"old complete checkpoint"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_second_process_on_the_same_run_directory_exits_2(tmp_path):
+    out = tmp_path / "run"
+    # many one-step epochs: the first process is still running when the second arrives
+    args = ["train", *TINY, "--train-subset", "128", "--batch-size", "128", "--epochs", "300", "--out-dir", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "gvr_lab", *args], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "summary.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    second = cli(*args)
+    assert second.returncode == 2
+    assert second.stderr.strip().endswith("is in use by another training process; wait for it to finish or "
+                                          "choose another out_dir")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+# ---------------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_keeps_history_and_exits_nonzero(tmp_path):
+    out = tmp_path / "run"
+    proc = cli("train", *TINY, "--epochs", "3", "--batch-size", "32", "--lr", "1e6", "--out-dir", str(out))
+    assert proc.returncode == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert f"diverged at step {summary['diverged_step']}: loss" in proc.stderr
+    history = pd.read_parquet(out / "epochs.parquet")
+    assert len(history) == summary["epochs_completed"] >= 1
+
+
+def test_a_sweep_records_divergence_and_goes_on(tmp_path):
+    base = dict(dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, train_subset=256, device="cpu",
+                progress=False)
+    runs = train_grid(base, [dict(lr=1e6, label="too-hot"), dict(lr=0.05, label="fine")], [0], tmp_path)
+    assert [r.summary["status"] for r in runs] == ["diverged", "completed"]
+    again = train(Config(**base, lr=1e6, label="too-hot", seed=0, out_dir=str(tmp_path / "too-hot-s0")))
+    assert again.summary == runs[0].summary  # a diverged run is final, not retried
