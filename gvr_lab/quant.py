@@ -60,7 +60,9 @@ Deviations and choices, each deliberate:
   the naive wrapper's behaviour and what the paper's plain-SGD recipe implies for the update);
 * the activation init runs in whichever forward comes first, so for SAM-type methods it is the
   clean pass at the unperturbed weights of the first step; under DDP the statistics of the init
-  batch are averaged over ranks (and the sign decision OR-ed) so every rank holds the same s;
+  batch are averaged over ranks (and the sign decision OR-ed) so every rank holds the same s (the
+  first forward must then run on every rank, as training does). A copy of the model taken before
+  that forward (an EMA teacher) holds the placeholder s = 1 until it is given the trained values;
 * at v/s exactly on a clip bound, torch.clamp's subgradient counts the point as in range
   (d v_hat/d v = 1 and d v_hat/d s = round(v/s) - v/s = 0 instead of -Q_N / Q_P). Only values
   sitting exactly on a bound are affected; for the zeros of a ReLU (unsigned, Q_N = 0) both
@@ -74,6 +76,10 @@ Deviations and choices, each deliberate:
 Round and gradient scale use the detach form, value + (t - t.detach()) * c, rather than a custom
 autograd.Function, so they work under autocast, double backward (GVR-type penalties) and
 torch.compile, and the forward values are exact (s, round(x)) rather than off by a rounding error.
+Under no_grad (evaluation) the quantizer skips that bookkeeping; the values are the same. round
+is torch.round (halves to even). Quantized activations make exact ties in max-pooling far more
+common; eager and inductor-compiled code may route a tie's gradient differently (both are valid
+subgradients), so compiled and eager gradients agree only up to that on max-pooling nets.
 """
 
 from __future__ import annotations
@@ -118,8 +124,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def lsq_quantize(v: torch.Tensor, s: torch.Tensor, q_n: int, q_p: int, g: float) -> torch.Tensor:
     """v_hat = s * round(clip(v / s, -Q_N, Q_P)) with LSQ's gradients, computed in at least fp32."""
     dtype = torch.promote_types(v.dtype, torch.float32)
-    s = scale_grad(s.to(dtype), g)
-    return round_ste((v.to(dtype) / s).clamp(-q_n, q_p)) * s
+    v, s = v.to(dtype), s.to(dtype)
+    if not torch.is_grad_enabled():  # evaluation: the same values without the STE's extra passes
+        return (v / s).clamp(-q_n, q_p).round() * s
+    s = scale_grad(s, g)
+    return round_ste((v / s).clamp(-q_n, q_p)) * s
 
 
 def initial_step(v: torch.Tensor, q_p: int) -> torch.Tensor:
@@ -276,7 +285,8 @@ def quantize_model(model: nn.Module, bits: int, keep_first_last: bool = True,
 
     replaced: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(), which skips a second name of the same child.
+        for name, child in list(parent._modules.items()):
             if id(child) in bits_of:
                 if id(child) not in replaced:
                     replaced[id(child)] = quantize_layer(child, bits_of[id(child)])

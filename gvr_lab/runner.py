@@ -109,6 +109,8 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
     if not path.is_file():
         raise UsageError(f"notebook {path} not found")
     nb = jupytext.read(path)
+    kernel = pick_kernel()
+    nb.metadata["kernelspec"] = {"name": kernel, "language": "python", "display_name": kernel}
     declared = declared_parameters(nb, path)
     merged = preset_parameters(path.stem, preset)
     merged.update(read_params_file(params_file) if params_file else {})
@@ -125,7 +127,7 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = run_dir / "executed.ipynb"
     try:
-        pm.execute_notebook(nb, str(out), parameters=merged, kernel_name=pick_kernel(), cwd=str(REPO),
+        pm.execute_notebook(nb, str(out), parameters=merged, kernel_name=kernel, cwd=str(REPO),
                             execution_timeout=timeout, log_output=log_output, progress_bar=False)
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]

@@ -29,6 +29,7 @@ from .distributed import GradSync, World, average_buffers, init_world, reduce_me
 from .errors import UsageError, check_choice
 from .methods import create_method, method_class
 from .models import create_model, list_models
+from .quant import check_bits, quantize_model
 
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,7 +63,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model when the method allows it
-    quant_bits: int = 0  # LSQ quantization-aware training bit width; 0 = full precision
+    quant_bits: int = 0  # LSQ quantization-aware training bit width (2-16); 0 = full precision
+    quant_first_last: bool = False  # also quantize the first layer and fc (LSQ keeps them full precision)
     train_subset: int = 0  # train on this many examples (0 = all), drawn with the seed
     val_split: float = 0.0  # held-out validation part of the training set: fraction < 1 or count
     eval_batch_size: int = 1000
@@ -92,7 +94,7 @@ class Config:
         if self.nesterov and self.momentum == 0:
             raise UsageError("nesterov needs momentum > 0")
         if self.quant_bits:
-            raise UsageError("quant_bits: LSQ quantization is not available in this version; use 0")
+            check_bits(self.quant_bits)
         cls = method_class(self.method)
         self.method = cls.name
         self.method_args = cls.resolve_hparams(self.method_args)
@@ -190,6 +192,8 @@ def build(config: Config, device: torch.device, amp_dtype, world: World):
     train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+    if config.quant_bits:  # before the optimizer and the method, which capture the parameter list
+        quantize_model(model, config.quant_bits, keep_first_last=not config.quant_first_last)
     channels_last = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
