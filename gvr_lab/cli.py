@@ -159,12 +159,15 @@ def cmd_figures(args) -> int:
     from .plots import write_figures_index
     from .runner import NotebookFailed, notebook_paths, run_notebook
 
-    params = {"fig_root": args.out} if args.out else {}
     failed = 0
     for path in notebook_paths():
+        params = {"fig_root": args.out} if args.out else {}
+        if args.runs_root:
+            params["runs_root"] = f"{args.runs_root}/{args.preset}/{path.stem}"
         try:
             # forced: a finished training run is not retrained, so this only redraws its figures
-            run_dir = run_notebook(path, dict(params), preset=args.preset, force=True, runs_root=args.runs_root)
+            run_dir = run_notebook(path, params, preset=args.preset, force=True,
+                                   runs_root=f"{args.runs_root or 'runs'}/notebooks")
             print(f"{path.name}: {run_dir}")
         except NotebookFailed as e:
             print(f"gvr-lab: {e}", file=sys.stderr)
@@ -195,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg = sub.add_parser("figures", help="run every notebook as needed and regenerate every figure and table")
     fg.add_argument("--preset", choices=PRESETS, default="cpu")
     fg.add_argument("--out", help="figure root instead of figures/")
-    fg.add_argument("--runs-root", default="runs/notebooks")
+    fg.add_argument("--runs-root", help="root of training runs and executed notebooks instead of runs/")
     fg.set_defaults(func=cmd_figures)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
     b.add_argument("--model", default="tiny_cnn", choices=list_models())
