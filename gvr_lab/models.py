@@ -18,6 +18,7 @@ would duplicate its keys in ``state_dict``.
 
 from __future__ import annotations
 
+import abc
 import inspect
 from typing import Any, Callable
 
@@ -61,17 +62,19 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw: A
     return builder(num_classes=num_classes, in_channels=in_channels, **kw)
 
 
-class _Classifier(nn.Module):
+class _Classifier(nn.Module, metaclass=abc.ABCMeta):
     """Defines ``forward`` once so the ``fc(forward_features(x))`` identity holds by construction."""
 
     fc: nn.Linear
 
+    @abc.abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The tensor fed into ``fc``."""
 
     @property
+    @abc.abstractmethod
     def last_stage(self) -> nn.Module:
-        raise NotImplementedError
+        """The last body stage."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
