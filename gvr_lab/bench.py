@@ -112,7 +112,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
                               fused=dev.type == "cuda")
         method = create_method(name, net, opt, amp_dtype=amp_dtype, **hp)
         if compile and method.compilable:
-            net.forward = torch.compile(net.forward)
+            net.forward_features = torch.compile(net.forward_features)
         method.start_epoch(10_000)  # past every warm-up / start epoch: the steady state
         label = name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
         entries.append({"label": label, "method": method, "times": [], "sampled": []})

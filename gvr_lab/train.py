@@ -203,7 +203,8 @@ def build(config: Config, device: torch.device, amp_dtype, world: World):
                            amp_dtype=amp_dtype, **config.method_args)
     method.sync_grads = GradSync(optimizer, world).now
     if config.compile and method.compilable:
-        model.forward = torch.compile(model.forward)
+        # forward = fc(forward_features): compiling the body serves methods that call either
+        model.forward_features = torch.compile(model.forward_features)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
     common = dict(device=device, channels_last=channels_last)
     train_loader = DeviceLoader(train_split, info, batch_size=config.batch_size, indices=train_idx, augment=augment,

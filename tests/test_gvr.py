@@ -147,10 +147,11 @@ def test_closed_form_equals_exact_on_fc(label_smoothing, head_bias):
 
 
 @pytest.mark.parametrize("target", ["fc", "last_stage", "all"])
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-3), (torch.float32, 1e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-3), (torch.float32, 3e-3)])
 def test_fd_close_to_exact(target, dtype, tol):
-    # fd_eps=1e-3 measured on this model: float64 1e-4..3e-4 relative error (truncation, ~linear in
-    # fd_eps), float32 ~1e-3 (rounding, which grows as fd_eps shrinks). Compared on the penalty's part.
+    # Relative error of the penalty's part of the update at fd_eps=1e-3, measured on this model:
+    # float64 7e-5..5e-4 (truncation, linear in fd_eps), float32 5e-4..7e-4 (rounding, which grows
+    # as fd_eps shrinks: ~1e-2 at 1e-4). Tolerances leave a 2-4x margin.
     model, batch = make_model(dtype), make_batch(dtype)
     parts, values = {}, {}
     for penalty in ("exact", "fd"):
