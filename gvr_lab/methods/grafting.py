@@ -49,6 +49,7 @@ Metrics: "loss", "acc", "grad_norm" (norm of the .grad handed to the optimizer: 
 
 from __future__ import annotations
 
+import abc
 import bisect
 import collections
 import json
@@ -76,12 +77,16 @@ class NormalizedMethod(MicroBatchMethod):
                           "weight_decay 0 (Novack et al.); with either, ||delta theta|| is not what it grafts",
                           stacklevel=3)
 
+    @abc.abstractmethod
     def step_length(self, lb_norm: torch.Tensor, micro_norms: torch.Tensor) -> dict:
         """{"scale": the norm the handed-over .grad gets, ...extra metrics}."""
-        raise NotImplementedError
 
     def step(self, batch: Batch) -> dict:
         lb = self.large_batch_gradient(batch)
+        # Normalize the global g_B: under data parallelism average it across ranks first.
+        set_grads(self.params, lb.grad)
+        self.sync_grads()
+        lb.grad = [p.grad for p in self.params]
         lb_norm = global_norm(lb.grad)
         extra = self.step_length(lb_norm, lb.micro_norms)
         direction = torch._foreach_mul(lb.grad, extra.pop("scale") / self.denominator(lb_norm))
