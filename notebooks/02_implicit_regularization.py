@@ -42,7 +42,7 @@ sb_lr: float = 0.1  # SB learning rate
 lb_lr: float = 0.1  # LB and penalty learning rate
 lam: dict = {"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001}  # lambdas
 hvp: str = "fd"  # exact (double backward, the original code) or fd (finite differences)
-micro_sizes: list = [16, 256]  # extra micro-batch sizes for the GN sweep (m = sb_batch is in the main table)
+micro_sizes: list = [16, 256]  # extra micro-batch sizes for the GN sweep; sb_batch itself is in the main table
 train_subset: int = 4096  # training examples drawn with the seed, 0 for all
 log_every: int = 4  # steps between logged gradient norms (ExterGraft reads the SB log)
 seeds: list = [0]  # one run per seed and variant
