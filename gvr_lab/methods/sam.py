@@ -22,9 +22,10 @@ One step, owned by the method (davda54's first_step / second_step without a clos
 
 1. Pass 1 at w, in train mode: the clean pass. Its loss and accuracy are the logged "loss" and
    "acc", and batch-norm running statistics advance here, once per step, as in the JAX reference.
-   Under DDP it runs inside `no_sync` (base.local_pass): each rank perturbs with its own gradient,
-   which is the paper's multi-accelerator setting (m = local batch). g comes from autograd.grad, so
-   `.grad` only ever accumulates the update gradient.
+   g comes from autograd.grad, so `.grad` only ever accumulates the update gradient, and under DDP
+   each rank perturbs with its own gradient (autograd.grad never triggers DDP's all-reduce; the pass
+   runs inside `no_sync`, base.local_pass, so the reducer does not wait for one): the paper's
+   multi-accelerator setting, m = local batch.
 2. eps from g as above; w += eps (foreach).
 3. Pass 2 at w + eps on the same batch, BN normalizing with batch statistics but its running
    statistics frozen (base.frozen_bn_stats, the davda54 #17 fix), and with the same dropout masks as
@@ -106,6 +107,9 @@ def scaled_to(direction: list[torch.Tensor], radius: float, norm: torch.Tensor) 
 @contextlib.contextmanager
 def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor]):
     """Weights at w + eps inside the block, restored to w by copy on exit."""
+    if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
+        yield
+        return
     saved = clone_all(params)
     with torch.no_grad():
         torch._foreach_add_(params, eps)

@@ -1,0 +1,116 @@
+"""ESAM: SAM with stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
+
+Du, Yan, Feng, Zhou, Zhen, Goh, Tan, "Efficient Sharpness-aware Minimization for Improved Training
+of Neural Networks", ICLR 2022. Mechanics follow the official code (dydjw9/Efficient_SAM,
+utils/Esam.py), spec sam_family.md section 3.
+
+SWP, per parameter tensor as in the official code: each tensor is kept with probability beta
+(K = the kept tensors, drawn first in the step from torch's global CPU RNG: keep_i = U_i < beta,
+U = torch.rand(number of tensors); nothing is drawn when beta = 1). Pass 1 computes the gradient of
+the kept tensors only (autograd.grad with those inputs, so the other tensors' weight gradients are
+never computed: the saving the official code gets by switching their requires_grad off), and
+
+    eps_K = (rho / beta) * g_K / (||g_K|| + xi),     eps = 0 on the other tensors.
+
+SDS: per-sample sharpness s_i = l_i(w + eps) - l_i(w) from a no-grad forward of the whole batch at
+w + eps; pass 2 (forward and backward at w + eps) runs on the n = ceil(gamma * B) samples with the
+largest s_i, and its gradient (mean over those samples) is the update gradient for every tensor.
+The ranking uses a stable sort, so ties go to the earlier sample; the selected rows keep their
+batch order. With n = B (gamma = 1) the selection and its forward are skipped.
+
+Deviations from the official code, all deliberate:
+- Count: exactly ceil(gamma * B) samples. The official code keeps the samples strictly above the
+  int(gamma * B)-th largest value (one fewer), and all of them when gamma >= 0.99.
+- xi = 1e-12 as in `sam` (official 1e-7), so that beta = gamma = 1 is SAM exactly.
+- BN running statistics advance only on pass 1 (the official code lets all three passes move
+  them); the no-grad forward and pass 2 normalize with batch statistics under frozen statistics.
+- Dropout: the no-grad forward at w + eps replays pass 1's RNG, so s_i compares the same masks.
+- The mask is drawn at the start of each step rather than after the previous update; same law.
+
+Under DDP, pass 1 runs without gradient sync (per-rank ascent, as the official code sets it up)
+and pass 2 is synchronized; every tensor gets a pass-2 gradient, so no parameter is unused.
+
+Metrics: "loss", "acc" (pass 1, whole batch), "grad_norm" (||g_K||: the norm of the part of g that
+pass 1 computes, the whole ||g|| when beta = 1), "sam_grad_norm" (the update gradient),
+"selected" (fraction of the batch in pass 2), "perturbed" (fraction of tensors kept by SWP),
+"sharpness" (mean over the batch of l_i(w + eps) - l_i(w)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from .base import Method, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, upcast
+from .sam import RngReplay, ascent_grads, check_rho, perturbed, scaled_to
+
+
+def selected_count(gamma: float, batch_size: int) -> int:
+    """ceil(gamma * B), where 0.3 * 10 = 3.0000000000000004 still gives 3."""
+    return max(1, math.ceil(round(gamma * batch_size, 9)))
+
+
+@register_method
+class ESAM(Method):
+    name = "esam"
+    hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5}
+    reference = ("Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
+                 "(official: one fewer), BN stats only on the clean pass, xi 1e-12")
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        check_rho(cls.name, hp["rho"])
+        for key in ("beta", "gamma"):
+            if not 0 < hp[key] <= 1:
+                raise UsageError(f"{key} for method {cls.name!r} must be in (0, 1], got {hp[key]}")
+
+    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
+        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
+
+    def kept_tensors(self) -> list[torch.Tensor]:
+        if self.beta == 1:
+            return self.params
+        keep = (torch.rand(len(self.params)) < self.beta).tolist()  # CPU: no device sync
+        return [p for p, k in zip(self.params, keep) if k]
+
+    def step(self, batch):
+        self.zero_grad()
+        x, y = batch.x, batch.y
+        kept = self.kept_tensors()
+        device = self.params[0].device
+        rng = RngReplay(device)
+        with local_pass(self.model):
+            logits = self.forward(x)
+            losses = self.sample_losses(logits, y)
+            loss = losses.mean()
+            g = ascent_grads(loss, kept) if kept else []
+        if kept:
+            grad_norm = global_norm(g)
+            with torch.no_grad():
+                eps = scaled_to(g, self.rho / self.beta, grad_norm)
+        else:
+            grad_norm = torch.zeros((), device=device)
+            eps = []
+        size = x.shape[0]
+        count = selected_count(self.gamma, size)
+        with perturbed(kept, eps), frozen_bn_stats(self.model):
+            if count < size:
+                rng.replay()
+                with torch.no_grad():
+                    sharp = self.sample_losses(self.forward(x), y) - losses.detach()
+                rows = sharp.argsort(descending=True, stable=True)[:count].sort().values
+                x, y = x[rows], y[rows]
+            rng.replay()
+            loss_s = self.loss(self.forward(x), y)
+            loss_s.backward()
+        sharpness = sharp.mean() if count < size else loss_s.detach() - loss.detach()
+        sam_grad_norm = global_norm(grads_of(self.params))
+        self.optimizer.step()
+        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, sam_grad_norm=sam_grad_norm,
+                            selected=torch.full((), count / size, device=device),
+                            perturbed=torch.full((), len(kept) / len(self.params), device=device),
+                            sharpness=sharpness)

@@ -1,0 +1,232 @@
+"""SAF and MESA: sharpness-aware training for free, by a trajectory loss on the outputs.
+
+Du, Zhou, Feng, Tan, Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022, arXiv 2205.14083;
+official code AngusDujw/SAF (`SAF_train.py`, `MESA_train.py`), read in specs/sam_family.md section 4.
+
+Idea: SAM's sharpness term is about rho ||grad L||, and one SGD step lowers the loss of a batch by
+about lr ||grad L||^2, so penalizing how fast the outputs move along the weight trajectory acts like
+penalizing sharpness, with no extra gradient computation. A plain loss difference would cancel the
+CE term, so the penalty is a temperature-softened KL divergence to outputs from the past:
+
+    L = CE(f_w(x), y) + lam * tau^2 * (1/|B|) sum_i KL( softmax(t_i / tau) || softmax(f_w(x_i) / tau) )
+
+(tau^2 is in the official code, not in the paper's eq. 8). The past outputs t_i are the target p and
+the current ones q, i.e. sum_c p_c (log p_c - log q_c), as the code's F.kl_div(log q, p).
+
+SAF: t_i are the logits sample i received `lag` epochs ago (E-tilde in the paper, `minus_epoch` in
+the code), under that epoch's augmentation, read from a memory indexed by the sample's dataset
+index (Batch.index). Each epoch e writes slot e mod (lag + 1) and reads slot (e - lag) mod (lag + 1).
+
+MESA: t_i = f_v(x_i) on the current batch, from an exponential moving average of the weights,
+v <- d v + (1 - d) w after every optimizer step (d = `ema_decay`), computed by one extra no-grad
+forward (about 15% more compute in the paper).
+
+The term applies at epochs e > start_epoch (the code's strict `kl_start_epoch < epoch`); SAF's also
+needs stored logits of epoch e - lag, so it starts at max(start_epoch, lag) + 1 (see below).
+
+Defaults: tau = 5, start_epoch = 5 (paper section 4.1 and code); lam = 0.3 for SAF and 0.8 for MESA
+(paper section 4.1; the code's defaults are 0.16 and 0.3); lag = 3 (paper and code; the ImageNet
+run.sh uses 2); ema_decay = 0.9998 (the code's timm ModelEmaV2 default; the paper says d in (0.9, 1)).
+
+SAF memory. Logits are kept on the training device in the dtype of the (upcast) logits: fp32, fp64
+in tests. Size (N + 1) (lag + 1) C 4 bytes plus an int32 stamp per slot, N = largest dataset index
++ 1 (indices refer to the full split, also under train_subset): CIFAR-100 with lag = 3 is 76.3 MiB
+(+0.8 MiB of stamps), with lag = 2 57.2 MiB, the paper's "57 MB"; CIFAR-10 with lag = 3 7.6 MiB.
+The dataset size is not known to a method and reading the largest index on the host inside a step
+would sync, so the largest index seen is tracked on the device and the memory grows to it in
+start_epoch (one sync per epoch). Epoch 0 therefore stores nothing, and a sample whose index
+exceeds every index seen in earlier epochs (possible when drop_last left it out) is written to a
+scratch row that is never read. Each slot carries the epoch that wrote it, and a row enters the KL
+only if its slot was written exactly `lag` epochs ago; other rows contribute 0 to the batch mean.
+
+Deviations from the official code, and why:
+* SAF's term starts at epoch max(start_epoch, lag) + 1: the code starts it at start_epoch + 1 and,
+  when start_epoch < lag, reads never-written zero slots (uniform targets) for the first epochs, and
+  reads epoch-0 logits, which are not stored here. Identical for the defaults (first at epoch 6,
+  reading epoch 3).
+* A row whose slot was not written `lag` epochs ago (left out by drop_last then, or first seen
+  later) contributes 0; the code reads the stale slot from lag + 1 epochs earlier, or zeros.
+* The code's memory is a CPU numpy array with a hard-coded 15,000,000 rows; here it is on the
+  device, grown to the indices seen.
+* log_softmax instead of the code's softmax(...).log() (same value, stable for large tau-scaled gaps).
+* No end epoch: the code's kl_end_epoch (300 for SAF, 360 for MESA) lies beyond every schedule the
+  paper ran.
+* MESA: the code computes the teacher forward at every step; here only when the term applies. The
+  teacher is kept in eval mode, as timm's ModelEmaV2 is in the code: it normalizes with its EMA'd
+  running BN statistics while the student uses batch statistics, so with BN layers the KL is not 0
+  even when the weights agree (spec 4.3). Floating-point parameters and buffers are averaged, as
+  ModelEmaV2 does; integer buffers (num_batches_tracked) are copied rather than averaged and
+  truncated.
+
+Metrics: "loss" and "acc" (CE on batch.x), "penalty" (the tau^2 KL term before lam; 0 while
+inactive), "grad_norm" (norm of the update gradient of CE + lam * penalty); SAF also "past_frac",
+the fraction of the batch with a stored past (only while the term applies).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from .base import Method, global_norm, grads_of, register_method, upcast
+
+
+def softened_kl(logits: torch.Tensor, target_logits: torch.Tensor, tau: float,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """tau^2 (1/B) sum_i w_i KL(softmax(target_i / tau) || softmax(logits_i / tau)); w_i = 1 by default."""
+    log_q = F.log_softmax(upcast(logits) / tau, dim=1)
+    log_p = F.log_softmax(upcast(target_logits) / tau, dim=1)
+    per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
+    if weight is not None:
+        per_row = per_row * weight
+    return tau**2 * per_row.mean()
+
+
+def check_common(name: str, hp: dict) -> None:
+    if hp["lam"] < 0:
+        raise UsageError(f"lam for method {name!r} must be >= 0, got {hp['lam']}")
+    if hp["tau"] <= 0:
+        raise UsageError(f"tau for method {name!r} must be > 0, got {hp['tau']}")
+
+
+def term_start(method: Method) -> int:
+    """The `start_epoch` hyper-parameter, taken off the instance: Method.__init__ sets every
+    hyper-parameter as an attribute, and this one would shadow the start_epoch() method."""
+    return method.__dict__.pop("start_epoch")
+
+
+@register_method
+class SAF(Method):
+    name = "saf"
+    hparams = {"lam": 0.3, "tau": 5.0, "start_epoch": 5, "lag": 3}
+    reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
+                 "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)")
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        check_common(cls.name, hp)
+        if hp["lag"] < 1:
+            raise UsageError(f"lag for method {cls.name!r} must be >= 1, got {hp['lag']}")
+
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.kl_start = term_start(self)
+        self.epoch = 0
+        self.max_index: torch.Tensor | None = None  # largest Batch.index seen, on the device
+        self.rows = 0  # rows the memory should have: max_index + 1 as of the last start_epoch
+        # (rows + 1, lag + 1, C) logits and (rows + 1, lag + 1) writing epochs (-1: never); the
+        # last row is scratch for indices beyond the rows allocated so far.
+        self.memory: torch.Tensor | None = None
+        self.stamp: torch.Tensor | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.max_index is not None:
+            self.rows = int(self.max_index) + 1  # the once-per-epoch sync
+
+    def grow(self, logits: torch.Tensor) -> None:
+        """Memory for self.rows rows (plus scratch), keeping what the old one held."""
+        kept = 0 if self.memory is None else self.memory.shape[0] - 1
+        memory = logits.new_zeros(self.rows + 1, self.lag + 1, logits.shape[1], dtype=upcast(logits).dtype)
+        stamp = torch.full((self.rows + 1, self.lag + 1), -1, dtype=torch.int32, device=logits.device)
+        if kept:
+            memory[:kept], stamp[:kept] = self.memory[:kept], self.stamp[:kept]
+        self.memory, self.stamp = memory, stamp
+
+    def step(self, batch):
+        if batch.index is None:
+            raise UsageError(f"method {self.name!r} needs Batch.index (the dataset indices of the rows)")
+        self.zero_grad()
+        logits = self.forward(batch.x)
+        loss = self.loss(logits, batch.y)
+        batch_max = batch.index.max()
+        self.max_index = batch_max if self.max_index is None else torch.maximum(self.max_index, batch_max)
+        if self.rows > (0 if self.memory is None else self.memory.shape[0] - 1):
+            self.grow(logits)
+        total, extra = loss, {"penalty": 0.0}
+        if self.memory is not None:
+            scratch = self.memory.shape[0] - 1
+            rows = batch.index.clamp(max=scratch)
+            if self.epoch > max(self.kl_start, self.lag):
+                read = (self.epoch - self.lag) % (self.lag + 1)
+                valid = (self.stamp[rows, read] == self.epoch - self.lag).to(self.memory.dtype)
+                penalty = softened_kl(logits, self.memory[rows, read], self.tau, valid)
+                total = loss + self.lam * penalty
+                extra = {"penalty": penalty, "past_frac": valid.mean()}
+            write = self.epoch % (self.lag + 1)
+            self.memory[rows, write] = upcast(logits.detach())
+            self.stamp[rows, write] = self.epoch
+            self.stamp[scratch] = -1  # the scratch row never holds a past
+        total.backward()
+        grad_norm = global_norm(grads_of(self.params))
+        self.optimizer.step()
+        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, **extra)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "max_index": self.max_index, "rows": self.rows, "memory": self.memory,
+                "stamp": self.stamp}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("epoch", "max_index", "rows", "memory", "stamp"):
+            setattr(self, key, state[key])
+
+
+@register_method
+class MESA(Method):
+    name = "mesa"
+    hparams = {"lam": 0.8, "tau": 5.0, "start_epoch": 5, "ema_decay": 0.9998}
+    reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
+                 "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies")
+
+    @classmethod
+    def validate(cls, hp: dict) -> None:
+        check_common(cls.name, hp)
+        if not 0 <= hp["ema_decay"] <= 1:
+            raise UsageError(f"ema_decay for method {cls.name!r} must be in [0, 1], got {hp['ema_decay']}")
+
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.kl_start = term_start(self)
+        self.epoch = 0
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def step(self, batch):
+        self.zero_grad()
+        logits = self.forward(batch.x)
+        loss = self.loss(logits, batch.y)
+        total, penalty = loss, 0.0
+        if self.epoch > self.kl_start:
+            with torch.no_grad(), self.autocast():
+                target = self.teacher(batch.x)
+            penalty = softened_kl(logits, target, self.tau)
+            total = loss + self.lam * penalty
+        total.backward()
+        grad_norm = global_norm(grads_of(self.params))
+        self.optimizer.step()
+        self.update_teacher()
+        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, penalty=penalty)
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """v <- d v + (1 - d) w over parameters and floating-point buffers; other buffers copied."""
+        pairs = list(zip([*self.teacher.parameters(), *self.teacher.buffers()],
+                         [*self.model.parameters(), *self.model.buffers()]))
+        floats = [(v, w) for v, w in pairs if v.is_floating_point()]
+        others = [(v, w) for v, w in pairs if not v.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([v for v, _ in floats], [w for _, w in floats], 1.0 - self.ema_decay)
+        if others:
+            torch._foreach_copy_([v for v, _ in others], [w for _, w in others])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.teacher.load_state_dict(state["teacher"])
