@@ -8,7 +8,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gvr_lab-installed
 DATA_STAMP := $(VENV)/.gvr_lab-data
 
-BENCH_METHODS ?= sgd
+BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 reg_loss:micro_batch_size=32,hvp=fd \
+  gvr:penalty=closed_form,target=fc gvr sam looksam esam saf mesa vsam
 
 .PHONY: setup demo test lab bench clean
 
