@@ -85,6 +85,7 @@ on logged steps (one extra backward per micro-batch).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 
@@ -252,8 +253,9 @@ class PenaltyMethod(MicroBatchMethod):
         """The randomness of s_i (sampled labels, a direction), drawn once per micro-batch."""
         return None
 
+    @abc.abstractmethod
     def source(self, logits: torch.Tensor, y: torch.Tensor, draw) -> torch.Tensor:
-        raise NotImplementedError
+        """The scalar s_i whose parameter gradient's squared norm is the penalty R_i."""
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
         return self._exact(x, y) if self.hvp == "exact" else self._fd(x, y)
