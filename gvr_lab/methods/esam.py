@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .base import Method, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, upcast
-from .sam import RngReplay, ascent_grads, check_rho, perturbed, scaled_to
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, upcast
+from .sam import RngReplay, ascent_grads, check_rho, perturbed, sam_scale
 
 
 def selected_count(gamma: float, batch_size: int) -> int:
@@ -71,33 +71,36 @@ class ESAM(Method):
         """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
         return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
 
-    def kept_tensors(self) -> list[torch.Tensor]:
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.saved = clone_all(self.params)
+
+    def kept_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters SWP perturbs this step, and their buffers in self.saved."""
         if self.beta == 1:
-            return self.params
+            return self.params, self.saved
         keep = (torch.rand(len(self.params)) < self.beta).tolist()  # CPU: no device sync
-        return [p for p, k in zip(self.params, keep) if k]
+        pairs = [(p, s) for p, s, k in zip(self.params, self.saved, keep) if k]
+        return [p for p, _ in pairs], [s for _, s in pairs]
 
     def step(self, batch):
         self.zero_grad()
         x, y = batch.x, batch.y
-        kept = self.kept_tensors()
+        kept, saved = self.kept_tensors()
         device = self.params[0].device
         rng = RngReplay(device)
         with local_pass(self.model):
             logits = self.forward(x)
             losses = self.sample_losses(logits, y)
             loss = losses.mean()
-            g = ascent_grads(loss, kept) if kept else []
+            eps = ascent_grads(loss, kept) if kept else []
+        grad_norm = torch.zeros((), device=device)
         if kept:
-            grad_norm = global_norm(g)
-            with torch.no_grad():
-                eps = scaled_to(g, self.rho / self.beta, grad_norm)
-        else:
-            grad_norm = torch.zeros((), device=device)
-            eps = []
+            grad_norm = global_norm(eps)
+            torch._foreach_mul_(eps, sam_scale(self.rho / self.beta, grad_norm))  # g_K -> eps in place
         size = x.shape[0]
         count = selected_count(self.gamma, size)
-        with perturbed(kept, eps), frozen_bn_stats(self.model):
+        with perturbed(kept, eps, saved), frozen_bn_stats(self.model):
             if count < size:
                 rng.replay()
                 with torch.no_grad():

@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from .base import Method, frozen_bn_stats, global_norm, grads_of, register_method, set_grads
-from .sam import RngReplay, check_rho, perturbed, scaled_to
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, set_grads
+from .sam import RngReplay, check_rho, perturbed, sam_scale
 
 PARALLEL_TOL = 1e-5  # ||g_v|| / ||g_S|| at or below this counts as g_S parallel to g
 
@@ -65,6 +65,7 @@ class LookSAM(Method):
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
+        self.saved = clone_all(self.params)
         self.t = 0
         self.direction: list[torch.Tensor] | None = None  # u = g_v / ||g_v||, or zeros
 
@@ -87,7 +88,8 @@ class LookSAM(Method):
         if refresh:
             self.zero_grad()
             rng.replay()
-            with perturbed(self.params, scaled_to(g, self.rho, g_norm)), frozen_bn_stats(self.model):
+            eps = torch._foreach_mul(g, sam_scale(self.rho, g_norm))
+            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
                 loss_s = self.loss(self.forward(batch.x), batch.y)
                 loss_s.backward()
             self.direction = self.orthogonal_direction(g, grads_of(self.params))

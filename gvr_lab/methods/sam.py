@@ -31,7 +31,9 @@ One step, owned by the method (davda54's first_step / second_step without a clos
    statistics frozen (base.frozen_bn_stats, the davda54 #17 fix), and with the same dropout masks as
    pass 1: the global RNG is snapshotted before pass 1 and replayed before pass 2 (the JAX reference
    reuses the PRNG key). Its backward is the synchronized one under DDP.
-4. w restored by copy (no drift from subtracting eps), then optimizer.step() with g_S.
+4. w restored by copy (no drift from subtracting eps) from a buffer the method keeps between steps
+   (one parameter-sized copy, as davda54's "old_p"; reusing it spares an allocation per step), then
+   optimizer.step() with g_S.
 
 m-sharpness (`m`, paper section 4.1): the local batch is split into B/m groups of m consecutive
 examples; group j gets its own g_j, eps_j and g_S,j, and the update gradient is mean_j g_S,j (each
@@ -99,19 +101,23 @@ def ascent_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.T
     return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
 
-def scaled_to(direction: list[torch.Tensor], radius: float, norm: torch.Tensor) -> list[torch.Tensor]:
-    """direction * radius / (norm + XI): SAM's eps when norm = ||direction||."""
-    return torch._foreach_mul(direction, radius / (norm + XI))
+def sam_scale(radius: float, norm: torch.Tensor) -> torch.Tensor:
+    """radius / (norm + XI): the factor that turns a direction of norm `norm` into SAM's eps."""
+    return radius / (norm + XI)
 
 
 @contextlib.contextmanager
-def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor]):
-    """Weights at w + eps inside the block, restored to w by copy on exit."""
+def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor], saved: list[torch.Tensor]):
+    """Weights at w + eps inside the block, restored to w by copy on exit.
+
+    `saved` are buffers shaped like `params` that receive the copy of w: the methods keep them
+    across steps, since allocating parameter-sized tensors every step costs as much as copying.
+    """
     if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
         yield
         return
-    saved = clone_all(params)
     with torch.no_grad():
+        torch._foreach_copy_(saved, params)
         torch._foreach_add_(params, eps)
     try:
         yield
@@ -152,6 +158,7 @@ class SAM(Method):
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
+        self.saved = clone_all(self.params)
         if self.m is not None:
             self.m = int(self.m)
         if self.adaptive:
@@ -168,17 +175,21 @@ class SAM(Method):
 
     @torch.no_grad()
     def perturbation(self, g: list[torch.Tensor], g_norm: torch.Tensor) -> list[torch.Tensor]:
-        """eps for the ascent gradient g (whose norm is g_norm)."""
+        """eps for the ascent gradient g (whose norm is g_norm); g may be overwritten."""
         if self.wd_in_perturbation:
             g = torch._foreach_add(g, torch._foreach_mul(self.params, self.weight_decays()))
             g_norm = global_norm(g)
         if not self.adaptive:
-            return scaled_to(g, self.rho, g_norm)
+            torch._foreach_mul_(g, sam_scale(self.rho, g_norm))
+            return g
         t = torch._foreach_abs(self.params)
         torch._foreach_mul_(t, self.t_scale)
         torch._foreach_add_(t, self.t_offset)
-        td = torch._foreach_mul(g, t)
-        return scaled_to(torch._foreach_mul(td, t), self.rho, global_norm(td))
+        torch._foreach_mul_(g, t)  # T_w d
+        td_norm = global_norm(g)
+        torch._foreach_mul_(g, t)  # T_w^2 d
+        torch._foreach_mul_(g, sam_scale(self.rho, td_norm))
+        return g
 
     # ------------------------------------------------------------------ the step
 
@@ -202,6 +213,11 @@ class SAM(Method):
                 loss = self.loss(logits[-1], y)
                 g = ascent_grads(loss, self.params)
             g_norm = global_norm(g)
+            if groups > 1:
+                if j == 0:
+                    g_sum = clone_all(g)
+                else:
+                    torch._foreach_add_(g_sum, g)
             eps = self.perturbation(g, g_norm)
             if self.wd_in_perturbation:
                 wd_eps = torch._foreach_mul(eps, [wd / groups for wd in self.weight_decays()])
@@ -211,13 +227,12 @@ class SAM(Method):
                     torch._foreach_add_(grads_of(self.params), wd_eps)
             rng.replay()
             last = j == groups - 1
-            with perturbed(self.params, eps), frozen_bn_stats(self.model), \
+            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model), \
                     (contextlib.nullcontext() if last else local_pass(self.model)):
                 loss_s = self.loss(self.forward(x), y)
                 (loss_s / groups).backward()
             losses.append(loss.detach())
             sharpness.append(loss_s.detach() - loss.detach())
-            g_sum = g if g_sum is None else torch._foreach_add(g_sum, g)
         grad_norm = g_norm if groups == 1 else global_norm(g_sum) / groups
         sam_grad_norm = global_norm(grads_of(self.params))
         self.optimizer.step()
