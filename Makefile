@@ -11,7 +11,7 @@ DATA_STAMP := $(VENV)/.gvr_lab-data
 BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 reg_loss:micro_batch_size=32,hvp=fd \
   gvr:penalty=closed_form,target=fc gvr sam looksam esam saf mesa vsam
 
-.PHONY: setup demo test lab bench clean
+.PHONY: setup demo test lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -35,8 +35,18 @@ $(DATA_STAMP): $(STAMP)
 	$(PY) -c "from gvr_lab.data import load_dataset; tr, te = load_dataset('fashion_mnist'); print(f'Fashion-MNIST: {len(tr.labels)} train, {len(te.labels)} test images')"
 	touch $(DATA_STAMP)
 
+# The quickstart notebook at the cpu preset: SGD, GVR and SAM on real Fashion-MNIST, about 2 minutes
+# on 2 cores; it writes figures/quickstart/. Rerunning reuses the finished runs.
 demo: setup
-	$(VENV)/bin/gvr-lab train --config configs/demo.yaml
+	$(VENV)/bin/gvr-lab run notebooks/00_quickstart.py --preset cpu
+	@cat figures/quickstart/summary.md
+	@echo "figures: figures/quickstart/accuracy.png (and .pdf); every notebook: make figures"
+
+# Every notebook at PRESET (cpu: real Fashion-MNIST on this machine; gpu: one H100), then every
+# figure and table under figures/ with figures/README.md listing them.
+PRESET ?= cpu
+figures: setup
+	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
 
 test: setup
 	$(PY) -m pytest -q

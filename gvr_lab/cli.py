@@ -157,9 +157,9 @@ def cmd_run(args) -> int:
 
 def cmd_figures(args) -> int:
     from .plots import write_figures_index
-    from .runner import NotebookFailed, notebook_paths, run_notebook
+    from .runner import NotebookFailed, execution_record, notebook_paths, run_notebook
 
-    failed = 0
+    failed, records = 0, {}
     for path in notebook_paths():
         params = {"fig_root": args.out} if args.out else {}
         if args.runs_root:
@@ -168,11 +168,13 @@ def cmd_figures(args) -> int:
             # forced: a finished training run is not retrained, so this only redraws its figures
             run_dir = run_notebook(path, params, preset=args.preset, force=True,
                                    runs_root=f"{args.runs_root or 'runs'}/notebooks")
-            print(f"{path.name}: {run_dir}")
+            records[path.stem] = record = execution_record(run_dir)
+            print(f"{path.name}: {run_dir} ({record['wall_time_s']:.0f} s; {record['training_runs']} training runs, "
+                  f"{record['training_time_s']:.0f} s)")
         except NotebookFailed as e:
             print(f"gvr-lab: {e}", file=sys.stderr)
             failed += 1
-    index = write_figures_index(args.out or "figures", args.preset)
+    index = write_figures_index(args.out or "figures", args.preset, records)
     print(f"wrote {index}")
     return 1 if failed else 0
 

@@ -51,14 +51,24 @@ def init_world(device_type: str) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def average_(tensors: list[torch.Tensor], world: World) -> None:
-    """In-place mean across ranks, through one flat buffer (one collective per call)."""
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_(tensors: list[torch.Tensor], world: World, op: str = "sum") -> None:
+    """In-place sum, mean or max across ranks, through one flat buffer (one collective per call;
+    the tensors share a dtype)."""
     if not world.active or not tensors:
         return
     flat = torch._utils._flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    flat /= world.size
+    dist.all_reduce(flat, op=REDUCE_OPS[op])
+    if op == "mean":
+        flat /= world.size
     torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat, tensors))
+
+
+def average_(tensors: list[torch.Tensor], world: World) -> None:
+    """In-place mean across ranks."""
+    all_reduce_(tensors, world, "mean")
 
 
 class GradSync:

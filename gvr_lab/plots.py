@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 
@@ -57,10 +58,16 @@ def savefig(fig, stem) -> list[Path]:
 
 
 def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: bool = False, title: str = ""):
-    """Mean +- std over seeds of y against x, one line per hue value."""
+    """Mean +- std over seeds of y against x, one line per hue value. Epochs are counted from 1
+    (the metrics of epoch row 0 are those after one epoch of training)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.4))
+    if x == "epoch":
+        df = df.assign(epoch=df["epoch"] + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     sns.lineplot(data=df, x=x, y=y, hue=hue, errorbar="sd", ax=ax, marker="o" if df[x].nunique() < 30 else None)
+    if ax.get_legend() is not None and hue == "label":
+        ax.get_legend().set_title(None)  # the labels name themselves
     ax.set_xlabel(label(x))
     ax.set_ylabel(label(y))
     if logy:
@@ -100,10 +107,12 @@ def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
     return paths
 
 
-def write_figures_index(root, preset: str | None) -> Path:
-    """figures/README.md: every figure and table under root, with the command that made it."""
+def write_figures_index(root, preset: str | None, records: dict[str, dict] | None = None) -> Path:
+    """figures/README.md: every figure and table under root, with the command that made it and,
+    from `records` (runner.execution_record per notebook stem), what it took to make."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    records = records or {}
     lines = ["# Figures and tables", "",
              f"Regenerate all: `gvr-lab figures --preset {preset}` (or one notebook: "
              f"`gvr-lab run notebooks/<notebook>.py --preset {preset}`).", ""]
@@ -112,7 +121,13 @@ def write_figures_index(root, preset: str | None) -> Path:
         if not files:
             continue
         notebook = next(iter(sorted(Path("notebooks").glob(f"[0-9][0-9]_{folder.name}.py"))), f"*_{folder.name}.py")
-        lines += [f"## {folder.name}", "", f"From `{notebook}`, preset `{preset}`.", ""]
+        lines += [f"## {folder.name}", "", f"From `{notebook}`, preset `{preset}`."]
+        record = records.get(Path(notebook).stem)
+        if record:
+            lines.append(f"Training: {record['training_runs']} runs, {record['training_time_s']:.0f} s of wall time "
+                         f"on {', '.join(record['devices'])}; the execution that drew these took "
+                         f"{record['wall_time_s']:.0f} s.")
+        lines.append("")
         lines += [f"- [{f.name}]({folder.name}/{f.name})" for f in files]
         lines.append("")
     path = root / "README.md"

@@ -8,7 +8,7 @@ notebook kept, and completed runs skipped unless forced.
 
 Parameters are merged in this order: the notebook's defaults < preset < `-f params.yaml` < `-p`.
 Each run goes to runs/notebooks/<notebook>-<preset>-<hash>/ with executed.ipynb, params.json and,
-once it finished, DONE.
+once it finished, DONE (JSON: the execution's wall time).
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import yaml
 
 from .errors import UsageError, check_choice
+from .results import read_json, write_json
 
 PRESETS = ("smoke", "cpu", "gpu", "paper")
 REPO = Path(__file__).resolve().parent.parent
@@ -121,19 +123,33 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "DONE").unlink(missing_ok=True)
-    (run_dir / "params.json").write_text(json.dumps({"notebook": str(path), "preset": preset, **merged},
-                                                    indent=2, default=str) + "\n")
+    write_json(run_dir / "params.json", {"notebook": str(path), "preset": preset, **merged})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = run_dir / "executed.ipynb"
+    started = time.perf_counter()
     try:
         pm.execute_notebook(nb, str(out), parameters=merged, kernel_name=kernel, cwd=str(REPO),
                             execution_timeout=timeout, log_output=log_output, progress_bar=False)
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
         raise NotebookFailed(f"{path}: cell {e.exec_count} failed: {line} (partial notebook kept: {out})") from None
-    (run_dir / "DONE").write_text("")
+    write_json(run_dir / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1)})
     return run_dir
+
+
+def execution_record(run_dir: Path) -> dict:
+    """What a finished notebook run did: its parameters, the execution's wall time, and the
+    training runs under its runs_root (count and summed wall time, which stays true when a later
+    execution only redraws because every run had finished)."""
+    params = read_json(run_dir / "params.json")
+    record = {"params": params, "wall_time_s": read_json(run_dir / "DONE")["wall_time_s"]}
+    summaries = [read_json(p) for p in Path(REPO, params.get("runs_root", "")).glob("*/summary.json")] \
+        if params.get("runs_root") else []
+    record["training_runs"] = len(summaries)
+    record["training_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1)
+    record["devices"] = sorted({s.get("device", "?") for s in summaries})
+    return record
 
 
 def notebook_paths() -> list[Path]:

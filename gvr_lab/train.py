@@ -1,7 +1,7 @@
 """Config -> run directory: the one training loop, evaluation, logging, checkpoints and resume.
 
 The loop knows nothing about methods beyond the Method contract: it sets the learning rate, calls
-`method.start_epoch` and `method.step`, and averages the 0-dim tensors `step` returns on the device,
+`method.start_epoch`, `method.step` and `method.end_epoch`, and averages the 0-dim tensors `step` returns on the device,
 syncing with the host once per epoch (and every `log_every` steps only when a progress bar shows).
 
 Resume follows big_vision: rerunning the same Config into the same run directory continues from
@@ -202,6 +202,7 @@ def build(config: Config, device: torch.device, amp_dtype, world: World):
     method = create_method(config.method, model, optimizer, label_smoothing=config.label_smoothing,
                            amp_dtype=amp_dtype, **config.method_args)
     method.sync_grads = GradSync(optimizer, world).now
+    method.world = world
     if config.compile and method.compilable:
         # forward = fc(forward_features): compiling the body serves methods that call either
         model.forward_features = torch.compile(model.forward_features)
@@ -335,6 +336,7 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
                     bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
             if bar is not None:
                 bar.update()
+        method.end_epoch(epoch)
         means = reduce_means({k: (v / counts[k]).item() for k, v in sums.items()}, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

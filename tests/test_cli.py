@@ -1,9 +1,10 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from gvr_lab.cli import main
+from gvr_lab.cli import build_parser, config_from_args, main
 
 TINY = ["train", "--dataset", "synthetic", "--model", "tiny_cnn", "--epochs", "1", "--batch-size", "64",
         "--train-subset", "256", "--device", "cpu", "--no-progress"]
@@ -64,3 +65,9 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, env={"GVR_LAB_OFFLINE": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr
     assert (out_dir / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
+    assert config.out_dir == f"runs/{path.stem}"  # each example writes a run directory named after it

@@ -31,6 +31,7 @@ def test_figures_smoke_regenerates_every_figure_and_table(tmp_path, capsys):
             assert path.is_file() and path.stat().st_size > 0, path
     index = (figs / "README.md").read_text()
     assert "gvr-lab figures --preset smoke" in index and "quantization/accuracy_vs_bits.png" in index
+    assert "Training: 3 runs" in index  # the quickstart's sgd, gvr and sam, with their measured time
     assert "| sgd" in (figs / "quickstart" / "summary.md").read_text()
 
 

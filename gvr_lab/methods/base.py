@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch
+from ..distributed import World, average_
 from ..errors import UsageError, check_choice
 
 
@@ -40,6 +41,9 @@ class Method(abc.ABC):
     # cost extra passes (e.g. per-micro-batch data-gradient norms of penalty methods) are computed
     # only then; the loop averages each metric over the steps that returned it.
     diagnose: bool = True
+    # The data-parallel group, set by the loop under torchrun: one process by default. Methods
+    # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
+    world: World = World()
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, **hparams):
@@ -107,8 +111,18 @@ class Method(abc.ABC):
         gradient before the step (normalized GD, grafting). Otherwise gradients are averaged in a
         pre-hook of optimizer.step(). A no-op in one process; the loop installs the real one."""
 
+    def all_mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace tensors by their mean across data-parallel ranks, in place; a no-op in one
+        process. For methods whose globally synced variant averages something before the step
+        (the ascent gradient of SAM-type methods with sync_ascent=True)."""
+        average_(tensors, self.world)
+
     def start_epoch(self, epoch: int) -> None:
         """Called by the loop before each epoch."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called by the loop on every rank after the epoch's last step, before evaluation and the
+        checkpoint: the place to merge per-rank state (SAF's memory) so the checkpoint holds it all."""
 
     @abc.abstractmethod
     def step(self, batch: Batch) -> dict:

@@ -27,8 +27,11 @@ Deviations from the official code, all deliberate:
 - Dropout: the no-grad forward at w + eps replays pass 1's RNG, so s_i compares the same masks.
 - The mask is drawn at the start of each step rather than after the previous update; same law.
 
-Under DDP, pass 1 runs without gradient sync (per-rank ascent, as the official code sets it up)
-and pass 2 is synchronized; every tensor gets a pass-2 gradient, so no parameter is unused.
+Data parallelism: pass 1's ascent is per rank (as the official code sets it up under DDP) and
+only the update gradient of pass 2 is averaged; every tensor gets a pass-2 gradient. With
+`sync_ascent=True`, g_K is averaged across ranks before eps (one extra all-reduce), so every rank
+perturbs alike; the SWP mask is the same on every rank (the CPU RNG is seeded alike), and SDS
+still ranks each rank's own samples (ceil(gamma * local batch) per rank).
 
 Metrics: "loss", "acc" (pass 1, whole batch), "grad_norm" (||g_K||: the norm of the part of g that
 pass 1 computes, the whole ||g|| when beta = 1), "sam_grad_norm" (the update gradient),
@@ -56,7 +59,7 @@ def selected_count(gamma: float, batch_size: int) -> int:
 @register_method
 class ESAM(Method):
     name = "esam"
-    hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5}
+    hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "sync_ascent": False}
     reference = ("Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
                  "(official: one fewer), BN stats only on the clean pass, xi 1e-12")
 
@@ -67,13 +70,13 @@ class ESAM(Method):
             if not 0 < hp[key] <= 1:
                 raise UsageError(f"{key} for method {cls.name!r} must be in (0, 1], got {hp[key]}")
 
-    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
-        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
-
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
         self.saved = clone_all(self.params)
+
+    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
+        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
 
     def kept_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The parameters SWP perturbs this step, and their buffers in self.saved."""
@@ -94,6 +97,8 @@ class ESAM(Method):
             losses = self.sample_losses(logits, y)
             loss = losses.mean()
             eps = ascent_grads(loss, kept) if kept else []
+        if self.sync_ascent:
+            self.all_mean_(eps)
         grad_norm = torch.zeros((), device=device)
         if kept:
             grad_norm = global_norm(eps)

@@ -23,9 +23,13 @@ official code is public):
   inject a random direction. A g_v with ||g_v|| <= 1e-5 ||g_S|| (rounding in fp32 is ~1e-7, real
   training gives orders of magnitude more) is stored as u = 0, so the reuse steps are plain SGD.
   The test happens on the device (torch.where), without a host sync.
-- Under DDP the refresh step's first pass is synchronized (g is the global gradient), unlike
-  `sam`'s per-rank ascent: u must be the same on every rank, or the reuse steps would move the
-  replicas apart.
+- Data parallelism: by default everything before optimizer.step() is rank-local, as in `sam`:
+  each rank perturbs with its own g and keeps its own u, and the ranks' update gradients are
+  averaged (the replicas stay identical; the method is LookSAM with m = the local batch).
+  `sync_ascent=True` is the global variant: g is averaged before eps, g_S before the
+  decomposition and, on reuse steps, g before it is combined with u, so every rank holds the same
+  u and the step is what one process computes with the whole batch (one extra all-reduce on
+  refresh steps; the others replace the step's own).
 
 Everything else as in `sam` (rho = 0.05 default, eps = rho g / (||g|| + 1e-12), BN running
 statistics advance only on the clean pass, the same dropout masks in both passes, weights restored
@@ -51,7 +55,7 @@ def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 @register_method
 class LookSAM(Method):
     name = "looksam"
-    hparams = {"rho": 0.05, "k": 5, "alpha": 0.7}
+    hparams = {"rho": 0.05, "k": 5, "alpha": 0.7, "sync_ascent": False}
     reference = ("Liu et al. CVPR 2022 (no official code): global decomposition as MarlonBecker/MSAM, SAM at "
                  "t % k == 0 from t = 0, g_S parallel to g -> plain SGD")
 
@@ -84,6 +88,10 @@ class LookSAM(Method):
         loss = self.loss(logits, batch.y)
         loss.backward()
         g = grads_of(self.params)
+        if self.sync_ascent and refresh:
+            self.all_mean_(g)  # pass 2's gradient is the update: its own sync comes below
+        elif self.sync_ascent:
+            self.sync_grads()  # g is the update gradient's base: synced once, here
         g_norm = global_norm(g)
         if refresh:
             self.zero_grad()
@@ -92,6 +100,8 @@ class LookSAM(Method):
             with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
                 loss_s = self.loss(self.forward(batch.x), batch.y)
                 loss_s.backward()
+            if self.sync_ascent:
+                self.sync_grads()
             self.direction = self.orthogonal_direction(g, grads_of(self.params))
         elif self.direction is not None:
             torch._foreach_add_(g, torch._foreach_mul(self.direction, self.alpha * g_norm))

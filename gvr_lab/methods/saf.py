@@ -48,6 +48,9 @@ Deviations from the official code, and why:
   later) contributes 0; the code reads the stale slot from lag + 1 epochs earlier, or zeros.
 * The code's memory is a CPU numpy array with a hard-coded 15,000,000 rows; here it is on the
   device, grown to the indices seen.
+* Data parallelism (the code's DDP path shares nothing): every rank keeps the whole memory, and
+  the rows each rank wrote are merged across ranks at the end of every epoch (end_epoch), so a
+  sample finds its past whichever rank it lands on and the checkpoint holds every rank's rows.
 * log_softmax instead of the code's softmax(...).log() (same value, stable for large tau-scaled gaps).
 * No end epoch: the code's kl_end_epoch (300 for SAF, 360 for MESA) lies beyond every schedule the
   paper ran.
@@ -70,6 +73,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_reduce_
 from ..errors import UsageError
 from .base import Method, global_norm, grads_of, register_method, upcast
 
@@ -126,6 +130,32 @@ class SAF(Method):
         self.epoch = epoch
         if self.max_index is not None:
             self.rows = int(self.max_index) + 1  # the once-per-epoch sync
+
+    def end_epoch(self, epoch: int) -> None:
+        """Under data parallelism, give every rank the rows the others wrote this epoch.
+
+        Each rank sees its own slice of every batch, and a sample lands on another rank `lag`
+        epochs later, so per-rank memories would hold a past for about 1/world_size of a batch.
+        Every sample is in at most one rank's slice per epoch, so a sum of the rows each rank
+        wrote, masked to those rows, is the merged slot; rows nobody wrote were merged when they
+        were written and agree already. The largest index is agreed on too, so the memories grow
+        to the same shape. One collective per epoch for the indices, two for the slot.
+        """
+        if not self.world.active:
+            return
+        if self.max_index is not None:
+            all_reduce_([self.max_index], self.world, "max")
+        if self.memory is None:
+            return
+        slot = epoch % (self.lag + 1)
+        written = self.stamp[:, slot] == epoch
+        logits = self.memory[:, slot] * written.unsqueeze(1).to(self.memory.dtype)
+        writers = written.to(torch.int32)
+        all_reduce_([logits], self.world, "sum")
+        all_reduce_([writers], self.world, "sum")
+        merged = writers > 0
+        self.memory[merged, slot] = logits[merged]
+        self.stamp[merged, slot] = epoch
 
     def grow(self, logits: torch.Tensor) -> None:
         """Memory for self.rows rows (plus scratch), keeping what the old one held."""

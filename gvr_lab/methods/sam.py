@@ -22,15 +22,18 @@ One step, owned by the method (davda54's first_step / second_step without a clos
 
 1. Pass 1 at w, in train mode: the clean pass. Its loss and accuracy are the logged "loss" and
    "acc", and batch-norm running statistics advance here, once per step, as in the JAX reference.
-   g comes from autograd.grad, so `.grad` only ever accumulates the update gradient, and under DDP
-   each rank perturbs with its own gradient (autograd.grad never triggers DDP's all-reduce; the pass
-   runs inside `no_sync`, base.local_pass, so the reducer does not wait for one): the paper's
-   multi-accelerator setting, m = local batch.
+   g comes from autograd.grad, so `.grad` only ever accumulates the update gradient, and under data
+   parallelism each rank perturbs with its own gradient (gradients are averaged only before
+   optimizer.step(), see distributed.py; under a DDP wrapper the pass would run inside `no_sync`,
+   base.local_pass): the paper's multi-accelerator setting, m = local batch. With
+   `sync_ascent=True`, g is averaged across ranks first (one extra all-reduce of a gradient), so
+   every rank perturbs by the same eps of the global batch: what one process computes with the
+   whole batch (for models without BN, whose batch statistics stay per rank).
 2. eps from g as above; w += eps (foreach).
 3. Pass 2 at w + eps on the same batch, BN normalizing with batch statistics but its running
    statistics frozen (base.frozen_bn_stats, the davda54 #17 fix), and with the same dropout masks as
    pass 1: the global RNG is snapshotted before pass 1 and replayed before pass 2 (the JAX reference
-   reuses the PRNG key). Its backward is the synchronized one under DDP.
+   reuses the PRNG key). Its backward is the synchronized one under data parallelism.
 4. w restored by copy (no drift from subtracting eps) from a buffer the method keeps between steps
    (one parameter-sized copy, as davda54's "old_p"; reusing it spares an allocation per step), then
    optimizer.step() with g_S.
@@ -138,7 +141,8 @@ def check_rho(name: str, rho: float) -> None:
 @register_method
 class SAM(Method):
     name = "sam"
-    hparams = {"rho": 0.05, "adaptive": False, "m": None, "wd_in_perturbation": False, "eta": 0.01}
+    hparams = {"rho": 0.05, "adaptive": False, "m": None, "wd_in_perturbation": False, "eta": 0.01,
+               "sync_ascent": False}
     reference = ("Foret et al. ICLR 2021 (davda54/sam step without closure); BN stats from the clean pass, "
                  "same dropout masks in both passes; adaptive=True is ASAM with the official bias handling")
 
@@ -150,6 +154,9 @@ class SAM(Method):
             raise UsageError(f"m for method {cls.name!r} must be a positive integer or None, got {m}")
         if hp["eta"] < 0:
             raise UsageError(f"eta for method {cls.name!r} must be >= 0, got {hp['eta']}")
+        if m is not None and hp["sync_ascent"]:
+            raise UsageError(f"method {cls.name!r}: m-sharpness groups perturb per group and sync_ascent "
+                             "perturbs with the all-rank gradient; set one of m, sync_ascent")
 
     @classmethod
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
@@ -212,6 +219,8 @@ class SAM(Method):
                 logits.append(self.forward(x))
                 loss = self.loss(logits[-1], y)
                 g = ascent_grads(loss, self.params)
+            if self.sync_ascent:
+                self.all_mean_(g)
             g_norm = global_norm(g)
             if groups > 1:
                 if j == 0:

@@ -64,11 +64,16 @@ Batch norm: pass 1 (and the single pass of reuse steps) advances the running sta
 runs under base.frozen_bn_stats, as the code's momentum-0 trick intends. Weight decay lives in the
 base optimizer, at w, as in the code.
 
-DDP: pass 1 of a SAM step runs in base.local_pass (per-replica ascent, as the lab's SAM). The
-code never syncs separately (its DDP helpers are unused), so its perturbation is global. Caveat:
-under DDP the g of pass 1 is rank-local while g_S is averaged, so PSF_last would differ between
-ranks and reuse steps would drift the replicas apart; a DDP run would need g all-reduced on SAM
-steps first. The training loop does not use DDP.
+Data parallelism: by default everything before optimizer.step() is rank-local, as in the lab's
+SAM: each rank perturbs with its own g and keeps its own PSF_last, and the ranks' update
+gradients are averaged; since the update gradient is linear in g and PSF, the replicas stay
+identical. The rings then hold per-rank statistics, so at each window end the two trends are
+averaged across ranks (riding on the once-per-window sync) and every rank takes the same quota
+and, with the same seeded U, the same SAM/reuse decisions. `sync_ascent=True` is the global
+variant, as the code's DDP runs (its DDP helpers are unused, so its perturbation is global): g is
+averaged before eps, g_S and the reuse steps' g as they are computed (replacing the step's own
+all-reduce), so PSF_last, the rings and every decision are those of one process with the whole
+batch.
 
 Host syncs: none per step. The decision logic runs on the host in Python ints and floats; the rings
 P, R, V are device tensors written in place at a host-side pointer, and are read on the host once
@@ -88,10 +93,9 @@ import random
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, restore, \
-    set_grads
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, set_grads
+from .sam import perturbed, sam_scale
 
-XI = 1e-12  # added to ||g|| in eps: a zero gradient gives a zero perturbation, not NaN
 MAX_REUSE = 6  # PSF_last is reused while beta^(j-1) > beta^MAX_REUSE
 
 
@@ -116,7 +120,7 @@ def next_quota(b: float, d_ratio: float, d_disp: float, a_r: float, a_v: float, 
 class VSAM(Method):
     name = "vsam"
     hparams = {"rho": 0.05, "window": 50, "blocks": 5, "p_max": 0.8, "a_r": 0.13, "a_v": 0.13, "beta": 0.7,
-               "last_n": 10, "warmup_epochs": 3}
+               "last_n": 10, "warmup_epochs": 3, "sync_ascent": False}
     reference = ("Deng et al. arXiv 2403.08821, after the official code ajiaaa/vSAM: SAM steps sampled per window "
                  "from PSF-ratio and dispersion trends, beta^j PSF reuse; seeded sampling, NaN trends count as 0")
 
@@ -149,6 +153,7 @@ class VSAM(Method):
         self.rings = torch.zeros(3, self.window, device=self.params[0].device)
         self.ptr = 0
         self.rng = random.Random(torch.initial_seed())
+        self.saved = clone_all(self.params)  # w during pass 2 (sam.perturbed)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,7 +166,10 @@ class VSAM(Method):
             self.n_s = 1
             return out
         if self.c % self.window == 0:
-            d_ratio, d_disp = window_trends(self.rings[1:], self.ptr).tolist()  # the once-per-window sync
+            trends = window_trends(self.rings[1:], self.ptr)
+            if not self.sync_ascent:
+                self.all_mean_([trends])  # per-rank rings: every rank takes the same quota
+            d_ratio, d_disp = trends.tolist()  # the once-per-window sync
             self.b = next_quota(self.b, d_ratio, d_disp, self.a_r, self.a_v, self.b_max)
             self.q, self.n_s = self.b / self.window, 0
         quota = int(self.b)
@@ -184,14 +192,15 @@ class VSAM(Method):
             loss = self.loss(logits, batch.y)
             loss.backward()
         g = grads_of(self.params)
+        if self.sync_ascent:
+            self.all_mean_(g)
         grad_norm = global_norm(g)
-        saved = clone_all(self.params)
-        with torch.no_grad():
-            torch._foreach_add_(self.params, torch._foreach_mul(g, self.rho / (grad_norm + XI)))
+        eps = torch._foreach_mul(g, sam_scale(self.rho, grad_norm))
         self.zero_grad()
-        with frozen_bn_stats(self.model):
+        with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
             self.loss(self.forward(batch.x), batch.y).backward()
-        restore(self.params, saved)
+        if self.sync_ascent:
+            self.sync_grads()
         self.psf = torch._foreach_sub(grads_of(self.params), g)
         self.psf_norm = global_norm(self.psf)
         self.record(g)
@@ -217,6 +226,8 @@ class VSAM(Method):
         logits = self.forward(batch.x)
         loss = self.loss(logits, batch.y)
         loss.backward()
+        if self.sync_ascent:
+            self.sync_grads()
         g = grads_of(self.params)
         grad_norm = global_norm(g)
         weight, added_norm = 0.0, 0.0
