@@ -1,10 +1,13 @@
 """Time per step, throughput and memory of methods, with ratios to sgd measured in the same process.
 
 Every method gets its own model (same seed), optimizer and a fixed device-resident batch of the
-requested shape. After warm-up, rounds of `steps` steps are timed per method with the order
+requested shape, made by the training loader (random uint8 images, crop, flip, Cutout); the loader
+alone is timed too (the "data" row: its ratio is the data share of an sgd step). After warm-up, rounds of `steps` steps are timed per method with the order
 shuffled each round (a shared CPU drifts; interleaving spreads the drift over all methods), using
 CUDA events on a GPU and perf_counter on the CPU, and the median over rounds is reported. Methods
-that log "sampled" (vsam, looksam) also report the measured fraction p of two-pass steps.
+that log "sampled" (vsam, looksam) also report the measured fraction p of two-pass steps, and
+their ratio is to be read against 1 + p (vSAM samples per window of `window` steps and its first
+window after warm-up has no SAM step, so give it several windows: rounds x steps >> window).
 
     gvr-lab bench --model resnet18 --shape 3x32 --batch-size 128 --device cuda \
         --methods sgd sam vsam gvr:penalty=closed_form,target=fc reg_loss:hvp=fd
@@ -21,12 +24,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import Batch
+from .data import Augment, DatasetInfo, DeviceLoader, Split
 from .errors import UsageError
 from .methods import create_method, method_class
 from .models import create_model
 
 EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
+# Warm-up steps run in this epoch and every timed round in the next one, past every method's warm-up
+# or start epoch: per-epoch state (SAF's memory of the batch's logits, grown at an epoch start) is
+# then in place and the timed steps do all the work of a steady-state step.
+STEADY_EPOCH = 10_000
 
 
 @dataclass
@@ -64,6 +71,22 @@ def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
     return hp
 
 
+DATA_LABEL = "data (crop, flip, cutout 0.5)"
+
+
+def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, device: torch.device,
+                 seed: int, views: int, batches: int = 1) -> DeviceLoader:
+    """The training loader over random uint8 images of the shape, with the GVR code's augmentation:
+    what feeds a real run, device-resident."""
+    g = torch.Generator().manual_seed(seed)
+    n = batches * batch_size
+    split = Split(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
+                  torch.randint(0, num_classes, (n,), generator=g))
+    info = DatasetInfo("bench", num_classes, channels, size, (0.5,) * channels, (0.25,) * channels)
+    return DeviceLoader(split, info, batch_size=batch_size, device=device, augment=Augment(cutout_p=0.5), views=views,
+                        seed=seed, channels_last=device.type == "cuda")
+
+
 class Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -95,13 +118,9 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     parsed = [parse_method_spec(s) for s in specs]
     if all(name != "sgd" or hp for name, hp in parsed):
         parsed.insert(0, ("sgd", {}))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, channels, size, size, generator=g)
-    batch = Batch(x, torch.randint(0, num_classes, (batch_size,), generator=g), torch.arange(batch_size),
-                  x + 0.1 * torch.randn(x.shape, generator=g))
     memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    batch = Batch(*(t.to(dev, memory_format=memory_format) if t.dim() == 4 else t.to(dev)
-                    for t in (batch.x, batch.y, batch.index, batch.x2)))
+    # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
+    batch = next(bench_loader(channels, size, num_classes, batch_size, dev, seed, views=2).epoch(0))
 
     entries = []
     for name, hp in parsed:
@@ -113,7 +132,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         method = create_method(name, net, opt, amp_dtype=amp_dtype, **hp)
         if compile and method.compilable:
             net.forward_features = torch.compile(net.forward_features)
-        method.start_epoch(10_000)  # past every warm-up / start epoch: the steady state
+        method.start_epoch(STEADY_EPOCH)
         label = name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
         entries.append({"label": label, "method": method, "times": [], "sampled": []})
 
@@ -124,8 +143,9 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     order = random.Random(seed)
-    for _ in range(rounds):
+    for r in range(rounds):
         for entry in order.sample(entries, len(entries)):
+            entry["method"].start_epoch(STEADY_EPOCH + 1 + r)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             clock.start()
@@ -136,6 +156,15 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             entry["times"].append(clock.stop_ms() / steps)
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
+    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, dev, seed, views=1,
+                                               batches=steps)
+    for r in range(rounds):  # the loader alone: what an sgd step waits for its batch
+        batches = loader.epoch(r)
+        clock.start()
+        for _ in range(steps):
+            next(batches)
+        data_times.append(clock.stop_ms() / steps)
+
     sgd_ms = statistics.median(entries[0]["times"])
     results = []
     for entry in entries:
@@ -143,6 +172,9 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         sampled = float(torch.stack(entry["sampled"]).mean()) if entry["sampled"] else None
         results.append(Result(entry["label"], ms, min(entry["times"]), 1000 * batch_size / ms,
                               ms / 1000 * EPOCH_IMAGES / batch_size, ms / sgd_ms, entry["peak"], sampled))
+    data_ms = statistics.median(data_times)
+    results.append(Result(DATA_LABEL, data_ms, min(data_times), 1000 * batch_size / data_ms,
+                          data_ms / 1000 * EPOCH_IMAGES / batch_size, data_ms / sgd_ms, float("nan"), None))
     return {
         "setup": {"model": model, "shape": f"{channels}x{size}", "batch_size": batch_size, "device": str(dev),
                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),

@@ -40,7 +40,7 @@ updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps) on smoot
 * exact: the original's double backward. The subset rows of each view get their own forward (BN
   normalizes them with the subset's statistics), g = autograd.grad(L_S, T, create_graph=True), and
   one backward of J. Not compilable: AOTAutograd has no double backward.
-* fd: grad P by a forward difference of D = grad L^a_S - grad L^b_S (all parameters) along d~:
+* fd (compilable: first-order passes only): grad P by a forward difference of D = grad L^a_S - grad L^b_S (all parameters) along d~:
   grad P ~ (2/h) [D(theta + h d~) - D(theta)], h = fd_eps / ||d||, so the weights move by exactly
   fd_eps in parameter space. Four first-order passes on the subset (each view at theta and at the
   moved point, BN as in exact), weights restored by copy, then the data backward.
@@ -109,7 +109,7 @@ class GVR(Method):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
-        self.compilable = self.penalty == "closed_form"
+        self.compilable = self.penalty != "exact"  # fd and closed_form are first-order only
         modules = {"fc": [model.fc], "last_stage": [model.last_stage, model.fc], "all": [model]}[self.target]
         wanted = {id(p) for m in modules for p in m.parameters()}
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
