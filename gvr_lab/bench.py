@@ -109,7 +109,7 @@ class Clock:
 
 def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, specs: list[str],
               device: str = "cpu", precision: str = "fp32", compile: bool = False, steps: int = 5,
-              warmup: int = 3, rounds: int = 5, seed: int = 0) -> dict:
+              warmup: int = 3, rounds: int = 5, seed: int = 0, profile: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -172,6 +172,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         sampled = float(torch.stack(entry["sampled"]).mean()) if entry["sampled"] else None
         results.append(Result(entry["label"], ms, min(entry["times"]), 1000 * batch_size / ms,
                               ms / 1000 * EPOCH_IMAGES / batch_size, ms / sgd_ms, entry["peak"], sampled))
+    profiles = {entry["label"]: profile_steps(entry["method"], batch, steps, dev) for entry in entries} if profile else {}
     data_ms = statistics.median(data_times)
     results.append(Result(DATA_LABEL, data_ms, min(data_times), 1000 * batch_size / data_ms,
                           data_ms / 1000 * EPOCH_IMAGES / batch_size, data_ms / sgd_ms, float("nan"), None))
@@ -182,7 +183,23 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
                   "steps": steps, "warmup": warmup, "rounds": rounds, "torch": torch.__version__,
                   "python": platform.python_version()},
         "results": [asdict(r) for r in results],
+        "profiles": profiles,
     }
+
+
+def profile_steps(method, batch, steps: int, device: torch.device, rows: int = 12) -> str:
+    """torch.profiler's table of the ops of `steps` steps, by self time: where a ratio comes from
+    (how many backward passes, which kernels, what Python overhead between them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            method.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def format_table(report: dict) -> str:
@@ -196,6 +213,8 @@ def format_table(report: dict) -> str:
         p = "" if r["sampled_fraction"] is None else f"{r['sampled_fraction']:.2f}"
         lines.append(f"| {r['label']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | {r['images_per_s']:.0f} | "
                      f"{r['s_per_epoch']:.2f} | {r['ratio_to_sgd']:.2f} | {r['peak_mem_mb']:.0f} | {p} |")
+    for label, table in report.get("profiles", {}).items():
+        lines += ["", f"## profile: {label} ({s['steps']} steps)", table]
     return "\n".join(lines)
 
 

@@ -130,7 +130,7 @@ def cmd_bench(args) -> int:
     device = resolve_device(args.device)
     report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, args.methods,
                        device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
-                       warmup=args.warmup, rounds=args.rounds)
+                       warmup=args.warmup, rounds=args.rounds, profile=args.profile)
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5, help="steps per timed round")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds per method (median reported)")
+    b.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each method")
     b.add_argument("--json", help="also write the report as JSON here")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -55,3 +55,11 @@ def test_bench_bad_input_is_one_line_and_exit_2(capsys, argv, needle, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_bench_profile_counts_the_passes_of_each_method():
+    report = run_bench("tiny_cnn", (1, 28), 10, 8, ["sam"], steps=2, warmup=1, rounds=1, profile=True)
+    assert sorted(report["profiles"]) == ["sam", "sgd"]
+    conv_backward = [line for line in report["profiles"]["sam"].splitlines() if "convolution_backward" in line]
+    assert conv_backward and conv_backward[0].split()[-1] == "8"  # 2 steps x 2 passes x 2 conv layers
+    assert "## profile: sam (2 steps)" in format_table(report)
