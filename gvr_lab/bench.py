@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Augment, DatasetInfo, DeviceLoader, Split
-from .errors import UsageError
 from .methods import create_method, method_class
 from .models import create_model
 
@@ -46,20 +45,6 @@ class Result:
     ratio_to_sgd: float
     peak_mem_mb: float
     sampled_fraction: float | None
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """'gvr:penalty=closed_form,target=fc' -> ('gvr', {'penalty': 'closed_form', 'target': 'fc'})."""
-    from .cli import parse_value
-
-    name, _, args = spec.partition(":")
-    hp = {}
-    for item in filter(None, args.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"method spec {spec!r}: expected name:key=value,key=value")
-        hp[key] = parse_value(value)
-    return method_class(name).name, hp
 
 
 def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
@@ -107,7 +92,7 @@ class Clock:
         return 1000 * (time.perf_counter() - self.t0)
 
 
-def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, specs: list[str],
+def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, methods: list[tuple[str, dict]],
               device: str = "cpu", precision: str = "fp32", compile: bool = False, steps: int = 5,
               warmup: int = 3, rounds: int = 5, seed: int = 0, profile: bool = False) -> dict:
     dev = torch.device(device)
@@ -115,7 +100,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         torch.backends.cudnn.benchmark = True
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     channels, size = shape
-    parsed = [parse_method_spec(s) for s in specs]
+    parsed = [(method_class(name).name, hp) for name, hp in methods]
     if all(name != "sgd" or hp for name, hp in parsed):
         parsed.insert(0, ("sgd", {}))
     memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format

@@ -14,7 +14,7 @@ import yaml
 
 from .data import list_datasets
 from .errors import UsageError
-from .methods import METHODS, list_methods
+from .methods import METHODS, list_methods, method_class
 from .models import list_models
 from .runner import PRESETS
 from .train import Config, resolve_device, train
@@ -34,6 +34,18 @@ def parse_value(text: str):
     except yaml.YAMLError:
         return text
     return None if value == "None" else value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """'gvr:penalty=closed_form,target=fc' -> ('gvr', {'penalty': 'closed_form', 'target': 'fc'})."""
+    name, _, args = spec.partition(":")
+    hp = {}
+    for item in filter(None, args.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"method spec {spec!r}: expected name:key=value,key=value")
+        hp[key] = parse_value(value)
+    return method_class(name).name, hp
 
 
 def parse_method_args(items: list[str]) -> dict:
@@ -128,7 +140,8 @@ def cmd_bench(args) -> int:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     device = resolve_device(args.device)
-    report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, args.methods,
+    methods = [parse_method_spec(spec) for spec in args.methods]
+    report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, methods,
                        device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
                        warmup=args.warmup, rounds=args.rounds, profile=args.profile)
     print(format_table(report))

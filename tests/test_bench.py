@@ -35,7 +35,7 @@ def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys)
 
 
 def test_bench_keeps_an_explicit_sgd_spec_and_formats_rows():
-    report = run_bench("tiny_cnn", (3, 32), 10, 8, ["sgd", "sam"], steps=1, warmup=1, rounds=1)
+    report = run_bench("tiny_cnn", (3, 32), 10, 8, [("sgd", {}), ("sam", {})], steps=1, warmup=1, rounds=1)
     assert [r["label"] for r in report["results"]] == ["sgd", "sam", DATA_LABEL]
     assert format_table(report).count("\n") == 5  # title, header, rule, three rows
 
@@ -58,7 +58,7 @@ def test_bench_bad_input_is_one_line_and_exit_2(capsys, argv, needle, tmp_path):
 
 
 def test_bench_profile_counts_the_passes_of_each_method():
-    report = run_bench("tiny_cnn", (1, 28), 10, 8, ["sam"], steps=2, warmup=1, rounds=1, profile=True)
+    report = run_bench("tiny_cnn", (1, 28), 10, 8, [("sam", {})], steps=2, warmup=1, rounds=1, profile=True)
     assert sorted(report["profiles"]) == ["sam", "sgd"]
     conv_backward = [line for line in report["profiles"]["sam"].splitlines() if "convolution_backward" in line]
     assert conv_backward and conv_backward[0].split()[-1] == "8"  # 2 steps x 2 passes x 2 conv layers

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gvr_lab.data import (Augment, DeviceLoader, Split, cutout, dataset_info, load_dataset, random_crop, random_flip,
+from gvr_lab.data import (Augment, DeviceLoader, cutout, dataset_info, load_dataset, random_crop, random_flip,
                           split_indices)
 from gvr_lab.errors import UsageError
 

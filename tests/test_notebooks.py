@@ -1,7 +1,6 @@
 """The notebook suite through the runner: every notebook at the smoke preset, and the runner's rules."""
 
 import json
-from pathlib import Path
 
 import pytest
 

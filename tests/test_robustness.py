@@ -37,13 +37,36 @@ def weights(run_dir):
 
 # ---------------------------------------------------------------------- data parallel (gloo, CPU)
 
+def margs(*pairs):
+    return [a for pair in pairs for a in ("--method-arg", pair)]
+
+
+# (case, method, arguments of the one-process run, arguments of the 2-rank run, epochs): on a BN-free
+# model without augmentation, 2 ranks x B/2 must give the weights of one process with batch B.
+DDP_EQUIVALENT = [
+    ("sgd", "sgd", [], [], 2),
+    ("pseudo_gd", "pseudo_gd", margs("micro_batch_size=16"), margs("micro_batch_size=16"), 2),
+    # per-rank ascent (the default) is m-sharpness with m = the local batch
+    ("sam per rank = m-sharpness B/2", "sam", margs("m=32"), [], 2),
+    ("asam per rank = m-sharpness B/2", "asam", margs("m=32"), [], 2),
+    # the globally synced variant is one process with the whole batch
+    ("sam sync_ascent", "sam", [], margs("sync_ascent=true"), 2),
+    ("looksam sync_ascent", "looksam", margs("k=3"), margs("k=3", "sync_ascent=true"), 2),
+    ("esam sync_ascent", "esam", margs("gamma=1"), margs("gamma=1", "sync_ascent=true"), 2),
+    ("vsam sync_ascent", "vsam", margs("window=4", "blocks=2", "warmup_epochs=1"),
+     margs("window=4", "blocks=2", "warmup_epochs=1", "sync_ascent=true"), 3),
+    # SAF's memory is merged across ranks, so every sample finds its past on whichever rank it lands
+    ("saf merged memory", "saf", margs("start_epoch=0", "lag=1"), margs("start_epoch=0", "lag=1"), 3),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method, args", [("sgd", []), ("pseudo_gd", ["--method-arg", "micro_batch_size=16"])])
-def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, method, args):
-    common = ["train", *TINY, "--method", method, *args, "--epochs", "2", "--batch-size", "64", "--no-augment",
+@pytest.mark.parametrize("case, method, one_args, two_args, epochs", DDP_EQUIVALENT, ids=[c[0] for c in DDP_EQUIVALENT])
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, case, method, one_args, two_args, epochs):
+    common = ["train", *TINY, "--method", method, "--epochs", str(epochs), "--batch-size", "64", "--no-augment",
               "--momentum", "0.9", "--weight-decay", "0.0005"]
-    one = cli(*common, "--out-dir", str(tmp_path / "one"))
-    two = torchrun(2, *common, "--out-dir", str(tmp_path / "two"))
+    one = cli(*common, *one_args, "--out-dir", str(tmp_path / "one"))
+    two = torchrun(2, *common, *two_args, "--out-dir", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:  # fp32 all-reduce sums in another order than one backward: agree to rounding
@@ -53,6 +76,40 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, method, args
     pd.testing.assert_series_equal(h1["train_loss"], h2["train_loss"], rtol=1e-4)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
+    if method == "saf":  # the term ran in the last epoch, with a past for every row on both ranks
+        assert h2["train_past_frac"].iloc[-1] == 1.0 and h2["train_penalty"].iloc[-1] > 0
+    if method == "vsam":  # both kinds of step happened after the warm-up
+        assert 0 < h2["train_sampled"].iloc[-1] < 1
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    """Checkpoints hold the whole state, not a rank's: killed under 2 ranks, finished by 1 process,
+    the run ends where an uninterrupted single-process run does (BN-free sgd, as above)."""
+    common = ["train", *TINY, "--train-subset", "2048", "--epochs", "8", "--batch-size", "64", "--no-augment",
+              "--out-dir"]
+    reference = cli(*common, str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "gvr_lab", *common, str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    summary = out / "summary.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and launcher.poll() is None:
+        if summary.exists() and json.loads(summary.read_text())["epochs_completed"] >= 2:
+            break
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the 2-rank run ended before it could be killed"
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both ranks
+    launcher.wait()
+    killed_at = json.loads(summary.read_text())
+    assert killed_at["status"] == "running" and killed_at["world_size"] == 2
+    resumed = cli(*common, str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(summary.read_text())["world_size"] == 1
+    for k, v in weights(tmp_path / "ref").items():
+        torch.testing.assert_close(weights(out)[k], v, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- crash safety
