@@ -212,13 +212,6 @@ def frozen_bn_stats(model: torch.nn.Module):
             m.track_running_stats = True
 
 
-def local_pass(model: torch.nn.Module):
-    """Context for a forward+backward whose gradients must stay on this rank (SAM's ascent pass,
-    finite-difference probes): DDP's no_sync when the model is wrapped, a no-op otherwise."""
-    no_sync = getattr(model, "no_sync", None)
-    return no_sync() if no_sync is not None else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------- registry
 
 METHODS: dict[str, type[Method]] = {}

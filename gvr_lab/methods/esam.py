@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, upcast
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, upcast
 from .sam import RngReplay, ascent_grads, check_rho, perturbed, sam_scale
 
 
@@ -92,11 +92,10 @@ class ESAM(Method):
         kept, saved = self.kept_tensors()
         device = self.params[0].device
         rng = RngReplay(device)
-        with local_pass(self.model):
-            logits = self.forward(x)
-            losses = self.sample_losses(logits, y)
-            loss = losses.mean()
-            eps = ascent_grads(loss, kept) if kept else []
+        logits = self.forward(x)
+        losses = self.sample_losses(logits, y)
+        loss = losses.mean()
+        eps = ascent_grads(loss, kept) if kept else []
         if self.sync_ascent:
             self.all_mean_(eps)
         grad_norm = torch.zeros((), device=device)

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method,
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method,
                    restore, set_grads, upcast)
 
 
@@ -161,7 +161,7 @@ class GVR(Method):
 
     def _step_fd(self, batch: Batch, rows: torch.Tensor):
         x_a, x_b, y = batch.x[rows], batch.x2[rows], batch.y[rows]
-        with frozen_bn_stats(self.model), local_pass(self.model):
+        with frozen_bn_stats(self.model):
             difference = self._grad_difference(x_a, x_b, y)
             d = [g for g, t in zip(difference, self.in_target) if t]
             penalty = global_norm(d).square()

@@ -24,8 +24,7 @@ One step, owned by the method (davda54's first_step / second_step without a clos
    "acc", and batch-norm running statistics advance here, once per step, as in the JAX reference.
    g comes from autograd.grad, so `.grad` only ever accumulates the update gradient, and under data
    parallelism each rank perturbs with its own gradient (gradients are averaged only before
-   optimizer.step(), see distributed.py; under a DDP wrapper the pass would run inside `no_sync`,
-   base.local_pass): the paper's multi-accelerator setting, m = local batch. With
+   optimizer.step(), see distributed.py): the paper's multi-accelerator setting, m = local batch. With
    `sync_ascent=True`, g is averaged across ranks first (one extra all-reduce of a gradient), so
    every rank perturbs by the same eps of the global batch: what one process computes with the
    whole batch (for models without BN, whose batch statistics stay per rank).
@@ -44,8 +43,8 @@ group loss is a group mean, so this is the full-batch mean when every group is t
 With more than one group, every pass runs with BN running statistics frozen and, when the model
 has BN layers that track them, one extra no-grad forward of the whole batch at w in train mode
 advances them once per step (as a single clean pass would). "loss" and "acc" are then the group
-means of pass 1, "grad_norm" the norm of mean_j g_j. Under DDP the first passes run without
-gradient sync and the groups' second passes accumulate locally, syncing on the last one.
+means of pass 1, "grad_norm" the norm of mean_j g_j. Under data parallelism every group is the
+rank's own and the accumulated update gradient is averaged once, before the step.
 
 Weight decay (spec sam_family.md 1.4): by default (`wd_in_perturbation=False`, davda54 and most
 ports) it lives only in the base optimizer, at the unperturbed w. With `wd_in_perturbation=True`
@@ -53,7 +52,7 @@ the step computes what the JAX reference does with the L2 term inside the loss: 
 (lambda = the weight_decay of the parameter's optimizer group) and update gradient
 grad[L + lambda/2 ||.||^2](w + eps) = g_S + lambda (w + eps). The base optimizer adds lambda w
 itself, so the method adds lambda * eps (mean over groups) to .grad before the synchronized
-backward, which keeps DDP ranks identical.
+backward, which keeps data-parallel ranks identical.
 
 Mixed precision: bf16 autocast needs nothing (eps is invariant to the loss scale, the loss is fp32,
 the gradients are those of fp32 parameters). fp16 with a GradScaler is not offered: the loop has
@@ -75,7 +74,7 @@ import contextlib
 import torch
 
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method,
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method,
                    restore, set_grads)
 
 XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
@@ -215,7 +214,7 @@ class SAM(Method):
         for j, (x, y) in enumerate(zip(batch.x.split(m), batch.y.split(m))):
             rng = RngReplay(device)
             # One group: pass 1 is the clean pass and moves the running statistics itself.
-            with local_pass(self.model), frozen_bn_stats(self.model) if groups > 1 else contextlib.nullcontext():
+            with frozen_bn_stats(self.model) if groups > 1 else contextlib.nullcontext():
                 logits.append(self.forward(x))
                 loss = self.loss(logits[-1], y)
                 g = ascent_grads(loss, self.params)
@@ -235,9 +234,7 @@ class SAM(Method):
                 else:
                     torch._foreach_add_(grads_of(self.params), wd_eps)
             rng.replay()
-            last = j == groups - 1
-            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model), \
-                    (contextlib.nullcontext() if last else local_pass(self.model)):
+            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
                 loss_s = self.loss(self.forward(x), y)
                 (loss_s / groups).backward()
             losses.append(loss.detach())

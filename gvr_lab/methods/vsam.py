@@ -93,7 +93,7 @@ import random
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, local_pass, register_method, set_grads
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, set_grads
 from .sam import perturbed, sam_scale
 
 MAX_REUSE = 6  # PSF_last is reused while beta^(j-1) > beta^MAX_REUSE
@@ -187,7 +187,7 @@ class VSAM(Method):
         devices = [self.params[0].device] if self.params[0].device.type == "cuda" else []
         self.zero_grad()
         # Pass 2 replays pass 1's dropout masks: the RNG state is restored when pass 1 ends.
-        with torch.random.fork_rng(devices=devices), local_pass(self.model):
+        with torch.random.fork_rng(devices=devices):
             logits = self.forward(batch.x)
             loss = self.loss(logits, batch.y)
             loss.backward()
