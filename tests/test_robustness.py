@@ -31,6 +31,34 @@ def torchrun(nproc, *args):
                            "-m", "gvr_lab", *args], env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants, found through /proc before any of them dies."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    family, todo = [], [pid]
+    while todo:
+        family.append(todo.pop())
+        todo += children.get(family[-1], [])
+    for member in family:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for member in family[1:]:  # wait until the ranks are gone, so their lock is released
+        while True:
+            try:
+                if "zombie" in Path(f"/proc/{member}/status").read_text():
+                    break
+            except FileNotFoundError:
+                break
+            time.sleep(0.01)
+
+
 def weights(run_dir):
     return load_checkpoint(Path(run_dir) / "checkpoint.pt")["model"]
 
@@ -41,39 +69,49 @@ def margs(*pairs):
     return [a for pair in pairs for a in ("--method-arg", pair)]
 
 
-# (case, method, arguments of the one-process run, arguments of the 2-rank run, epochs): on a BN-free
-# model without augmentation, 2 ranks x B/2 must give the weights of one process with batch B.
+# fp32 all-reduce sums in another order than one backward: weights agree to rounding.
+ROUNDING = dict(rtol=1e-4, atol=1e-5)
+# LookSAM's u = g_v / ||g_v|| rescales a small difference of nearly parallel gradients, which
+# amplifies rounding: one process run with 1 and with 2 threads differs by 4e-4, per-rank LookSAM
+# (no sync_ascent) differs from one process by 1e-2.
+LOOKSAM_ROUNDING = dict(rtol=0.0, atol=2e-3)
+
+# (case, method, arguments of the one-process run, arguments of the 2-rank run, epochs, tolerance):
+# on a BN-free model without augmentation, 2 ranks x B/2 must give the weights of one process with
+# batch B.
 DDP_EQUIVALENT = [
-    ("sgd", "sgd", [], [], 2),
-    ("pseudo_gd", "pseudo_gd", margs("micro_batch_size=16"), margs("micro_batch_size=16"), 2),
+    ("sgd", "sgd", [], [], 2, ROUNDING),
+    ("pseudo_gd", "pseudo_gd", margs("micro_batch_size=16"), margs("micro_batch_size=16"), 2, ROUNDING),
     # per-rank ascent (the default) is m-sharpness with m = the local batch
-    ("sam per rank = m-sharpness B/2", "sam", margs("m=32"), [], 2),
-    ("asam per rank = m-sharpness B/2", "asam", margs("m=32"), [], 2),
+    ("sam per rank = m-sharpness B/2", "sam", margs("m=32"), [], 2, ROUNDING),
+    ("asam per rank = m-sharpness B/2", "asam", margs("m=32"), [], 2, ROUNDING),
     # the globally synced variant is one process with the whole batch
-    ("sam sync_ascent", "sam", [], margs("sync_ascent=true"), 2),
-    ("looksam sync_ascent", "looksam", margs("k=3"), margs("k=3", "sync_ascent=true"), 2),
-    ("esam sync_ascent", "esam", margs("gamma=1"), margs("gamma=1", "sync_ascent=true"), 2),
+    ("sam sync_ascent", "sam", [], margs("sync_ascent=true"), 2, ROUNDING),
+    ("looksam sync_ascent", "looksam", margs("k=3"), margs("k=3", "sync_ascent=true"), 2,
+     LOOKSAM_ROUNDING),
+    ("esam sync_ascent", "esam", margs("gamma=1"), margs("gamma=1", "sync_ascent=true"), 2, ROUNDING),
     ("vsam sync_ascent", "vsam", margs("window=4", "blocks=2", "warmup_epochs=1"),
-     margs("window=4", "blocks=2", "warmup_epochs=1", "sync_ascent=true"), 3),
+     margs("window=4", "blocks=2", "warmup_epochs=1", "sync_ascent=true"), 3, ROUNDING),
     # SAF's memory is merged across ranks, so every sample finds its past on whichever rank it lands
-    ("saf merged memory", "saf", margs("start_epoch=0", "lag=1"), margs("start_epoch=0", "lag=1"), 3),
+    ("saf merged memory", "saf", margs("start_epoch=0", "lag=1"), margs("start_epoch=0", "lag=1"), 3, ROUNDING),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, method, one_args, two_args, epochs", DDP_EQUIVALENT, ids=[c[0] for c in DDP_EQUIVALENT])
-def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, case, method, one_args, two_args, epochs):
+@pytest.mark.parametrize("case, method, one_args, two_args, epochs, tol", DDP_EQUIVALENT,
+                         ids=[c[0] for c in DDP_EQUIVALENT])
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, case, method, one_args, two_args, epochs, tol):
     common = ["train", *TINY, "--method", method, "--epochs", str(epochs), "--batch-size", "64", "--no-augment",
               "--momentum", "0.9", "--weight-decay", "0.0005"]
     one = cli(*common, *one_args, "--out-dir", str(tmp_path / "one"))
     two = torchrun(2, *common, *two_args, "--out-dir", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in a:  # fp32 all-reduce sums in another order than one backward: agree to rounding
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
     h1 = pd.read_parquet(tmp_path / "one" / "epochs.parquet")
     h2 = pd.read_parquet(tmp_path / "two" / "epochs.parquet")
-    pd.testing.assert_series_equal(h1["train_loss"], h2["train_loss"], rtol=1e-4)
+    pd.testing.assert_series_equal(h1["train_loss"], h2["train_loss"], rtol=max(tol.values()))
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     if method == "saf":  # the term ran in the last epoch, with a past for every row on both ranks
@@ -93,7 +131,7 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     out = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  "-m", "gvr_lab", *common, str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL)
     summary = out / "summary.json"
     deadline = time.time() + 120
     while time.time() < deadline and launcher.poll() is None:
@@ -101,7 +139,7 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
             break
         time.sleep(0.05)
     assert launcher.poll() is None, "the 2-rank run ended before it could be killed"
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both ranks
+    kill_tree(launcher.pid)  # the launcher and both ranks (which torchrun starts in sessions of their own)
     launcher.wait()
     killed_at = json.loads(summary.read_text())
     assert killed_at["status"] == "running" and killed_at["world_size"] == 2
