@@ -49,7 +49,7 @@ figures: setup
 	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # CPU benchmark of every method on the Fashion-MNIST shape; BENCHMARKS.md has the GPU commands.
 bench: setup
