@@ -21,7 +21,7 @@ LABELS = {
     "epoch": "epoch", "step": "step", "test_acc": "test accuracy", "train_acc": "training accuracy",
     "val_acc": "validation accuracy", "train_loss": "training loss", "test_loss": "test loss",
     "grad_norm": "gradient norm", "micro_grad_norm": "mean micro-batch gradient norm",
-    "penalty": "penalty", "grad_diff_norm": "gradient difference norm ||g_a - g_b||",
+    "penalty": "penalty", "grad_diff_norm": "||g_a - g_b|| (gradient difference)",
     "psf_norm": "PSF norm", "epoch_time_s": "time per epoch (s)", "images_per_s": "throughput (images/s)",
 }
 
@@ -46,6 +46,7 @@ def savefig(fig, stem) -> list[Path]:
     """Write stem.png and stem.pdf atomically; returns the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.set_layout_engine("constrained")  # side-by-side axes keep their labels apart
     paths = []
     for ext, kw in ((".png", {"dpi": 200}), (".pdf", {"metadata": {"CreationDate": None}})):
         path = stem.with_suffix(ext)
@@ -90,9 +91,16 @@ def mean_std(df: pd.DataFrame, by: list[str], metrics: list[str], scale: float =
     return table.reset_index()
 
 
+def ordered(df: pd.DataFrame, column: str, order: list) -> pd.DataFrame:
+    """The rows with `column` in the given order (values not in it last, as they came): tables and
+    legends then follow a notebook's parameters, not the alphabetical order of run directories."""
+    rank = {value: i for i, value in enumerate(order)}
+    return df.sort_values(column, key=lambda values: values.map(rank).fillna(len(rank)), kind="stable")
+
+
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The last epoch of each run in a load_runs() table."""
-    return df.sort_values("epoch").groupby("run_dir", sort=False).tail(1)
+    return df.sort_values("epoch", kind="stable").groupby("run_dir", sort=False).tail(1)
 
 
 def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:

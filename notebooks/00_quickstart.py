@@ -47,7 +47,7 @@ variants = [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in
 gl.train_grid(base, variants, seeds, runs_root)
 
 # %%
-runs = gl.load_runs(f"{runs_root}/*")
+runs = plots.ordered(gl.load_runs(f"{runs_root}/*"), "label", methods)
 out = plots.figure_dir(fig_root, "00_quickstart")
 plots.set_style()
 ax = plots.curves(runs, "epoch", "test_acc", title=f"{model} on {dataset}")

@@ -57,7 +57,7 @@ gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), label=m)
 # the first epoch includes warm-up effects, so it is left out of the averages when there are more.
 
 # %%
-runs = gl.load_runs(f"{runs_root}/*")
+runs = plots.ordered(gl.load_runs(f"{runs_root}/*"), "label", methods)
 steady = runs[runs["epoch"] > 0] if runs["epoch"].max() > 0 else runs
 speed = steady.groupby(["label", "run_dir"], sort=False)[["images_per_s", "epoch_time_s"]].mean().reset_index()
 final = plots.final_rows(runs).merge(speed, on=["label", "run_dir"], suffixes=("_last", ""))
@@ -78,6 +78,7 @@ table = plots.mean_std(final, ["label"], ["test_acc"], scale=100)
 table["images/s"] = final.groupby("label", sort=False)["images_per_s"].mean().round(0).values
 table["s/epoch"] = final.groupby("label", sort=False)["epoch_time_s"].mean().round(2).values
 if "train_sampled" in final:
-    table["two-pass fraction"] = final.groupby("label", sort=False)["train_sampled"].mean().round(2).values
+    # methods that sample their second pass log it; the others run a fixed number of passes
+    table["two-pass fraction"] = final.groupby("label", sort=False)["train_sampled"].mean().round(2).fillna("—").values
 plots.save_table(table, out / "summary", caption=f"{model} on {dataset}, {epochs} epochs, test accuracy (%)")
 table

@@ -49,7 +49,7 @@ gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), quant_bi
 
 # %%
 runs = gl.load_runs(f"{runs_root}/*")
-final = plots.final_rows(runs)
+final = plots.ordered(plots.final_rows(runs).sort_values("quant_bits", ascending=False), "method", methods)
 out = plots.figure_dir(fig_root, "05_quantization")
 plots.set_style()
 ax = plots.curves(final.assign(test_acc=100 * final["test_acc"]), "quant_bits", "test_acc", hue="method",
