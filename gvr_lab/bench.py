@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import Augment, DatasetInfo, DeviceLoader, Split
+from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
 from .methods import create_method, method_class
 from .models import create_model
 
@@ -57,6 +57,7 @@ def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
 
 
 DATA_LABEL = "data (crop, flip, cutout 0.5)"
+TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
 def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, device: torch.device,
@@ -107,9 +108,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
     batch = next(bench_loader(channels, size, num_classes, batch_size, dev, seed, views=2).epoch(0))
 
-    entries = []
-    for name, hp in parsed:
-        hp = fit_to_batch(name, hp, batch_size)
+    def entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
         torch.manual_seed(seed)
         net = create_model(model, num_classes=num_classes, in_channels=channels).to(dev, memory_format=memory_format)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
@@ -118,13 +117,22 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         if compile and method.compilable:
             net.forward_features = torch.compile(net.forward_features)
         method.start_epoch(STEADY_EPOCH)
-        label = name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else "")
-        entries.append({"label": label, "method": method, "times": [], "sampled": []})
+        return {"label": label, "method": method, "batch": batch, "times": [], "sampled": []}
+
+    entries = []
+    for name, hp in parsed:
+        hp = fit_to_batch(name, hp, batch_size)
+        entries.append(entry(name, hp, name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else ""),
+                             batch))
+    if any(e["method"].views == 2 for e in entries):
+        # Two-view methods (gvr) pass 2B images per step: their fair reference is sgd on both views.
+        both = Batch(torch.cat([batch.x, batch.x2]), torch.cat([batch.y, batch.y]), torch.cat([batch.index] * 2))
+        entries.append(entry("sgd", {}, TWO_VIEW_SGD_LABEL, both))
 
     clock = Clock(dev)
     for entry in entries:
         for _ in range(warmup):
-            entry["method"].step(batch)
+            entry["method"].step(entry["batch"])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     order = random.Random(seed)
@@ -135,7 +143,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
                 torch.cuda.reset_peak_memory_stats(dev)
             clock.start()
             for _ in range(steps):
-                out = entry["method"].step(batch)
+                out = entry["method"].step(entry["batch"])
                 if "sampled" in out:
                     entry["sampled"].append(torch.as_tensor(out["sampled"], dtype=torch.float32))
             entry["times"].append(clock.stop_ms() / steps)
@@ -157,7 +165,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         sampled = float(torch.stack(entry["sampled"]).mean()) if entry["sampled"] else None
         results.append(Result(entry["label"], ms, min(entry["times"]), 1000 * batch_size / ms,
                               ms / 1000 * EPOCH_IMAGES / batch_size, ms / sgd_ms, entry["peak"], sampled))
-    profiles = {entry["label"]: profile_steps(entry["method"], batch, steps, dev) for entry in entries} if profile else {}
+    profiles = {entry["label"]: profile_steps(entry["method"], entry["batch"], steps, dev) for entry in entries} if profile else {}
     data_ms = statistics.median(data_times)
     results.append(Result(DATA_LABEL, data_ms, min(data_times), 1000 * batch_size / data_ms,
                           data_ms / 1000 * EPOCH_IMAGES / batch_size, data_ms / sgd_ms, float("nan"), None))

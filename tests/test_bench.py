@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gvr_lab.bench import DATA_LABEL, format_table, run_bench
+from gvr_lab.bench import DATA_LABEL, TWO_VIEW_SGD_LABEL, format_table, run_bench
 from gvr_lab.cli import main
 
 SMOKE = ["bench", "--model", "tiny_cnn", "--shape", "1x28", "--batch-size", "16", "--steps", "2", "--warmup", "1",
@@ -18,8 +18,9 @@ def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys)
     assert main([*SMOKE, "--methods", *methods, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["label"].split(":")[0]: r for r in report["results"]}
-    # sgd added first; the loader alone last, its ratio the data share of an sgd step
-    assert list(rows) == ["sgd", "sam", "looksam", "saf", "vsam", "gvr", "reg_loss", DATA_LABEL]
+    # sgd added first; gvr's reference (sgd on its 2B images) after the methods; the loader alone
+    # last, its ratio the data share of an sgd step
+    assert list(rows) == ["sgd", "sam", "looksam", "saf", "vsam", "gvr", "reg_loss", TWO_VIEW_SGD_LABEL, DATA_LABEL]
     assert rows["sgd"]["ratio_to_sgd"] == 1.0
     for r in report["results"]:
         assert r["ms_per_step"] > 0 and r["ms_min"] <= r["ms_per_step"]
