@@ -9,7 +9,10 @@ STAMP  := $(VENV)/.gvr_lab-installed
 DATA_STAMP := $(VENV)/.gvr_lab-data
 
 BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 reg_loss:micro_batch_size=32,hvp=fd \
-  gvr:penalty=closed_form,target=fc gvr sam looksam esam saf mesa vsam
+  fish_loss:micro_batch_size=32 fish_loss:micro_batch_size=32,hvp=fd avg_jac_loss:micro_batch_size=32 \
+  avg_jac_loss:micro_batch_size=32,hvp=fd unit_jac_loss:micro_batch_size=32 unit_jac_loss:micro_batch_size=32,hvp=fd \
+  iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
+  sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
 
 .PHONY: setup demo test lab figures bench clean
 
@@ -51,10 +54,10 @@ figures: setup
 test: setup
 	$(PY) -m pytest -q -n 2
 
-# CPU benchmark of every method on the Fashion-MNIST shape; BENCHMARKS.md has the GPU commands.
+# CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
 bench: setup
-	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --json runs/bench-cpu.json \
-	  --methods $(BENCH_METHODS)
+	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --rounds 9 --steps 4 --warmup 2 \
+	  --json runs/bench-cpu-small_cnn.json --methods $(BENCH_METHODS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

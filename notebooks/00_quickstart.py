@@ -17,7 +17,8 @@
 # sharpness penalty buy over plain SGD, and at what cost per epoch?
 #
 # **Run.** `make demo`, or `gvr-lab run notebooks/00_quickstart.py --preset cpu`
-# (about 3 minutes on 2 CPU cores; under a minute on one H100 with `--preset gpu`).
+# (measured: 122 s on 2 CPU cores); `--preset gpu` (ResNet-18, 10 epochs; aimed at a few minutes,
+# not yet measured on one H100).
 #
 # **Writes.** `figures/quickstart/accuracy.png|pdf` (test accuracy per epoch),
 # `figures/quickstart/summary.md|tex` (final and best test accuracy, time per epoch).

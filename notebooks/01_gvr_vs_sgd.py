@@ -17,8 +17,9 @@
 # Its loss sums two views' mean losses, so at alpha = 0 it is two-view SGD at about twice the
 # effective learning rate, an ablation the original lacks. How much of the gain is the penalty?
 #
-# **Run.** `gvr-lab run notebooks/01_gvr_vs_sgd.py --preset cpu` (about 8 minutes on 2 CPU cores);
-# `--preset gpu` (CIFAR-100, ResNet-18, 30 epochs, 2 seeds: about 10 minutes on one H100);
+# **Run.** `gvr-lab run notebooks/01_gvr_vs_sgd.py --preset cpu` (measured: 375 s on 2 CPU cores);
+# `--preset gpu` (CIFAR-100, ResNet-18, 30 epochs, 2 seeds: aimed at about 10 minutes, not yet
+# measured on one H100);
 # `--preset paper` (the GVR repository's settings: 200 epochs, lr 0.05, cosine per epoch, Cutout 0.5,
 # alpha 0.01, last stage + fc, double backward).
 #

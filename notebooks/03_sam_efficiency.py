@@ -17,8 +17,9 @@
 # gain for less. Measured on the same model, data and machine, where does each land on
 # accuracy against images per second?
 #
-# **Run.** `gvr-lab run notebooks/03_sam_efficiency.py --preset cpu` (about 10 minutes on 2 CPU
-# cores); `--preset gpu` (CIFAR-10, ResNet-18, 15 epochs, 2 seeds: about 10 minutes on one H100);
+# **Run.** `gvr-lab run notebooks/03_sam_efficiency.py --preset cpu` (measured: 281 s on 2 CPU
+# cores); `--preset gpu` (CIFAR-10, ResNet-18, 15 epochs, 2 seeds: aimed at about 10 minutes, not
+# yet measured on one H100);
 # `--preset paper` (CIFAR-100, 200 epochs, the papers' hyperparameters).
 #
 # **Writes.** `figures/sam_efficiency/accuracy_vs_throughput.png|pdf` (mean ± std over seeds, both

@@ -18,8 +18,9 @@
 # PSF changes slowly early in training and faster later, so it can be sampled rarely at first.
 # Do both hold on our models, and how does vSAM's fraction of two-pass steps evolve?
 #
-# **Run.** `gvr-lab run notebooks/04_gradient_dynamics.py --preset cpu` (about 6 minutes on 2 CPU
-# cores); `--preset gpu` (ResNet-18, WRN-16-4-sized runs on CIFAR-10: about 10 minutes on one H100).
+# **Run.** `gvr-lab run notebooks/04_gradient_dynamics.py --preset cpu` (measured: 62 s on 2 CPU
+# cores); `--preset gpu` (ResNet-18 and VGG-16 on CIFAR-10, 10 epochs: aimed at about 10 minutes,
+# not yet measured on one H100).
 #
 # **Writes.** `figures/gradient_dynamics/norms.png|pdf` (gradient and PSF norm against step, per
 # model), `variation.png|pdf` (relative change of the PSF norm per epoch), `sampling.png|pdf`

@@ -17,8 +17,9 @@
 # learned step-size quantization (LSQ) of weights and activations at 4, 3 and 2 bits (first and last
 # layer at full precision), how do SGD, SAM and vSAM compare in accuracy and time?
 #
-# **Run.** `gvr-lab run notebooks/05_quantization.py --preset cpu` (about 10 minutes on 2 CPU
-# cores); `--preset gpu` (CIFAR-10, ResNet-18, 10 epochs: about 10 minutes on one H100).
+# **Run.** `gvr-lab run notebooks/05_quantization.py --preset cpu` (measured: 292 s on 2 CPU
+# cores); `--preset gpu` (CIFAR-10, ResNet-18, 10 epochs: aimed at about 10 minutes, not yet
+# measured on one H100).
 #
 # **Writes.** `figures/quantization/accuracy_vs_bits.png|pdf`, `figures/quantization/summary.md|tex`.
 
