@@ -187,10 +187,25 @@ def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
 
-@torch.no_grad()
-def restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
-    """Put saved weights back by copy, not by subtracting the perturbation (no drift)."""
-    torch._foreach_copy_(params, saved)
+@contextlib.contextmanager
+def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor], saved: list[torch.Tensor]):
+    """Weights at w + eps inside the block, put back to w by copy on exit, not by subtracting eps
+    (no drift). SAM's second pass and every finite-difference probe run inside it.
+
+    `saved` are buffers shaped like `params` that receive the copy of w: the methods keep them
+    across steps, since allocating parameter-sized tensors every step costs as much as copying.
+    """
+    if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
+        yield
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(saved, params)
+        torch._foreach_add_(params, eps)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
 
 
 @contextlib.contextmanager

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, upcast
-from .sam import RngReplay, ascent_grads, check_rho, perturbed, sam_scale
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, upcast
+from .sam import RngReplay, ascent_grads, check_rho, sam_scale
 
 
 def selected_count(gamma: float, batch_size: int) -> int:

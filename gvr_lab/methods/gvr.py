@@ -40,10 +40,11 @@ updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps) on smoot
 * exact: the original's double backward. The subset rows of each view get their own forward (BN
   normalizes them with the subset's statistics), g = autograd.grad(L_S, T, create_graph=True), and
   one backward of J. Not compilable: AOTAutograd has no double backward.
-* fd (compilable: first-order passes only): grad P by a forward difference of D = grad L^a_S - grad L^b_S (all parameters) along d~:
+* fd: grad P by a forward difference of D = grad L^a_S - grad L^b_S (all parameters) along d~:
   grad P ~ (2/h) [D(theta + h d~) - D(theta)], h = fd_eps / ||d||, so the weights move by exactly
   fd_eps in parameter space. Four first-order passes on the subset (each view at theta and at the
-  moved point, BN as in exact), weights restored by copy, then the data backward.
+  moved point, BN as in exact), weights restored by copy, then the data backward. Compilable:
+  first-order passes only.
   fd_eps = 1e-3: on a smooth (tanh) net fd's penalty gradient is within 1e-4..5e-4 (float64,
   truncation error, linear in fd_eps) and ~7e-4 (float32, near its optimum: rounding takes over
   below, 1e-2 at fd_eps = 1e-4) of exact's. On ReLU/max-pool bodies with a target beyond fc the
@@ -79,8 +80,8 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method,
-                   restore, set_grads, upcast)
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method,
+                   set_grads, upcast)
 
 
 @register_method
@@ -115,6 +116,7 @@ class GVR(Method):
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
         self.in_target = [id(p) in wanted for p in self.params]
         self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
+        self.saved = clone_all(self.target_params) if self.penalty == "fd" else None  # w at the fd probe
         if not self.target_params:
             raise UsageError(f"target {self.target!r} of method 'gvr' has no trainable parameters")
 
@@ -167,11 +169,8 @@ class GVR(Method):
             penalty = global_norm(d).square()
             # ||h d|| = fd_eps; the clamp keeps h finite when the views agree (d = 0, grad P = 0).
             h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-            saved = clone_all(self.target_params)
-            with torch.no_grad():
-                torch._foreach_add_(self.target_params, torch._foreach_mul(d, h))
-            moved = self._grad_difference(x_a, x_b, y)
-            restore(self.target_params, saved)
+            with perturbed(self.target_params, torch._foreach_mul(d, h), self.saved):
+                moved = self._grad_difference(x_a, x_b, y)
         penalty_grad = torch._foreach_sub(moved, difference)
         torch._foreach_mul_(penalty_grad, 2 * self.alpha / h)
         # The data backward accumulates onto alpha * grad P.

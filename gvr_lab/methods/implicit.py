@@ -94,7 +94,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, register_method, restore, set_grads, upcast
+from .base import Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, set_grads, upcast
 
 NOVACK = "Novack et al. 2023 (arXiv 2211.15853)"
 
@@ -248,6 +248,7 @@ class PenaltyMethod(MicroBatchMethod):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
         self.compilable = self.hvp != "exact"
+        self.saved = clone_all(self.params) if self.hvp == "fd" else None  # w at the fd probe (base.perturbed)
 
     def draw(self, logits: torch.Tensor):
         """The randomness of s_i (sampled labels, a direction), drawn once per micro-batch."""
@@ -286,12 +287,9 @@ class PenaltyMethod(MicroBatchMethod):
         penalty = squared_norm(g_src)
         # ||h v|| = fd_eps; the clamp keeps h finite when v = 0 (then H v = 0 and the step adds 0).
         h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-        saved = clone_all(self.params)
-        with torch.no_grad():
-            torch._foreach_add_(self.params, torch._foreach_mul(g_src, h))
-        with frozen_bn_stats(self.model), replayed_rng(state, x.device):
+        with perturbed(self.params, torch._foreach_mul(g_src, h), self.saved), frozen_bn_stats(self.model), \
+                replayed_rng(state, x.device):
             moved = grad(self.source(self.forward(x), y, draw), self.params)
-        restore(self.params, saved)
         # grad L_i + 2 lam H v  with  H v ~ (moved - g_src) / h
         total = torch._foreach_sub(moved, g_src)
         torch._foreach_mul_(total, 2 * self.lam / h)

@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, set_grads
-from .sam import RngReplay, check_rho, perturbed, sam_scale
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
+from .sam import RngReplay, check_rho, sam_scale
 
 PARALLEL_TOL = 1e-5  # ||g_v|| / ||g_S|| at or below this counts as g_S parallel to g
 

@@ -74,8 +74,7 @@ import contextlib
 import torch
 
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method,
-                   restore, set_grads)
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
 
 XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
 
@@ -106,25 +105,6 @@ def ascent_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.T
 def sam_scale(radius: float, norm: torch.Tensor) -> torch.Tensor:
     """radius / (norm + XI): the factor that turns a direction of norm `norm` into SAM's eps."""
     return radius / (norm + XI)
-
-
-@contextlib.contextmanager
-def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor], saved: list[torch.Tensor]):
-    """Weights at w + eps inside the block, restored to w by copy on exit.
-
-    `saved` are buffers shaped like `params` that receive the copy of w: the methods keep them
-    across steps, since allocating parameter-sized tensors every step costs as much as copying.
-    """
-    if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
-        yield
-        return
-    with torch.no_grad():
-        torch._foreach_copy_(saved, params)
-        torch._foreach_add_(params, eps)
-    try:
-        yield
-    finally:
-        restore(params, saved)
 
 
 def tracks_bn_stats(model: torch.nn.Module) -> bool:

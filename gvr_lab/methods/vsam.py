@@ -93,8 +93,8 @@ import random
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, register_method, set_grads
-from .sam import perturbed, sam_scale
+from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
+from .sam import sam_scale
 
 MAX_REUSE = 6  # PSF_last is reused while beta^(j-1) > beta^MAX_REUSE
 
@@ -153,7 +153,7 @@ class VSAM(Method):
         self.rings = torch.zeros(3, self.window, device=self.params[0].device)
         self.ptr = 0
         self.rng = random.Random(torch.initial_seed())
-        self.saved = clone_all(self.params)  # w during pass 2 (sam.perturbed)
+        self.saved = clone_all(self.params)  # w during pass 2 (base.perturbed)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
