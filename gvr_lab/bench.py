@@ -108,7 +108,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
     batch = next(bench_loader(channels, size, num_classes, batch_size, dev, seed, views=2).epoch(0))
 
-    def entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
+    def make_entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
         torch.manual_seed(seed)
         net = create_model(model, num_classes=num_classes, in_channels=channels).to(dev, memory_format=memory_format)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
@@ -122,12 +122,12 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     entries = []
     for name, hp in parsed:
         hp = fit_to_batch(name, hp, batch_size)
-        entries.append(entry(name, hp, name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else ""),
+        entries.append(make_entry(name, hp, name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else ""),
                              batch))
     if any(e["method"].views == 2 for e in entries):
         # Two-view methods (gvr) pass 2B images per step: their fair reference is sgd on both views.
         both = Batch(torch.cat([batch.x, batch.x2]), torch.cat([batch.y, batch.y]), torch.cat([batch.index] * 2))
-        entries.append(entry("sgd", {}, TWO_VIEW_SGD_LABEL, both))
+        entries.append(make_entry("sgd", {}, TWO_VIEW_SGD_LABEL, both))
 
     clock = Clock(dev)
     for entry in entries:
@@ -159,16 +159,15 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         data_times.append(clock.stop_ms() / steps)
 
     sgd_ms = statistics.median(entries[0]["times"])
-    results = []
-    for entry in entries:
-        ms = statistics.median(entry["times"])
-        sampled = float(torch.stack(entry["sampled"]).mean()) if entry["sampled"] else None
-        results.append(Result(entry["label"], ms, min(entry["times"]), 1000 * batch_size / ms,
-                              ms / 1000 * EPOCH_IMAGES / batch_size, ms / sgd_ms, entry["peak"], sampled))
-    profiles = {entry["label"]: profile_steps(entry["method"], entry["batch"], steps, dev) for entry in entries} if profile else {}
-    data_ms = statistics.median(data_times)
-    results.append(Result(DATA_LABEL, data_ms, min(data_times), 1000 * batch_size / data_ms,
-                          data_ms / 1000 * EPOCH_IMAGES / batch_size, data_ms / sgd_ms, float("nan"), None))
+
+    def result(label: str, times: list[float], peak: float, sampled: list[torch.Tensor]) -> Result:
+        ms = statistics.median(times)
+        return Result(label, ms, min(times), 1000 * batch_size / ms, ms / 1000 * EPOCH_IMAGES / batch_size,
+                      ms / sgd_ms, peak, float(torch.stack(sampled).mean()) if sampled else None)
+
+    results = [result(e["label"], e["times"], e["peak"], e["sampled"]) for e in entries]
+    results.append(result(DATA_LABEL, data_times, float("nan"), []))
+    profiles = {e["label"]: profile_steps(e["method"], e["batch"], steps, dev) for e in entries} if profile else {}
     return {
         "setup": {"model": model, "shape": f"{channels}x{size}", "batch_size": batch_size, "device": str(dev),
                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
