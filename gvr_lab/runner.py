@@ -139,11 +139,11 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
 
 
 def execution_record(run_dir: Path) -> dict:
-    """What a finished notebook run did: its parameters, the execution's wall time, and the
-    training runs under its runs_root (count and summed wall time, which stays true when a later
-    execution only redraws because every run had finished)."""
+    """What a finished notebook run did: the execution's wall time, and the training runs under its
+    runs_root (count, summed wall time and devices, which stay true when a later execution only
+    redraws because every run had finished)."""
     params = read_json(run_dir / "params.json")
-    record = {"params": params, "wall_time_s": read_json(run_dir / "DONE")["wall_time_s"]}
+    record = {"wall_time_s": read_json(run_dir / "DONE")["wall_time_s"]}
     summaries = [read_json(p) for p in Path(REPO, params.get("runs_root", "")).glob("*/summary.json")] \
         if params.get("runs_root") else []
     record["training_runs"] = len(summaries)
