@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
-from .methods import create_method, method_class
-from .models import create_model
+from .methods import method_class
+from .train import Config, DeviceSettings, build_model
 
 EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
 # Warm-up steps run in this epoch and every timed round in the next one, past every method's warm-up
@@ -60,7 +60,7 @@ DATA_LABEL = "data (crop, flip, cutout 0.5)"
 TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
-def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, device: torch.device,
+def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, settings: DeviceSettings,
                  seed: int, views: int, batches: int = 1) -> DeviceLoader:
     """The training loader over random uint8 images of the shape, with the GVR code's augmentation:
     what feeds a real run, device-resident."""
@@ -69,8 +69,8 @@ def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, de
     split = Split(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
                   torch.randint(0, num_classes, (n,), generator=g))
     info = DatasetInfo("bench", num_classes, channels, size, (0.5,) * channels, (0.25,) * channels)
-    return DeviceLoader(split, info, batch_size=batch_size, device=device, augment=Augment(cutout_p=0.5), views=views,
-                        seed=seed, channels_last=device.type == "cuda")
+    return DeviceLoader(split, info, batch_size=batch_size, device=settings.device, augment=Augment(cutout_p=0.5),
+                        views=views, seed=seed, channels_last=settings.channels_last)
 
 
 class Clock:
@@ -94,28 +94,28 @@ class Clock:
 
 
 def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, methods: list[tuple[str, dict]],
-              device: str = "cpu", precision: str = "fp32", compile: bool = False, steps: int = 5,
-              warmup: int = 3, rounds: int = 5, seed: int = 0, profile: bool = False) -> dict:
+              device: str = "cpu", precision: str = "auto", compile: bool = False, steps: int = 5,
+              warmup: int = 3, rounds: int = 5, seed: int = 0, profile: bool = False,
+              cuda_settings: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
     channels, size = shape
     parsed = [(method_class(name).name, hp) for name, hp in methods]
     if all(name != "sgd" or hp for name, hp in parsed):
         parsed.insert(0, ("sgd", {}))
-    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+
+    def config_of(name: str, hp: dict) -> Config:
+        # The optimizer settings of a CIFAR run; model, optimizer and method are built as training builds them.
+        return Config(model=model, method=name, method_args=hp, batch_size=batch_size, lr=0.01, momentum=0.9, weight_decay=5e-4, seed=seed,
+                      device=device, precision=precision, compile=compile, cuda_settings=cuda_settings)
+
+    settings = DeviceSettings.of(config_of("sgd", {}), dev)
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
-    batch = next(bench_loader(channels, size, num_classes, batch_size, dev, seed, views=2).epoch(0))
+    batch = next(bench_loader(channels, size, num_classes, batch_size, settings, seed, views=2).epoch(0))
 
     def make_entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
-        torch.manual_seed(seed)
-        net = create_model(model, num_classes=num_classes, in_channels=channels).to(dev, memory_format=memory_format)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              fused=dev.type == "cuda")
-        method = create_method(name, net, opt, amp_dtype=amp_dtype, **hp)
-        if compile and method.compilable:
-            net.forward_features = torch.compile(net.forward_features)
+        _, _, method = build_model(config_of(name, hp), num_classes, channels, settings)
         method.start_epoch(STEADY_EPOCH)
         return {"label": label, "method": method, "batch": batch, "times": [], "sampled": []}
 
@@ -149,8 +149,8 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             entry["times"].append(clock.stop_ms() / steps)
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
-    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, dev, seed, views=1,
-                                               batches=steps)
+    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, seed, views=1,
+                                          batches=steps)
     for r in range(rounds):  # the loader alone: what an sgd step waits for its batch
         batches = loader.epoch(r)
         clock.start()
@@ -158,7 +158,8 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             next(batches)
         data_times.append(clock.stop_ms() / steps)
 
-    sgd_ms = statistics.median(entries[0]["times"])
+    # Ratios are to plain sgd wherever it stands in the list (it is added first when not asked for).
+    sgd_ms = statistics.median(next(e for e in entries if e["label"] == "sgd")["times"])
 
     def result(label: str, times: list[float], peak: float, sampled: list[torch.Tensor]) -> Result:
         ms = statistics.median(times)
@@ -171,7 +172,9 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     return {
         "setup": {"model": model, "shape": f"{channels}x{size}", "batch_size": batch_size, "device": str(dev),
                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-                  "threads": torch.get_num_threads(), "precision": precision, "compile": compile,
+                  "threads": torch.get_num_threads(),
+                  "precision": "bf16" if settings.amp_dtype is not None else "fp32",
+                  "channels_last": settings.channels_last, "fused_sgd": settings.fused, "compile": compile,
                   "steps": steps, "warmup": warmup, "rounds": rounds, "torch": torch.__version__,
                   "python": platform.python_version()},
         "results": [asdict(r) for r in results],

@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
     methods = [parse_method_spec(spec) for spec in args.methods]
     report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, methods,
                        device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
-                       warmup=args.warmup, rounds=args.rounds, profile=args.profile)
+                       warmup=args.warmup, rounds=args.rounds, profile=args.profile, cuda_settings=args.cuda_settings)
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", default=["sgd"], metavar="NAME[:K=V,...]",
                    help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc")
     b.add_argument("--device", default="auto")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA (as training), fp32 on the CPU")
+    b.add_argument("--cuda-settings", action="store_true",
+                   help="the CUDA configuration on any device: fused SGD, channels_last, bf16 under auto")
     b.add_argument("--compile", action="store_true", help="torch.compile the model where the method allows it")
     b.add_argument("--steps", type=int, default=5, help="steps per timed round")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")

@@ -261,12 +261,39 @@ def split_indices(n: int, train_subset: int, val_split: float, seed: int) -> tup
 # --------------------------------------------------------------------------- batched augmentation
 
 
-def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class Draws:
+    """The random numbers of the rows [start, start + n) of a global batch of `total` rows.
+
+    Under data parallelism every rank draws the numbers of the whole global batch from the same
+    generator and keeps its rows, so the ranks' slices are augmented exactly as one process
+    augments the whole batch (one generator per rank would give row j of every rank the same
+    crop, flip and Cutout). With one process, total = n and nothing is discarded.
+    """
+
+    g: torch.Generator
+    total: int
+    start: int = 0
+
+    @classmethod
+    def of(cls, g: "torch.Generator | Draws", n: int) -> "Draws":
+        return g if isinstance(g, Draws) else cls(g, n)
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        """(n, 1) ints uniform in [0, high)."""
+        return torch.randint(0, high, (self.total, 1), generator=self.g, device=self.g.device)[self.start:self.start + n]
+
+    def rand(self, n: int) -> torch.Tensor:
+        return torch.rand(self.total, generator=self.g, device=self.g.device)[self.start:self.start + n]
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator | Draws) -> torch.Tensor:
     """Per-sample random crop of a zero-padded batch (torchvision RandomCrop(size, padding=pad))."""
     n, c, h, w = x.shape
+    draws = Draws.of(g, n)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=g, device=x.device)
+    dy = draws.randint(2 * pad + 1, n)
+    dx = draws.randint(2 * pad + 1, n)
     rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
     n_idx = torch.arange(n, device=x.device)[:, None, None, None]
@@ -274,19 +301,20 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     return padded[n_idx, c_idx, rows, cols]
 
 
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+def random_flip(x: torch.Tensor, g: torch.Generator | Draws) -> torch.Tensor:
+    flip = Draws.of(g, x.shape[0]).rand(x.shape[0]) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def cutout(x: torch.Tensor, p: float, size: int, g: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, p: float, size: int, g: torch.Generator | Draws) -> torch.Tensor:
     """Cutout as in the GVR/SAM code: with probability p, zero a size x size square whose centre is
     uniform over the image (so it may hang off the border). Runs after normalization, so zero is the
     dataset mean."""
     n, _, h, w = x.shape
-    apply = torch.rand(n, generator=g, device=x.device) < p
-    top = torch.randint(0, h, (n, 1), generator=g, device=x.device) - size // 2
-    left = torch.randint(0, w, (n, 1), generator=g, device=x.device) - size // 2
+    draws = Draws.of(g, n)
+    apply = draws.rand(n) < p
+    top = draws.randint(h, n) - size // 2
+    left = draws.randint(w, n) - size // 2
     r = torch.arange(h, device=x.device)
     c = torch.arange(w, device=x.device)
     in_rows = (r >= top) & (r < top + size)
@@ -334,15 +362,15 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def view(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def view(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
         a = self.augment
         if a is not None and a.crop_pad:
-            images = random_crop(images, a.crop_pad, g)
+            images = random_crop(images, a.crop_pad, draws)
         x = (images.float() / 255 - self.mean) / self.std
         if a is not None and a.flip:
-            x = random_flip(x, g)
+            x = random_flip(x, draws)
         if a is not None and a.cutout_p > 0:
-            x = cutout(x, a.cutout_p, a.cutout_size, g)
+            x = cutout(x, a.cutout_p, a.cutout_size, draws)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def epoch(self, epoch: int):
@@ -350,11 +378,13 @@ class DeviceLoader:
         g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        local = self.batch_size // self.world_size
         for i in range(len(self)):
-            local = self.batch_size // self.world_size
-            start = i * self.batch_size + self.rank * local
-            rows = order[start : start + local]
+            start = i * self.batch_size
+            rows = order[start + self.rank * local : start + (self.rank + 1) * local]
+            # The augmentation of the whole global batch (its last one may be short), this rank's rows of it.
+            draws = Draws(g, len(order[start : start + self.batch_size]), self.rank * local)
             images = self.images[rows]
-            x = self.view(images, g)
-            x2 = self.view(images, g) if self.views == 2 else None
+            x = self.view(images, draws)
+            x2 = self.view(images, draws) if self.views == 2 else None
             yield Batch(x, self.labels[rows], self.index[rows], x2)

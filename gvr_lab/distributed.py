@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ def all_reduce_(tensors: list[torch.Tensor], world: World, op: str = "sum") -> N
     torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat, tensors))
 
 
+def gather_ranks(local: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's `local` (same shape on all), concatenated along dim 0 in rank order: the order
+    of the global batch, whose r-th slice rank r holds. One all-reduce of a zero-padded buffer."""
+    if not world.active:
+        return local
+    full = local.new_zeros(world.size, *local.shape)
+    full[world.rank] = local
+    all_reduce_([full], world, "sum")
+    return full.flatten(0, 1)
+
+
 def average_(tensors: list[torch.Tensor], world: World) -> None:
     """In-place mean across ranks."""
     all_reduce_(tensors, world, "mean")
@@ -89,6 +101,29 @@ class GradSync:
     def pre_step(self, optimizer, args, kwargs) -> None:
         self.now()
         self.done = False
+
+
+def rank_mean(values: dict, world: World, device: torch.device) -> dict:
+    """Each value (0-dim tensor or number) averaged over the ranks, as 0-dim tensors on the device:
+    one all-reduce, no host sync. For logged step metrics, so a log holds the global batch's values."""
+    if not world.active or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device) for k in keys])
+    average_([stacked], world)
+    return dict(zip(keys, stacked.unbind()))
+
+
+def gather_to_main(state, world: World) -> list | None:
+    """Every rank's `state` (nested dicts, lists and tensors) on rank 0, in rank order, its tensors
+    moved to the CPU; None on the other ranks and in a single process. For per-rank method state
+    in the checkpoint."""
+    if not world.active:
+        return None
+    on_cpu = torch.utils._pytree.tree_map(lambda v: v.cpu() if torch.is_tensor(v) else v, state)
+    gathered = [None] * world.size if world.main else None
+    dist.gather_object(on_cpu, gathered, dst=0)
+    return gathered
 
 
 def average_buffers(model: torch.nn.Module, world: World) -> None:

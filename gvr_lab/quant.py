@@ -294,6 +294,20 @@ def quantize_model(model: nn.Module, bits: int, keep_first_last: bool = True,
     return model
 
 
+def adopt_activation_init(copy: nn.Module, model: nn.Module) -> None:
+    """Give the activation quantizers of `copy` (a deep copy of `model`, e.g. an EMA teacher taken
+    before the first forward) the sign and step size `model`'s quantizers took at their
+    initialization, where `copy`'s have none yet. Without it the copy keeps the placeholder s = 1
+    and, once an EMA copies the `initialized` flag over, never initializes (a MESA teacher did:
+    accuracy 0.69 against 0.76)."""
+    ours = dict(copy.named_modules())
+    for name, module in model.named_modules():
+        mine = ours.get(name)
+        if isinstance(module, ActivationQuantizer) and isinstance(mine, ActivationQuantizer) \
+                and bool(module.initialized) and not bool(mine.initialized):
+            mine.load_state_dict(module.state_dict())
+
+
 def step_sizes(model: nn.Module) -> list[nn.Parameter]:
     """Every LSQ step-size Parameter of the model (weight and activation quantizers)."""
     return [m.step for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]

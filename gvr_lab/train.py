@@ -25,7 +25,7 @@ import torch
 
 from . import results
 from .data import Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices
-from .distributed import GradSync, World, average_buffers, init_world, reduce_means
+from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import UsageError, check_choice
 from .methods import create_method, method_class
 from .models import create_model, list_models
@@ -62,6 +62,10 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # The CUDA configuration on any device: fused SGD, channels_last model and batches, and bf16
+    # autocast under precision "auto". CUDA always gets it; on a CPU it reproduces a GPU run's
+    # numerics (tests use it to prove every method right in the configuration users train in).
+    cuda_settings: bool = False
     compile: bool = False  # torch.compile the model when the method allows it
     quant_bits: int = 0  # LSQ quantization-aware training bit width (2-16); 0 = full precision
     quant_first_last: bool = False  # also quantize the first layer and fc (LSQ keeps them full precision)
@@ -185,29 +189,51 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, amp_dtype) -> dict:
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
 
 
-def build(config: Config, device: torch.device, amp_dtype, world: World):
-    """Data loaders, model, optimizer and method for a Config."""
-    info = dataset_info(config.dataset)
-    train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
-    train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+@dataclass(frozen=True)
+class DeviceSettings:
+    """How a run uses its device. One place decides it, for training and for the benchmark."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
+    channels_last: bool  # model and batches in NHWC, as cuDNN's fast convolutions want them
+    fused: bool  # torch.optim.SGD(fused=True): one kernel for the whole update
+
+    @classmethod
+    def of(cls, config: Config, device: torch.device) -> "DeviceSettings":
+        cuda = device.type == "cuda" or config.cuda_settings
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+        return cls(device, torch.bfloat16 if bf16 else None, channels_last=cuda, fused=cuda)
+
+
+def build_model(config: Config, num_classes: int, channels: int, settings: DeviceSettings, world: World = World()):
+    """Model, optimizer and method of a Config, on the device as `settings` say (training and bench)."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+    model = create_model(config.model, num_classes=num_classes, in_channels=channels, **config.model_args)
     if config.quant_bits:  # before the optimizer and the method, which capture the parameter list
         quantize_model(model, config.quant_bits, keep_first_last=not config.quant_first_last)
-    channels_last = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = model.to(settings.device,
+                     memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=config.nesterov,
-                                fused=device.type == "cuda")
+                                weight_decay=config.weight_decay, nesterov=config.nesterov, fused=settings.fused)
     method = create_method(config.method, model, optimizer, label_smoothing=config.label_smoothing,
-                           amp_dtype=amp_dtype, **config.method_args)
+                           amp_dtype=settings.amp_dtype, **config.method_args)
     method.sync_grads = GradSync(optimizer, world).now
     method.world = world
     if config.compile and method.compilable:
         # forward = fc(forward_features): compiling the body serves methods that call either
         model.forward_features = torch.compile(model.forward_features)
+    return model, optimizer, method
+
+
+def build(config: Config, settings: DeviceSettings, world: World):
+    """Data loaders, model, optimizer and method for a Config."""
+    info = dataset_info(config.dataset)
+    train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
+    train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
-    common = dict(device=device, channels_last=channels_last)
+    device = settings.device
+    common = dict(device=device, channels_last=settings.channels_last)
     train_loader = DeviceLoader(train_split, info, batch_size=config.batch_size, indices=train_idx, augment=augment,
                                 views=method.views, seed=config.seed, rank=world.rank, world_size=world.size,
                                 **common)
@@ -273,16 +299,15 @@ def train(config: Config) -> Run:
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    amp_dtype = torch.bfloat16 if use_bf16 else None
+    settings = DeviceSettings.of(config, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    parts = build(config, device, amp_dtype, world)  # reads the data: bad input fails before any write
+    parts = build(config, settings, world)  # reads the data: bad input fails before any write
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with results.RunLock(run_dir):
-            return run_loop(config, run_dir, world, device, amp_dtype, *parts)
-    run_loop(config, run_dir, world, device, amp_dtype, *parts)
+            return run_loop(config, run_dir, world, device, settings.amp_dtype, *parts)
+    run_loop(config, run_dir, world, device, settings.amp_dtype, *parts)
     return None
 
 
@@ -304,7 +329,10 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         ckpt = results.load_checkpoint(run_dir / results.CHECKPOINT, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        method.load_state_dict(ckpt["method"])
+        # Each rank its own method state (LookSAM's direction, vSAM's PSF are per rank); under
+        # another world size, rank r takes that of the old rank r mod the old world size.
+        per_rank = ckpt.get("method_ranks") or [ckpt["method"]]
+        method.load_state_dict(per_rank[world.rank % len(per_rank)])
         history, steps, start_epoch, wall_before = ckpt["history"], ckpt["steps"], ckpt["epoch"], ckpt["wall_time_s"]
 
     steps_per_epoch = len(train_loader)
@@ -330,8 +358,8 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
                 counts[k] = counts.get(k, 0) + 1
-            if method.diagnose:
-                logged.append((epoch * steps_per_epoch + i, epoch, lr, out))
+            if method.diagnose:  # the global batch's values: averaged over the ranks
+                logged.append((epoch * steps_per_epoch + i, epoch, lr, rank_mean(out, world, device)))
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
             if bar is not None:
@@ -365,9 +393,11 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         wall = wall_before + time.perf_counter() - t_start
         write(results.EPOCHS, history)
         write(results.STEPS, steps)
+        method_ranks = gather_to_main(method.state_dict(), world)
         if world.main:
             results.save_checkpoint(run_dir / results.CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                "method_ranks": method_ranks,
                 "epoch": epoch + 1, "history": history, "steps": steps, "wall_time_s": wall})
         write_summary("running", wall)
     if bar is not None:

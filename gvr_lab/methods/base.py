@@ -86,6 +86,25 @@ class Method(abc.ABC):
         device_type = next(self.model.parameters()).device.type
         return torch.autocast(device_type, dtype=self.amp_dtype)
 
+    @contextlib.contextmanager
+    def fp32(self):
+        """Passes inside compute in true fp32, whatever the run's bf16 autocast and CUDA's TF32
+        convolutions (cuDNN's default): a finite difference of two gradients taken a step of norm
+        ~1e-3 apart needs both ends far more precise than bf16's 3 digits (fd under bf16 gave a
+        penalty update 106% off) or TF32's. Host-side flags only: no sync."""
+        amp, tf32 = self.amp_dtype, (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        self.amp_dtype = None
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        device_type = self.params[0].device.type
+        off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+            else contextlib.nullcontext()  # a device without autocast (meta) computes in its own dtype
+        try:
+            with off:
+                yield
+        finally:
+            self.amp_dtype = amp
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.model(x)
@@ -110,6 +129,14 @@ class Method(abc.ABC):
         """Average .grad across data-parallel ranks now, for methods that transform the global
         gradient before the step (normalized GD, grafting). Otherwise gradients are averaged in a
         pre-hook of optimizer.step(). A no-op in one process; the loop installs the real one."""
+
+    def update_norm(self) -> torch.Tensor:
+        """||.grad||: the norm of the gradient the optimizer is about to apply. Called right before
+        optimizer.step(), after everything rank-local is done: it averages .grad across ranks now
+        (the step's pre-hook then does not again), so every rank logs the global value, and it is
+        measured before the step, which may change .grad (foreach SGD adds Nesterov momentum in)."""
+        self.sync_grads()
+        return global_norm(grads_of(self.params))
 
     def all_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Replace tensors by their mean across data-parallel ranks, in place; a no-op in one
@@ -172,8 +199,16 @@ def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Hand `grads` to the optimizer as .grad, each laid out like its parameter.
+
+    autograd.grad may return a gradient with other strides than its parameter: a conv weight's
+    double-backward gradient comes back transposed, a channels_last weight can get a contiguous
+    one. Fused optimizers walk .grad in memory order, so such a gradient would silently update
+    the wrong elements (fused SGD on the CPU) or be refused (CUDA). `.backward()` needs no help:
+    it accumulates into the parameter's layout itself. The check is on host metadata, no sync.
+    """
     for p, g in zip(params, grads):
-        p.grad = g
+        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -206,6 +241,24 @@ def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor], saved: list[t
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, saved)
+
+
+def rng_state(device: torch.device) -> tuple:
+    """torch's global RNG state (CPU, plus `device`'s CUDA generator on a GPU); reading the CUDA
+    state does not sync: the Philox seed and offset live on the host."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_rng(state: tuple, device: torch.device):
+    """Run the block with torch's RNG as it was at `state` (so dropout draws the same masks), then
+    put the RNG back where it was before the block: the replay consumes nothing."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 @contextlib.contextmanager

@@ -25,6 +25,10 @@ Deviations from the official code, all deliberate:
 - BN running statistics advance only on pass 1 (the official code lets all three passes move
   them); the no-grad forward and pass 2 normalize with batch statistics under frozen statistics.
 - Dropout: the no-grad forward at w + eps replays pass 1's RNG, so s_i compares the same masks.
+  Pass 2 replays them too when it runs on the whole batch (gamma = 1, so beta = gamma = 1 is SAM).
+  On a selection (gamma < 1) it draws fresh masks, as the official code does in every pass:
+  dropout draws masks for a tensor's shape, so the selected rows cannot be given the masks they
+  had in pass 1, and replaying the RNG would hand them the masks of rows 0..n-1 instead.
 - The mask is drawn at the start of each step rather than after the previous update; same law.
 
 Data parallelism: pass 1's ascent is per rank (as the official code sets it up under DDP) and
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, upcast
+from .base import Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, upcast
 from .sam import RngReplay, ascent_grads, check_rho, sam_scale
 
 
@@ -111,11 +115,12 @@ class ESAM(Method):
                     sharp = self.sample_losses(self.forward(x), y) - losses.detach()
                 rows = sharp.argsort(descending=True, stable=True)[:count].sort().values
                 x, y = x[rows], y[rows]
-            rng.replay()
+            else:  # the whole batch again: pass 1's masks (a subset cannot have its rows' masks)
+                rng.replay()
             loss_s = self.loss(self.forward(x), y)
             loss_s.backward()
         sharpness = sharp.mean() if count < size else loss_s.detach() - loss.detach()
-        sam_grad_norm = global_norm(grads_of(self.params))
+        sam_grad_norm = self.update_norm()
         self.optimizer.step()
         return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, sam_grad_norm=sam_grad_norm,
                             selected=torch.full((), count / size, device=device),

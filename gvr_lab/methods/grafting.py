@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 
 from ..data import Batch
+from ..distributed import gather_ranks
 from ..errors import UsageError
 from .base import global_norm, register_method, set_grads
 from .implicit import NOVACK, MicroBatchMethod
@@ -88,11 +89,16 @@ class NormalizedMethod(MicroBatchMethod):
         self.sync_grads()
         lb.grad = [p.grad for p in self.params]
         lb_norm = global_norm(lb.grad)
+        # Every rank's micro-batch norms, in the global batch's order: ranks take the same step
+        # length, the one a single process takes with the whole batch.
+        lb.micro_norms = gather_ranks(lb.micro_norms, self.world)
         extra = self.step_length(lb_norm, lb.micro_norms)
         direction = torch._foreach_mul(lb.grad, extra.pop("scale") / self.denominator(lb_norm))
         set_grads(self.params, direction)
+        # Measured before the step: foreach SGD with Nesterov adds the momentum into .grad.
+        grad_norm = global_norm(direction)
         self.optimizer.step()
-        return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=global_norm(direction), lb_grad_norm=lb_norm,
+        return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=grad_norm, lb_grad_norm=lb_norm,
                             **extra, **lb.diagnostics())
 
     def denominator(self, lb_norm: torch.Tensor) -> torch.Tensor:
@@ -112,8 +118,8 @@ class IterGraft(NormalizedMethod):
     def step_length(self, lb_norm, micro_norms):
         if self.norm_source == "mean_micro":
             nu = micro_norms.mean()
-        else:
-            nu = micro_norms[torch.randint(len(micro_norms), (), device=micro_norms.device)]
+        else:  # j from the CPU generator: a host int, so indexing does not sync with the device
+            nu = micro_norms[int(torch.randint(len(micro_norms), ()))]
         return {"scale": nu, "graft_norm": nu}
 
 
@@ -143,12 +149,13 @@ class NGD(NormalizedMethod):
 class NormLog:
     """An sgd run's logged gradient norms, looked up step-aligned (see the module docstring)."""
 
-    def __init__(self, norms_path: str):
+    def __init__(self, norms_path: str, micro_batch_size: int):
         path = Path(norms_path)
         file = path / "steps.parquet" if path.is_dir() else path
         if not file.is_file():
             raise UsageError(f"norms_path {norms_path!r} for method 'exter_graft': no {file}; give the run "
                              "directory of an earlier sgd run (it holds steps.parquet) or that file")
+        self.check_origin(file, micro_batch_size)
         try:
             table = pd.read_parquet(file)
         except Exception as e:  # pyarrow raises a variety of types for a file that is not parquet
@@ -165,6 +172,23 @@ class NormLog:
         self.steps = [int(s) for s in table["step"]]
         self.norms = [float(v) for v in table["grad_norm"]]
         self.stride = self._stride(file)
+
+    @staticmethod
+    def check_origin(file: Path, micro_batch_size: int) -> None:
+        """The log must hold what is grafted: norms of single-process gradients of m examples. Its
+        run's config.json and summary.json, where they lie next to it, say so or not."""
+        config, summary = (file.parent / name for name in ("config.json", "summary.json"))
+        if summary.is_file():
+            world = json.loads(summary.read_text()).get("world_size", 1)
+            if world != 1:
+                raise UsageError(f"norms log {file} for method 'exter_graft' comes from a run on {world} "
+                                 "data-parallel ranks; graft from a single-process sgd run")
+        if config.is_file():
+            batch = json.loads(config.read_text()).get("batch_size")
+            if batch is not None and batch != micro_batch_size:
+                raise UsageError(f"norms log {file} for method 'exter_graft' holds gradient norms of batches of "
+                                 f"{batch}, not of micro_batch_size={micro_batch_size}; graft from an sgd run with "
+                                 f"batch_size {micro_batch_size}")
 
     def _stride(self, file: Path) -> int:
         config = file.parent / "config.json"
@@ -204,11 +228,11 @@ class ExterGraft(NormalizedMethod):
         if not hp["norms_path"]:
             raise UsageError("method 'exter_graft' needs norms_path: the run directory of an earlier sgd run "
                              "(or its steps.parquet), whose logged grad_norm sets the step length")
-        NormLog(hp["norms_path"])
+        NormLog(hp["norms_path"], hp["micro_batch_size"])
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
-        self.log = NormLog(self.norms_path)
+        self.log = NormLog(self.norms_path, self.micro_batch_size)
         p = self.params[0]
         self.norm_table = torch.tensor(self.log.norms, dtype=p.dtype, device=p.device)
         self.t = 0

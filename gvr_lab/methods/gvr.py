@@ -80,8 +80,8 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method,
-                   set_grads, upcast)
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method,
+                   replayed_rng, rng_state, set_grads, upcast)
 
 
 @register_method
@@ -111,7 +111,15 @@ class GVR(Method):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
         self.compilable = self.penalty != "exact"  # fd and closed_form are first-order only
-        modules = {"fc": [model.fc], "last_stage": [model.last_stage, model.fc], "all": [model]}[self.target]
+        needs = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[self.target]
+        if self.penalty == "closed_form":
+            needs = [*needs, "forward_features"]
+        missing = [name for name in needs if not hasattr(model, name)]
+        if missing:
+            raise UsageError(f"method 'gvr' with target {self.target!r} and penalty {self.penalty!r} needs "
+                             f"model.{missing[0]}, which {type(model).__name__} lacks; use target 'all' "
+                             "(any model) or give the model " + " and ".join(f"'{m}'" for m in needs))
+        modules = [getattr(model, name) for name in needs if name != "forward_features"] or [model]
         wanted = {id(p) for m in modules for p in m.parameters()}
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
         self.in_target = [id(p) in wanted for p in self.params]
@@ -128,7 +136,7 @@ class GVR(Method):
         rows = torch.randperm(n, device=batch.y.device)[: min(self.subset, n)]
         run = {"closed_form": self._step_closed_form, "exact": self._step_exact, "fd": self._step_fd}[self.penalty]
         logits_a, loss_a, loss_b, penalty = run(batch, rows)
-        grad_norm = global_norm(grads_of(self.params))
+        grad_norm = self.update_norm()
         self.optimizer.step()
         return self.metrics(logits_a, batch.y, loss_a, loss2=loss_b, penalty=penalty,
                             grad_diff_norm=penalty.detach().sqrt(), grad_norm=grad_norm)
@@ -163,13 +171,17 @@ class GVR(Method):
 
     def _step_fd(self, batch: Batch, rows: torch.Tensor):
         x_a, x_b, y = batch.x[rows], batch.x2[rows], batch.y[rows]
-        with frozen_bn_stats(self.model):
+        # Both ends of the difference in fp32 (base.Method.fp32), and the moved end with the
+        # dropout masks of the clean end: fresh masks would make D(theta + h d) - D(theta) a
+        # difference of two networks, divided by h (a penalty gradient 1e2..1e4 x exact's).
+        with frozen_bn_stats(self.model), self.fp32():
+            state = rng_state(x_a.device)
             difference = self._grad_difference(x_a, x_b, y)
             d = [g for g, t in zip(difference, self.in_target) if t]
             penalty = global_norm(d).square()
             # ||h d|| = fd_eps; the clamp keeps h finite when the views agree (d = 0, grad P = 0).
             h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-            with perturbed(self.target_params, torch._foreach_mul(d, h), self.saved):
+            with perturbed(self.target_params, torch._foreach_mul(d, h), self.saved), replayed_rng(state, x_a.device):
                 moved = self._grad_difference(x_a, x_b, y)
         penalty_grad = torch._foreach_sub(moved, difference)
         torch._foreach_mul_(penalty_grad, 2 * self.alpha / h)

@@ -86,7 +86,6 @@ on logged steps (one extra backward per micro-batch).
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +93,8 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, set_grads, upcast
+from .base import (Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, replayed_rng, rng_state,
+                   set_grads, upcast)
 
 NOVACK = "Novack et al. 2023 (arXiv 2211.15853)"
 
@@ -140,22 +140,6 @@ def grad(output: torch.Tensor, params: list[torch.Tensor], **kw) -> list[torch.T
 def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Differentiable ||concat(tensors)||^2, in the tensors' own dtype (fp64 stays fp64)."""
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
-
-
-def rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-@contextlib.contextmanager
-def replayed_rng(state: tuple, device: torch.device):
-    """Run the block with torch's RNG as it was at `state` (so dropout draws the same masks), then
-    put the RNG back where it was before the block: the replay consumes nothing."""
-    cpu, cuda = state
-    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
 
 
 class MicroBatchMethod(Method):
@@ -211,8 +195,9 @@ class MicroBatchMethod(Method):
     def step(self, batch: Batch) -> dict:
         lb = self.large_batch_gradient(batch)
         set_grads(self.params, lb.grad)
+        grad_norm = self.update_norm()
         self.optimizer.step()
-        return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=global_norm(lb.grad), **lb.diagnostics())
+        return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=grad_norm, **lb.diagnostics())
 
 
 @register_method
@@ -275,21 +260,24 @@ class PenaltyMethod(MicroBatchMethod):
         return MicroResult(total, logits.detach(), loss.detach(), data_grad_norm, penalty.detach())
 
     def _fd(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
-        state = rng_state(x.device)
-        logits = self.forward(x)
-        loss = self.loss(logits, y)
-        draw = self.draw(logits)
-        if self.source_is_loss:
-            g_data = g_src = grad(loss, self.params)
-        else:
-            g_src = grad(self.source(logits, y, draw), self.params, retain_graph=True)
-            g_data = grad(loss, self.params)
-        penalty = squared_norm(g_src)
-        # ||h v|| = fd_eps; the clamp keeps h finite when v = 0 (then H v = 0 and the step adds 0).
-        h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-        with perturbed(self.params, torch._foreach_mul(g_src, h), self.saved), frozen_bn_stats(self.model), \
-                replayed_rng(state, x.device):
-            moved = grad(self.source(self.forward(x), y, draw), self.params)
+        # Both ends of the difference in fp32 (base.Method.fp32); the clean end is also the data
+        # gradient, so the whole micro-batch computes in fp32.
+        with self.fp32():
+            state = rng_state(x.device)
+            logits = self.forward(x)
+            loss = self.loss(logits, y)
+            draw = self.draw(logits)
+            if self.source_is_loss:
+                g_data = g_src = grad(loss, self.params)
+            else:
+                g_src = grad(self.source(logits, y, draw), self.params, retain_graph=True)
+                g_data = grad(loss, self.params)
+            penalty = squared_norm(g_src)
+            # ||h v|| = fd_eps; the clamp keeps h finite when v = 0 (then H v = 0 and the step adds 0).
+            h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
+            with perturbed(self.params, torch._foreach_mul(g_src, h), self.saved), frozen_bn_stats(self.model), \
+                    replayed_rng(state, x.device):
+                moved = grad(self.source(self.forward(x), y, draw), self.params)
         # grad L_i + 2 lam H v  with  H v ~ (moved - g_src) / h
         total = torch._foreach_sub(moved, g_src)
         torch._foreach_mul_(total, 2 * self.lam / h)

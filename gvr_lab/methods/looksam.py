@@ -106,7 +106,7 @@ class LookSAM(Method):
         elif self.direction is not None:
             torch._foreach_add_(g, torch._foreach_mul(self.direction, self.alpha * g_norm))
             set_grads(self.params, g)
-        update_norm = global_norm(grads_of(self.params))
+        update_norm = self.update_norm()
         self.optimizer.step()
         extra = {"sharpness": loss_s.detach() - loss.detach()} if refresh else {}
         return self.metrics(logits, batch.y, loss, grad_norm=g_norm, sam_grad_norm=update_norm,

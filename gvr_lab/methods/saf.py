@@ -73,9 +73,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_
+from ..distributed import all_reduce_, average_buffers
 from ..errors import UsageError
-from .base import Method, global_norm, grads_of, register_method, upcast
+from ..quant import adopt_activation_init
+from .base import Method, register_method, upcast
 
 
 def softened_kl(logits: torch.Tensor, target_logits: torch.Tensor, tau: float,
@@ -191,7 +192,7 @@ class SAF(Method):
             self.stamp[rows, write] = self.epoch
             self.stamp[scratch] = -1  # the scratch row never holds a past
         total.backward()
-        grad_norm = global_norm(grads_of(self.params))
+        grad_norm = self.update_norm()
         self.optimizer.step()
         return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, **extra)
 
@@ -222,14 +223,25 @@ class MESA(Method):
         self.kl_start = term_start(self)
         self.epoch = 0
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.quantizers_adopted = False
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def end_epoch(self, epoch: int) -> None:
+        """The teacher's running BN statistics are EMAs of each rank's own; averaged across ranks
+        here, as the loop averages the student's, so every rank (and the checkpoint) holds one teacher."""
+        average_buffers(self.teacher, self.world)
 
     def step(self, batch):
         self.zero_grad()
         logits = self.forward(batch.x)
         loss = self.loss(logits, batch.y)
+        if not self.quantizers_adopted:
+            # LSQ initializes the student's activation step sizes in its first forward, just now;
+            # the teacher, copied before, starts from them (a no-op without LSQ or after a resume).
+            adopt_activation_init(self.teacher, self.model)
+            self.quantizers_adopted = True
         total, penalty = loss, 0.0
         if self.epoch > self.kl_start:
             with torch.no_grad(), self.autocast():
@@ -237,7 +249,7 @@ class MESA(Method):
             penalty = softened_kl(logits, target, self.tau)
             total = loss + self.lam * penalty
         total.backward()
-        grad_norm = global_norm(grads_of(self.params))
+        grad_norm = self.update_norm()
         self.optimizer.step()
         self.update_teacher()
         return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, penalty=penalty)

@@ -220,7 +220,7 @@ class SAM(Method):
             losses.append(loss.detach())
             sharpness.append(loss_s.detach() - loss.detach())
         grad_norm = g_norm if groups == 1 else global_norm(g_sum) / groups
-        sam_grad_norm = global_norm(grads_of(self.params))
+        sam_grad_norm = self.update_norm()
         self.optimizer.step()
         logits = torch.cat(logits) if groups > 1 else logits[0]
         return self.metrics(logits, batch.y, torch.stack(losses).mean(), grad_norm=grad_norm,

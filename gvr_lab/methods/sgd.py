@@ -5,7 +5,7 @@ training Config, so this is also Novack et al.'s small-batch `Vanilla` when run 
 settings (momentum 0, weight decay 0, constant lr, batch 128).
 """
 
-from .base import Method, global_norm, grads_of, register_method
+from .base import Method, register_method
 
 
 @register_method
@@ -20,7 +20,7 @@ class SGD(Method):
         loss = self.loss(logits, batch.y)
         loss.backward()
         # Logged so a later run can graft this run's step lengths (exter_graft reads it).
-        grad_norm = global_norm(grads_of(self.params))
+        grad_norm = self.update_norm()
         self.optimizer.step()
         # The batch is its own (only) micro-batch: same trajectory as the micro-batch methods log.
         return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, micro_grad_norm=grad_norm)

@@ -29,8 +29,8 @@ Algorithm (the spec's reconstruction of the code, section 5.7), K = `window`, n_
                 contiguous chunks of the sorted P of each chunk's unbiased variance, where ||.||_N
                 is the norm over the last `last_n` parameter tensors (model.parameters() order).
     reuse step: one pass gives g;  j <- j + 1;  the base optimizer steps with
-                g + beta^j PSF_last  while beta^(j-1) > beta^6  (j <= 6: 0.7, 0.49, ..., 0.117649
-                for beta = 0.7), else plain g.  PSF_last is the full-model vector.
+                g + beta^j PSF_last  while j <= 6  (0.7, 0.49, ..., 0.117649 for beta = 0.7),
+                else plain g.  PSF_last is the full-model vector.
 
 with U ~ Uniform[0, 1) and dR, dV the mean relative change of consecutive entries of R and V
 (oldest first), each clipped to [-1, 1]. Rule (b) forces the remaining quota into the end of the
@@ -55,6 +55,10 @@ Deviations from the code, and why:
   float32 as there.
 * Reuse steps before the first SAM step (warmup_epochs = 0) are plain SGD; the code would fail on
   the missing PSF.
+* The reuse bound is counted in integers: at most 6 reuse steps after each SAM step. The code
+  writes the rule as beta^(j-1) > beta^6 on a running product in floating point, where six
+  multiplications can round below beta**6's value or above it: for beta = 0.6 or 0.9 (in float64)
+  it admits a 7th reuse, for 0.7 it does not. Counting keeps the rule's evident intent, j <= 6.
 * Both passes of a SAM step draw the same dropout masks (the global RNG is forked around pass 1),
   as the lab's SAM and the JAX reference do; the code draws fresh masks in pass 2.
 * Defaults are train_vsam.py's: a_r = a_v = 0.13 (the class default is 0.01) and last_n = 10 (the
@@ -96,7 +100,7 @@ from ..errors import UsageError
 from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
 from .sam import sam_scale
 
-MAX_REUSE = 6  # PSF_last is reused while beta^(j-1) > beta^MAX_REUSE
+MAX_REUSE = 6  # PSF_last serves at most this many reuse steps after its SAM step (j = 1..6)
 
 
 def window_trends(rings: torch.Tensor, oldest: int) -> torch.Tensor:
@@ -145,8 +149,9 @@ class VSAM(Method):
         self.b_max = int(self.window * self.p_max)
         self.epoch = 0
         self.b, self.q, self.n_s, self.c = 1.0, 0.5, 0, 1
-        # beta^j of the last reuse step, 1 right after a SAM step; 0 until the first SAM step.
-        self.reuse_scale = 0.0
+        # j: reuse steps since the last SAM step, an int so the bound is exact; MAX_REUSE until
+        # the first SAM step, so there is nothing to reuse.
+        self.reuses = MAX_REUSE
         self.psf: list[torch.Tensor] | None = None
         self.psf_norm = torch.zeros((), device=self.params[0].device)
         # Rows P, R, V; `ptr` is where the next SAM step writes, i.e. the oldest entry.
@@ -204,7 +209,7 @@ class VSAM(Method):
         self.psf = torch._foreach_sub(grads_of(self.params), g)
         self.psf_norm = global_norm(self.psf)
         self.record(g)
-        self.reuse_scale = 1.0
+        self.reuses = 0
         self.optimizer.step()
         return self.metrics(logits, batch.y, loss, sampled=1.0, psf_norm=self.psf_norm, grad_norm=grad_norm,
                             quota=int(self.b), b=self.b, reuse_weight=0.0)
@@ -231,9 +236,10 @@ class VSAM(Method):
         g = grads_of(self.params)
         grad_norm = global_norm(g)
         weight, added_norm = 0.0, 0.0
-        if self.reuse_scale > self.beta ** MAX_REUSE:
-            self.reuse_scale *= self.beta
-            weight, added_norm = self.reuse_scale, self.psf_norm * self.reuse_scale
+        if self.reuses < MAX_REUSE:
+            self.reuses += 1
+            weight = self.beta ** self.reuses
+            added_norm = self.psf_norm * weight
             torch._foreach_add_(g, self.psf, alpha=weight)
             set_grads(self.params, g)
         self.optimizer.step()
@@ -244,11 +250,11 @@ class VSAM(Method):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "b": self.b, "q": self.q, "n_s": self.n_s, "c": self.c,
-                "reuse_scale": self.reuse_scale, "psf": self.psf, "psf_norm": self.psf_norm,
+                "reuses": self.reuses, "psf": self.psf, "psf_norm": self.psf_norm,
                 "rings": self.rings, "ptr": self.ptr, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("epoch", "b", "q", "n_s", "c", "reuse_scale", "ptr"):
+        for key in ("epoch", "b", "q", "n_s", "c", "reuses", "ptr"):
             setattr(self, key, state[key])
         # Copies, so that a method loaded from another's live state does not share its rings.
         self.psf = None if state["psf"] is None else clone_all(state["psf"])
