@@ -213,14 +213,22 @@ def test_exter_graft_reads_an_sgd_runs_log(tiny_config, tmp_path):
     """End to end: an sgd run's steps.parquet sets the step lengths of an exter_graft run."""
     torch.set_default_dtype(torch.float32)
     plain = dict(momentum=0.0, weight_decay=0.0, schedule="constant", log_every=3, epochs=1)
-    sgd = train(tiny_config(out_dir=str(tmp_path / "sgd"), **plain))
-    graft = train(tiny_config(out_dir=str(tmp_path / "graft"), method="ExterGraft",
-                              method_args={"micro_batch_size": 16, "norms_path": str(sgd.run_dir)}, **plain))
+    # SB: batches of 16, 32 steps; LB: batches of 64 in micro-batches of 16, 8 steps per epoch.
+    sgd = train(tiny_config(out_dir=str(tmp_path / "sgd"), batch_size=16, **plain))
+    graft_args = {"micro_batch_size": 16, "norms_path": str(sgd.run_dir)}
+    graft = train(tiny_config(out_dir=str(tmp_path / "graft"), method="ExterGraft", method_args=graft_args, **plain))
     assert graft.summary["status"] == "completed"
-    assert graft.steps["step"].tolist() == sgd.steps["step"].tolist()
+    assert graft.steps["step"].tolist() == [0, 3, 6]  # each also logged by the sgd run
+    sb = sgd.steps.set_index("step")["grad_norm"]
     torch.testing.assert_close(torch.tensor(graft.steps["graft_norm"].values),
-                               torch.tensor(sgd.steps["grad_norm"].values), rtol=1e-6, atol=0)
-    with pytest.raises(UsageError, match=r"no grad_norm for step 9\b"):
-        train(tiny_config(out_dir=str(tmp_path / "longer"), method="exter_graft",
-                          method_args={"micro_batch_size": 16, "norms_path": str(sgd.run_dir)},
-                          **{**plain, "epochs": 2}))
+                               torch.tensor(sb.loc[graft.steps["step"]].values), rtol=1e-6, atol=0)
+    with pytest.raises(UsageError, match=r"no grad_norm for step 33\b"):  # the log's last window: 30..32
+        train(tiny_config(out_dir=str(tmp_path / "longer"), method="exter_graft", method_args=graft_args,
+                          **{**plain, "epochs": 5}))
+    with pytest.raises(UsageError, match=r"holds gradient norms of batches of 16, not of micro_batch_size=32"):
+        train(tiny_config(out_dir=str(tmp_path / "other_m"), method="exter_graft",
+                          method_args={**graft_args, "micro_batch_size": 32}, **plain))
+    summary = json.loads((sgd.run_dir / "summary.json").read_text())
+    (sgd.run_dir / "summary.json").write_text(json.dumps({**summary, "world_size": 2}))
+    with pytest.raises(UsageError, match=r"comes from a run on 2 data-parallel ranks; graft from a single-process"):
+        train(tiny_config(out_dir=str(tmp_path / "ranks"), method="exter_graft", method_args=graft_args, **plain))

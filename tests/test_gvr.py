@@ -23,11 +23,11 @@ N, SUBSET, CLASSES, SEED = 24, 8, 5, 123
 class MLP(nn.Module):
     """BN-free unless asked; the names (fc_embed, conv5_x) are decoys for a name-substring target."""
 
-    def __init__(self, bn: bool = False, head_bias: bool = True):
+    def __init__(self, bn: bool = False, head_bias: bool = True, dropout: float = 0.0):
         super().__init__()
         self.fc_embed = nn.Sequential(nn.Flatten(), nn.Linear(48, 24), *([nn.BatchNorm1d(24)] if bn else []),
                                       nn.Tanh())
-        self.conv5_x = nn.Sequential(nn.Linear(24, 24), nn.Tanh())
+        self.conv5_x = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), *([nn.Dropout(dropout)] if dropout else []))
         self.stage = nn.Sequential(nn.Linear(24, 16), nn.Tanh())
         self.fc = nn.Linear(16, CLASSES, bias=head_bias)
 
@@ -162,6 +162,43 @@ def test_fd_close_to_exact(target, dtype, tol):
     assert abs(values["fd"] - values["exact"]) <= (1e-12 if dtype == torch.float64 else 1e-5) * values["exact"]
 
 
+@pytest.mark.parametrize("target", ["last_stage", "all"])
+def test_fd_with_dropout_probes_with_the_masks_of_the_clean_pass(target):
+    """The moved pass of fd must drop the same units as the pass it is differenced with; new masks
+    made its penalty gradient 1e2..1e4 x exact's, growing like 1/fd_eps. With the masks replayed,
+    fd is as close to exact as without dropout (test_fd_close_to_exact)."""
+    model, batch = make_model(dropout=0.1), make_batch()
+    parts = {}
+    for penalty in ("exact", "fd"):
+        with_penalty, *_ = run_step(model, batch, alpha=1.0, target=target, penalty=penalty)
+        without, *_ = run_step(model, batch, alpha=0.0, target=target, penalty=penalty)
+        parts[penalty] = with_penalty - without
+    assert parts["exact"].norm() > 1e-3  # the penalty's share is there to be compared
+    assert rel(parts["fd"], parts["exact"]) < 1e-3
+
+
+def test_a_model_without_last_stage_trains_with_targets_that_do_not_need_it():
+    class Plain(nn.Module):  # a user's model: a head called fc, nothing else of the convention
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.Tanh())
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    for target, penalty in [("fc", "exact"), ("fc", "fd"), ("all", "exact"), ("all", "fd")]:
+        model = Plain().double()
+        update, out, *_ = run_step(model, make_batch(), alpha=0.3, target=target, penalty=penalty)
+        assert out["penalty"] > 0 and torch.isfinite(update).all()
+    model = Plain().double()
+    with pytest.raises(UsageError, match=r"^method 'gvr' with target 'last_stage' and penalty 'exact' needs "
+                                         r"model.last_stage, which Plain lacks; use target 'all'"):
+        create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="last_stage")
+    with pytest.raises(UsageError, match="needs model.forward_features, which Plain lacks"):
+        create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="fc", penalty="closed_form")
+
+
 # ---------------------------------------------------------------------------------------------- pitfalls
 
 
@@ -219,12 +256,17 @@ def test_subset_is_shared_by_both_views_and_data_losses_use_all_rows(penalty):
     expected = [batch.x[rows], batch.x2[rows]] * subset_passes + [batch.x, batch.x2]
     assert len(seen) == len(expected) and all(torch.equal(s, e) for s, e in zip(seen, expected))
     # The penalty is that of the shared rows; rows drawn independently per view give another value.
+    def penalty_of(rows_a, rows_b):
+        mixed = copy.deepcopy(model)
+        params = [p for m in target_modules(mixed, target) for p in m.parameters()]
+        ga = torch.autograd.grad(F.cross_entropy(mixed(batch.x[rows_a]), batch.y[rows_a]), params)
+        gb = torch.autograd.grad(F.cross_entropy(mixed(batch.x2[rows_b]), batch.y[rows_b]), params)
+        return sum(((a - b) ** 2).sum() for a, b in zip(ga, gb))
+
     assert torch.allclose(out["penalty"], reference(model, batch, rows, 0.3, target)[1], rtol=1e-10, atol=0)
-    other = torch.randperm(N)[:SUBSET]
-    mixed = copy.deepcopy(model)
-    ga = torch.autograd.grad(F.cross_entropy(mixed(batch.x[rows]), batch.y[rows]), list(mixed.fc.parameters()))
-    gb = torch.autograd.grad(F.cross_entropy(mixed(batch.x2[other]), batch.y[other]), list(mixed.fc.parameters()))
-    assert not torch.allclose(out["penalty"], sum(((a - b) ** 2).sum() for a, b in zip(ga, gb)), rtol=1e-3)
+    assert torch.allclose(out["penalty"], penalty_of(rows, rows), rtol=1e-10, atol=0)
+    other = torch.arange(N)[~torch.isin(torch.arange(N), rows)][:SUBSET]  # a subset of other rows for view b
+    assert not torch.allclose(out["penalty"], penalty_of(rows, other), rtol=1e-3)
 
 
 def test_subset_larger_than_batch_uses_the_whole_batch():

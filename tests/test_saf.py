@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gvr_lab import Batch, create_method
 from gvr_lab.errors import UsageError
+from gvr_lab.quant import ActivationQuantizer, quantize_model
 
 N, C = 16, 4  # dataset size and classes of the toy data set
 
@@ -288,6 +289,28 @@ def test_mesa_teacher_uses_running_bn_statistics():
     out = mesa.step(b)
     torch.testing.assert_close(out["penalty"], kl_reference(current, target, tau), rtol=1e-12, atol=0)
     assert float(out["penalty"]) > 1e-6  # not 0 with equal weights: the documented eval-mode difference
+
+
+def test_mesa_teacher_starts_from_the_lsq_step_sizes_the_student_initialized():
+    """LSQ sets activation step sizes in the first forward, after the teacher was copied: the
+    teacher must take them (it kept s = 1, and once the EMA copied the `initialized` flag it
+    never set its own), so with the term active it is the student's average, not another net."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, C))
+    quantize_model(model, 3)  # the middle layer: weights and its (unsigned) input quantized
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mesa = create_method("mesa", model, opt, lam=1.0, start_epoch=0, ema_decay=0.99)
+    quantizers = lambda net: [m for m in net.modules() if isinstance(m, ActivationQuantizer)]  # noqa: E731
+    mesa.start_epoch(0)
+    mesa.step(batch(BATCHES[0]))
+    assert quantizers(model) and len(quantizers(model)) == len(quantizers(mesa.teacher))
+    for student, teacher in zip(quantizers(model), quantizers(mesa.teacher)):
+        assert bool(teacher.initialized) and bool(teacher.signed) == bool(student.signed)
+        # from the same start, the EMA moved the teacher 1% of the way along the student's first update
+        torch.testing.assert_close(teacher.step, student.step, rtol=1e-2, atol=0)
+    mesa.start_epoch(1)
+    out = mesa.step(batch(BATCHES[1]))
+    assert 0 < float(out["penalty"]) < 1e-3  # measured 3.3e-4; with the teacher left at s = 1: 1.5e-3
 
 
 @pytest.mark.parametrize("name, hp, fragment", [

@@ -523,6 +523,21 @@ def test_esam_sds_trains_on_the_samples_whose_loss_rises_most():
     torch.testing.assert_close(out["loss"], r["loss"], **TOL)
 
 
+def test_esam_dropout_masks_of_its_three_passes():
+    """The sharpness forward compares the same masks as pass 1 (a replay). Pass 2 on a selection
+    cannot have its rows' pass-1 masks; replaying the RNG would give it those of rows 0..n-1, so
+    it draws fresh ones (the official code draws fresh masks in every pass)."""
+    model, opt, method = build("esam", model=mlp(dropout=0.5), rho=0.3, beta=1.0, gamma=0.5)
+    masks = []
+    model[-2].register_forward_hook(lambda m, args, out: masks.append(out != 0))
+    torch.manual_seed(3)
+    method.step(batch(0))
+    pass1, sharpness, pass2 = masks
+    assert pass1.shape[0] == 8 and pass2.shape[0] == 4
+    assert torch.equal(sharpness, pass1)
+    assert not torch.equal(pass2, pass1[:4])
+
+
 def test_esam_swp_perturbs_the_kept_tensors_by_rho_over_beta():
     model, opt, method = build("esam", rho=0.4, beta=0.5, gamma=1.0)
     n = len(list(model.parameters()))

@@ -178,6 +178,18 @@ def test_reuse_adds_decaying_psf_then_stops_and_first_window_has_no_sam_step():
     assert after == pytest.approx(BETA_SEQUENCE[:len(after)], rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("beta", [0.6, 0.7, 0.9])
+def test_the_psf_serves_at_most_six_reuse_steps_whatever_beta(beta):
+    """The rule counts reuses: with a running product compared to beta**6 in floating point, beta
+    0.6 and 0.9 got a 7th reuse (six multiplications round below beta**6), 0.7 did not."""
+    model, opt, method = build(beta=beta, warmup_epochs=1, window=100, blocks=1)
+    method.start_epoch(0)
+    method.step(batch(0))  # warm-up: a SAM step, a fresh PSF
+    method.start_epoch(1)
+    weights = [method.step(batch(j))["reuse_weight"] for j in range(1, 12)]  # no SAM step in this window
+    assert weights == pytest.approx([beta**j for j in range(1, 7)] + [0.0] * 5, rel=1e-12, abs=0)
+
+
 def test_never_sampling_after_warm_up_with_beta_zero_is_sgd():
     model, opt, method = build(beta=0.0, warmup_epochs=1, window=1000, blocks=1)
     method.start_epoch(0)
