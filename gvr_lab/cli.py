@@ -125,6 +125,10 @@ def cmd_train(args) -> int:
         print(f"gvr-lab: diverged at step {s['diverged_step']}: loss {s['diverged_value']}; history kept in "
               f"{run.run_dir}", file=sys.stderr)
         return 1
+    if s["status"] == "stopped":
+        print(f"stopped after epoch {s['epochs_completed']} of {run.config.epochs} (--stop-after): test accuracy "
+              f"{s['final_test_acc']:.4f}; the same command again continues")
+        return 0
     print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
           f"wall time {s['wall_time_s']:.1f} s")
     return 0

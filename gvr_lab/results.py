@@ -4,7 +4,7 @@ A run directory holds
   config.json     every setting of the run (method hyper-parameters resolved to their values)
   epochs.parquet  one row per epoch (train/test/val loss and accuracy, lr, epoch_time_s, ...)
   steps.parquet   per-step metrics sampled every `log_every` steps
-  summary.json    final and best accuracy, wall time, status ("running", "completed", "diverged")
+  summary.json    final and best accuracy, wall time, status ("running", "stopped", "completed", "diverged")
   checkpoint.pt   model, optimizer and method state after the last finished epoch
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
 half-written file where a complete one was expected.

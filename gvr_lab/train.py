@@ -33,9 +33,9 @@ from .quant import check_bits, quantize_model
 
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16")
-FINAL_STATUSES = ("completed", "diverged")
+FINAL_STATUSES = ("completed", "diverged")  # "running" and "stopped" (by stop_after) runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
-NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label")
+NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Config:
     out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
     data_dir: str = ""  # where datasets are looked up first
     progress: bool = True  # progress bar and per-epoch lines
+    stop_after: int = 0  # end this call after this many epochs (0: at `epochs`); the same call again continues
     label: str = ""  # a name for plots and tables (e.g. "LB+GN"); does not change the run
 
     def __post_init__(self):
@@ -90,7 +91,7 @@ class Config:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be positive, got {self.lr}")
-        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split"):
+        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split", "stop_after"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cutout > 1 or self.label_smoothing >= 1 or self.momentum >= 1:
@@ -342,7 +343,8 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
     status, t_start, diverged = "completed", time.perf_counter(), {}
     bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch) if world.main else None
     model.train()
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = min(config.epochs, start_epoch + config.stop_after) if config.stop_after else config.epochs
+    for epoch in range(start_epoch, last_epoch):
         seed_epoch(config.seed, epoch)
         method.start_epoch(epoch)
         sums, counts, logged = {}, {}, []
@@ -402,6 +404,8 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         write_summary("running", wall)
     if bar is not None:
         bar.close()
+    if status == "completed" and len(history) < config.epochs:
+        status = "stopped"
     if status == "diverged":  # keep the history up to the failure; the last checkpoint stays the last good one
         write(results.EPOCHS, history)
         write(results.STEPS, steps)

@@ -81,6 +81,24 @@ def test_loader_views_independent_and_epoch_covers_each_index_once():
     assert not torch.equal(next(iter(loader.epoch(1))).index, batches[0].index)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_augment_their_slices_of_the_global_batch_as_one_process_does(world_size):
+    """Every rank draws the augmentation of the whole global batch and keeps its rows: the ranks'
+    batches put together are exactly the one-process batch, crops, flips, Cutout and both views.
+    (One generator per rank, seeded alike, gave row j of every rank the same augmentation.)"""
+    train, _ = load_dataset("synthetic")
+    info = dataset_info("synthetic")
+    common = dict(batch_size=64, device=torch.device("cpu"), augment=Augment(cutout_p=0.5), views=2, seed=5)
+    whole = list(DeviceLoader(train, info, **common).epoch(2))
+    ranks = [list(DeviceLoader(train, info, **common, rank=r, world_size=world_size).epoch(2))
+             for r in range(world_size)]
+    assert len(whole) == len(ranks[0]) == 2048 // 64
+    for i, batch in enumerate(whole):
+        for field in ("x", "x2", "y", "index"):
+            assert torch.equal(torch.cat([getattr(r[i], field) for r in ranks]), getattr(batch, field)), field
+    assert all(r[0].x.shape[0] == 64 // world_size for r in ranks)
+
+
 def test_unaugmented_views_equal_normalized_images():
     train, _ = load_dataset("synthetic")
     info = dataset_info("synthetic")

@@ -572,35 +572,48 @@ def test_esam_with_no_tensor_kept_takes_a_finite_step():
 # ---------------------------------------------------------------------- data parallel (2 CPU ranks, gloo)
 
 
-def ddp_worker(rank, init_file, out_file):
+# (method, hyper-parameters on each of 2 ranks of 4 rows, those of the one-process run on all 8 rows)
+DATA_PARALLEL = [("sam", {"rho": 0.3}, {"rho": 0.3, "m": 4}),  # per-rank ascent: m-sharpness, m = 4
+                 ("sam", {"rho": 0.3, "sync_ascent": True}, {"rho": 0.3}),
+                 ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7, "sync_ascent": True}, {"rho": 0.3, "k": 2, "alpha": 0.7}),
+                 ("esam", {"rho": 0.3, "gamma": 1.0, "sync_ascent": True}, {"rho": 0.3, "gamma": 1.0})]
+
+
+def data_parallel_worker(rank, init_file, out_file):
+    """What the training loop wires up under torchrun, without the loop: the optimizer's GradSync
+    pre-hook averages .grad once per step, and the method reaches the other rank through its World."""
     import torch.distributed as dist
+
+    from gvr_lab.distributed import GradSync, World
 
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    results = {}
-    for name, hp in [("sam", {"rho": 0.3}), ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7})]:
-        model = nn.parallel.DistributedDataParallel(mlp())
-        opt = sgd(model)
-        method = create_method(name, model, opt, **hp)
+    results = []
+    for name, hp, _ in DATA_PARALLEL:
+        model, opt, method = build(name, **hp)
+        method.sync_grads, method.world = GradSync(opt, World(rank, 2)).now, World(rank, 2)
         for s in range(3):
             b = batch(s)
             method.step(Batch(b.x[4 * rank:4 * rank + 4], b.y[4 * rank:4 * rank + 4]))
-        results[name] = [p.detach() for p in model.module.parameters()]
+        results.append([p.detach() for p in model.parameters()])
+    gathered = [None, None]
+    dist.all_gather_object(gathered, results)
     if rank == 0:
-        torch.save(results, out_file)
+        torch.save(gathered, out_file)
     dist.destroy_process_group()
 
 
-def test_data_parallel_sam_perturbs_per_rank_and_looksam_stays_in_sync(tmp_path):
-    """Spec 9.1 item 7: two ranks of 4 = one process with m = 4. LookSAM's direction must be the same
-    on every rank, so its two-rank run equals the one-process run on the whole batch."""
-    torch.multiprocessing.start_processes(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2,
-                                          start_method="fork")  # spawn would re-import torch: slow
-    got = torch.load(tmp_path / "out.pt", weights_only=True)
-    for name, hp in [("sam", {"rho": 0.3, "m": 4}), ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7})]:
-        model, _, method = build(name, **hp)
+def test_data_parallel_ascent_per_rank_and_synced(tmp_path):
+    """2 ranks of 4 rows, float64: the ranks stay identical, per-rank SAM is one process with m = 4,
+    and the sync_ascent variants are one process with all 8 rows (spec 9.1 item 7)."""
+    torch.multiprocessing.start_processes(data_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")),
+                                          nprocs=2, start_method="fork")  # spawn would re-import torch: slow
+    rank0, rank1 = torch.load(tmp_path / "out.pt", weights_only=True)
+    for (name, _, one_hp), mine, other in zip(DATA_PARALLEL, rank0, rank1):
+        assert all(torch.equal(p, q) for p, q in zip(mine, other)), name
+        model, _, method = build(name, **one_hp)
         for s in range(3):
             method.step(batch(s))
-        for p, q in zip(model.parameters(), got[name]):
+        for p, q in zip(model.parameters(), mine):
             torch.testing.assert_close(p.detach(), q, **TOL)

@@ -1,0 +1,53 @@
+"""One rank of the data-parallel tests (tests/test_data_parallel.py), started by torchrun.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py CASES.json OUT.pt
+
+CASES.json holds a list of runs, each {"id": ..., "runs": [Config fields, ...]}: the runs of a case
+go one after the other through the real entry point, `gvr_lab.train(Config)`, on every rank (a
+case of several runs is a run stopped with stop_after and resumed). After a case, every rank's
+model state and method state are gathered, and rank 0 saves them all, by case id, to OUT.pt.
+"""
+
+import importlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from gvr_lab import Config, train
+
+training = importlib.import_module("gvr_lab.train")
+built = {}
+build_model = training.build_model
+
+
+def capture(*args, **kwargs):
+    built["model"], built["optimizer"], built["method"] = parts = build_model(*args, **kwargs)
+    return parts
+
+
+training.build_model = capture  # the loop's builder, recorded: the test compares what each rank holds
+
+
+def on_cpu(state):
+    return torch.utils._pytree.tree_map(lambda v: v.detach().cpu().clone() if torch.is_tensor(v) else v, state)
+
+
+def main(cases_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for case in json.loads(open(cases_file).read()):
+        for fields in case["runs"]:
+            train(Config(**fields))
+        mine = on_cpu({"model": built["model"].state_dict(), "method": built["method"].state_dict()})
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        results[case["id"]] = gathered
+    if dist.get_rank() == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
