@@ -52,7 +52,7 @@ figures: setup
 	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
 
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
 bench: setup

@@ -107,7 +107,8 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
 
     def config_of(name: str, hp: dict) -> Config:
         # The optimizer settings of a CIFAR run; model, optimizer and method are built as training builds them.
-        return Config(model=model, method=name, method_args=hp, batch_size=batch_size, lr=0.01, momentum=0.9, weight_decay=5e-4, seed=seed,
+        return Config(model=model, method=name, method_args=hp, batch_size=batch_size, lr=0.01, momentum=0.9,
+                      weight_decay=5e-4, seed=seed,
                       device=device, precision=precision, compile=compile, cuda_settings=cuda_settings)
 
     settings = DeviceSettings.of(config_of("sgd", {}), dev)

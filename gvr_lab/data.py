@@ -3,7 +3,9 @@
 Every split is held whole as a uint8 tensor (N, C, H, W) on the training device, as airbench does:
 no DataLoader workers, no per-image PIL transforms. Augmentation runs on the batch in a few tensor
 ops, with its own generator seeded from (seed, epoch), so an epoch is reproducible on its own and a
-resumed run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would. Under data parallelism every
+rank walks the same global order, takes its slice of each global batch and augments it with its
+rows of the global batch's random draws (Draws): the ranks together see what one process sees.
 
 Datasets: `fashion_mnist` (the offline default), `cifar10`, `cifar100` (torchvision's on-disk
 format) and `synthetic` (deterministic, for tests and smoke runs). Files are looked up in
@@ -281,7 +283,8 @@ class Draws:
 
     def randint(self, high: int, n: int) -> torch.Tensor:
         """(n, 1) ints uniform in [0, high)."""
-        return torch.randint(0, high, (self.total, 1), generator=self.g, device=self.g.device)[self.start:self.start + n]
+        drawn = torch.randint(0, high, (self.total, 1), generator=self.g, device=self.g.device)
+        return drawn[self.start:self.start + n]
 
     def rand(self, n: int) -> torch.Tensor:
         return torch.rand(self.total, generator=self.g, device=self.g.device)[self.start:self.start + n]

@@ -4,6 +4,10 @@ The loop knows nothing about methods beyond the Method contract: it sets the lea
 `method.start_epoch`, `method.step` and `method.end_epoch`, and averages the 0-dim tensors `step` returns on the device,
 syncing with the host once per epoch (and every `log_every` steps only when a progress bar shows).
 
+The device decides the numerics (DeviceSettings): on CUDA fused SGD, channels_last and bf16
+autocast; Config.cuda_settings applies the same on a CPU. Under torchrun every rank runs this loop
+on its slice of each batch (distributed.py).
+
 Resume follows big_vision: rerunning the same Config into the same run directory continues from
 its last checkpoint (written atomically after every epoch), and a finished run is returned as is.
 Every epoch reseeds the global RNG and the loader from (seed, epoch), so a resumed run computes
@@ -91,7 +95,8 @@ class Config:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be positive, got {self.lr}")
-        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split", "stop_after"):
+        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split",
+                     "stop_after"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cutout > 1 or self.label_smoothing >= 1 or self.momentum >= 1:

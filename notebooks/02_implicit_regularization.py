@@ -25,8 +25,9 @@
 # (ghost batch norm on BN models).
 #
 # **Run.** `gvr-lab run notebooks/02_implicit_regularization.py --preset cpu` (measured: 458 s on
-# 2 CPU cores); `--preset gpu` (CIFAR-10, ResNet-18, B = 5120, m = 128, fd penalties: aimed at
-# about 10 minutes per seed, not yet measured on one H100); `--preset paper` (B = 5120, m = 128, the README's
+# 2 CPU cores); `--preset gpu` (CIFAR-10, ResNet-18, B = 5120, m = 128, exact penalties by double
+# backward, as the paper's code: on a ReLU net fd is another, smoothed regularizer; aimed at about
+# 10 minutes per seed, not yet measured on a GPU); `--preset paper` (B = 5120, m = 128, the README's
 # learning rates and lambdas).
 #
 # **Writes.** `figures/implicit_regularization/main_table.md|tex`, `microbatch_sweep.png|pdf`,
@@ -96,7 +97,8 @@ final = final.assign(best_test_acc=runs.groupby("run_dir")["test_acc"].transform
 out = plots.figure_dir(fig_root, "02_implicit_regularization")
 main = final[final["label"].isin(["SB", "LB", *names.values()])]
 table = plots.mean_std(main, ["label"], ["test_acc", "best_test_acc"], scale=100)
-plots.save_table(table, out / "main_table", caption=f"Test accuracy (%), {model} on {dataset}, B={lb_batch}, m={sb_batch}")
+plots.save_table(table, out / "main_table",
+                 caption=f"Test accuracy (%), {model} on {dataset}, B={lb_batch}, m={sb_batch}, penalties hvp={hvp}")
 graft = final[final["label"].isin(["SB", "LB", "IterGraft", "IterGraft (mean)", "ExterGraft", "NGD"])]
 plots.save_table(plots.mean_std(graft, ["label"], ["test_acc", "best_test_acc"], scale=100), out / "grafting_table",
                  caption=f"Grafting, {model} on {dataset} (NGD lr {ngd_lr:.4f})")

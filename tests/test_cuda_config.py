@@ -26,10 +26,12 @@ from gvr_lab.methods import METHODS
 from gvr_lab.train import DeviceSettings, build, seed_epoch
 
 CPU = torch.device("cpu")
-REFERENCE = DeviceSettings(CPU, None, channels_last=False, fused=False)
-FUSED = DeviceSettings(CPU, None, channels_last=False, fused=True)
-CHANNELS_LAST = DeviceSettings(CPU, None, channels_last=True, fused=False)
-BF16 = DeviceSettings(CPU, torch.bfloat16, channels_last=False, fused=False)
+SETTINGS = {"reference": DeviceSettings(CPU, None, channels_last=False, fused=False),
+            "fused": DeviceSettings(CPU, None, channels_last=False, fused=True),
+            "channels_last": DeviceSettings(CPU, None, channels_last=True, fused=False),
+            "cuda": DeviceSettings(CPU, torch.bfloat16, channels_last=True, fused=True)}
+# One worker runs the tier, so each variant's reference run is computed once (see `trained`).
+pytestmark = pytest.mark.xdist_group("cuda_config")
 NORMS = "<norms log>"  # replaced by the fixture's path
 
 # Hyper-parameters that put every path of a method inside 3 epochs x 2 steps of 32 examples.
@@ -74,11 +76,11 @@ def norms_log(tmp_path_factory):
     return str(path)
 
 
-def config_of(name, hp, norms_log, **more):
+def config_of(name, hp, norms_log):
     hp = {k: norms_log if v == NORMS else v for k, v in hp.items()}
-    return Config(dataset="synthetic", model="tiny_cnn", model_args={"bn": True, "smooth": True}, method=name, method_args=hp,
-                  batch_size=32, train_subset=64, epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, cutout=0.5,
-                  device="cpu", progress=False, **more)
+    return Config(dataset="synthetic", model="tiny_cnn", model_args={"bn": True, "smooth": True}, method=name,
+                  method_args=hp, batch_size=32, train_subset=64, epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                  cutout=0.5, device="cpu", progress=False)
 
 
 def train_steps(config, settings):
@@ -103,6 +105,22 @@ def train_steps(config, settings):
     return initial, flat(), losses, misaligned
 
 
+RUNS = {}
+
+
+def trained(case, name, hp, norms_log, settings):
+    """train_steps of a variant in the named settings, computed once per worker."""
+    if (case, settings) not in RUNS:
+        RUNS[case, settings] = train_steps(config_of(name, hp, norms_log), SETTINGS[settings])
+    return RUNS[case, settings]
+
+
+def test_cuda_settings_are_what_cuda_gets():
+    assert DeviceSettings.of(Config(cuda_settings=True), CPU) == SETTINGS["cuda"]
+    assert DeviceSettings.of(Config(cuda_settings=True, precision="fp32"), CPU).amp_dtype is None
+    assert DeviceSettings.of(Config(), CPU) == SETTINGS["reference"]
+
+
 def relative_update_error(reference, other):
     (w0, w_ref, _, _), (w0_other, w, _, _) = reference, other
     assert torch.equal(w0, w0_other)  # the same initial weights
@@ -124,10 +142,9 @@ CHANNELS_LAST_TOL = {"default": 2e-4, "looksam": 2e-3, "fd": 1e-2}
 def test_fused_sgd_and_channels_last_change_rounding_only(name, hp, case, norms_log):
     """The layout factors one at a time, in fp32: any gradient handed to the fused optimizer in
     another memory order, or a channels_last pass that computes something else, shows here."""
-    config = config_of(name, hp, norms_log)
-    reference = train_steps(config, REFERENCE)
-    fused = train_steps(config, FUSED)
-    channels_last = train_steps(config, CHANNELS_LAST)
+    reference = trained(case, name, hp, norms_log, "reference")
+    fused = train_steps(config_of(name, hp, norms_log), SETTINGS["fused"])
+    channels_last = train_steps(config_of(name, hp, norms_log), SETTINGS["channels_last"])
     assert fused[3] == [] and channels_last[3] == []
     assert relative_update_error(reference, fused) <= FUSED_TOL
     kind = "fd" if "fd" in (hp.get("hvp"), hp.get("penalty")) else name
@@ -152,11 +169,8 @@ BF16_TOL = {
 }
 @pytest.mark.parametrize("name, hp, case", [(*v, i) for v, i in zip(VARIANTS, IDS)], ids=IDS)
 def test_cuda_settings_train_every_method_close_to_fp32(name, hp, case, norms_log):
-    reference = train_steps(config_of(name, hp, norms_log), REFERENCE)
-    config = config_of(name, hp, norms_log, cuda_settings=True)
-    settings = DeviceSettings.of(config, CPU)
-    assert settings == DeviceSettings(CPU, torch.bfloat16, channels_last=True, fused=True)
-    cuda_like = train_steps(config, settings)
+    reference = trained(case, name, hp, norms_log, "reference")
+    cuda_like = train_steps(config_of(name, hp, norms_log), SETTINGS["cuda"])
     assert all(torch.isfinite(torch.tensor(cuda_like[2])))
     assert cuda_like[3] == [], f"gradients laid out unlike their parameters: {cuda_like[3][:3]}"
     assert relative_update_error(reference, cuda_like) <= BF16_TOL.get(case, BF16_TOL["default"])
@@ -220,7 +234,8 @@ def test_fd_under_bf16_autocast_agrees_with_exact_as_well_as_in_fp32(name, hp, k
     (fp32) penalty gradient is the same as in an fp32 run: fd's own truncation error."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(32, 3, 32, 32, generator=g)
-    batch = Batch(x, torch.randint(0, 10, (32,), generator=g), torch.arange(32), x + 0.3 * torch.randn(x.shape, generator=g))
+    x2 = x + 0.3 * torch.randn(x.shape, generator=g)
+    batch = Batch(x, torch.randint(0, 10, (32,), generator=g), torch.arange(32), x2)
     exact = penalty_update(name, {**hp, variant: "exact"}, key, None, batch)
     fd_fp32 = penalty_update(name, {**hp, variant: "fd"}, key, None, batch)
     fd_bf16 = penalty_update(name, {**hp, variant: "fd"}, key, torch.bfloat16, batch)

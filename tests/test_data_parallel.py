@@ -26,7 +26,8 @@ import torch
 from gvr_lab import Config, list_methods, train
 from gvr_lab.results import load_checkpoint
 
-pytestmark = pytest.mark.slow
+# One worker runs this module: its fixture launches the 2-rank runs once for all the tests below.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_parallel")]
 
 # BN-free (BN normalizes with per-rank statistics) and smooth: on ReLU / max-pool nets fd penalties
 # cross kinks, so two summation orders can route a gradient differently, which is not rounding.

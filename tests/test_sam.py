@@ -575,7 +575,8 @@ def test_esam_with_no_tensor_kept_takes_a_finite_step():
 # (method, hyper-parameters on each of 2 ranks of 4 rows, those of the one-process run on all 8 rows)
 DATA_PARALLEL = [("sam", {"rho": 0.3}, {"rho": 0.3, "m": 4}),  # per-rank ascent: m-sharpness, m = 4
                  ("sam", {"rho": 0.3, "sync_ascent": True}, {"rho": 0.3}),
-                 ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7, "sync_ascent": True}, {"rho": 0.3, "k": 2, "alpha": 0.7}),
+                 ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7, "sync_ascent": True},
+                  {"rho": 0.3, "k": 2, "alpha": 0.7}),
                  ("esam", {"rho": 0.3, "gamma": 1.0, "sync_ascent": True}, {"rho": 0.3, "gamma": 1.0})]
 
 

@@ -384,3 +384,24 @@ def test_defaults():
     assert (method.rho, method.window, method.blocks, method.p_max, method.a_r, method.a_v, method.beta,
             method.last_n, method.warmup_epochs) == (0.05, 50, 5, 0.8, 0.13, 0.13, 0.7, 10, 3)
     assert method.b_max == 40
+
+
+def test_a_checkpoint_with_the_old_reuse_scale_resumes_identically():
+    """Checkpoints written before reuses were counted hold reuse_scale = beta^j (0 before any SAM step)."""
+    model, opt, method = build(warmup_epochs=1, window=100, blocks=1)
+    method.start_epoch(0)
+    method.step(batch(0))
+    method.start_epoch(1)
+    for j in range(1, 3):
+        method.step(batch(j))
+    state = copy.deepcopy(method.state_dict())
+    legacy = {k: v for k, v in state.items() if k != "reuses"}
+    legacy["reuse_scale"] = method.beta ** state["reuses"]
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    expected = [method.step(batch(j))["reuse_weight"] for j in range(3, 9)]
+    model2, opt2, method2 = build(warmup_epochs=1, window=100, blocks=1)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    method2.load_state_dict(legacy)
+    assert [method2.step(batch(j))["reuse_weight"] for j in range(3, 9)] == expected
+    assert expected[:4] == pytest.approx([0.7**j for j in range(3, 7)]) and expected[4:] == [0.0, 0.0]

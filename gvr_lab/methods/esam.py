@@ -31,6 +31,10 @@ Deviations from the official code, all deliberate:
   had in pass 1, and replaying the RNG would hand them the masks of rows 0..n-1 instead.
 - The mask is drawn at the start of each step rather than after the previous update; same law.
 
+Mixed precision: under bf16 autocast s_i is a difference of two bf16-computed losses (2.4% off
+fp32's at one step on a smooth conv net, 30 of the 32 selected rows the same): the selection near
+the cut follows rounding, as it follows any perturbation of the weights.
+
 Data parallelism: pass 1's ascent is per rank (as the official code sets it up under DDP) and
 only the update gradient of pass 2 is averaged; every tensor gets a pass-2 gradient. With
 `sync_ascent=True`, g_K is averaged across ranks before eps (one extra all-reduce), so every rank

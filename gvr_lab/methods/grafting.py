@@ -12,7 +12,8 @@ the magnitude from one optimizer and the direction from another: here the direct
 GD and the step length lr * nu_t of small-batch SGD, where nu_t is a small-batch gradient norm:
 
     iter_graft, norm_source="random_micro"   nu_t = ||grad L_j||, j uniform over the k micro-batches
-                                             of the current large batch (torch's global RNG)
+                                             of the current large batch (torch's global CPU
+                                             generator: a host int, no device sync)
     iter_graft, norm_source="mean_micro"     nu_t = (1/k) sum_i ||grad L_i||
     exter_graft                              nu_t = the "grad_norm" an earlier small-batch sgd run
                                              logged at step s(t), the latest logged step <= t
@@ -41,6 +42,12 @@ Reference: Novack, Kaur, Marwah, Garg, Lipton, arXiv 2211.15853; specs/methods_s
 * ngd's eps guards the denominator (the README's NGD learning rates, e.g. 0.2626, look like the
   small-batch run's mean step length lr * mean ||g_SB||; unverified).
 * Deviation shared with implicit.py: batch_size must be a multiple of micro_batch_size.
+
+Data parallelism: g_B is all-reduced before it is normalized, and the micro-batch norms of every
+rank are gathered in the global batch's order, so all ranks take the step length one process
+takes with the whole batch (j ranges over the micro-batches of all ranks). ExterGraft refuses a
+log from a data-parallel run or from an sgd run whose batch is not micro_batch_size: what it
+grafts is the norm of single-process gradients of m examples.
 
 Metrics: "loss", "acc", "grad_norm" (norm of the .grad handed to the optimizer: nu_t for grafting,
 ~1 for ngd), "lb_grad_norm" (||g_B||), "graft_norm" (nu_t, grafting only), "micro_grad_norm" and

@@ -51,8 +51,11 @@ updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps) on smoot
   moved point crosses activation kinks that the exact Hessian ignores, so fd is a kink-smoothed
   estimate that differs from exact by more than exact's own size (relative difference 4 to 40 on
   tiny_cnn for fd_eps from 1e-1 to 1e-3); it is then another regularizer, not an approximation of
-  exact. Under bf16 autocast the probe difference drowns in bf16 rounding (relative error ~10 at
-  fd_eps = 1e-3): use exact or closed_form there.
+  exact. The four probe passes compute in fp32 whatever the autocast, with TF32 off
+  (base.Method.fp32): in bf16 their difference drowned in rounding (the update was 106% off); in
+  fp32 fd under a bf16 run agrees with exact as well as in an fp32 run. They replay the dropout
+  masks of the clean difference, so the moved point differs from it only by h d (new masks made
+  the penalty gradient 1e2..1e4 x exact's, growing like 1/fd_eps).
 * closed_form (target "fc" only, a UsageError otherwise): for a linear head on mean CE,
   grad_W L_S = delta^T h and grad_bias L_S = sum_j delta_j with delta_j = (softmax(z_j) - q_j) / s,
   h the penultimate features (model.forward_features), z = model.fc(h) and q the loss's target
@@ -61,6 +64,13 @@ updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps) on smoot
   double backward, one backward, compilable. With BatchNorm in the body those rows are normalized
   with the full-batch statistics (exact and fd: the subset's), and with dropout they keep the
   full-batch masks, so closed_form equals exact only for BN- and dropout-free bodies.
+
+A model needs only what its target and penalty use: `fc` for target "fc", `last_stage` and `fc`
+for "last_stage", nothing for "all", and `forward_features` for closed_form; a model without them
+is refused in one line naming what is missing.
+
+Under data parallelism the penalty is each rank's own, on a subset of the rank's rows, and the
+update gradients are averaged: not what one process computes with the whole batch.
 
 BN running statistics advance exactly once per step, in the forward of view a over all n rows (the
 clean pass); view b's forward and every penalty pass run with them frozen. Deviation: the original

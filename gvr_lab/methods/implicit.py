@@ -60,9 +60,12 @@ Two ways to get H_i grad s_i (hyper-parameter hvp):
   exact at fd_eps = 1e-3: tiny_cnn 1.2, small_cnn 6 (128 images), ResNet-18 25 (16 images; still
   50 at 1e-6 in fp64: the crossing noise grows like fd_eps^-1/2). Agreement needs a step that
   crosses no kink (1e-5 to 1e-7 for tiny_cnn, fp64 only). hvp="exact" (the default) is the
-  faithful reproduction of Novack; "fd" approximates it only on smooth models. Under bf16
-  autocast (or TF32 convolutions) the moved weights are also rounded to the compute precision,
-  which swamps a step of norm 1e-3.
+  faithful reproduction of Novack; "fd" approximates it only on smooth models. fd computes each
+  micro-batch in fp32 whatever the run's autocast, with CUDA's TF32 convolutions off
+  (base.Method.fp32): in bf16 (or TF32) the two ends of the difference round to ~3 digits, which
+  swamps a step of norm 1e-3. The penalty's update under a bf16 run then equals the fp32 one.
+  hvp="exact" under bf16 is double backward in bf16: its Hessian-vector product was 9% off fp32's
+  for reg_loss (measured on a smooth conv net), 0.1-3% for the other sources.
 
 Deviations from the original code:
 * batch_size must be a multiple of micro_batch_size (check_batch_size raises). The original took
@@ -76,7 +79,13 @@ Deviations from the original code:
   data loss keeps the Config's label smoothing.
 * hvp="fd" is our addition.
 
-Metrics: "loss" (mean of L_i = the large-batch loss), "acc", "grad_norm" (||g||, penalty included),
+Data parallelism: each rank runs the micro-batches of its slice of the batch, and the averaged
+step gradient is (1/k) sum over all k of them, what one process computes (tested for pseudo_gd,
+reg_loss and avg_jac_loss). The draws of fish_loss (labels) and unit_jac_loss (u) come from each
+rank's RNG, seeded alike, so they are not one process's draws.
+
+Metrics: "loss" (mean of L_i = the large-batch loss), "acc", "grad_norm" (||g||, penalty included,
+after the all-reduce of the ranks, before the step),
 "micro_grad_norm" (mean_i ||grad L_i||, the trajectory the paper compares with small-batch SGD) and
 "micro_grad_sq" (mean_i ||grad L_i||^2, which the original logs as "avg_sgd_norm"), "penalty"
 (mean_i R_i, without lam). fish/avg_jac/unit_jac with hvp="exact" report the micro_grad_* pair only

@@ -254,6 +254,9 @@ class VSAM(Method):
                 "rings": self.rings, "ptr": self.ptr, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "reuse_scale" in state:  # a checkpoint from before the integer count: beta^j, 0 before any SAM step
+            scale = state["reuse_scale"]
+            state = {**state, "reuses": round(math.log(scale, self.beta)) if 0 < scale and 0 < self.beta else MAX_REUSE}
         for key in ("epoch", "b", "q", "n_s", "c", "reuses", "ptr"):
             setattr(self, key, state[key])
         # Copies, so that a method loaded from another's live state does not share its rings.
