@@ -50,7 +50,7 @@ class DatasetInfo:
 
 DATASETS = {
     "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
-    # The GVR code's constants (specs/methods_seed.md 2.6); Novack's differ in the 4th digit.
+    # The GVR code's constants; Novack's differ in the 4th digit.
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "synthetic": DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),

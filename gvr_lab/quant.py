@@ -1,7 +1,7 @@
 """LSQ: learned step size quantization, for quantization-aware training of any gvr_lab model.
 
 Reference: Esser, McKinstry, Bablani, Appuswamy, Modha, "Learned Step Size Quantization", ICLR 2020
-(arXiv 1902.08153); specs/sam_family.md sections 6 and 9.6.
+(arXiv 1902.08153).
 
 `quantize_model(model, bits)` swaps every ``nn.Conv2d`` and ``nn.Linear`` of the model, in place and
 under the same attribute name, for a version that fake-quantizes its weight and its input
@@ -49,14 +49,14 @@ would clip half the distribution to 0; a wrong signed guess only wastes one bit.
 Layers kept at full precision: by default the first conv/linear in module registration order and
 the last layer (``model.fc``, or the last conv/linear of a model without ``fc``), as most LSQ
 reproductions on CIFAR do; `keep_first_last=False` quantizes them too, and `first_last_bits=8`
-quantizes them at 8 bits as the paper does (spec 6.4).
+quantizes them at 8 bits as the paper does.
 
 Deviations and choices, each deliberate:
 
 * first and last layers full precision by default (the paper: 8 bits; available as above);
 * activation gradient scale with per-example N (above);
 * step sizes are ordinary parameters: the base optimizer's weight decay applies to them, and
-  SAM-type methods perturb and update them with the weights (spec 6.6 leaves this open; this is
+  SAM-type methods perturb and update them with the weights (the paper leaves this open; this is
   the naive wrapper's behaviour and what the paper's plain-SGD recipe implies for the update);
 * the activation init runs in whichever forward comes first, so for SAM-type methods it is the
   clean pass at the unperturbed weights of the first step; under DDP the statistics of the init

@@ -1,6 +1,6 @@
 """Execute a jupytext notebook headless through papermill, with what papermill lacks.
 
-Added on top of papermill's Python API (specs/ecosystem.md 1.6): parameters are validated against
+Added on top of papermill's Python API: parameters are validated against
 the notebook's `parameters` cell (unknown name or wrong type is an error, not a warning), presets
 (`notebooks/presets.yaml`), list/dict values that survive the command line, the `gvr_lab` kernel
 with a fallback to the current interpreter's, a one-line report of a failed cell with the partial

@@ -1,4 +1,4 @@
-"""LSQ (gvr_lab/quant.py) against specs/sam_family.md sections 6 and 9.6.
+"""LSQ (gvr_lab/quant.py) against the paper's formulas.
 
 References are written from the formulas with plain autograd; float64 unless the point is fp32
 (autocast, compile, the registered models).
@@ -111,7 +111,7 @@ def test_grid_levels_and_rounding_error(f64, bits, signed):
     assert k.min() >= -q_n and k.max() <= q_p
     assert len(torch.unique(k)) <= 2**bits
     in_range = (v / s > -q_n) & (v / s < q_p)
-    # Spec 9.6 item 30: within s/2 of the input wherever it is not clipped.
+    # Within s/2 of the input wherever it is not clipped.
     assert (v_hat - v)[in_range].abs().max() <= s / 2 * (1 + 1e-12)
     # Negatives clip to 0 for unsigned quantizers.
     if not signed:
@@ -234,7 +234,7 @@ def test_grad_scale_keeps_forward_and_scales_backward_exactly(f64):
 
 def test_layer_gradient_scales(f64):
     """Weight quantizer: g = 1/sqrt(N_w Q_P); activation quantizer: N = features per example
-    (C*H*W), not numel with the batch (spec 6.2 names both; the batch of 3 tells them apart)."""
+    (C*H*W), not numel with the batch (both readings exist; the batch of 3 tells them apart)."""
     layer = quantize_layer(nn.Conv2d(3, 4, 3, padding=1), 4)
     x = torch.randn(3, 3, 5, 5, generator=gen(4))
     layer(x)  # initializes the input quantizer; the input is signed

@@ -1,4 +1,4 @@
-"""SAF and MESA (gvr_lab/methods/saf.py) against references written from spec sam_family.md 4 and 9.4."""
+"""SAF and MESA (gvr_lab/methods/saf.py) against references written from the papers' formulas and the official code."""
 
 import copy
 import io
@@ -79,7 +79,7 @@ def test_saf_with_lam_zero_is_sgd():
             for p, q in zip(model.parameters(), sgd_model.parameters()):
                 torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert out["penalty"] > 0  # the term was computed, with weight 0
-    assert len(forwards) == 4 * len(BATCHES)  # spec 9.7: one pass per step
+    assert len(forwards) == 4 * len(BATCHES)  # one pass per step
 
 
 def test_saf_term_is_inactive_up_to_start_epoch():
@@ -191,7 +191,7 @@ def test_saf_memory_grows_to_new_indices_and_rows_without_a_past_count_zero():
     per_row = (p * (torch.log(p) - torch.log_softmax(current / tau, 1))).sum(1)
     torch.testing.assert_close(out["penalty"], tau**2 * (keep * per_row).mean(), rtol=1e-12, atol=0)
     assert out["past_frac"] == 0.75
-    # SAF memory size N (lag + 1) C values (+ the scratch row): spec 9.4 item 21
+    # SAF memory size N (lag + 1) C values (+ the scratch row)
     assert saf.memory.numel() == (13 + 1) * (lag + 1) * C
 
 
@@ -270,7 +270,7 @@ def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
             teacher = [decay * v + (1 - decay) * p.detach() for v, p in zip(teacher, model.parameters())]
             for v, t in zip(mesa.teacher.parameters(), teacher):
                 torch.testing.assert_close(v, t, rtol=1e-12, atol=1e-15)
-    # spec 9.7: one pass per step, plus one no-grad teacher forward while the term applies
+    # one pass per step, plus one no-grad teacher forward while the term applies
     assert forwards == {"student": 6, "teacher": 4}
 
 

@@ -1,4 +1,4 @@
-"""SAM, ASAM, LookSAM and ESAM against references written from the formulas (spec sam_family.md 9.1-9.3).
+"""SAM, ASAM, LookSAM and ESAM against references written from the formulas.
 
 The references use plain autograd on torch.func.functional_call at explicitly built weight vectors,
 never the methods' in-place perturb/restore machinery.
@@ -607,7 +607,7 @@ def data_parallel_worker(rank, init_file, out_file):
 
 def test_data_parallel_ascent_per_rank_and_synced(tmp_path):
     """2 ranks of 4 rows, float64: the ranks stay identical, per-rank SAM is one process with m = 4,
-    and the sync_ascent variants are one process with all 8 rows (spec 9.1 item 7)."""
+    and the sync_ascent variants are one process with all 8 rows."""
     torch.multiprocessing.start_processes(data_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")),
                                           nprocs=2, start_method="fork")  # spawn would re-import torch: slow
     rank0, rank1 = torch.load(tmp_path / "out.pt", weights_only=True)

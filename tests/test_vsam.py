@@ -1,4 +1,4 @@
-"""vSAM (gvr_lab/methods/vsam.py) against references written from spec sam_family.md section 5 and 9.5."""
+"""vSAM (gvr_lab/methods/vsam.py) against references written from the paper's rules and its official code."""
 
 import copy
 import io

@@ -2,7 +2,7 @@
 
 Du, Yan, Feng, Zhou, Zhen, Goh, Tan, "Efficient Sharpness-aware Minimization for Improved Training
 of Neural Networks", ICLR 2022. Mechanics follow the official code (dydjw9/Efficient_SAM,
-utils/Esam.py), spec sam_family.md section 3.
+utils/Esam.py).
 
 SWP, per parameter tensor as in the official code: each tensor is kept with probability beta
 (K = the kept tensors, drawn first in the step from torch's global CPU RNG: keep_i = U_i < beta,

@@ -23,7 +23,7 @@ optimizer, so ||delta theta|| = lr * nu_t (ngd: lr) holds only with momentum 0 a
 Novack's settings: put them in the Config (with a constant lr schedule, as in the paper). A warning
 says so when the optimizer has either.
 
-Reference: Novack, Kaur, Marwah, Garg, Lipton, arXiv 2211.15853; specs/methods_seed.md 4.7-4.9.
+Reference: Novack, Kaur, Marwah, Garg, Lipton, arXiv 2211.15853.
 **None of the three was released** (the public code rejects IterGraft, ExterGraft and NGD as an
 "Invalid test type"); they are reconstructed from the README and code remnants:
 * the two norm sources of iter_graft follow the `graft_idx` and `denoise` paths of the remnant

@@ -15,7 +15,7 @@ the subset losses), reaches every layer, not only T. For i.i.d. views E[P] = 2 t
 P/2 is a one-sample estimate of the augmentation variance of the subset gradient.
 
 Reference: README and code of github.com/Habibu-Ahmad/Gradient-Variance-Reduction (final
-src/utils.py, commit 4260a2f; specs/methods_seed.md section 2). What the code does, where the
+src/utils.py, commit 4260a2f). What the code does, where the
 README says otherwise, and what is reproduced here by default:
 
 * target: the README says "only the last layer"; the code takes the gradient w.r.t. every

@@ -3,7 +3,7 @@ accumulation, plus explicit per-micro-batch penalties that mimic small-batch SGD
 
 Reference: Novack, Kaur, Marwah, Garg, Lipton, "Disentangling the Mechanisms Behind Implicit
 Regularization in SGD", ICLR 2023, arXiv 2211.15853; code github.com/acmi-lab/imp-regularizers
-(`src/train_class.py`); specs/methods_seed.md sections 3-5 and 8.
+(`src/train_class.py`).
 
 The batch the loop hands over is the large batch B (Novack: 5120). It is cut into k = B/m
 consecutive micro-batches M_1..M_k of m = micro_batch_size rows (views of batch.x, no copies), each
@@ -41,7 +41,7 @@ Two ways to get H_i grad s_i (hyper-parameter hvp):
 * "exact" (the original): grad s_i with create_graph=True, R_i its squared norm, and one backward
   of L_i + lam R_i through the double-backward graph. One micro-batch graph alive at a time. Not
   compilable (AOTAutograd has no double backward).
-* "fd" (specs 5.2): a forward difference along v = grad s_i(theta),
+* "fd": a forward difference along v = grad s_i(theta),
   H_i v ~ [grad s_i(theta + h v) - grad s_i(theta)] / h with h = fd_eps / ||v||, so the weights
   move by exactly fd_eps in parameter space. The moved pass reuses the same micro-batch, the same
   sampled labels / u and the same dropout mask (torch's RNG is replayed), runs with BN running

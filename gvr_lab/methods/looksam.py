@@ -14,7 +14,7 @@ The step counter t (the method's own, starting at 0 and kept in state_dict) deci
 
 Cost: 1 + 1/k forward-backward passes per step. "sampled" is 1.0 on refresh steps, 0.0 otherwise.
 
-Choices where the implementations differ (spec sam_family.md 2.4), none of them the authors' (no
+Choices where the implementations differ, none of them the authors' (no
 official code is public):
 - Global scope (MarlonBecker/MSAM, the paper's vector notation), not per tensor (rollovd, kozistr).
   Per-tensor is not offered: no source shows it is the paper's rule.

@@ -1,7 +1,7 @@
 """SAF and MESA: sharpness-aware training for free, by a trajectory loss on the outputs.
 
 Du, Zhou, Feng, Tan, Zhou, "Sharpness-Aware Training for Free", NeurIPS 2022, arXiv 2205.14083;
-official code AngusDujw/SAF (`SAF_train.py`, `MESA_train.py`), read in specs/sam_family.md section 4.
+official code AngusDujw/SAF (`SAF_train.py`, `MESA_train.py`).
 
 Idea: SAM's sharpness term is about rho ||grad L||, and one SGD step lowers the loss of a batch by
 about lr ||grad L||^2, so penalizing how fast the outputs move along the weight trajectory acts like
@@ -57,7 +57,7 @@ Deviations from the official code, and why:
 * MESA: the code computes the teacher forward at every step; here only when the term applies. The
   teacher is kept in eval mode, as timm's ModelEmaV2 is in the code: it normalizes with its EMA'd
   running BN statistics while the student uses batch statistics, so with BN layers the KL is not 0
-  even when the weights agree (spec 4.3). Floating-point parameters and buffers are averaged, as
+  even when the weights agree. Floating-point parameters and buffers are averaged, as
   ModelEmaV2 does; integer buffers (num_batches_tracked) are copied rather than averaged and
   truncated.
 

@@ -46,7 +46,7 @@ advances them once per step (as a single clean pass would). "loss" and "acc" are
 means of pass 1, "grad_norm" the norm of mean_j g_j. Under data parallelism every group is the
 rank's own and the accumulated update gradient is averaged once, before the step.
 
-Weight decay (spec sam_family.md 1.4): by default (`wd_in_perturbation=False`, davda54 and most
+Weight decay: by default (`wd_in_perturbation=False`, davda54 and most
 ports) it lives only in the base optimizer, at the unperturbed w. With `wd_in_perturbation=True`
 the step computes what the JAX reference does with the L2 term inside the loss: d = g + lambda w
 (lambda = the weight_decay of the parameter's optimizer group) and update gradient

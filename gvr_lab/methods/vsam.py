@@ -2,10 +2,10 @@
 
 Deng, Pang, Zhang, Wang, "Effectively Estimating Gradient Sample Size to Speed Up Sharpness Aware
 Minimization", arXiv 2403.08821 (2024). The paper text was not available; this follows the
-first author's official code (ajiaaa/vSAM, commit 895e0e5, `vsam/vsam.py` and `train_vsam.py`) as
-read in specs/sam_family.md section 5. Reimplemented, not copied (that repository has no licence).
+first author's official code (ajiaaa/vSAM, commit 895e0e5, `vsam/vsam.py` and `train_vsam.py`).
+Reimplemented, not copied (that repository has no licence).
 
-Decomposition (section 5.1-5.2). With g = grad L_B(w) and the SAM gradient g_S = grad L_B(w + eps),
+Decomposition. With g = grad L_B(w) and the SAM gradient g_S = grad L_B(w + eps),
 eps = rho g / (||g|| + xi), the norm over ALL parameters and xi = 1e-12,
 
     g_S = g + PSF,      PSF = g_S - g  ~=  rho H g / ||g||
@@ -13,7 +13,7 @@ eps = rho g / (||g|| + xi), the norm over ALL parameters and xi = 1e-12,
 ("Projection of the Second-order gradient onto the First-order gradient"). PSF is not a
 Hessian-vector product: it is this finite difference on the same batch, exact for a quadratic.
 
-Algorithm (the spec's reconstruction of the code, section 5.7), K = `window`, n_b = `blocks`:
+Algorithm (our reading of the code), K = `window`, n_b = `blocks`:
 
     b <- 1;  q <- 0.5;  n_s <- 0;  c <- 1;  P, R, V <- K zeros each;  PSF_last <- none
     every step, epoch e:
