@@ -331,7 +331,7 @@ def test_asam_with_unit_weights_and_no_eta_is_sam():
 
 @pytest.mark.parametrize("m", [None, 4])
 def test_weight_decay_in_perturbation_is_the_l2_loss_of_the_jax_reference(m):
-    """Spec 9.1 item 8: update = grad[L + lambda/2 ||.||^2](w + eps'), eps' from g + lambda w
+    """The JAX reference's L2 in the loss: update = grad[L + lambda/2 ||.||^2](w + eps'), eps' from g + lambda w
     (with m: the mean over the groups of that, each group with its own eps')."""
     model, opt, method = build("sam", groups=True, rho=0.3, wd_in_perturbation=True, m=m)
     off_model, off_opt, off = build("sam", groups=True, rho=0.3, m=m)
