@@ -16,6 +16,8 @@ The meta device stands in for a GPU's host-sync checker: a tensor on it has no v
 read of one on the host (.item(), bool(), a 0-dim tensor index) raises.
 """
 
+import contextlib
+
 import pandas as pd
 import pytest
 import torch
@@ -94,7 +96,7 @@ def train_steps(config, settings):
                           for p in model.parameters() if p.grad is not None and p.grad.stride() != p.stride())
 
     optimizer.register_step_pre_hook(check_layout)
-    flat = lambda: torch.cat([p.detach().flatten().double() for p in model.parameters()])  # noqa: E731
+    flat = lambda: torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])  # noqa: E731
     initial, losses = flat(), []
     for epoch in range(config.epochs):
         seed_epoch(config.seed, epoch)
@@ -179,29 +181,59 @@ def test_cuda_settings_train_every_method_close_to_fp32(name, hp, case, norms_lo
 # ---------------------------------------------------------------------- no host sync inside a step
 
 
-def meta_batch(n=16, classes=5):
-    x = torch.randn(n, 1, 28, 28, device="meta")
-    return Batch(x, torch.randint(0, classes, (n,), device="meta"), torch.arange(n, device="meta"), x.clone())
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@contextlib.contextmanager
+def no_host_sync(device):
+    """On CUDA, any synchronizing call inside raises (the meta device needs nothing: it has no values)."""
+    if device != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("name, hp", VARIANTS, ids=IDS)
-def test_a_step_never_reads_a_device_value_on_the_host(name, hp, norms_log):
-    """Steps of epoch 0, and of epoch 1 for the methods whose start_epoch needs no value (SAF's
-    reads the largest index once per epoch, documented; vSAM's window ends, once per window, lie
-    beyond these steps)."""
+def test_a_step_never_reads_a_device_value_on_the_host(name, hp, device, norms_log):
+    """Three epochs of three steps, each step checked; the per-epoch hooks may sync (SAF's
+    start_epoch reads the largest index once per epoch, so on meta SAF runs epoch 0 only), and
+    vSAM's window ends (one read per window) lie beyond these steps."""
     hp = {k: norms_log if v == NORMS else v for k, v in hp.items()}
     if name == "vsam":
         hp = {**hp, "window": 50}
     torch.manual_seed(0)
-    model = create_model("tiny_cnn", num_classes=5, in_channels=1, bn=True).to("meta")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    hp = {**hp, **({"micro_batch_size": 8} if "micro_batch_size" in hp else {})}
-    method = create_method(name, model, opt, **hp)
-    for epoch in range(1 if name == "saf" else 2):
+    model = create_model("tiny_cnn", num_classes=5, in_channels=1, bn=True).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=device == "cuda")
+    method = create_method(name, model, opt, amp_dtype=torch.bfloat16 if device == "cuda" else None, **hp)
+    for epoch in range(1 if name == "saf" and device == "meta" else 3):
         method.start_epoch(epoch)
         for _ in range(3):
-            method.step(meta_batch())
+            x = torch.randn(16, 1, 28, 28, device=device)
+            batch = Batch(x, torch.randint(0, 5, (16,), device=device), torch.arange(16, device=device), x.clone())
+            with no_host_sync(device):
+                method.step(batch)
         method.end_epoch(epoch)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name, hp, case", [(*v, i) for v, i in zip(VARIANTS, IDS)], ids=IDS)
+def test_on_a_gpu_every_method_trains_close_to_the_fp32_cpu_update(name, hp, case, norms_log):
+    """What CUDA runs by default (fused SGD, channels_last, bf16, cuDNN with TF32) against the CPU
+    fp32 reference: the fused CUDA kernel refuses gradients laid out unlike their parameters, and
+    the bf16 tolerances above hold (cuDNN's kernels only add rounding)."""
+    config = config_of(name, hp, norms_log)
+    gpu = DeviceSettings.of(config, torch.device("cuda"))
+    assert gpu == DeviceSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, fused=True)
+    run = train_steps(config, gpu)
+    assert all(torch.isfinite(torch.tensor(run[2]))) and run[3] == []
+    assert relative_update_error(trained(case, name, hp, norms_log, "reference"), run) <= \
+        BF16_TOL.get(case, BF16_TOL["default"])
 
 
 # ---------------------------------------------------------------------- finite differences under bf16
