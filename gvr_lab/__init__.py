@@ -6,7 +6,7 @@ from .errors import UsageError
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
 from .results import load_runs
-from .train import Config, Run, train, train_grid
+from .training import Config, Run, train, train_grid
 
 __all__ = [
     "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "list_datasets",

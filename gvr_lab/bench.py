@@ -26,7 +26,7 @@ import torch
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
 from .methods import method_class
-from .train import Config, DeviceSettings, build_model
+from .training import Config, DeviceSettings, build_model
 
 EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
 # Warm-up steps run in this epoch and every timed round in the next one, past every method's warm-up

@@ -17,7 +17,7 @@ from .errors import UsageError
 from .methods import METHODS, list_methods, method_class
 from .models import list_models
 from .runner import PRESETS
-from .train import Config, resolve_device, train
+from .training import Config, resolve_device, train
 
 
 class Parser(argparse.ArgumentParser):

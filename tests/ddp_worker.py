@@ -8,16 +8,14 @@ case of several runs is a run stopped with stop_after and resumed). After a case
 model state and method state are gathered, and rank 0 saves them all, by case id, to OUT.pt.
 """
 
-import importlib
 import json
 import sys
 
 import torch
 import torch.distributed as dist
 
-from gvr_lab import Config, train
+from gvr_lab import Config, train, training
 
-training = importlib.import_module("gvr_lab.train")
 built = {}
 build_model = training.build_model
 

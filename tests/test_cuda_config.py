@@ -25,7 +25,7 @@ import torch
 from gvr_lab import Batch, Config, create_method, create_model, list_methods
 from gvr_lab.distributed import World
 from gvr_lab.methods import METHODS
-from gvr_lab.train import DeviceSettings, build, seed_epoch
+from gvr_lab.training import DeviceSettings, build, seed_epoch
 
 CPU = torch.device("cpu")
 SETTINGS = {"reference": DeviceSettings(CPU, None, channels_last=False, fused=False),

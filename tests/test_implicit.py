@@ -410,7 +410,7 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch():
 def test_training_run_logs_the_diagnostics(tiny_config):
     from gvr_lab import train
     from gvr_lab.distributed import World
-    from gvr_lab.train import DeviceSettings, build, seed_epoch
+    from gvr_lab.training import DeviceSettings, build, seed_epoch
 
     torch.set_default_dtype(torch.float32)
     config = tiny_config(method="reg_loss", method_args={"micro_batch_size": 16, "hvp": "fd", "lam": 0.01},

@@ -1,4 +1,3 @@
-import importlib
 import json
 import math
 import pathlib
@@ -8,8 +7,7 @@ import pytest
 import torch
 
 import gvr_lab
-from gvr_lab import Config, load_runs, train
-train_module = importlib.import_module("gvr_lab.train")  # the package exports the function `train`
+from gvr_lab import Config, load_runs, train, training
 from gvr_lab.errors import UsageError
 from gvr_lab.results import load_checkpoint
 
@@ -41,7 +39,7 @@ def test_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
     whole = train(tiny_config(epochs=3, out_dir=str(tmp_path / "whole"), cutout=0.5))
 
     calls = {"n": 0}
-    real_evaluate = train_module.evaluate
+    real_evaluate = training.evaluate
 
     def crash_in_second_epoch(*args, **kw):
         calls["n"] += 1
@@ -49,12 +47,12 @@ def test_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kw)
 
-    monkeypatch.setattr(train_module, "evaluate", crash_in_second_epoch)
+    monkeypatch.setattr(training, "evaluate", crash_in_second_epoch)
     cfg = tiny_config(epochs=3, out_dir=str(tmp_path / "resumed"), cutout=0.5)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["epochs_completed"] == 1
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
     resumed = train(cfg)
 
     cols = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]
@@ -66,7 +64,7 @@ def test_resumed_run_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
 
 def test_finished_run_is_not_retrained(tiny_config, monkeypatch):
     first = train(tiny_config(epochs=1))
-    monkeypatch.setattr(train_module, "build", lambda *a, **k: pytest.fail("a finished run was rebuilt"))
+    monkeypatch.setattr(training, "build", lambda *a, **k: pytest.fail("a finished run was rebuilt"))
     again = train(tiny_config(epochs=1, progress=True))  # progress does not change the run's identity
     assert again.summary == first.summary
 
@@ -86,7 +84,7 @@ def test_run_directory_that_is_a_file(tiny_config, tmp_path):
 def test_schedules():
     def lrs(**kw):
         cfg = Config(lr=1.0, epochs=4, **kw)
-        return [train_module.lr_at(cfg, e, i, 10) for e in range(4) for i in range(10)]
+        return [training.lr_at(cfg, e, i, 10) for e in range(4) for i in range(10)]
 
     assert lrs(schedule="constant") == [1.0] * 40
     cos = lrs(schedule="cosine")
@@ -114,7 +112,7 @@ def test_schedules():
 def test_bad_config_values(overrides, needle):
     if needle is None:  # device names are checked when the run starts
         with pytest.raises(UsageError, match="unknown device"):
-            train_module.resolve_device(overrides["device"])
+            training.resolve_device(overrides["device"])
         return
     with pytest.raises(UsageError, match=needle):
         Config(**overrides)
