@@ -21,14 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UsageError, check_choice
+from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .results import read_json, write_json
 
 PRESETS = ("smoke", "cpu", "gpu", "paper")
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 PRESET_FILE = NOTEBOOKS / "presets.yaml"
-TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
 
 class NotebookFailed(RuntimeError):
@@ -60,12 +59,9 @@ def check_parameters(params: dict, declared: dict, path) -> dict:
     for name, value in params.items():
         if name not in declared:
             raise UsageError(f"unknown parameter {name!r} for {path}; declared: {listing}")
-        kind = TYPES.get(declared[name]["inferred_type_name"])
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-            raise UsageError(f"parameter {name!r} of {path} must be {kind.__name__}, got {value!r}; declared: {listing}")
-        checked[name] = value
+        kind = TYPE_NAMES.get(declared[name]["inferred_type_name"])
+        checked[name] = value if kind is None else coerce(value, kind, f"parameter {name!r} of {path}",
+                                                          f"; declared: {listing}")
     return checked
 
 

@@ -30,7 +30,7 @@ import torch
 from . import results
 from .data import Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
-from .errors import UsageError, check_choice
+from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .methods import create_method, method_class
 from .models import create_model, list_models
 from .quant import check_bits, quantize_model
@@ -85,7 +85,7 @@ class Config:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            setattr(self, f.name, check_type(f, getattr(self, f.name)))
+            setattr(self, f.name, coerce(getattr(self, f.name), TYPE_NAMES[f.type], f"config field {f.name!r}"))
         check_choice("dataset", self.dataset, list_datasets())
         check_choice("model", self.model, list_models())
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -126,18 +126,6 @@ class Config:
         if unknown:
             raise UsageError(f"unknown config field {unknown[0]!r}; valid: {', '.join(sorted(names))}")
         return cls(**d)
-
-
-def check_type(f: dataclasses.Field, value):
-    """Coerce ints to float fields; reject anything else of the wrong type with one line."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[f.type]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is list and isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise UsageError(f"config field {f.name!r} must be {kind.__name__}, got {value!r}")
 
 
 @dataclass

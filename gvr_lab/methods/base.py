@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..distributed import World, average_
-from ..errors import UsageError, check_choice
+from ..errors import UsageError, check_choice, coerce
 
 
 class Method(abc.ABC):
@@ -64,7 +64,9 @@ class Method(abc.ABC):
             raise UsageError(f"unknown hyperparameter {unknown[0]!r} for method {cls.name!r}; valid: {valid}")
         resolved = dict(cls.hparams)
         for key, value in given.items():
-            resolved[key] = coerce(cls.name, key, value, cls.hparams[key])
+            default = cls.hparams[key]
+            resolved[key] = coerce(value, None if default is None else type(default),
+                                   f"hyperparameter {key!r} of method {cls.name!r}")
             if key in cls.choices:
                 check_choice(f"{key} for method {cls.name!r}", resolved[key], cls.choices[key])
         cls.validate(resolved)
@@ -161,26 +163,6 @@ class Method(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def coerce(method: str, key: str, value, default):
-    """Accept `value` for a hyper-parameter whose default is `default`."""
-    if default is None or value is None:
-        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, type(default)):
-        return value
-    expected = "a number or None" if default is None else type(default).__name__
-    raise UsageError(f"hyperparameter {key!r} of method {method!r} must be {expected}, got {value!r}")
 
 
 # ---------------------------------------------------------------------- shared tensor helpers
