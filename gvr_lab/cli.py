@@ -14,7 +14,7 @@ import yaml
 
 from .data import list_datasets
 from .errors import UsageError
-from .methods import METHODS, list_methods, method_class
+from .methods import METHODS, list_methods, markdown_table, method_class, method_notes
 from .models import list_models
 from .runner import PRESETS
 from .training import Config, resolve_device, train
@@ -104,14 +104,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_list(args) -> int:
-    print("methods (hyperparameters with defaults):")
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    print("methods (hyperparameters with defaults; reference):")
     for name in list_methods():
         cls = METHODS[name]
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.hparams.items()) or "none"
         alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
-        print(f"  {name}{alias}: {hp}")
+        print(f"  {name}{alias}: {hp}\n      {cls.reference}")
     print("models:   " + ", ".join(list_models()))
     print("datasets: " + ", ".join(list_datasets()))
+    return 0
+
+
+def cmd_docs(args) -> int:
+    from pathlib import Path
+
+    from .results import write_atomic
+
+    path = Path(args.out)
+    write_atomic(path, method_notes().encode())
+    print(f"wrote {path}")
     return 0
 
 
@@ -199,7 +213,12 @@ def cmd_figures(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gvr-lab", description="Gradient-based regularizers: train, compare, reproduce.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("list", help="methods with hyperparameters, models, datasets").set_defaults(func=cmd_list)
+    ls = sub.add_parser("list", help="methods with hyperparameters and references, models, datasets")
+    ls.add_argument("--markdown", action="store_true", help="print README's method table, made from the registry")
+    ls.set_defaults(func=cmd_list)
+    dc = sub.add_parser("docs", help="write docs/methods.md from the registry and the method docstrings")
+    dc.add_argument("--out", default="docs/methods.md")
+    dc.set_defaults(func=cmd_docs)
     p = sub.add_parser("train", help="one training run into its run directory (rerun to resume)")
     p.add_argument("--config", metavar="FILE.yaml", help="Config fields as YAML; flags override them")
     add_config_flags(p)

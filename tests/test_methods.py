@@ -154,3 +154,42 @@ def test_original_names_are_aliases():
     for original, canonical in originals.items():
         assert method_class(original).name == canonical
         assert method_class(original.upper()).name == canonical
+
+
+def test_readme_method_table_is_the_registry():
+    """README's table is `gvr-lab list --markdown`: references, defaults and passes cannot drift."""
+    from pathlib import Path
+
+    from gvr_lab.methods import markdown_table
+
+    lines = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    start = lines.index(markdown_table().splitlines()[0])
+    end = next(i for i in range(start, len(lines) + 1) if i == len(lines) or not lines[i].startswith("|"))
+    assert "\n".join(lines[start:end]) == markdown_table(), "regenerate it: gvr-lab list --markdown"
+
+
+def test_a_taken_name_is_refused(monkeypatch):
+    from gvr_lab.methods import base
+
+    monkeypatch.setattr(base, "METHODS", dict(base.METHODS))
+    monkeypatch.setattr(base, "ALIASES", dict(base.ALIASES))
+
+    class Again(METHODS["sgd"]):
+        name = "SGD2"
+        aliases = ("Vanilla",)
+
+    with pytest.raises(ValueError, match="method name 'Vanilla' of Again is already registered \\(by SGD\\)"):
+        base.register_method(Again)
+    assert "sgd2" not in base.ALIASES  # nothing half-registered
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_hyperparameters_cannot_shadow_the_contract(name, norms_log):
+    """Hyper-parameters live in method.hp: one named like a part of the contract (SAF's and MESA's
+    start_epoch) leaves that part alone, and reads as an attribute only where nothing else has the name."""
+    _, _, method = make(name, norms_log)
+    assert callable(method.start_epoch) and callable(method.step)
+    for key, value in method.hp.items():
+        assert method.hp[key] == value
+        if not hasattr(type(method), key):
+            assert getattr(method, key) == value

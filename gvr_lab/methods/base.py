@@ -1,19 +1,34 @@
-"""The Method contract and the registry.
+"""The Method contract, the toolkit methods build their steps from, and the registry.
 
 A method owns its whole update, as davda54/sam's SAM class does: `step(batch)` runs every forward
 and backward pass it needs and calls `optimizer.step()` itself. The training loop only sets the
-learning rate, calls `start_epoch` and `step`, and averages what `step` returns. It never knows a
-method by name.
+learning rate, calls `start_epoch`, `step` and `end_epoch`, and averages what `step` returns. It
+never knows a method by name.
 
-Adding a method is one new file in this package: subclass `Method`, give it a `name`, its
-hyper-parameter defaults in `hparams`, and decorate it with `@register_method`. Every module here is
-imported by the package, so nothing else needs editing.
+Adding a method is one new file in this package: subclass `Method` (or a family's class), give it a
+`name`, its hyper-parameter defaults in `hparams`, a `reference` and `passes` for the method table,
+and decorate it with `@register_method`. Every module here is imported by the package, so nothing
+else needs editing; docs/adding_a_method.md walks through a SAM variant.
+
+Hyper-parameters live in `self.hp` (read as `self.hp.rho`), never as instance attributes, so no
+name can shadow a part of the contract (`step`, `start_epoch`, `world`, ...).
+
+The toolkit, one piece per idea:
+* two-pass steps (the SAM family): `clean_pass` (pass 1 at w: logits, loss, its gradient by
+  autograd.grad, the RNG state) and `perturbed_pass` (pass 2 at w + eps with pass 1's dropout masks,
+  its gradient into .grad); `moved` (weights at w + eps, batch-norm statistics frozen, w restored
+  by copy) serves them and every finite-difference probe; `replayed_rng` replays dropout masks.
+* gradients: `grad` (autograd.grad, zeros where a parameter is not reached) for a gradient that is
+  an ingredient, `.backward()` for the one the optimizer applies; `set_grads` hands a computed one
+  to the optimizer laid out like its parameter; `global_norm`, `global_dot` over parameter lists.
+* logging: `update_norm` (norm of the applied gradient, only on logged steps), `metrics`.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +39,30 @@ from ..distributed import World, average_
 from ..errors import UsageError, check_choice, coerce
 
 
+BOUNDS = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
+          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+class HParams(dict):
+    """A method's resolved hyper-parameters, read as attributes: `self.hp.rho`."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class CleanPass:
+    """Pass 1 of a two-pass step (Method.clean_pass)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+    grads: list[torch.Tensor]  # d loss / d params, not in .grad
+    rng: tuple  # torch's RNG state before the pass, for the perturbed pass to replay
+
+
 class Method(abc.ABC):
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -32,14 +71,19 @@ class Method(abc.ABC):
     hparams: ClassVar[dict[str, Any]] = {}
     # Hyper-parameter name -> allowed values, for the string-valued ones.
     choices: ClassVar[dict[str, tuple]] = {}
-    # One line for `gvr-lab list` and the README table: the reference and known deviations.
+    # Hyper-parameter name -> the range it must lie in, one of BOUNDS (validate() checks the rest).
+    bounds: ClassVar[dict[str, str]] = {}
+    # For `gvr-lab list` and README's method table: the reference and known deviations, and the
+    # forward-backward passes per step.
     reference: ClassVar[str] = ""
-    # False when the step needs double backward, which torch.compile's AOTAutograd refuses.
-    compilable: ClassVar[bool] = True
+    passes: ClassVar[str] = "1"
+    # Hyper-parameter -> the value whose step needs double backward, which torch.compile's
+    # AOTAutograd refuses (see `compilable`).
+    double_backward: ClassVar[dict[str, Any]] = {}
     views: int = 1
     # Set by the loop before each step: True on steps whose metrics are logged. Diagnostics that
-    # cost extra passes (e.g. per-micro-batch data-gradient norms of penalty methods) are computed
-    # only then; the loop averages each metric over the steps that returned it.
+    # cost extra work (norms of the update gradient, per-micro-batch data-gradient norms) are
+    # computed only then; the loop averages each metric over the steps that returned it.
     diagnose: bool = True
     # The data-parallel group, set by the loop under torchrun: one process by default. Methods
     # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
@@ -47,11 +91,24 @@ class Method(abc.ABC):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, **hparams):
-        for key, value in self.resolve_hparams(hparams).items():
-            setattr(self, key, value)
+        self.hp = HParams(self.resolve_hparams(hparams))
         self.model, self.optimizer = model, optimizer
         self.label_smoothing, self.amp_dtype = label_smoothing, amp_dtype
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._saved: dict[int, torch.Tensor] = {}  # w while `moved`, per parameter, kept across steps
+
+    def __getattr__(self, name: str):
+        """Hyper-parameters are readable as attributes from outside (`method.rho`); inside, methods
+        use self.hp, which no attribute of the contract can shadow."""
+        hp = self.__dict__.get("hp")
+        if hp is not None and name in hp:
+            return hp[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def compilable(self) -> bool:
+        """False when this instance's step needs double backward."""
+        return not any(self.hp[key] == value for key, value in self.double_backward.items())
 
     # ------------------------------------------------------------------ hyper-parameters
 
@@ -69,12 +126,15 @@ class Method(abc.ABC):
                                    f"hyperparameter {key!r} of method {cls.name!r}")
             if key in cls.choices:
                 check_choice(f"{key} for method {cls.name!r}", resolved[key], cls.choices[key])
+        for key, bound in cls.bounds.items():
+            if resolved[key] is not None and not BOUNDS[bound](resolved[key]):
+                raise UsageError(f"{key} for method {cls.name!r} must be {bound}, got {resolved[key]}")
         cls.validate(resolved)
         return resolved
 
     @classmethod
     def validate(cls, hp: dict) -> None:
-        """Range checks on resolved hyper-parameters; raise UsageError."""
+        """Checks on resolved hyper-parameters beyond `bounds`; raise UsageError."""
 
     @classmethod
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
@@ -120,9 +180,10 @@ class Method(abc.ABC):
 
     @staticmethod
     def metrics(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, **extra) -> dict:
-        """Step metrics as detached 0-dim tensors: no host sync inside the step."""
+        """Step metrics as detached 0-dim tensors: no host sync inside the step. A None (a
+        diagnostic not computed on this step) is left out."""
         out = {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
-        out.update({k: v.detach() if torch.is_tensor(v) else v for k, v in extra.items()})
+        out.update({k: v.detach() if torch.is_tensor(v) else v for k, v in extra.items() if v is not None})
         return out
 
     # ------------------------------------------------------------------ the contract
@@ -132,11 +193,14 @@ class Method(abc.ABC):
         gradient before the step (normalized GD, grafting). Otherwise gradients are averaged in a
         pre-hook of optimizer.step(). A no-op in one process; the loop installs the real one."""
 
-    def update_norm(self) -> torch.Tensor:
-        """||.grad||: the norm of the gradient the optimizer is about to apply. Called right before
-        optimizer.step(), after everything rank-local is done: it averages .grad across ranks now
-        (the step's pre-hook then does not again), so every rank logs the global value, and it is
-        measured before the step, which may change .grad (foreach SGD adds Nesterov momentum in)."""
+    def update_norm(self) -> torch.Tensor | None:
+        """||.grad||: the norm of the gradient the optimizer is about to apply, on logged steps
+        (None otherwise). Called right before optimizer.step(), after everything rank-local is
+        done: it averages .grad across ranks now (the step's pre-hook then does not again), so
+        every rank logs the global value, and it is measured before the step, which may change
+        .grad (foreach SGD adds Nesterov momentum in)."""
+        if not self.diagnose:
+            return None
         self.sync_grads()
         return global_norm(grads_of(self.params))
 
@@ -164,6 +228,65 @@ class Method(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def backward_pass(self, x: torch.Tensor, y: torch.Tensor, all_reduce: bool = False):
+        """One forward and backward at w, the gradient into .grad (all-reduced across ranks now
+        when `all_reduce`, for an update built on the global gradient): (logits, loss, the .grad
+        tensors, zeros where a parameter got none), for steps that add to the gradient in place."""
+        logits = self.forward(x)
+        loss = self.loss(logits, y)
+        loss.backward()
+        if all_reduce:
+            self.sync_grads()
+        return logits, loss, grads_of(self.params)
+
+    # ------------------------------------------------------------------ two-pass steps
+
+    @contextlib.contextmanager
+    def moved(self, eps: list[torch.Tensor], params: list[torch.Tensor] | None = None):
+        """The weights `params` (all by default) at w + eps inside the block, batch norm
+        normalizing with batch statistics but its running statistics frozen (they advance once per
+        step, on the clean pass); w is put back by copy on exit, not by subtracting eps (no drift).
+        SAM's second pass and every finite-difference probe run inside it. The copies of w live in
+        buffers kept across steps: allocating parameter-sized tensors every step costs as much as
+        copying."""
+        params = self.params if params is None else params
+        if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
+            yield
+            return
+        saved = [self._saved.get(id(p)) for p in params]
+        if any(t is None for t in saved):
+            self._saved.update((id(p), p.detach().clone()) for p in params if id(p) not in self._saved)
+            saved = [self._saved[id(p)] for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(saved, params)
+            torch._foreach_add_(params, eps)
+        try:
+            with frozen_bn_stats(self.model):
+                yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+
+    def clean_pass(self, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor] | None = None) -> CleanPass:
+        """Pass 1 of a two-pass step, at w in train mode: the logits, the mean loss, its gradient
+        with respect to `params` (all by default) by autograd.grad, so .grad is left to the update
+        gradient, and the RNG state the pass started from."""
+        params = self.params if params is None else params
+        rng = rng_state(x.device)
+        logits = self.forward(x)
+        loss = self.loss(logits, y)
+        return CleanPass(logits, loss, grad(loss, params) if params else [], rng)
+
+    def perturbed_pass(self, x: torch.Tensor, y: torch.Tensor, eps: list[torch.Tensor], rng: tuple,
+                       params: list[torch.Tensor] | None = None, weight: float = 1.0) -> torch.Tensor:
+        """Pass 2: the mean loss at w + eps (`moved`) with the dropout masks of the pass that
+        started at `rng`; weight times its gradient accumulates into .grad (where the data-parallel
+        all-reduce will find it). Returns the loss, detached."""
+        with self.moved(eps, params), replayed_rng(rng, x.device):
+            loss = self.loss(self.forward(x), y)
+            (loss * weight if weight != 1.0 else loss).backward()
+        return loss.detach()
+
 
 # ---------------------------------------------------------------------- shared tensor helpers
 # Methods build on these rather than writing their own: all work on lists of tensors with the
@@ -173,6 +296,12 @@ class Method(abc.ABC):
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 -> fp32 for losses and penalties; fp32 and fp64 pass through (tests run in fp64)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def grad(output: torch.Tensor, params: list[torch.Tensor], **kw) -> list[torch.Tensor]:
+    """d output / d params by autograd.grad, without touching .grad; zeros for parameters the
+    output does not reach. Keywords go to autograd.grad (create_graph, retain_graph)."""
+    return list(torch.autograd.grad(output, params, materialize_grads=True, **kw))
 
 
 def grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -200,29 +329,13 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([upcast(t) for t in tensors])))
 
 
+def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Inner product over the concatenation of the tensors (no foreach kernel exists for it)."""
+    return torch.stack([torch.vdot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).sum()
+
+
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
-
-
-@contextlib.contextmanager
-def perturbed(params: list[torch.Tensor], eps: list[torch.Tensor], saved: list[torch.Tensor]):
-    """Weights at w + eps inside the block, put back to w by copy on exit, not by subtracting eps
-    (no drift). SAM's second pass and every finite-difference probe run inside it.
-
-    `saved` are buffers shaped like `params` that receive the copy of w: the methods keep them
-    across steps, since allocating parameter-sized tensors every step costs as much as copying.
-    """
-    if not params:  # ESAM's weight perturbation may keep no tensor; foreach ops refuse empty lists
-        yield
-        return
-    with torch.no_grad():
-        torch._foreach_copy_(saved, params)
-        torch._foreach_add_(params, eps)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -241,6 +354,11 @@ def replayed_rng(state: tuple, device: torch.device):
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
         yield
+
+
+def tracks_bn_stats(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -269,6 +387,11 @@ ALIASES: dict[str, str] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Add a method under its name and aliases (case-insensitive); a name already taken is refused."""
+    for key in (cls.name, *cls.aliases):
+        if key.lower() in ALIASES:
+            raise ValueError(f"method name {key!r} of {cls.__name__} is already registered "
+                             f"(by {METHODS[ALIASES[key.lower()]].__name__})")
     for key in (cls.name, *cls.aliases):
         ALIASES[key.lower()] = cls.name
     METHODS[cls.name] = cls

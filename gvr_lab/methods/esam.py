@@ -54,9 +54,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, upcast
-from .sam import RngReplay, ascent_grads, check_rho, sam_scale
+from .base import Method, global_norm, register_method, replayed_rng, upcast
+from .sam import sam_scale
 
 
 def selected_count(gamma: float, batch_size: int) -> int:
@@ -70,63 +69,47 @@ class ESAM(Method):
     hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "sync_ascent": False}
     reference = ("Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
                  "(official: one fewer), BN stats only on the clean pass, xi 1e-12")
-
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        check_rho(cls.name, hp["rho"])
-        for key in ("beta", "gamma"):
-            if not 0 < hp[key] <= 1:
-                raise UsageError(f"{key} for method {cls.name!r} must be in (0, 1], got {hp[key]}")
-
-    def __init__(self, model, optimizer, **kw):
-        super().__init__(model, optimizer, **kw)
-        self.saved = clone_all(self.params)
+    passes = "2 (SWP/SDS reduce the second)"
+    bounds = {"rho": ">= 0", "beta": "in (0, 1]", "gamma": "in (0, 1]"}
 
     def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
         return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
 
-    def kept_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The parameters SWP perturbs this step, and their buffers in self.saved."""
-        if self.beta == 1:
-            return self.params, self.saved
-        keep = (torch.rand(len(self.params)) < self.beta).tolist()  # CPU: no device sync
-        pairs = [(p, s) for p, s, k in zip(self.params, self.saved, keep) if k]
-        return [p for p, _ in pairs], [s for _, s in pairs]
+    def kept_params(self) -> list[torch.Tensor]:
+        """The parameters SWP perturbs this step."""
+        if self.hp.beta == 1:
+            return self.params
+        keep = (torch.rand(len(self.params)) < self.hp.beta).tolist()  # CPU: no device sync
+        return [p for p, k in zip(self.params, keep) if k]
 
     def step(self, batch):
         self.zero_grad()
         x, y = batch.x, batch.y
-        kept, saved = self.kept_tensors()
-        device = self.params[0].device
-        rng = RngReplay(device)
-        logits = self.forward(x)
-        losses = self.sample_losses(logits, y)
-        loss = losses.mean()
-        eps = ascent_grads(loss, kept) if kept else []
-        if self.sync_ascent:
+        kept = self.kept_params()
+        first = self.clean_pass(x, y, kept)
+        eps = first.grads
+        if self.hp.sync_ascent:
             self.all_mean_(eps)
-        grad_norm = torch.zeros((), device=device)
+        grad_norm = torch.zeros((), device=x.device)
         if kept:
             grad_norm = global_norm(eps)
-            torch._foreach_mul_(eps, sam_scale(self.rho / self.beta, grad_norm))  # g_K -> eps in place
+            torch._foreach_mul_(eps, sam_scale(self.hp.rho / self.hp.beta, grad_norm))  # g_K -> eps in place
         size = x.shape[0]
-        count = selected_count(self.gamma, size)
-        with perturbed(kept, eps, saved), frozen_bn_stats(self.model):
-            if count < size:
-                rng.replay()
-                with torch.no_grad():
-                    sharp = self.sample_losses(self.forward(x), y) - losses.detach()
+        count = selected_count(self.hp.gamma, size)
+        if count == size:  # the whole batch again, with pass 1's masks
+            sharpness = self.perturbed_pass(x, y, eps, first.rng, kept) - first.loss.detach()
+        else:
+            with self.moved(eps, kept):
+                with torch.no_grad(), replayed_rng(first.rng, x.device):
+                    sharp = self.sample_losses(self.forward(x), y) - self.sample_losses(first.logits.detach(), y)
                 rows = sharp.argsort(descending=True, stable=True)[:count].sort().values
-                x, y = x[rows], y[rows]
-            else:  # the whole batch again: pass 1's masks (a subset cannot have its rows' masks)
-                rng.replay()
-            loss_s = self.loss(self.forward(x), y)
-            loss_s.backward()
-        sharpness = sharp.mean() if count < size else loss_s.detach() - loss.detach()
+                # Fresh masks: a subset cannot be given its rows' masks of pass 1.
+                self.loss(self.forward(x[rows]), y[rows]).backward()
+            sharpness = sharp.mean()
         sam_grad_norm = self.update_norm()
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, sam_grad_norm=sam_grad_norm,
-                            selected=torch.full((), count / size, device=device),
-                            perturbed=torch.full((), len(kept) / len(self.params), device=device),
+        return self.metrics(first.logits, y, first.loss, grad_norm=grad_norm, sam_grad_norm=sam_grad_norm,
+                            selected=torch.full((), count / size, device=x.device),
+                            perturbed=torch.full((), len(kept) / len(self.params), device=x.device),
                             sharpness=sharpness)

@@ -98,12 +98,12 @@ class NormalizedMethod(MicroBatchMethod):
         lb_norm = global_norm(lb.grad)
         # Every rank's micro-batch norms, in the global batch's order: ranks take the same step
         # length, the one a single process takes with the whole batch.
-        lb.micro_norms = gather_ranks(lb.micro_norms, self.world)
+        if lb.micro_norms is not None:
+            lb.micro_norms = gather_ranks(lb.micro_norms, self.world)
         extra = self.step_length(lb_norm, lb.micro_norms)
         direction = torch._foreach_mul(lb.grad, extra.pop("scale") / self.denominator(lb_norm))
         set_grads(self.params, direction)
-        # Measured before the step: foreach SGD with Nesterov adds the momentum into .grad.
-        grad_norm = global_norm(direction)
+        grad_norm = self.update_norm()  # .grad is the global direction already: no second all-reduce
         self.optimizer.step()
         return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=grad_norm, lb_grad_norm=lb_norm,
                             **extra, **lb.diagnostics())
@@ -119,11 +119,12 @@ class IterGraft(NormalizedMethod):
     aliases = ("IterGraft",)
     hparams = {"micro_batch_size": 128, "norm_source": "random_micro"}
     choices = {"norm_source": ("random_micro", "mean_micro")}
+    uses_micro_norms = True
     reference = (f"{NOVACK} IterGraft ({RECONSTRUCTED}; norm source unverified: random_micro or mean_micro); "
                  "assumes momentum 0, wd 0")
 
     def step_length(self, lb_norm, micro_norms):
-        if self.norm_source == "mean_micro":
+        if self.hp.norm_source == "mean_micro":
             nu = micro_norms.mean()
         else:  # j from the CPU generator: a host int, so indexing does not sync with the device
             nu = micro_norms[int(torch.randint(len(micro_norms), ()))]
@@ -137,14 +138,10 @@ class NGD(NormalizedMethod):
     hparams = {"micro_batch_size": 128, "eps": 1e-12}
     reference = f"{NOVACK} NGD ({RECONSTRUCTED}); eps guards ||g_B||; assumes momentum 0, wd 0"
 
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        super().validate(hp)
-        if hp["eps"] < 0:
-            raise UsageError(f"eps for method 'ngd' must be >= 0, got {hp['eps']}")
+    bounds = {**NormalizedMethod.bounds, "eps": ">= 0"}
 
     def denominator(self, lb_norm):
-        return super().denominator(lb_norm + self.eps)
+        return super().denominator(lb_norm + self.hp.eps)
 
     def step_length(self, lb_norm, micro_norms):
         return {"scale": 1.0}
@@ -239,7 +236,7 @@ class ExterGraft(NormalizedMethod):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
-        self.log = NormLog(self.norms_path, self.micro_batch_size)
+        self.log = NormLog(self.hp.norms_path, self.hp.micro_batch_size)
         p = self.params[0]
         self.norm_table = torch.tensor(self.log.norms, dtype=p.dtype, device=p.device)
         self.t = 0

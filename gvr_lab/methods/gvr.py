@@ -90,8 +90,8 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method,
-                   replayed_rng, rng_state, set_grads, upcast)
+from .base import (Method, frozen_bn_stats, global_norm, grad, register_method, replayed_rng, rng_state, set_grads,
+                   upcast)
 
 
 @register_method
@@ -104,29 +104,25 @@ class GVR(Method):
                "penalty": ("closed_form", "exact", "fd")}
     reference = ("Habibu-Ahmad 2025 (GVR repo code: last stage + fc target, summed view losses, shared "
                  "subset, double backward); BN stats updated on the clean pass, not a post-step forward")
-    compilable = False  # the default penalty="exact" double-backwards; set per instance below
+    double_backward = {"penalty": "exact"}
+    passes = "closed_form: 2 views (= SGD on 2B); exact: + double backward on the subset; fd: + 4 subset passes"
+
+    bounds = {"alpha": ">= 0", "subset": ">= 1", "fd_eps": "> 0"}
 
     @classmethod
     def validate(cls, hp: dict) -> None:
-        if hp["alpha"] < 0:
-            raise UsageError(f"alpha for method 'gvr' must be >= 0, got {hp['alpha']}")
-        if hp["subset"] < 1:
-            raise UsageError(f"subset for method 'gvr' must be >= 1, got {hp['subset']}")
-        if hp["fd_eps"] <= 0:
-            raise UsageError(f"fd_eps for method 'gvr' must be > 0, got {hp['fd_eps']}")
         if hp["penalty"] == "closed_form" and hp["target"] != "fc":
             raise UsageError(f"penalty 'closed_form' of method 'gvr' needs target 'fc', got {hp['target']!r}; "
                              "use penalty 'exact' or 'fd' for it")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
-        self.compilable = self.penalty != "exact"  # fd and closed_form are first-order only
-        needs = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[self.target]
-        if self.penalty == "closed_form":
+        needs = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[self.hp.target]
+        if self.hp.penalty == "closed_form":
             needs = [*needs, "forward_features"]
         missing = [name for name in needs if not hasattr(model, name)]
         if missing:
-            raise UsageError(f"method 'gvr' with target {self.target!r} and penalty {self.penalty!r} needs "
+            raise UsageError(f"method 'gvr' with target {self.hp.target!r} and penalty {self.hp.penalty!r} needs "
                              f"model.{missing[0]}, which {type(model).__name__} lacks; use target 'all' "
                              "(any model) or give the model " + " and ".join(f"'{m}'" for m in needs))
         modules = [getattr(model, name) for name in needs if name != "forward_features"] or [model]
@@ -134,17 +130,16 @@ class GVR(Method):
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
         self.in_target = [id(p) in wanted for p in self.params]
         self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
-        self.saved = clone_all(self.target_params) if self.penalty == "fd" else None  # w at the fd probe
         if not self.target_params:
-            raise UsageError(f"target {self.target!r} of method 'gvr' has no trainable parameters")
+            raise UsageError(f"target {self.hp.target!r} of method 'gvr' has no trainable parameters")
 
     # ------------------------------------------------------------------ the step
 
     def step(self, batch: Batch) -> dict:
         self.zero_grad()
         n = batch.y.shape[0]
-        rows = torch.randperm(n, device=batch.y.device)[: min(self.subset, n)]
-        run = {"closed_form": self._step_closed_form, "exact": self._step_exact, "fd": self._step_fd}[self.penalty]
+        rows = torch.randperm(n, device=batch.y.device)[: min(self.hp.subset, n)]
+        run = {"closed_form": self._step_closed_form, "exact": self._step_exact, "fd": self._step_fd}[self.hp.penalty]
         logits_a, loss_a, loss_b, penalty = run(batch, rows)
         grad_norm = self.update_norm()
         self.optimizer.step()
@@ -152,7 +147,7 @@ class GVR(Method):
                             grad_diff_norm=penalty.detach().sqrt(), grad_norm=grad_norm)
 
     def _data_loss(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
-        return loss_a + loss_b if self.reduction == "sum" else (loss_a + loss_b) / 2
+        return loss_a + loss_b if self.hp.reduction == "sum" else (loss_a + loss_b) / 2
 
     def _view_forwards(self, batch: Batch):
         """Both views over all n rows, each with its own BN batch statistics; the running statistics
@@ -165,19 +160,17 @@ class GVR(Method):
     def _step_exact(self, batch: Batch, rows: torch.Tensor):
         y = batch.y[rows]
         with frozen_bn_stats(self.model):
-            g_a = torch.autograd.grad(self.loss(self.forward(batch.x[rows]), y), self.target_params,
-                                      create_graph=True)
-            g_b = torch.autograd.grad(self.loss(self.forward(batch.x2[rows]), y), self.target_params,
-                                      create_graph=True)
+            g_a = grad(self.loss(self.forward(batch.x[rows]), y), self.target_params, create_graph=True)
+            g_b = grad(self.loss(self.forward(batch.x2[rows]), y), self.target_params, create_graph=True)
         penalty = global_norm(torch._foreach_sub(g_a, g_b)).square()
         logits_a, loss_a, loss_b = self._view_forwards(batch)
-        (self._data_loss(loss_a, loss_b) + self.alpha * penalty).backward()
+        (self._data_loss(loss_a, loss_b) + self.hp.alpha * penalty).backward()
         return logits_a, loss_a, loss_b, penalty
 
     def _grad_difference(self, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """D = grad L^a_S - grad L^b_S over all parameters (one backward through both views' graphs)."""
         difference = self.loss(self.forward(x_a), y) - self.loss(self.forward(x_b), y)
-        return list(torch.autograd.grad(difference, self.params, materialize_grads=True))
+        return grad(difference, self.params)
 
     def _step_fd(self, batch: Batch, rows: torch.Tensor):
         x_a, x_b, y = batch.x[rows], batch.x2[rows], batch.y[rows]
@@ -190,11 +183,11 @@ class GVR(Method):
             d = [g for g, t in zip(difference, self.in_target) if t]
             penalty = global_norm(d).square()
             # ||h d|| = fd_eps; the clamp keeps h finite when the views agree (d = 0, grad P = 0).
-            h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-            with perturbed(self.target_params, torch._foreach_mul(d, h), self.saved), replayed_rng(state, x_a.device):
+            h = self.hp.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
+            with self.moved(torch._foreach_mul(d, h), self.target_params), replayed_rng(state, x_a.device):
                 moved = self._grad_difference(x_a, x_b, y)
         penalty_grad = torch._foreach_sub(moved, difference)
-        torch._foreach_mul_(penalty_grad, 2 * self.alpha / h)
+        torch._foreach_mul_(penalty_grad, 2 * self.hp.alpha / h)
         # The data backward accumulates onto alpha * grad P.
         set_grads(self.params, penalty_grad)
         logits_a, loss_a, loss_b = self._view_forwards(batch)
@@ -211,7 +204,7 @@ class GVR(Method):
             logits_b = fc(features_b)
         loss_a, loss_b = self.loss(logits_a, batch.y), self.loss(logits_b, batch.y)
         penalty = self._fc_penalty(features_a[rows], logits_a[rows], features_b[rows], logits_b[rows], batch.y[rows])
-        (self._data_loss(loss_a, loss_b) + self.alpha * penalty).backward()
+        (self._data_loss(loss_a, loss_b) + self.hp.alpha * penalty).backward()
         return logits_a, loss_a, loss_b, penalty
 
     def _fc_penalty(self, h_a: torch.Tensor, z_a: torch.Tensor, h_b: torch.Tensor, z_b: torch.Tensor,

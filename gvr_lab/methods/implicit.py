@@ -102,8 +102,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, clone_all, frozen_bn_stats, global_norm, perturbed, register_method, replayed_rng, rng_state,
-                   set_grads, upcast)
+from .base import Method, global_norm, grad, register_method, replayed_rng, rng_state, set_grads, upcast
 
 NOVACK = "Novack et al. 2023 (arXiv 2211.15853)"
 
@@ -141,16 +140,6 @@ class LargeBatch:
         return out
 
 
-def grad(output: torch.Tensor, params: list[torch.Tensor], **kw) -> list[torch.Tensor]:
-    """autograd.grad with zeros for parameters the output does not reach."""
-    return list(torch.autograd.grad(output, params, materialize_grads=True, **kw))
-
-
-def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Differentiable ||concat(tensors)||^2, in the tensors' own dtype (fp64 stays fp64)."""
-    return torch.stack(torch._foreach_norm(tensors)).square().sum()
-
-
 class MicroBatchMethod(Method):
     """Large batch by micro-batches: split, run `micro_step` on each, average the gradients.
 
@@ -159,11 +148,10 @@ class MicroBatchMethod(Method):
     """
 
     hparams = {"micro_batch_size": 128}
-
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        if hp["micro_batch_size"] < 1:
-            raise UsageError(f"micro_batch_size for method {cls.name!r} must be >= 1, got {hp['micro_batch_size']}")
+    passes = "k micro-batches (1 pass total)"
+    # True where the step itself reads the micro-batch norms (IterGraft); else they are diagnostics.
+    uses_micro_norms = False
+    bounds = {"micro_batch_size": ">= 1"}
 
     @classmethod
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
@@ -173,14 +161,15 @@ class MicroBatchMethod(Method):
                              f"{cls.name!r}; use a batch_size that is k * {m}")
 
     def micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        self.check_batch_size({"micro_batch_size": self.micro_batch_size}, batch.y.shape[0])
-        return list(zip(batch.x.split(self.micro_batch_size), batch.y.split(self.micro_batch_size)))
+        self.check_batch_size({"micro_batch_size": self.hp.micro_batch_size}, batch.y.shape[0])
+        return list(zip(batch.x.split(self.hp.micro_batch_size), batch.y.split(self.hp.micro_batch_size)))
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
         logits = self.forward(x)
         loss = self.loss(logits, y)
         g = grad(loss, self.params)
-        return MicroResult(g, logits.detach(), loss.detach(), data_grad_norm=global_norm(g))
+        norm = global_norm(g) if self.diagnose or self.uses_micro_norms else None
+        return MicroResult(g, logits.detach(), loss.detach(), data_grad_norm=norm)
 
     def large_batch_gradient(self, batch: Batch) -> LargeBatch:
         parts = self.micro_batches(batch)
@@ -227,22 +216,11 @@ class PenaltyMethod(MicroBatchMethod):
 
     hparams = {"lam": 0.01, "micro_batch_size": 128, "hvp": "exact", "fd_eps": 1e-3}
     choices = {"hvp": ("exact", "fd")}
-    compilable = False  # the default hvp="exact" double-backwards; set per instance below
+    double_backward = {"hvp": "exact"}
+    passes = "exact ~3, fd 3"
+    bounds = {**MicroBatchMethod.bounds, "lam": ">= 0", "fd_eps": "> 0"}
     # True when s_i is the data loss itself, whose gradient then serves as both.
     source_is_loss = False
-
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        super().validate(hp)
-        if hp["lam"] < 0:
-            raise UsageError(f"lam for method {cls.name!r} must be >= 0, got {hp['lam']}")
-        if hp["fd_eps"] <= 0:
-            raise UsageError(f"fd_eps for method {cls.name!r} must be > 0, got {hp['fd_eps']}")
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
-        super().__init__(model, optimizer, **kwargs)
-        self.compilable = self.hvp != "exact"
-        self.saved = clone_all(self.params) if self.hvp == "fd" else None  # w at the fd probe (base.perturbed)
 
     def draw(self, logits: torch.Tensor):
         """The randomness of s_i (sampled labels, a direction), drawn once per micro-batch."""
@@ -253,19 +231,19 @@ class PenaltyMethod(MicroBatchMethod):
         """The scalar s_i whose parameter gradient's squared norm is the penalty R_i."""
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
-        return self._exact(x, y) if self.hvp == "exact" else self._fd(x, y)
+        return self._exact(x, y) if self.hp.hvp == "exact" else self._fd(x, y)
 
     def _exact(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
         logits = self.forward(x)
         loss = self.loss(logits, y)
         src = loss if self.source_is_loss else self.source(logits, y, self.draw(logits))
-        penalty = squared_norm(grad(src, self.params, create_graph=True))
+        penalty = global_norm(grad(src, self.params, create_graph=True)).square()
         data_grad_norm = None
         if self.source_is_loss:
             data_grad_norm = penalty.detach().sqrt()
         elif self.diagnose:
             data_grad_norm = global_norm(grad(loss, self.params, retain_graph=True))
-        total = grad(loss + self.lam * penalty, self.params)
+        total = grad(loss + self.hp.lam * penalty, self.params)
         return MicroResult(total, logits.detach(), loss.detach(), data_grad_norm, penalty.detach())
 
     def _fd(self, x: torch.Tensor, y: torch.Tensor) -> MicroResult:
@@ -281,17 +259,17 @@ class PenaltyMethod(MicroBatchMethod):
             else:
                 g_src = grad(self.source(logits, y, draw), self.params, retain_graph=True)
                 g_data = grad(loss, self.params)
-            penalty = squared_norm(g_src)
+            penalty = global_norm(g_src).square()
             # ||h v|| = fd_eps; the clamp keeps h finite when v = 0 (then H v = 0 and the step adds 0).
-            h = self.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
-            with perturbed(self.params, torch._foreach_mul(g_src, h), self.saved), frozen_bn_stats(self.model), \
-                    replayed_rng(state, x.device):
+            h = self.hp.fd_eps / penalty.sqrt().clamp_min(torch.finfo(penalty.dtype).tiny)
+            with self.moved(torch._foreach_mul(g_src, h)), replayed_rng(state, x.device):
                 moved = grad(self.source(self.forward(x), y, draw), self.params)
         # grad L_i + 2 lam H v  with  H v ~ (moved - g_src) / h
         total = torch._foreach_sub(moved, g_src)
-        torch._foreach_mul_(total, 2 * self.lam / h)
+        torch._foreach_mul_(total, 2 * self.hp.lam / h)
         torch._foreach_add_(total, g_data)
-        return MicroResult(total, logits.detach(), loss.detach(), global_norm(g_data), penalty)
+        return MicroResult(total, logits.detach(), loss.detach(), global_norm(g_data) if self.diagnose else None,
+                           penalty)
 
 
 @register_method
@@ -301,6 +279,7 @@ class RegLoss(PenaltyMethod):
     name = "reg_loss"
     aliases = ("RegLoss",)
     reference = f"{NOVACK} RegLoss (GN); batch_size must be a multiple of m; hvp='fd' is our addition"
+    passes = "exact: ~3 (double backward), fd: 2"
     source_is_loss = True
 
     def source(self, logits, y, draw):

@@ -40,16 +40,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
-from .sam import RngReplay, check_rho, sam_scale
+from .base import Method, global_dot, global_norm, grads_of, register_method, set_grads
+from .sam import sam_gradient
 
 PARALLEL_TOL = 1e-5  # ||g_v|| / ||g_S|| at or below this counts as g_S parallel to g
-
-
-def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Inner product over the concatenation of the tensors (no foreach kernel exists for it)."""
-    return torch.stack([torch.vdot(x.flatten(), y.flatten()) for x, y in zip(a, b)]).sum()
 
 
 @register_method
@@ -58,18 +52,11 @@ class LookSAM(Method):
     hparams = {"rho": 0.05, "k": 5, "alpha": 0.7, "sync_ascent": False}
     reference = ("Liu et al. CVPR 2022 (no official code): global decomposition as MarlonBecker/MSAM, SAM at "
                  "t % k == 0 from t = 0, g_S parallel to g -> plain SGD")
-
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        check_rho(cls.name, hp["rho"])
-        if hp["k"] < 1:
-            raise UsageError(f"k for method {cls.name!r} must be >= 1, got {hp['k']}")
-        if hp["alpha"] < 0:
-            raise UsageError(f"alpha for method {cls.name!r} must be >= 0, got {hp['alpha']}")
+    passes = "1 + 1/k"
+    bounds = {"rho": ">= 0", "k": ">= 1", "alpha": ">= 0"}
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
-        self.saved = clone_all(self.params)
         self.t = 0
         self.direction: list[torch.Tensor] | None = None  # u = g_v / ||g_v||, or zeros
 
@@ -81,34 +68,22 @@ class LookSAM(Method):
 
     def step(self, batch):
         self.zero_grad()
-        refresh = self.t % self.k == 0
+        refresh = self.t % self.hp.k == 0
         self.t += 1
-        rng = RngReplay(self.params[0].device) if refresh else None
-        logits = self.forward(batch.x)
-        loss = self.loss(logits, batch.y)
-        loss.backward()
-        g = grads_of(self.params)
-        if self.sync_ascent and refresh:
-            self.all_mean_(g)  # pass 2's gradient is the update: its own sync comes below
-        elif self.sync_ascent:
-            self.sync_grads()  # g is the update gradient's base: synced once, here
-        g_norm = global_norm(g)
-        if refresh:
-            self.zero_grad()
-            rng.replay()
-            eps = torch._foreach_mul(g, sam_scale(self.rho, g_norm))
-            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
-                loss_s = self.loss(self.forward(batch.x), batch.y)
-                loss_s.backward()
-            if self.sync_ascent:
-                self.sync_grads()
-            self.direction = self.orthogonal_direction(g, grads_of(self.params))
-        elif self.direction is not None:
-            torch._foreach_add_(g, torch._foreach_mul(self.direction, self.alpha * g_norm))
-            set_grads(self.params, g)
+        extra = {}
+        if refresh:  # a SAM step, which stores the direction
+            first, g_norm, loss_s = sam_gradient(self, batch.x, batch.y)
+            logits, loss = first.logits, first.loss
+            extra["sharpness"] = loss_s - loss.detach()
+            self.direction = self.orthogonal_direction(first.grads, grads_of(self.params))
+        else:  # one pass; the stored direction added, scaled to alpha ||g|| (of the global g when synced)
+            logits, loss, g = self.backward_pass(batch.x, batch.y, all_reduce=self.hp.sync_ascent)
+            g_norm = global_norm(g)
+            if self.direction is not None:
+                torch._foreach_add_(g, torch._foreach_mul(self.direction, self.hp.alpha * g_norm))
+                set_grads(self.params, g)
         update_norm = self.update_norm()
         self.optimizer.step()
-        extra = {"sharpness": loss_s.detach() - loss.detach()} if refresh else {}
         return self.metrics(logits, batch.y, loss, grad_norm=g_norm, sam_grad_norm=update_norm,
                             sampled=torch.full((), float(refresh), device=loss.device), **extra)
 

@@ -90,36 +90,35 @@ def softened_kl(logits: torch.Tensor, target_logits: torch.Tensor, tau: float,
     return tau**2 * per_row.mean()
 
 
-def check_common(name: str, hp: dict) -> None:
-    if hp["lam"] < 0:
-        raise UsageError(f"lam for method {name!r} must be >= 0, got {hp['lam']}")
-    if hp["tau"] <= 0:
-        raise UsageError(f"tau for method {name!r} must be > 0, got {hp['tau']}")
+class OutputTrajectoryMethod(Method):
+    """What SAF and MESA share: a softened KL to past outputs, on from epoch start_epoch + 1."""
 
+    bounds = {"lam": ">= 0", "tau": "> 0"}
 
-def term_start(method: Method) -> int:
-    """The `start_epoch` hyper-parameter, taken off the instance: Method.__init__ sets every
-    hyper-parameter as an attribute, and this one would shadow the start_epoch() method."""
-    return method.__dict__.pop("start_epoch")
+    def __init__(self, model, optimizer, **kw):
+        super().__init__(model, optimizer, **kw)
+        self.epoch = 0
+
+    @property
+    def kl_start(self) -> int:
+        """The term applies at epochs > this (the code's strict `kl_start_epoch < epoch`)."""
+        return self.hp.start_epoch
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 @register_method
-class SAF(Method):
+class SAF(OutputTrajectoryMethod):
     name = "saf"
     hparams = {"lam": 0.3, "tau": 5.0, "start_epoch": 5, "lag": 3}
     reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
                  "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)")
 
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        check_common(cls.name, hp)
-        if hp["lag"] < 1:
-            raise UsageError(f"lag for method {cls.name!r} must be >= 1, got {hp['lag']}")
+    bounds = {**OutputTrajectoryMethod.bounds, "lag": ">= 1"}
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
-        self.kl_start = term_start(self)
-        self.epoch = 0
         self.max_index: torch.Tensor | None = None  # largest Batch.index seen, on the device
         self.rows = 0  # rows the memory should have: max_index + 1 as of the last start_epoch
         # (rows + 1, lag + 1, C) logits and (rows + 1, lag + 1) writing epochs (-1: never); the
@@ -128,7 +127,7 @@ class SAF(Method):
         self.stamp: torch.Tensor | None = None
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().start_epoch(epoch)
         if self.max_index is not None:
             self.rows = int(self.max_index) + 1  # the once-per-epoch sync
 
@@ -148,7 +147,7 @@ class SAF(Method):
             all_reduce_([self.max_index], self.world, "max")
         if self.memory is None:
             return
-        slot = epoch % (self.lag + 1)
+        slot = epoch % (self.hp.lag + 1)
         written = self.stamp[:, slot] == epoch
         logits = self.memory[:, slot] * written.unsqueeze(1).to(self.memory.dtype)
         writers = written.to(torch.int32)
@@ -161,8 +160,8 @@ class SAF(Method):
     def grow(self, logits: torch.Tensor) -> None:
         """Memory for self.rows rows (plus scratch), keeping what the old one held."""
         kept = 0 if self.memory is None else self.memory.shape[0] - 1
-        memory = logits.new_zeros(self.rows + 1, self.lag + 1, logits.shape[1], dtype=upcast(logits).dtype)
-        stamp = torch.full((self.rows + 1, self.lag + 1), -1, dtype=torch.int32, device=logits.device)
+        memory = logits.new_zeros(self.rows + 1, self.hp.lag + 1, logits.shape[1], dtype=upcast(logits).dtype)
+        stamp = torch.full((self.rows + 1, self.hp.lag + 1), -1, dtype=torch.int32, device=logits.device)
         if kept:
             memory[:kept], stamp[:kept] = self.memory[:kept], self.stamp[:kept]
         self.memory, self.stamp = memory, stamp
@@ -181,13 +180,13 @@ class SAF(Method):
         if self.memory is not None:
             scratch = self.memory.shape[0] - 1
             rows = batch.index.clamp(max=scratch)
-            if self.epoch > max(self.kl_start, self.lag):
-                read = (self.epoch - self.lag) % (self.lag + 1)
-                valid = (self.stamp[rows, read] == self.epoch - self.lag).to(self.memory.dtype)
-                penalty = softened_kl(logits, self.memory[rows, read], self.tau, valid)
-                total = loss + self.lam * penalty
+            if self.epoch > max(self.kl_start, self.hp.lag):
+                read = (self.epoch - self.hp.lag) % (self.hp.lag + 1)
+                valid = (self.stamp[rows, read] == self.epoch - self.hp.lag).to(self.memory.dtype)
+                penalty = softened_kl(logits, self.memory[rows, read], self.hp.tau, valid)
+                total = loss + self.hp.lam * penalty
                 extra = {"penalty": penalty, "past_frac": valid.mean()}
-            write = self.epoch % (self.lag + 1)
+            write = self.epoch % (self.hp.lag + 1)
             self.memory[rows, write] = upcast(logits.detach())
             self.stamp[rows, write] = self.epoch
             self.stamp[scratch] = -1  # the scratch row never holds a past
@@ -206,27 +205,19 @@ class SAF(Method):
 
 
 @register_method
-class MESA(Method):
+class MESA(OutputTrajectoryMethod):
     name = "mesa"
     hparams = {"lam": 0.8, "tau": 5.0, "start_epoch": 5, "ema_decay": 0.9998}
     reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
                  "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies")
+    passes = "1 + a no-grad teacher forward"
 
-    @classmethod
-    def validate(cls, hp: dict) -> None:
-        check_common(cls.name, hp)
-        if not 0 <= hp["ema_decay"] <= 1:
-            raise UsageError(f"ema_decay for method {cls.name!r} must be in [0, 1], got {hp['ema_decay']}")
+    bounds = {**OutputTrajectoryMethod.bounds, "ema_decay": "in [0, 1]"}
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
-        self.kl_start = term_start(self)
-        self.epoch = 0
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.quantizers_adopted = False
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def end_epoch(self, epoch: int) -> None:
         """The teacher's running BN statistics are EMAs of each rank's own; averaged across ranks
@@ -246,8 +237,8 @@ class MESA(Method):
         if self.epoch > self.kl_start:
             with torch.no_grad(), self.autocast():
                 target = self.teacher(batch.x)
-            penalty = softened_kl(logits, target, self.tau)
-            total = loss + self.lam * penalty
+            penalty = softened_kl(logits, target, self.hp.tau)
+            total = loss + self.hp.lam * penalty
         total.backward()
         grad_norm = self.update_norm()
         self.optimizer.step()
@@ -262,7 +253,7 @@ class MESA(Method):
         floats = [(v, w) for v, w in pairs if v.is_floating_point()]
         others = [(v, w) for v, w in pairs if not v.is_floating_point()]
         if floats:
-            torch._foreach_lerp_([v for v, _ in floats], [w for _, w in floats], 1.0 - self.ema_decay)
+            torch._foreach_lerp_([v for v, _ in floats], [w for _, w in floats], 1.0 - self.hp.ema_decay)
         if others:
             torch._foreach_copy_([v for v, _ in others], [w for _, w in others])
 

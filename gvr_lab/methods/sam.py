@@ -75,32 +75,10 @@ import contextlib
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
+from .base import (CleanPass, Method, frozen_bn_stats, global_norm, grads_of, register_method, set_grads,
+                   tracks_bn_stats)
 
 XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
-
-
-class RngReplay:
-    """Snapshot of the global RNG, replayed so a later pass draws the same dropout masks.
-
-    CPU generator always, plus the CUDA generator of `device` when on a GPU (reading it does not
-    sync with the device: the Philox state is a seed and an offset kept on the host).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def replay(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-def ascent_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d loss / d params without touching .grad (zeros for parameters the loss does not reach)."""
-    return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
 
 def sam_scale(radius: float, norm: torch.Tensor) -> torch.Tensor:
@@ -108,14 +86,19 @@ def sam_scale(radius: float, norm: torch.Tensor) -> torch.Tensor:
     return radius / (norm + XI)
 
 
-def tracks_bn_stats(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in model.modules())
-
-
-def check_rho(name: str, rho: float) -> None:
-    if rho < 0:
-        raise UsageError(f"rho for method {name!r} must be >= 0, got {rho}")
+def sam_gradient(method: Method, x: torch.Tensor, y: torch.Tensor) -> tuple[CleanPass, torch.Tensor, torch.Tensor]:
+    """The plain SAM step's passes, for the families that take some SAM steps (LookSAM, vSAM):
+    g at w, eps = rho g / (||g|| + xi), g_S at w + eps into .grad; with sync_ascent, g and g_S are
+    all-reduced. Returns pass 1 (its grads: g), ||g|| and the loss at w + eps."""
+    first = method.clean_pass(x, y)
+    if method.hp.sync_ascent:
+        method.all_mean_(first.grads)  # g_S is the update: the step's own all-reduce follows
+    g_norm = global_norm(first.grads)
+    eps = torch._foreach_mul(first.grads, sam_scale(method.hp.rho, g_norm))
+    loss_s = method.perturbed_pass(x, y, eps, first.rng)
+    if method.hp.sync_ascent:
+        method.sync_grads()
+    return first, g_norm, loss_s
 
 
 @register_method
@@ -125,15 +108,14 @@ class SAM(Method):
                "sync_ascent": False}
     reference = ("Foret et al. ICLR 2021 (davda54/sam step without closure); BN stats from the clean pass, "
                  "same dropout masks in both passes; adaptive=True is ASAM with the official bias handling")
+    passes = "2"
+    bounds = {"rho": ">= 0", "eta": ">= 0"}
 
     @classmethod
     def validate(cls, hp: dict) -> None:
-        check_rho(cls.name, hp["rho"])
         m = hp["m"]
         if m is not None and (m != int(m) or m < 1):
             raise UsageError(f"m for method {cls.name!r} must be a positive integer or None, got {m}")
-        if hp["eta"] < 0:
-            raise UsageError(f"eta for method {cls.name!r} must be >= 0, got {hp['eta']}")
         if m is not None and hp["sync_ascent"]:
             raise UsageError(f"method {cls.name!r}: m-sharpness groups perturb per group and sync_ascent "
                              "perturbs with the all-rank gradient; set one of m, sync_ascent")
@@ -145,15 +127,12 @@ class SAM(Method):
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
-        self.saved = clone_all(self.params)
-        if self.m is not None:
-            self.m = int(self.m)
-        if self.adaptive:
+        if self.hp.adaptive:
             names = {id(p): n for n, p in model.named_parameters()}
             is_weight = ["weight" in names.get(id(p), "") for p in self.params]
             # T_w = |w| * scale + offset: |w| + eta on weights, 1 elsewhere.
             self.t_scale = [1.0 if w else 0.0 for w in is_weight]
-            self.t_offset = [self.eta if w else 1.0 for w in is_weight]
+            self.t_offset = [self.hp.eta if w else 1.0 for w in is_weight]
 
     # ------------------------------------------------------------------ the perturbation
 
@@ -162,70 +141,66 @@ class SAM(Method):
 
     @torch.no_grad()
     def perturbation(self, g: list[torch.Tensor], g_norm: torch.Tensor) -> list[torch.Tensor]:
-        """eps for the ascent gradient g (whose norm is g_norm); g may be overwritten."""
-        if self.wd_in_perturbation:
+        """eps for the ascent gradient g, whose norm is g_norm (new tensors; g stays as it is)."""
+        if self.hp.wd_in_perturbation:
             g = torch._foreach_add(g, torch._foreach_mul(self.params, self.weight_decays()))
             g_norm = global_norm(g)
-        if not self.adaptive:
-            torch._foreach_mul_(g, sam_scale(self.rho, g_norm))
-            return g
+        if not self.hp.adaptive:
+            return torch._foreach_mul(g, sam_scale(self.hp.rho, g_norm))
         t = torch._foreach_abs(self.params)
         torch._foreach_mul_(t, self.t_scale)
         torch._foreach_add_(t, self.t_offset)
-        torch._foreach_mul_(g, t)  # T_w d
-        td_norm = global_norm(g)
-        torch._foreach_mul_(g, t)  # T_w^2 d
-        torch._foreach_mul_(g, sam_scale(self.rho, td_norm))
-        return g
+        eps = torch._foreach_mul(g, t)  # T_w d
+        td_norm = global_norm(eps)
+        torch._foreach_mul_(eps, t)  # T_w^2 d
+        torch._foreach_mul_(eps, sam_scale(self.hp.rho, td_norm))
+        return eps
+
+    def descend(self, g: list[torch.Tensor]) -> None:
+        """Called once the perturbed passes are done, with .grad holding the SAM gradient and `g`
+        the clean gradient at w (mean over m-sharpness groups): the place for a variant that
+        reshapes the update before the step (docs/adding_a_method.md builds GSAM on it)."""
 
     # ------------------------------------------------------------------ the step
 
     def step(self, batch):
         self.zero_grad()
         size = batch.x.shape[0]
-        m = size if self.m is None else self.m
+        m = size if self.hp.m is None else int(self.hp.m)
         if size % m:
             raise UsageError(f"m={m} for method {self.name!r} must divide the batch size {size}")
         groups = size // m
         if groups > 1 and tracks_bn_stats(self.model):
             with torch.no_grad():
                 self.forward(batch.x)
-        device = self.params[0].device
         logits, losses, sharpness, g_sum = [], [], [], None
         for j, (x, y) in enumerate(zip(batch.x.split(m), batch.y.split(m))):
-            rng = RngReplay(device)
             # One group: pass 1 is the clean pass and moves the running statistics itself.
             with frozen_bn_stats(self.model) if groups > 1 else contextlib.nullcontext():
-                logits.append(self.forward(x))
-                loss = self.loss(logits[-1], y)
-                g = ascent_grads(loss, self.params)
-            if self.sync_ascent:
+                first = self.clean_pass(x, y)
+            g = first.grads
+            if self.hp.sync_ascent:
                 self.all_mean_(g)
             g_norm = global_norm(g)
-            if groups > 1:
-                if j == 0:
-                    g_sum = clone_all(g)
-                else:
-                    torch._foreach_add_(g_sum, g)
+            g_sum = g if j == 0 else torch._foreach_add(g_sum, g)
             eps = self.perturbation(g, g_norm)
-            if self.wd_in_perturbation:
+            if self.hp.wd_in_perturbation:
                 wd_eps = torch._foreach_mul(eps, [wd / groups for wd in self.weight_decays()])
                 if j == 0:
                     set_grads(self.params, wd_eps)
                 else:
                     torch._foreach_add_(grads_of(self.params), wd_eps)
-            rng.replay()
-            with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
-                loss_s = self.loss(self.forward(x), y)
-                (loss_s / groups).backward()
-            losses.append(loss.detach())
-            sharpness.append(loss_s.detach() - loss.detach())
-        grad_norm = g_norm if groups == 1 else global_norm(g_sum) / groups
+            loss_s = self.perturbed_pass(x, y, eps, first.rng, weight=1.0 / groups)
+            logits.append(first.logits)
+            losses.append(first.loss.detach())
+            sharpness.append(loss_s - first.loss.detach())
+        g_mean = g_sum if groups == 1 else torch._foreach_div(g_sum, groups)
+        self.descend(g_mean)
         sam_grad_norm = self.update_norm()
         self.optimizer.step()
         logits = torch.cat(logits) if groups > 1 else logits[0]
-        return self.metrics(logits, batch.y, torch.stack(losses).mean(), grad_norm=grad_norm,
-                            sam_grad_norm=sam_grad_norm, sharpness=torch.stack(sharpness).mean())
+        return self.metrics(logits, batch.y, torch.stack(losses).mean(), grad_norm=g_norm if groups == 1 else
+                            global_norm(g_mean), sam_grad_norm=sam_grad_norm, sharpness=torch.stack(sharpness).mean())
 
 
 @register_method
@@ -234,4 +209,3 @@ class ASAM(SAM):
     hparams = {**SAM.hparams, "rho": 0.5, "adaptive": True}
     reference = ("Kwon et al. ICML 2021 (SamsungLabs/ASAM: T_w = |w| + eta on 'weight' tensors only); "
                  "rho 0.5 as its CIFAR-10 README; the sam step otherwise")
-

@@ -59,7 +59,7 @@ Deviations from the code, and why:
   writes the rule as beta^(j-1) > beta^6 on a running product in floating point, where six
   multiplications can round below beta**6's value or above it: for beta = 0.6 or 0.9 (in float64)
   it admits a 7th reuse, for 0.7 it does not. Counting keeps the rule's evident intent, j <= 6.
-* Both passes of a SAM step draw the same dropout masks (the global RNG is forked around pass 1),
+* Both passes of a SAM step draw the same dropout masks (pass 2 replays the RNG state pass 1 started from),
   as the lab's SAM and the JAX reference do; the code draws fresh masks in pass 2.
 * Defaults are train_vsam.py's: a_r = a_v = 0.13 (the class default is 0.01) and last_n = 10 (the
   class default is 2). The code's `adaptive` flag was accepted but unused and is not offered.
@@ -97,8 +97,8 @@ import random
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, frozen_bn_stats, global_norm, grads_of, perturbed, register_method, set_grads
-from .sam import sam_scale
+from .base import Method, clone_all, global_norm, grads_of, register_method, set_grads
+from .sam import sam_gradient
 
 MAX_REUSE = 6  # PSF_last serves at most this many reuse steps after its SAM step (j = 1..6)
 
@@ -127,6 +127,7 @@ class VSAM(Method):
                "last_n": 10, "warmup_epochs": 3, "sync_ascent": False}
     reference = ("Deng et al. arXiv 2403.08821, after the official code ajiaaa/vSAM: SAM steps sampled per window "
                  "from PSF-ratio and dispersion trends, beta^j PSF reuse; seeded sampling, NaN trends count as 0")
+    passes = "1 + p (p = sampled fraction)"
 
     @classmethod
     def validate(cls, hp: dict) -> None:
@@ -146,7 +147,7 @@ class VSAM(Method):
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
-        self.b_max = int(self.window * self.p_max)
+        self.b_max = int(self.hp.window * self.hp.p_max)
         self.epoch = 0
         self.b, self.q, self.n_s, self.c = 1.0, 0.5, 0, 1
         # j: reuse steps since the last SAM step, an int so the bound is exact; MAX_REUSE until
@@ -155,10 +156,9 @@ class VSAM(Method):
         self.psf: list[torch.Tensor] | None = None
         self.psf_norm = torch.zeros((), device=self.params[0].device)
         # Rows P, R, V; `ptr` is where the next SAM step writes, i.e. the oldest entry.
-        self.rings = torch.zeros(3, self.window, device=self.params[0].device)
+        self.rings = torch.zeros(3, self.hp.window, device=self.params[0].device)
         self.ptr = 0
         self.rng = random.Random(torch.initial_seed())
-        self.saved = clone_all(self.params)  # w during pass 2 (base.perturbed)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -166,20 +166,20 @@ class VSAM(Method):
     # ------------------------------------------------------------------ the step
 
     def step(self, batch):
-        if self.epoch < self.warmup_epochs:
+        if self.epoch < self.hp.warmup_epochs:
             out = self.sam_step(batch)
             self.n_s = 1
             return out
-        if self.c % self.window == 0:
+        if self.c % self.hp.window == 0:
             trends = window_trends(self.rings[1:], self.ptr)
-            if not self.sync_ascent:
+            if not self.hp.sync_ascent:
                 self.all_mean_([trends])  # per-rank rings: every rank takes the same quota
             d_ratio, d_disp = trends.tolist()  # the once-per-window sync
-            self.b = next_quota(self.b, d_ratio, d_disp, self.a_r, self.a_v, self.b_max)
-            self.q, self.n_s = self.b / self.window, 0
+            self.b = next_quota(self.b, d_ratio, d_disp, self.hp.a_r, self.hp.a_v, self.b_max)
+            self.q, self.n_s = self.b / self.hp.window, 0
         quota = int(self.b)
         sample = ((self.n_s < quota and self.rng.random() >= 1 - self.q)
-                  or self.window - self.c % self.window <= quota - self.n_s)
+                  or self.hp.window - self.c % self.hp.window <= quota - self.n_s)
         if sample:
             out = self.sam_step(batch)
             self.n_s += 1
@@ -189,56 +189,36 @@ class VSAM(Method):
         return out
 
     def sam_step(self, batch) -> dict:
-        devices = [self.params[0].device] if self.params[0].device.type == "cuda" else []
         self.zero_grad()
-        # Pass 2 replays pass 1's dropout masks: the RNG state is restored when pass 1 ends.
-        with torch.random.fork_rng(devices=devices):
-            logits = self.forward(batch.x)
-            loss = self.loss(logits, batch.y)
-            loss.backward()
-        g = grads_of(self.params)
-        if self.sync_ascent:
-            self.all_mean_(g)
-        grad_norm = global_norm(g)
-        eps = torch._foreach_mul(g, sam_scale(self.rho, grad_norm))
-        self.zero_grad()
-        with perturbed(self.params, eps, self.saved), frozen_bn_stats(self.model):
-            self.loss(self.forward(batch.x), batch.y).backward()
-        if self.sync_ascent:
-            self.sync_grads()
-        self.psf = torch._foreach_sub(grads_of(self.params), g)
+        first, grad_norm, _ = sam_gradient(self, batch.x, batch.y)
+        self.psf = torch._foreach_sub(grads_of(self.params), first.grads)
         self.psf_norm = global_norm(self.psf)
-        self.record(g)
+        self.record(first.grads)
         self.reuses = 0
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss, sampled=1.0, psf_norm=self.psf_norm, grad_norm=grad_norm,
-                            quota=int(self.b), b=self.b, reuse_weight=0.0)
+        return self.metrics(first.logits, batch.y, first.loss, sampled=1.0, psf_norm=self.psf_norm,
+                            grad_norm=grad_norm, quota=int(self.b), b=self.b, reuse_weight=0.0)
 
     def record(self, g: list[torch.Tensor]) -> None:
         """Append ||PSF||_N, ||PSF||_N / ||g||_N and the sorted-chunk dispersion of P to the rings."""
-        psf_tail = global_norm(self.psf[-self.last_n:])
+        psf_tail = global_norm(self.psf[-self.hp.last_n:])
         self.rings[0, self.ptr] = psf_tail
-        self.rings[1, self.ptr] = psf_tail / global_norm(g[-self.last_n:])
-        if self.window > self.blocks:
-            chunks = torch.sort(self.rings[0]).values.view(self.blocks, -1)
+        self.rings[1, self.ptr] = psf_tail / global_norm(g[-self.hp.last_n:])
+        if self.hp.window > self.hp.blocks:
+            chunks = torch.sort(self.rings[0]).values.view(self.hp.blocks, -1)
             self.rings[2, self.ptr] = chunks.var(dim=1).mean()
         else:  # one value per chunk has no variance (the code's torch.var gives NaN, with a warning)
             self.rings[2, self.ptr] = math.nan
-        self.ptr = (self.ptr + 1) % self.window
+        self.ptr = (self.ptr + 1) % self.hp.window
 
     def reuse_step(self, batch) -> dict:
         self.zero_grad()
-        logits = self.forward(batch.x)
-        loss = self.loss(logits, batch.y)
-        loss.backward()
-        if self.sync_ascent:
-            self.sync_grads()
-        g = grads_of(self.params)
-        grad_norm = global_norm(g)
+        logits, loss, g = self.backward_pass(batch.x, batch.y, all_reduce=self.hp.sync_ascent)
+        grad_norm = global_norm(g) if self.diagnose else None
         weight, added_norm = 0.0, 0.0
         if self.reuses < MAX_REUSE:
             self.reuses += 1
-            weight = self.beta ** self.reuses
+            weight = self.hp.beta ** self.reuses
             added_norm = self.psf_norm * weight
             torch._foreach_add_(g, self.psf, alpha=weight)
             set_grads(self.params, g)
@@ -256,7 +236,7 @@ class VSAM(Method):
     def load_state_dict(self, state: dict) -> None:
         if "reuse_scale" in state:  # a checkpoint from before the integer count: beta^j, 0 before any SAM step
             scale = state["reuse_scale"]
-            state = {**state, "reuses": round(math.log(scale, self.beta)) if 0 < scale and 0 < self.beta else MAX_REUSE}
+            state = {**state, "reuses": round(math.log(scale, self.hp.beta)) if 0 < scale and 0 < self.hp.beta else MAX_REUSE}
         for key in ("epoch", "b", "q", "n_s", "c", "reuses", "ptr"):
             setattr(self, key, state[key])
         # Copies, so that a method loaded from another's live state does not share its rings.
