@@ -24,8 +24,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pathlib import Path
+
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
+from .methods import METHODS as METHOD_NAMES
 from .methods import method_class
+from .results import write_atomic
 from .training import Config, DeviceSettings, build_model
 
 EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
@@ -215,8 +219,107 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: str) -> None:
-    from pathlib import Path
-
-    from .results import write_atomic
-
     write_atomic(Path(path), (json.dumps(report, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------- BENCHMARKS.md, written by the tool
+
+# Speed targets (ours; set for a GPU): the median time of a method's row against its fair
+# reference's, at most `bound` (a number, or a function of the row's hyper-parameters and sampled
+# fraction p). A row is picked by method name and the hyper-parameters it must have.
+TARGETS = [
+    ("sam <= 2.05x sgd", ("sam", {}), ("sgd", {}), 2.05),
+    ("vsam <= 1 + p + 0.05", ("vsam", {}), ("sgd", {}), lambda hp, p: 1 + p + 0.05),
+    ("looksam ~ 1 + 1/k", ("looksam", {}), ("sgd", {}), lambda hp, p: 1 + 1 / hp.get("k", 5)),
+    ("gvr closed_form <= 1.05x sgd on both views", ("gvr", {"penalty": "closed_form"}), (TWO_VIEW_SGD_LABEL, {}), 1.05),
+    ("reg_loss fd <= 2.1x pseudo_gd", ("reg_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
+    ("fish_loss fd <= 2.1x pseudo_gd", ("fish_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
+    ("avg_jac_loss fd <= 2.1x pseudo_gd", ("avg_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
+    ("unit_jac_loss fd <= 2.1x pseudo_gd", ("unit_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
+    *[(f"{name} exact <= 3.5x pseudo_gd", (name, {"hvp": "exact"}), ("pseudo_gd", {}), 3.5)
+      for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")],
+    ("data < 5% of an sgd step", (DATA_LABEL, {}), ("sgd", {}), 0.05),
+]
+# A CPU's kernels and noise differ from the GPU the targets were set for: there a target counts as
+# met within this factor.
+CPU_SLACK = 1.1
+
+
+def label_spec(label: str) -> tuple[str, dict]:
+    """'reg_loss:hvp=fd,micro_batch_size=32' -> ('reg_loss', {'hvp': 'fd', 'micro_batch_size': '32'})."""
+    name, _, args = label.partition(":")
+    return name, dict(item.split("=", 1) for item in filter(None, args.split(",")))
+
+
+def find_row(rows: list[dict], spec: tuple[str, dict]) -> dict | None:
+    name, wanted = spec
+    for row in rows:
+        row_name, hp = label_spec(row["label"])
+        # A hyper-parameter not in the label has its default: hvp 'exact', penalty 'exact', ...
+        if row_name == name and all(hp.get(k, method_class(name).hparams.get(k) if name in METHOD_NAMES else None)
+                                    == v for k, v in wanted.items()):
+            return row
+    return None
+
+
+def verdicts(report: dict) -> list[tuple[str, str, str]]:
+    """(target, measured median / min ratio against its bound, verdict) for every target whose rows
+    were measured."""
+    cpu = report["setup"]["device"] == "cpu"
+    out = []
+    for what, spec, reference_spec, bound in TARGETS:
+        row, reference = find_row(report["results"], spec), find_row(report["results"], reference_spec)
+        if row is None or reference is None:
+            continue
+        if callable(bound):
+            bound = bound(label_spec(row["label"])[1], row["sampled_fraction"] or 0.0)
+        median = row["ms_per_step"] / reference["ms_per_step"]
+        least = row["ms_min"] / reference["ms_min"]
+        if median <= bound:
+            verdict = "met"
+        elif least <= bound:
+            verdict = "met by the minimum, not by the median"
+        elif cpu and median <= CPU_SLACK * bound:
+            verdict = f"met within {CPU_SLACK - 1:.0%} (a CPU)"
+        else:
+            verdict = "not met"
+        out.append((what, f"{median:.2f} / {least:.2f} (bound {bound:.2f})", verdict))
+    return out
+
+
+def markdown_report(report: dict, source: str) -> str:
+    """The block BENCHMARKS.md holds for a bench JSON: setup, command, table, verdicts."""
+    s = report["setup"]
+    specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD_LABEL)]
+    command = (f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
+               f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
+               f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']} --json {source} "
+               f"--into BENCHMARKS.md --methods {' '.join(specs)}")
+    lines = [f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "
+             f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps.", "",
+             "```bash", command, "```", "", *format_table(report).splitlines()[1:]]
+    rows = verdicts(report)
+    if rows:
+        lines += ["", "| target | measured x (median / min) | verdict |", "|---|---|---|"]
+        lines += [f"| {what} | {measured} | {verdict} |" for what, measured, verdict in rows]
+    return "\n".join(lines)
+
+
+def block_markers(source: str) -> tuple[str, str]:
+    return f"<!-- written by gvr-lab bench from {source}; do not edit by hand -->", f"<!-- end of {source} -->"
+
+
+def write_markdown_block(markdown_file: str, source: str) -> None:
+    """Put the block of the bench JSON `source` into `markdown_file`: in place of its previous
+    block, or appended; the rest of the file is kept (written atomically)."""
+    report = json.loads(Path(source).read_text())
+    begin, end = block_markers(source)
+    path = Path(markdown_file)
+    text = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{markdown_report(report, source)}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + block + rest.partition(end)[2]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    write_atomic(path, text.encode())

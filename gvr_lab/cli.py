@@ -149,7 +149,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench, write_report
+    from .bench import format_table, run_bench, write_markdown_block, write_report
+
+    if args.into and not args.json:
+        raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
 
     channels, _, size = args.shape.partition("x")
     if not (channels.isdigit() and size.isdigit()) or int(channels) not in (1, 3) or int(size) not in (28, 32):
@@ -166,6 +169,9 @@ def cmd_bench(args) -> int:
     if args.json:
         write_report(report, args.json)
         print(f"wrote {args.json}")
+    if args.into:
+        write_markdown_block(args.into, args.json)
+        print(f"wrote its table and verdicts into {args.into}")
     return 0
 
 
@@ -256,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=5, help="timed rounds per method (median reported)")
     b.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each method")
     b.add_argument("--json", help="also write the report as JSON here")
+    b.add_argument("--into", metavar="FILE.md", help="and write its table and verdicts into this markdown file "
+                   "(in place of the block of the same JSON, else appended): BENCHMARKS.md")
     b.set_defaults(func=cmd_bench)
     return parser
 

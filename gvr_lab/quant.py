@@ -306,8 +306,3 @@ def adopt_activation_init(copy: nn.Module, model: nn.Module) -> None:
         if isinstance(module, ActivationQuantizer) and isinstance(mine, ActivationQuantizer) \
                 and bool(module.initialized) and not bool(mine.initialized):
             mine.load_state_dict(module.state_dict())
-
-
-def step_sizes(model: nn.Module) -> list[nn.Parameter]:
-    """Every LSQ step-size Parameter of the model (weight and activation quantizers)."""
-    return [m.step for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]

@@ -73,6 +73,7 @@ class Config:
     compile: bool = False  # torch.compile the model when the method allows it
     quant_bits: int = 0  # LSQ quantization-aware training bit width (2-16); 0 = full precision
     quant_first_last: bool = False  # also quantize the first layer and fc (LSQ keeps them full precision)
+    quant_first_last_bits: int = 0  # the first layer and fc at this many bits (the LSQ paper: 8); 0 = full precision
     train_subset: int = 0  # train on this many examples (0 = all), drawn with the seed
     val_split: float = 0.0  # held-out validation part of the training set: fraction < 1 or count
     eval_batch_size: int = 1000
@@ -105,6 +106,11 @@ class Config:
             raise UsageError("nesterov needs momentum > 0")
         if self.quant_bits:
             check_bits(self.quant_bits)
+        if self.quant_first_last_bits:
+            check_bits(self.quant_first_last_bits, "quant_first_last_bits")
+            if not self.quant_bits or self.quant_first_last:
+                raise UsageError("quant_first_last_bits needs quant_bits and excludes quant_first_last (which "
+                                 "quantizes the first layer and fc at quant_bits)")
         cls = method_class(self.method)
         self.method = cls.name
         self.method_args = cls.resolve_hparams(self.method_args)
@@ -204,7 +210,8 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = create_model(config.model, num_classes=num_classes, in_channels=channels, **config.model_args)
     if config.quant_bits:  # before the optimizer and the method, which capture the parameter list
-        quantize_model(model, config.quant_bits, keep_first_last=not config.quant_first_last)
+        quantize_model(model, config.quant_bits, keep_first_last=not config.quant_first_last,
+                       first_last_bits=config.quant_first_last_bits or None)
     model = model.to(settings.device,
                      memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

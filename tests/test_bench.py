@@ -1,10 +1,13 @@
 """The benchmark harness at smoke size (no timing assertions: speed lives in BENCHMARKS.md)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from gvr_lab.bench import DATA_LABEL, TWO_VIEW_SGD_LABEL, format_table, run_bench
+from gvr_lab.bench import (DATA_LABEL, TWO_VIEW_SGD_LABEL, block_markers, format_table, markdown_report, run_bench,
+                           verdicts, write_markdown_block)
 from gvr_lab.cli import main
 
 SMOKE = ["bench", "--model", "tiny_cnn", "--shape", "1x28", "--batch-size", "16", "--steps", "2", "--warmup", "1",
@@ -71,3 +74,66 @@ def test_bench_profile_counts_the_passes_of_each_method():
     conv_backward = [line for line in report["profiles"]["sam"].splitlines() if "convolution_backward" in line]
     assert conv_backward and conv_backward[0].split()[-1] == "8"  # 2 steps x 2 passes x 2 conv layers
     assert "## profile: sam (2 steps)" in format_table(report)
+
+
+# ---------------------------------------------------------------------- BENCHMARKS.md, written by the tool
+
+REPO = Path(__file__).parent.parent
+
+
+def synthetic_report(rows: dict, device="cpu") -> dict:
+    """A bench report with these (label -> (median ms, min ms, sampled fraction)) rows."""
+    setup = {"model": "small_cnn", "shape": "1x28", "batch_size": 128, "device": device, "device_name": "x",
+             "threads": 2, "precision": "fp32", "compile": False, "steps": 4, "warmup": 2, "rounds": 9,
+             "torch": "2", "python": "3"}
+    sgd = rows["sgd"][0]
+    results = [{"label": label, "ms_per_step": ms, "ms_min": least, "images_per_s": 1.0, "s_per_epoch": 1.0,
+                "ratio_to_sgd": ms / sgd, "peak_mem_mb": float("nan"), "sampled_fraction": p}
+               for label, (ms, least, p) in rows.items()]
+    return {"setup": setup, "results": results, "profiles": {}}
+
+
+def test_verdicts_compare_each_method_with_its_reference_and_bound():
+    report = synthetic_report({
+        "sgd": (10.0, 9.0, None), "sam": (20.0, 18.0, None),  # 2.00 <= 2.05: met
+        "vsam:window=5": (13.0, 9.5, 0.2),  # bound 1 + p + 0.05 = 1.25: 1.30 median, 1.06 min
+        "looksam": (13.5, 12.5, 0.2),  # bound 1 + 1/5 = 1.2: 1.35 median, 1.39 min, beyond 1.1 x 1.2
+        "pseudo_gd:micro_batch_size=32": (10.0, 10.0, None),
+        "reg_loss:micro_batch_size=32": (40.0, 40.0, None),  # exact by default: 4.0 > 3.5, not met
+        "reg_loss:micro_batch_size=32,hvp=fd": (22.0, 22.0, None),  # 2.2 <= 2.31: within 10%
+        DATA_LABEL: (0.2, 0.1, None),
+    })
+    got = {what: (measured, verdict) for what, measured, verdict in verdicts(report)}
+    assert got["sam <= 2.05x sgd"] == ("2.00 / 2.00 (bound 2.05)", "met")
+    assert got["vsam <= 1 + p + 0.05"][1] == "met by the minimum, not by the median"
+    assert got["looksam ~ 1 + 1/k"] == ("1.35 / 1.39 (bound 1.20)", "not met")
+    assert got["reg_loss exact <= 3.5x pseudo_gd"][1] == "not met"
+    assert got["reg_loss fd <= 2.1x pseudo_gd"][1] == "met within 10% (a CPU)"
+    assert got["data < 5% of an sgd step"][1] == "met"
+    assert "fish_loss fd <= 2.1x pseudo_gd" not in got  # not measured: no verdict
+    gpu = {w: v for w, _, v in verdicts({**report, "setup": {**report["setup"], "device": "cuda"}})}
+    assert gpu["reg_loss fd <= 2.1x pseudo_gd"] == "not met"  # no CPU slack on a GPU
+
+
+def test_the_block_of_a_json_replaces_its_old_block_and_keeps_the_rest(tmp_path):
+    source = tmp_path / "b.json"
+    source.write_text(json.dumps(synthetic_report({"sgd": (10.0, 9.0, None), "sam": (20.0, 18.0, None)})))
+    md = tmp_path / "B.md"
+    md.write_text("intro\n")
+    write_markdown_block(str(md), str(source))
+    first = md.read_text()
+    assert first.startswith("intro\n\n<!-- written by gvr-lab bench from") and "| sam | 20.0 |" in first
+    md.write_text(first.replace("| sam | 20.0 |", "| sam | 1.0 |") + "\noutro\n")  # a hand edit, and more text
+    write_markdown_block(str(md), str(source))
+    assert md.read_text() == first + "\noutro\n"
+
+
+def test_benchmarks_md_holds_what_its_jsons_say():
+    text = (REPO / "BENCHMARKS.md").read_text()
+    sources = re.findall(r"<!-- written by gvr-lab bench from (\S+); do not edit by hand -->", text)
+    assert sources  # the file is written by the tool, not by hand
+    for source in sources:
+        begin, end = block_markers(source)
+        written = text.partition(begin)[2].partition(end)[0].strip("\n")
+        report = json.loads((REPO / source).read_text())
+        assert written == markdown_report(report, source), f"{source}: rerun the command in its block"

@@ -19,7 +19,7 @@ from gvr_lab.methods import create_method, list_methods, method_class
 from gvr_lab.models import create_model, list_models
 from gvr_lab.quant import (
     MIN_STEP, ActivationQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, lsq_quantize, quant_range,
-    quantize_layer, quantize_model, scale_grad, step_sizes,
+    quantize_layer, quantize_model, scale_grad,
 )
 
 
@@ -66,6 +66,11 @@ def codes(v_hat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def test_bits_must_be_int_in_2_to_16(bits):
     with pytest.raises(UsageError, match=r"^quant_bits must be an integer in \[2, 16\], got .*$"):
         quantize_model(create_model("tiny_cnn"), bits)
+
+
+def step_sizes(model):
+    """Every LSQ step-size Parameter of the model (weight and activation quantizers)."""
+    return [m.step for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
 
 
 def test_quantize_once_and_first_last_bits_needs_keep():
@@ -504,3 +509,18 @@ def test_ddp_ranks_agree_on_activation_init(monkeypatch):
     assert bool(quantizer.signed) and (quantizer.q_n, quantizer.q_p) == (8, 7)
     expected = 2 * (x0.abs().mean() + x1.abs().mean()) / 2 / math.sqrt(7)
     torch.testing.assert_close(quantizer.step.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_the_papers_8_bit_first_and_last_layers_from_config():
+    """Config(quant_first_last_bits=8): the LSQ paper's setting, reachable from a run."""
+    from gvr_lab import Config
+    from gvr_lab.training import DeviceSettings, build_model
+
+    config = Config(model="tiny_cnn", quant_bits=3, quant_first_last_bits=8, device="cpu")
+    model, _, _ = build_model(config, 10, 1, DeviceSettings.of(config, torch.device("cpu")))
+    assert [model.block1[0].weight_quant.bits, model.block2[0].weight_quant.bits, model.fc.weight_quant.bits] == [8, 3, 8]
+    for bad, needle in [(dict(quant_first_last_bits=8), "needs quant_bits"),
+                        (dict(quant_bits=4, quant_first_last_bits=8, quant_first_last=True), "excludes quant_first_last"),
+                        (dict(quant_bits=4, quant_first_last_bits=1), "quant_first_last_bits must be an integer")]:
+        with pytest.raises(UsageError, match=needle):
+            Config(**bad)
