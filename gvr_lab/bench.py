@@ -16,6 +16,7 @@ window after warm-up has no SAM step, so give it several windows: rounds x steps
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -104,6 +105,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    load_before = os.getloadavg()[0]  # other work on the machine inflates CPU figures: recorded with them
     channels, size = shape
     parsed = [(method_class(name).name, hp) for name, hp in methods]
     if all(name != "sgd" or hp for name, hp in parsed):
@@ -181,7 +183,8 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
                   "precision": "bf16" if settings.amp_dtype is not None else "fp32",
                   "channels_last": settings.channels_last, "fused_sgd": settings.fused, "compile": compile,
                   "steps": steps, "warmup": warmup, "rounds": rounds, "torch": torch.__version__,
-                  "python": platform.python_version()},
+                  "python": platform.python_version(), "load_average": [round(load_before, 2),
+                                                                         round(os.getloadavg()[0], 2)]},
         "results": [asdict(r) for r in results],
         "profiles": profiles,
     }
@@ -295,8 +298,10 @@ def markdown_report(report: dict, source: str) -> str:
                f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
                f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']} --json {source} "
                f"--into BENCHMARKS.md --methods {' '.join(specs)}")
+    load = s.get("load_average")
     lines = [f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "
-             f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps.", "",
+             f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps"
+             + (f"; 1-minute load average {load[0]} before, {load[1]} after." if load else "."), "",
              "```bash", command, "```", "", *format_table(report).splitlines()[1:]]
     rows = verdicts(report)
     if rows:

@@ -114,7 +114,6 @@ class SAF(OutputTrajectoryMethod):
     hparams = {"lam": 0.3, "tau": 5.0, "start_epoch": 5, "lag": 3}
     reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
                  "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)")
-
     bounds = {**OutputTrajectoryMethod.bounds, "lag": ">= 1"}
 
     def __init__(self, model, optimizer, **kw):
