@@ -34,6 +34,7 @@ from .results import write_atomic
 from .training import Config, DeviceSettings, build_model
 
 EPOCH_IMAGES = 50_000  # per-epoch figures are for a CIFAR-sized epoch
+SEED = 0  # of every method's initial weights, the batch and the shuffled timing order
 # Warm-up steps run in this epoch and every timed round in the next one, past every method's warm-up
 # or start epoch: per-epoch state (SAF's memory of the batch's logits, grown at an epoch start) is
 # then in place and the timed steps do all the work of a steady-state step.
@@ -66,16 +67,16 @@ TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
 def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, settings: DeviceSettings,
-                 seed: int, views: int, batches: int = 1) -> DeviceLoader:
+                 views: int, batches: int = 1) -> DeviceLoader:
     """The training loader over random uint8 images of the shape, with the GVR code's augmentation:
     what feeds a real run, device-resident."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(SEED)
     n = batches * batch_size
     split = Split(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
                   torch.randint(0, num_classes, (n,), generator=g))
     info = DatasetInfo("bench", num_classes, channels, size, (0.5,) * channels, (0.25,) * channels)
     return DeviceLoader(split, info, batch_size=batch_size, device=settings.device, augment=Augment(cutout_p=0.5),
-                        views=views, seed=seed, channels_last=settings.channels_last)
+                        views=views, seed=SEED, channels_last=settings.channels_last)
 
 
 class Clock:
@@ -100,7 +101,7 @@ class Clock:
 
 def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, methods: list[tuple[str, dict]],
               device: str = "cpu", precision: str = "auto", compile: bool = False, steps: int = 5,
-              warmup: int = 3, rounds: int = 5, seed: int = 0, profile: bool = False,
+              warmup: int = 3, rounds: int = 5, profile: bool = False,
               cuda_settings: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -114,12 +115,12 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     def config_of(name: str, hp: dict) -> Config:
         # The optimizer settings of a CIFAR run; model, optimizer and method are built as training builds them.
         return Config(model=model, method=name, method_args=hp, batch_size=batch_size, lr=0.01, momentum=0.9,
-                      weight_decay=5e-4, seed=seed,
-                      device=device, precision=precision, compile=compile, cuda_settings=cuda_settings)
+                      weight_decay=5e-4, seed=SEED, device=device, precision=precision, compile=compile,
+                      cuda_settings=cuda_settings)
 
     settings = DeviceSettings.of(config_of("sgd", {}), dev)
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
-    batch = next(bench_loader(channels, size, num_classes, batch_size, settings, seed, views=2).epoch(0))
+    batch = next(bench_loader(channels, size, num_classes, batch_size, settings, views=2).epoch(0))
 
     def make_entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
         _, _, method = build_model(config_of(name, hp), num_classes, channels, settings)
@@ -142,7 +143,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             entry["method"].step(entry["batch"])
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    order = random.Random(seed)
+    order = random.Random(SEED)
     for r in range(rounds):
         for entry in order.sample(entries, len(entries)):
             entry["method"].start_epoch(STEADY_EPOCH + 1 + r)
@@ -156,7 +157,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             entry["times"].append(clock.stop_ms() / steps)
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
-    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, seed, views=1,
+    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, views=1,
                                           batches=steps)
     for r in range(rounds):  # the loader alone: what an sgd step waits for its batch
         batches = loader.epoch(r)
@@ -190,7 +191,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     }
 
 
-def profile_steps(method, batch, steps: int, device: torch.device, rows: int = 12) -> str:
+def profile_steps(method, batch, steps: int, device: torch.device) -> str:
     """torch.profiler's table of the ops of `steps` steps, by self time: where a ratio comes from
     (how many backward passes, which kernels, what Python overhead between them)."""
     from torch.profiler import ProfilerActivity, profile
@@ -202,7 +203,7 @@ def profile_steps(method, batch, steps: int, device: torch.device, rows: int = 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return prof.key_averages().table(sort_by=key, row_limit=12)
 
 
 def format_table(report: dict) -> str:
