@@ -69,7 +69,8 @@ def dataset_info(name: str) -> DatasetInfo:
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,): what the model is trained (or evaluated) on
+    clean_labels: torch.Tensor | None = None  # the true labels where `labels` carry label noise
 
 
 # --------------------------------------------------------------------------- locating files
@@ -261,6 +262,45 @@ def split_indices(n: int, train_subset: int, val_split: float, seed: int) -> tup
     return train.sort().values, val.sort().values
 
 
+# --------------------------------------------------------------------------- label noise
+
+NOISE_KINDS = ("symmetric", "asymmetric")
+# Asymmetric noise flips a class into one it is confused with. CIFAR-10: the mapping of Patrini et
+# al. (CVPR 2017) that noisy-label codes share (truck -> automobile, bird -> airplane, deer ->
+# horse, cat <-> dog). Fashion-MNIST, ours, by look-alike garments: T-shirt/top -> shirt, pullover
+# -> coat, coat -> pullover, sandal -> sneaker, sneaker -> ankle boot. Other datasets: class c ->
+# c + 1 mod C. Classes not in a mapping keep their labels.
+ASYMMETRIC = {"cifar10": {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}, "fashion_mnist": {0: 6, 2: 4, 4: 2, 5: 7, 7: 9}}
+
+
+def with_label_noise(split: Split, rows: torch.Tensor, fraction: float, kind: str, dataset: str, num_classes: int,
+                     seed: int) -> Split:
+    """`split` with the labels of `rows` (the examples a run trains on) corrupted, a function of
+    `seed` alone, so every method of a seed sees the same noisy labels.
+
+    symmetric: round(fraction * len(rows)) rows, drawn without replacement, get a label drawn
+    uniformly from the other C - 1 classes (so exactly that fraction is wrong). asymmetric: of the
+    rows whose class has a mapping (ASYMMETRIC), round(fraction * their count) get the mapped class.
+    """
+    check_choice("label_noise_kind", kind, NOISE_KINDS)
+    g = torch.Generator().manual_seed(1_000_033 + seed)
+    clean = split.labels
+    labels = clean.clone()
+    if kind == "symmetric":
+        flip = rows[torch.randperm(len(rows), generator=g)[: round(fraction * len(rows))]]
+        offset = torch.randint(1, num_classes, (len(flip),), generator=g)
+        labels[flip] = (clean[flip] + offset) % num_classes
+    else:
+        mapping = ASYMMETRIC.get(dataset) or {c: (c + 1) % num_classes for c in range(num_classes)}
+        source = torch.tensor(sorted(mapping))
+        target = torch.full((num_classes,), -1, dtype=torch.long)
+        target[source] = torch.tensor([mapping[c] for c in sorted(mapping)])
+        eligible = rows[torch.isin(clean[rows], source)]
+        flip = eligible[torch.randperm(len(eligible), generator=g)[: round(fraction * len(eligible))]]
+        labels[flip] = target[clean[flip]]
+    return Split(split.images, labels, clean)
+
+
 # --------------------------------------------------------------------------- batched augmentation
 
 
@@ -349,6 +389,9 @@ class DeviceLoader:
         self.index = torch.arange(len(split.labels)) if indices is None else indices
         self.images = split.images[self.index].to(device)
         self.labels = split.labels[self.index].to(device)
+        # Of these rows, the fraction whose label is not the true one (label noise).
+        self.noisy_fraction = 0.0 if split.clean_labels is None else \
+            float((split.labels[self.index] != split.clean_labels[self.index]).float().mean())
         self.index = self.index.to(device)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)

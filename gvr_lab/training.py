@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from . import results
-from .data import Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices
+from .data import (NOISE_KINDS, Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices,
+                   with_label_noise)
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .methods import create_method, method_class
@@ -61,6 +62,8 @@ class Config:
     milestones: list = field(default_factory=list)  # multistep epochs; default 50% and 75% of epochs
     lr_gamma: float = 0.1  # multistep decay factor
     label_smoothing: float = 0.0
+    label_noise: float = 0.0  # fraction of the training labels corrupted, seeded; test and val stay clean
+    label_noise_kind: str = "symmetric"  # symmetric (to a uniform other class) | asymmetric (data.ASYMMETRIC)
     augment: bool = True  # random crop (padding 4) and horizontal flip
     cutout: float = 0.0  # probability of a 16x16 Cutout patch (the GVR code uses 0.5)
     seed: int = 0
@@ -91,6 +94,9 @@ class Config:
         check_choice("model", self.model, list_models())
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("label_noise_kind", self.label_noise_kind, NOISE_KINDS)
+        if not 0 <= self.label_noise < 1:
+            raise UsageError(f"label_noise must be in [0, 1), got {self.label_noise}")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
@@ -231,6 +237,9 @@ def build(config: Config, settings: DeviceSettings, world: World):
     info = dataset_info(config.dataset)
     train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
     train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    if config.label_noise:
+        train_split = with_label_noise(train_split, train_idx, config.label_noise, config.label_noise_kind,
+                                       config.dataset, info.num_classes, config.seed)
     model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
     device = settings.device
@@ -338,7 +347,10 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
 
     steps_per_epoch = len(train_loader)
     extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-             "torch": torch.__version__, "steps_per_epoch": steps_per_epoch, "world_size": world.size}
+             "torch": torch.__version__, "steps_per_epoch": steps_per_epoch, "world_size": world.size,
+             # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
+             "dropped_per_epoch": len(train_loader.labels) % config.batch_size,
+             "label_noise_realized": train_loader.noisy_fraction}
     write_summary("running", wall_before)
     status, t_start, diverged = "completed", time.perf_counter(), {}
     bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch) if world.main else None

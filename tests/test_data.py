@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gvr_lab.data import (Augment, DeviceLoader, cutout, dataset_info, load_dataset, random_crop, random_flip,
-                          split_indices)
+                          split_indices, with_label_noise)
 from gvr_lab.errors import UsageError
 
 
@@ -202,3 +202,50 @@ def test_corrupt_cifar_file_is_named(tmp_path):
 def test_missing_cifar_offline_says_where_to_put_files(tmp_path):
     with pytest.raises(UsageError, match=r"cifar-100-python/ folder .* into one of: .*GVR_LAB_DATA"):
         load_dataset("cifar100", tmp_path / "empty")
+
+
+def test_symmetric_label_noise_flips_exactly_the_fraction_of_training_rows_to_other_classes():
+    train, _ = load_dataset("synthetic")
+    rows = torch.arange(0, 2048, 2)  # the rows a run trains on; the others (e.g. validation) stay clean
+    noisy = with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=3)
+    flipped = noisy.labels != train.labels
+    assert torch.equal(noisy.clean_labels, train.labels)
+    assert int(flipped[rows].sum()) == round(0.4 * len(rows)) and not flipped[1::2].any()
+    assert torch.equal(noisy.labels, with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=3).labels)
+    assert not torch.equal(noisy.labels, with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=4).labels)
+    # the new labels are spread over the other classes, none favoured
+    counts = torch.bincount((noisy.labels - train.labels)[flipped] % 10, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 0.5 * counts[1:].float().mean()
+
+
+def test_asymmetric_label_noise_follows_the_documented_mapping():
+    train, _ = load_dataset("synthetic")
+    train = type(train)(train.images, torch.arange(2048) % 10)  # every class alike
+    rows = torch.arange(2048)
+    mapping = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # CIFAR-10's
+    noisy = with_label_noise(train, rows, 0.5, "asymmetric", "cifar10", 10, seed=0)
+    flipped = noisy.labels != train.labels
+    assert set(train.labels[flipped].tolist()) == set(mapping)
+    assert all(mapping[int(c)] == int(n) for c, n in zip(train.labels[flipped], noisy.labels[flipped]))
+    eligible = torch.isin(train.labels, torch.tensor(list(mapping)))
+    assert int(flipped.sum()) == round(0.5 * int(eligible.sum()))
+
+
+def test_a_noisy_run_records_the_realized_fraction_and_evaluates_on_clean_labels(tiny_config):
+    from gvr_lab import train
+
+    from gvr_lab.distributed import World
+    from gvr_lab.training import DeviceSettings, build
+
+    config = tiny_config(label_noise=0.25, epochs=1, val_split=128)
+    train_loader, evals, *_ = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
+    clean, clean_test = load_dataset("synthetic")
+    assert torch.equal(evals["test"].labels, clean_test.labels)
+    assert torch.equal(evals["val"].labels, clean.labels[evals["val"].index])
+    assert not torch.equal(train_loader.labels, clean.labels[train_loader.index])
+    run = train(config)
+    assert run.summary["label_noise_realized"] == pytest.approx(0.25, abs=1 / 512)
+    with pytest.raises(UsageError, match=r"label_noise must be in \[0, 1\), got 1.0"):
+        tiny_config(label_noise=1.0)
+    with pytest.raises(UsageError, match="unknown label_noise_kind 'pairwise'"):
+        tiny_config(label_noise=0.2, label_noise_kind="pairwise")
