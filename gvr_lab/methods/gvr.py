@@ -94,13 +94,30 @@ from .base import (Method, frozen_bn_stats, global_norm, grad, register_method, 
                    upcast)
 
 
+TARGETS = ("fc", "last_stage", "all")
+
+
+def target_parameters(model: torch.nn.Module, target: str, needs: tuple[str, ...] = (),
+                      who: str = "") -> list[torch.Tensor]:
+    """The parameters of a GVR target set: `fc`, `last_stage` and `fc`, or the whole model. A model
+    without the modules the target names (or the other attributes in `needs`) is refused in one
+    line, which starts with `who` (what asked for the target)."""
+    modules = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[target]
+    missing = [name for name in [*modules, *needs] if not hasattr(model, name)]
+    if missing:
+        raise UsageError(f"{who or f'target {target!r}'} needs model.{missing[0]}, which {type(model).__name__} "
+                         "lacks; use target 'all' (any model) or give the model "
+                         + " and ".join(f"'{m}'" for m in [*modules, *needs]))
+    return [p for m in ([getattr(model, name) for name in modules] or [model]) for p in m.parameters()]
+
+
 @register_method
 class GVR(Method):
     name = "gvr"
     views = 2
     hparams = {"alpha": 0.01, "target": "last_stage", "subset": 32, "reduction": "sum", "penalty": "exact",
                "fd_eps": 1e-3}
-    choices = {"target": ("fc", "last_stage", "all"), "reduction": ("sum", "mean"),
+    choices = {"target": TARGETS, "reduction": ("sum", "mean"),
                "penalty": ("closed_form", "exact", "fd")}
     reference = ("Habibu-Ahmad 2025 (GVR repo code: last stage + fc target, summed view losses, shared "
                  "subset, double backward); BN stats updated on the clean pass, not a post-step forward")
@@ -117,16 +134,9 @@ class GVR(Method):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
-        needs = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[self.hp.target]
-        if self.hp.penalty == "closed_form":
-            needs = [*needs, "forward_features"]
-        missing = [name for name in needs if not hasattr(model, name)]
-        if missing:
-            raise UsageError(f"method 'gvr' with target {self.hp.target!r} and penalty {self.hp.penalty!r} needs "
-                             f"model.{missing[0]}, which {type(model).__name__} lacks; use target 'all' "
-                             "(any model) or give the model " + " and ".join(f"'{m}'" for m in needs))
-        modules = [getattr(model, name) for name in needs if name != "forward_features"] or [model]
-        wanted = {id(p) for m in modules for p in m.parameters()}
+        who = f"method 'gvr' with target {self.hp.target!r} and penalty {self.hp.penalty!r}"
+        needs = ("forward_features",) if self.hp.penalty == "closed_form" else ()
+        wanted = {id(p) for p in target_parameters(model, self.hp.target, needs, who)}
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
         self.in_target = [id(p) in wanted for p in self.params]
         self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
