@@ -3,12 +3,13 @@ family) on one device-resident training loop. See README.md."""
 
 from .data import Batch, list_datasets
 from .errors import UsageError
+from .landscape import curvature
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
 from .results import load_runs
 from .training import Config, Run, train, train_grid
 
 __all__ = [
-    "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "list_datasets",
+    "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "curvature", "list_datasets",
     "list_methods", "list_models", "load_runs", "register_method", "train", "train_grid",
 ]

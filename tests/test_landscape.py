@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from gvr_lab.curvature import (Objective, eigen_density, filter_normalized_direction, flat, gradient_noise,
-                               hutchinson_trace, interpolate, loss_slice, top_eigenvalues)
+from gvr_lab.landscape import (Objective, augmentation_variance, curvature, eigen_density, filter_normalized_direction,
+                               flat, gradient_noise, hutchinson_trace, interpolate, loss_slice, psf_bound_check,
+                               top_eigenvalues)
 from gvr_lab.errors import UsageError
 from gvr_lab.models import create_model
 
@@ -135,3 +136,56 @@ def test_gradient_noise_is_the_covariance_trace_of_micro_batch_gradients():
         gradient_noise(objective, micro_batch_size=16)
     with pytest.raises(UsageError, match="k must be >= 1"):
         top_eigenvalues(objective, k=0)
+
+
+def test_augmentation_variance_is_half_the_squared_view_gradient_difference():
+    model = tiny_cnn()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 1, 12, 12, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    x2 = x + 0.3 * torch.randn(x.shape, generator=g)
+    got = augmentation_variance(model, [(x, x2, y), (x, x, y)], target="fc")
+    fc = list(model.fc.parameters())
+    model.eval()
+    ga = flat(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), fc))
+    gb = flat(torch.autograd.grad(nn.functional.cross_entropy(model(x2), y), fc))
+    expected = 0.5 * float(((ga - gb) ** 2).sum())
+    assert got["variance"] == pytest.approx(expected / 2, rel=1e-10)  # the identical pair adds 0
+    assert got["pairs"] == 2 and got["subset"] == 8 and got["target"] == "fc"
+
+
+def test_psf_bound_check_measures_the_psf_and_the_batch_spectrum():
+    model = mlp()
+    batches = data((5,), batches=2)
+    rho = 0.05
+    got = psf_bound_check(model, batches, rho)
+    for (x, y), row in zip(batches, got["batches"]):
+        objective = Objective(model, [(x, y)])
+        spectrum = np.linalg.eigvalsh(dense_hessian(objective).numpy())
+        assert row["bound"] == pytest.approx(rho * np.abs(spectrum).max(), rel=1e-6)
+        params = list(model.parameters())
+        model.eval()
+        g = flat(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params))
+        shifted = torch.func.functional_call(model, {n: p + rho * d.view_as(p) / g.norm() for (n, p), d in
+                                                     zip(model.named_parameters(), g.split([p.numel() for p in params]))},
+                                             (x,))
+        g_s = flat(torch.autograd.grad(nn.functional.cross_entropy(shifted, y), params))
+        assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-8)
+    assert got["fraction_holding"] == np.mean([r["holds"] for r in got["batches"]])
+
+
+def test_the_public_entry_measures_a_copy_in_the_asked_precision():
+    torch.set_default_dtype(torch.float32)
+    model = mlp().float()
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(x.float(), y) for x, y in data((5,), batches=1)]
+    out = curvature(model, batches, k=2, trace_samples=10, dtype="fp64")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    reference = Objective(mlp(), data((5,), batches=1))
+    exact = np.linalg.eigvalsh(dense_hessian(reference).numpy())[::-1][:2]
+    np.testing.assert_allclose(out["top_eigenvalues"], exact, rtol=1e-6)
+    assert out["hvps"] == out["eigenvalue_hvps"] + 10 and out["rows"] == 24 and out["dtype"] == "fp64"
+    for bad, needle in [(dict(k=0), "k must be >= 1"), (dict(trace_samples=1), "trace_samples must be >= 2"),
+                        (dict(dtype="bf16"), "unknown dtype 'bf16'"), (dict(bn="frozen"), "unknown bn mode")]:
+        with pytest.raises(UsageError, match=needle):
+            curvature(model, batches, **bad)

@@ -41,7 +41,7 @@ a product of second derivatives in 8 significant bits is noise):
   norm against rho times that batch's largest |eigenvalue|, and the fraction of batches where
   the bound holds.
 
-`curvature(model, data, ...)` runs the eigenvalues and the trace (and the density when asked)
+`gvr_lab.curvature(model, data, ...)` (this module's `curvature`) runs the eigenvalues and the trace (and the density when asked)
 and returns a plain dict; `gvr-lab curvature RUN_DIR` does it for a run's checkpoint and writes
 curvature.json (and slice arrays) into the run directory.
 """
@@ -279,3 +279,99 @@ def interpolate(objective: Objective, state_a: dict, state_b: dict, ts: list[flo
     finally:
         model.load_state_dict(keep)
     return {"t": list(ts), "loss": loss, "acc": acc}
+
+
+def extreme_eigenvalues(objective: Objective, max_iter: int = 100, tol: float = 1e-8, seed: int = 0) -> tuple[float,
+                                                                                                             float]:
+    """(smallest, largest) eigenvalue of the Hessian of L, from one Lanczos run."""
+    dim = sum(p.numel() for p in objective.params)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.randn(dim, generator=g, dtype=objective.params[0].dtype).to(objective.params[0].device)
+    alphas, betas = lanczos(objective, min(max_iter, dim), start, tol, 1)
+    theta = np.linalg.eigvalsh(tridiagonal(alphas, betas))
+    return float(theta[0]), float(theta[-1])
+
+
+# ---------------------------------------------------------------------- what the methods act on
+
+
+def augmentation_variance(model: torch.nn.Module, views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                          target: str = "last_stage", bn: str = "eval") -> dict:
+    """GVR's quantity: 0.5 mean over pairs of ||grad_T L^a_S - grad_T L^b_S||^2, for (x_a, x_b, y)
+    subsets S seen through two independently augmented views, T the target's parameters."""
+    from .methods.gvr import target_parameters
+
+    wanted = {id(p) for p in target_parameters(model, target)}
+    halves = []
+    for x_a, x_b, y in views:
+        objective = Objective(model, [(x_a, y)], bn)
+        in_target = [id(p) in wanted for p in objective.params]
+        g_a = flat([g for g, t in zip(objective.gradient(), in_target) if t])
+        g_b = flat([g for g, t in zip(Objective(model, [(x_b, y)], bn).gradient(), in_target) if t])
+        halves.append(0.5 * float((g_a - g_b).square().sum()))
+    return {"target": target, "pairs": len(views), "subset": len(views[0][2]),
+            "variance": float(np.mean(halves)), "se": float(np.std(halves, ddof=1) / math.sqrt(len(halves)))
+            if len(halves) > 1 else math.nan}
+
+
+def psf_bound_check(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rho: float,
+                    bn: str = "eval") -> dict:
+    """vSAM's Lemma 1 on each batch: ||PSF|| = ||g(w + rho g/||g||) - g(w)|| against rho times the
+    batch Hessian's largest |eigenvalue|, and the fraction of batches where it holds."""
+    rows = []
+    for x, y in batches:
+        objective = Objective(model, [(x, y)], bn)
+        g = objective.gradient()
+        scale = rho / float(flat(g).norm())
+        with torch.no_grad():
+            for p, gi in zip(objective.params, g):
+                p.add_(gi, alpha=scale)
+        try:
+            psf = float((flat(objective.gradient()) - flat(g)).norm())
+        finally:
+            with torch.no_grad():
+                for p, gi in zip(objective.params, g):
+                    p.sub_(gi, alpha=scale)
+        low, high = extreme_eigenvalues(objective)
+        bound = rho * max(abs(low), abs(high))
+        rows.append({"psf_norm": psf, "bound": bound, "holds": psf <= bound})
+    return {"rho": rho, "batches": rows, "fraction_holding": float(np.mean([r["holds"] for r in rows]))}
+
+
+# ---------------------------------------------------------------------- the public entry
+
+
+def curvature(model: torch.nn.Module, data, k: int = 3, trace_samples: int = 100, density: bool = False,
+              bn: str = "eval", dtype: str = "fp32", seed: int = 0) -> dict:
+    """The top-k Hessian eigenvalues and the Hutchinson trace of the training loss of `model` on
+    `data` (a list of (x, y) batches), with what they cost: a plain, JSON-ready dict. The model is
+    measured on a copy in `dtype` (fp32 or fp64), so the caller's model is left as it was."""
+    import time
+
+    check_choice("dtype", dtype, tuple(DTYPES))
+    if k < 1:
+        raise UsageError(f"k must be >= 1, got {k}")
+    if trace_samples < 2:
+        raise UsageError(f"trace_samples must be >= 2 (a standard error needs two), got {trace_samples}")
+    measured = copy.deepcopy(model).to(DTYPES[dtype])
+    batches = [(x.to(DTYPES[dtype]), y) for x, y in data]
+    objective = Objective(measured, batches, bn)
+    calls = {"hvp": 0}
+    hvp = objective.hvp
+
+    def counted(v):
+        calls["hvp"] += 1
+        return hvp(v)
+
+    objective.hvp = counted
+    started = time.perf_counter()
+    out = {"bn": bn, "dtype": dtype, "rows": objective.count, "parameters": sum(p.numel() for p in objective.params)}
+    out["loss"], out["acc"] = objective.value()
+    out["top_eigenvalues"] = top_eigenvalues(objective, k, seed=seed)
+    out["eigenvalue_hvps"] = calls["hvp"]
+    out["trace"], out["trace_se"] = hutchinson_trace(objective, trace_samples, seed=seed)
+    out["trace_samples"] = trace_samples
+    if density:
+        out["density"] = eigen_density(objective, seed=seed)
+    out["hvps"], out["seconds"] = calls["hvp"], time.perf_counter() - started
+    return out
