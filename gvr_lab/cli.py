@@ -129,6 +129,24 @@ def cmd_docs(args) -> int:
     return 0
 
 
+def cmd_curvature(args) -> int:
+    from pathlib import Path
+
+    from .landscape import measure_run
+    from .results import write_json
+
+    slice_dims = {"none": 0, "1d": 1, "2d": 2}[args.slice]
+    out = measure_run(args.run_dir, args.checkpoint, args.k, args.trace_samples, args.rows, slice_dims, args.toward,
+                      args.bn, args.dtype, args.density, resolve_device(args.device))
+    path = Path(args.out or Path(args.run_dir) / "curvature.json")
+    write_json(path, out)
+    print(f"top eigenvalues {', '.join(f'{v:.4g}' for v in out['top_eigenvalues'])}; trace {out['trace']:.4g} "
+          f"+- {out['trace_se']:.2g} (standard error, {out['trace_samples']} probes); {out['hvps']} Hessian-vector "
+          f"products in {out['seconds']:.1f} s on {out['rows']} training rows ({out['bn']} mode, {out['dtype']})")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     run = train(config_from_args(args))
     if run is None:  # a data-parallel rank other than 0: rank 0 reports
@@ -222,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="methods with hyperparameters and references, models, datasets")
     ls.add_argument("--markdown", action="store_true", help="print README's method table, made from the registry")
     ls.set_defaults(func=cmd_list)
+    cv = sub.add_parser("curvature", help="Hessian eigenvalues, trace and loss slices of a run's checkpoint")
+    cv.add_argument("run_dir")
+    cv.add_argument("--checkpoint", help="a checkpoint file instead of RUN_DIR/checkpoint.pt")
+    cv.add_argument("--k", type=int, default=3, help="top eigenvalues")
+    cv.add_argument("--trace-samples", type=int, default=100, help="Hutchinson probes")
+    cv.add_argument("--rows", type=int, default=1000, help="training rows measured (seeded, the same every time)")
+    cv.add_argument("--slice", choices=["none", "1d", "2d"], default="none", help="filter-normalized loss slice")
+    cv.add_argument("--toward", metavar="RUN_DIR", help="also the loss along the line to that run's final weights")
+    cv.add_argument("--bn", choices=["eval", "train"], default="eval", help="batch norm's mode while measuring")
+    cv.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32")
+    cv.add_argument("--density", action="store_true", help="also the eigenvalue density (stochastic Lanczos)")
+    cv.add_argument("--device", default="auto")
+    cv.add_argument("--out", help="instead of RUN_DIR/curvature.json")
+    cv.set_defaults(func=cmd_curvature)
     dc = sub.add_parser("docs", help="write docs/methods.md from the registry and the method docstrings")
     dc.add_argument("--out", default="docs/methods.md")
     dc.set_defaults(func=cmd_docs)

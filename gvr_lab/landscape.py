@@ -268,6 +268,8 @@ def interpolate(objective: Objective, state_a: dict, state_b: dict, ts: list[flo
     """L and the accuracy along (1 - t) w_A + t w_B (parameters and floating-point buffers)."""
     model = objective.model
     keep = copy.deepcopy(model.state_dict())
+    # Copies: a state_dict's tensors are the model's own, which loading the line's points overwrites.
+    state_a, state_b = copy.deepcopy(state_a), copy.deepcopy(state_b)
     loss, acc = [], []
     try:
         for t in ts:
@@ -374,4 +376,68 @@ def curvature(model: torch.nn.Module, data, k: int = 3, trace_samples: int = 100
     if density:
         out["density"] = eigen_density(objective, seed=seed)
     out["hvps"], out["seconds"] = calls["hvp"], time.perf_counter() - started
+    return out
+
+
+# ---------------------------------------------------------------------- a run directory, measured
+
+
+def evaluation_batches(config, rows: int, device: torch.device, seed: int = 0) -> list[tuple[torch.Tensor,
+                                                                                             torch.Tensor]]:
+    """`rows` examples of the run's training rows, drawn with `seed` (the same whenever the run is
+    measured), normalized and not augmented, in batches of the run's eval_batch_size."""
+    from .data import DeviceLoader, dataset_info, load_dataset, split_indices
+
+    info = dataset_info(config.dataset)
+    train_split, _ = load_dataset(config.dataset, config.data_dir or None)
+    train_idx, _ = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    if rows < 1:
+        raise UsageError(f"rows must be >= 1, got {rows}")
+    pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:rows]]
+    loader = DeviceLoader(train_split, info, batch_size=config.eval_batch_size, device=device, indices=pick.sort().values,
+                          shuffle=False, drop_last=False)
+    return [(b.x, b.y) for b in loader.epoch(0)]
+
+
+def load_run_model(run_dir, checkpoint=None, device: torch.device = torch.device("cpu")):
+    """(Config, model with the checkpoint's weights) of a run directory."""
+    from pathlib import Path
+
+    from .results import CHECKPOINT, CONFIG, load_checkpoint, read_json
+    from .data import dataset_info
+    from .training import Config, DeviceSettings, build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG})")
+    path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"no checkpoint {path}: the run has not finished an epoch yet" if not checkpoint
+                         else f"checkpoint {path} not found")
+    config = Config.from_dict({**read_json(run_dir / CONFIG), "device": str(device), "compile": False,
+                               "cuda_settings": False, "precision": "fp32"})
+    info = dataset_info(config.dataset)
+    model, _, _ = build_model(config, info.num_classes, info.channels, DeviceSettings.of(config, device))
+    model.load_state_dict(load_checkpoint(path, map_location=device)["model"])
+    return config, model
+
+
+def measure_run(run_dir, checkpoint=None, k: int = 3, trace_samples: int = 100, rows: int = 1000,
+                slice_dims: int = 0, toward=None, bn: str = "eval", dtype: str = "fp32", density: bool = False,
+                device: torch.device = torch.device("cpu")) -> dict:
+    """`curvature` of a run's checkpoint on its evaluation subset, with a filter-normalized slice
+    (1-D: 21 points on [-1, 1], 2-D: 11 x 11) and the line toward another run's weights, as asked."""
+    config, model = load_run_model(run_dir, checkpoint, device)
+    batches = evaluation_batches(config, rows, device)  # at most the run's training rows
+    out = {"run_dir": str(run_dir), "checkpoint": str(checkpoint or "checkpoint.pt"),
+           **curvature(model, batches, k, trace_samples, density, bn, dtype)}
+    objective = Objective(model, batches, bn)
+    if slice_dims:
+        grid = np.linspace(-1, 1, 21 if slice_dims == 1 else 11).tolist()
+        directions = [filter_normalized_direction(model, seed) for seed in range(slice_dims)]
+        out["slice"] = {"dims": slice_dims, **loss_slice(objective, directions, grid)}
+    if toward:
+        _, other = load_run_model(toward, None, device)
+        out["toward"] = {"run_dir": str(toward), **interpolate(objective, model.state_dict(), other.state_dict(),
+                                                                np.linspace(-0.25, 1.25, 31).tolist())}
     return out

@@ -189,3 +189,30 @@ def test_the_public_entry_measures_a_copy_in_the_asked_precision():
                         (dict(dtype="bf16"), "unknown dtype 'bf16'"), (dict(bn="frozen"), "unknown bn mode")]:
         with pytest.raises(UsageError, match=needle):
             curvature(model, batches, **bad)
+
+
+@pytest.mark.slow
+def test_gvr_lab_curvature_measures_a_run_and_refuses_bad_input(tiny_config, tmp_path, capsys):
+    import json
+
+    from gvr_lab import train
+    from gvr_lab.cli import main
+
+    torch.set_default_dtype(torch.float32)
+    sgd = train(tiny_config(out_dir=str(tmp_path / "sgd"), epochs=1, model_args={"bn": True}))
+    sam = train(tiny_config(out_dir=str(tmp_path / "sam"), epochs=1, model_args={"bn": True}, method="sam"))
+    assert main(["curvature", str(sgd.run_dir), "--k", "2", "--trace-samples", "4", "--rows", "64", "--slice", "1d",
+                 "--toward", str(sam.run_dir)]) == 0
+    out = json.loads((sgd.run_dir / "curvature.json").read_text())
+    assert len(out["top_eigenvalues"]) == 2 and out["top_eigenvalues"][0] >= out["top_eigenvalues"][1]
+    assert out["rows"] == 64 and out["bn"] == "eval" and out["hvps"] == out["eigenvalue_hvps"] + 4
+    assert out["slice"]["loss"][10] == pytest.approx(out["loss"], rel=1e-6)  # the grid's middle is a = 0
+    assert out["toward"]["loss"][5] == pytest.approx(out["loss"], rel=1e-6)  # t = 0: this run's weights
+    assert "top eigenvalues" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    for argv, needle in [([str(tmp_path / "empty")], "is not a run directory"),
+                         ([str(sgd.run_dir), "--k", "0"], "k must be >= 1"),
+                         ([str(sgd.run_dir), "--checkpoint", str(tmp_path / "nope.pt")], "not found")]:
+        assert main(["curvature", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
