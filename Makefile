@@ -57,7 +57,7 @@ test: setup
 # CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
 bench: setup
 	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --rounds 9 --steps 4 --warmup 2 \
-	  --json benchmarks/cpu-small_cnn.json --into BENCHMARKS.md --methods $(BENCH_METHODS)
+	  --hvp --json benchmarks/cpu-small_cnn.json --into BENCHMARKS.md --methods $(BENCH_METHODS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

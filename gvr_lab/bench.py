@@ -63,6 +63,26 @@ def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
 
 
 DATA_LABEL = "data (crop, flip, cutout 0.5)"
+HVP_LABEL = "hvp (one Hessian-vector product)"
+
+
+class HessianVectorProduct:
+    """One H v on the batch by double backward, the unit every curvature measurement is counted in
+    (gvr_lab.landscape), timed like a method's step."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .landscape import Objective
+
+        self.model, self.objective = model, Objective
+        self.v = [torch.randn_like(p) for p in model.parameters()]
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def step(self, batch: Batch) -> dict:
+        self.objective(self.model, [(batch.x, batch.y)]).hvp(self.v)
+        self.model.train()
+        return {}
 TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
@@ -102,7 +122,7 @@ class Clock:
 def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, methods: list[tuple[str, dict]],
               device: str = "cpu", precision: str = "auto", compile: bool = False, steps: int = 5,
               warmup: int = 3, rounds: int = 5, profile: bool = False,
-              cuda_settings: bool = False) -> dict:
+              cuda_settings: bool = False, hvp: bool = False) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -136,6 +156,10 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
         # Two-view methods (gvr) pass 2B images per step: their fair reference is sgd on both views.
         both = Batch(torch.cat([batch.x, batch.x2]), torch.cat([batch.y, batch.y]), torch.cat([batch.index] * 2))
         entries.append(make_entry("sgd", {}, TWO_VIEW_SGD_LABEL, both))
+    if hvp:
+        entry = make_entry("sgd", {}, HVP_LABEL, batch)
+        entry["method"] = HessianVectorProduct(entry["method"].model)
+        entries.append(entry)
 
     clock = Clock(dev)
     for entry in entries:
@@ -243,6 +267,7 @@ TARGETS = [
     *[(f"{name} exact <= 3.5x pseudo_gd", (name, {"hvp": "exact"}), ("pseudo_gd", {}), 3.5)
       for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")],
     ("data < 5% of an sgd step", (DATA_LABEL, {}), ("sgd", {}), 0.05),
+    ("one Hessian-vector product ~ 2x an sgd step", (HVP_LABEL, {}), ("sgd", {}), 2.0),
 ]
 # A CPU's kernels and noise differ from the GPU the targets were set for: there a target counts as
 # met within this factor.
@@ -294,10 +319,11 @@ def verdicts(report: dict) -> list[tuple[str, str, str]]:
 def markdown_report(report: dict, source: str) -> str:
     """The block BENCHMARKS.md holds for a bench JSON: setup, command, table, verdicts."""
     s = report["setup"]
-    specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD_LABEL)]
+    specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD_LABEL, HVP_LABEL)]
     command = (f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
                f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
-               f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']} --json {source} "
+               f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']}"
+               f"{' --hvp' if any(r['label'] == HVP_LABEL for r in report['results']) else ''} --json {source} "
                f"--into BENCHMARKS.md --methods {' '.join(specs)}")
     load = s.get("load_average")
     lines = [f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "

@@ -182,7 +182,8 @@ def cmd_bench(args) -> int:
     methods = [parse_method_spec(spec) for spec in args.methods]
     report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, methods,
                        device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
-                       warmup=args.warmup, rounds=args.rounds, profile=args.profile, cuda_settings=args.cuda_settings)
+                       warmup=args.warmup, rounds=args.rounds, profile=args.profile, cuda_settings=args.cuda_settings,
+                       hvp=args.hvp)
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     b.add_argument("--rounds", type=int, default=5, help="timed rounds per method (median reported)")
     b.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each method")
+    b.add_argument("--hvp", action="store_true", help="also time one Hessian-vector product (curvature's unit)")
     b.add_argument("--json", help="also write the report as JSON here")
     b.add_argument("--into", metavar="FILE.md", help="and write its table and verdicts into this markdown file "
                    "(in place of the block of the same JSON, else appended): BENCHMARKS.md")

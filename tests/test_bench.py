@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gvr_lab.bench import (DATA_LABEL, TWO_VIEW_SGD_LABEL, block_markers, format_table, markdown_report, run_bench,
+from gvr_lab.bench import (DATA_LABEL, HVP_LABEL, TWO_VIEW_SGD_LABEL, block_markers, format_table, markdown_report, run_bench,
                            verdicts, write_markdown_block)
 from gvr_lab.cli import main
 
@@ -137,3 +137,14 @@ def test_benchmarks_md_holds_what_its_jsons_say():
         written = text.partition(begin)[2].partition(end)[0].strip("\n")
         report = json.loads((REPO / source).read_text())
         assert written == markdown_report(report, source), f"{source}: rerun the command in its block"
+
+
+def test_bench_times_one_hessian_vector_product_against_an_sgd_step(tmp_path):
+    report = run_bench("tiny_cnn", (1, 28), 10, 8, [("sgd", {})], steps=1, warmup=1, rounds=1, hvp=True)
+    labels = [r["label"] for r in report["results"]]
+    assert labels == ["sgd", HVP_LABEL, DATA_LABEL]
+    assert [what for what, _, _ in verdicts(report)] == ["data < 5% of an sgd step",
+                                                          "one Hessian-vector product ~ 2x an sgd step"]
+    source = tmp_path / "b.json"
+    source.write_text(json.dumps(report))
+    assert " --hvp --json " in markdown_report(report, str(source))  # the command in the block reruns it
