@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
               f"{run.run_dir}", file=sys.stderr)
         return 1
     if s["status"] == "stopped":
-        print(f"stopped after epoch {s['epochs_completed']} of {run.config.epochs} (--stop-after): test accuracy "
+        print(f"stopped after step {s['steps_completed']} of {s['total_steps']} (--stop-after): test accuracy "
               f"{s['final_test_acc']:.4f}; the same command again continues")
         return 0
     print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "

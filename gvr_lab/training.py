@@ -32,11 +32,14 @@ from .data import (NOISE_KINDS, Augment, DeviceLoader, dataset_info, list_datase
                    with_label_noise)
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
+from .landscape import curvature, evaluation_batches
 from .methods import create_method, method_class
+from .methods.base import rng_state
 from .models import create_model, list_models
 from .quant import check_bits, quantize_model
 
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
+CURVATURE_ROWS, CURVATURE_PROBES = 512, 20  # what curvature_every measures
 PRECISIONS = ("auto", "fp32", "bf16")
 FINAL_STATUSES = ("completed", "diverged")  # "running" and "stopped" (by stop_after) runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
@@ -53,6 +56,10 @@ class Config:
     method_args: dict = field(default_factory=dict)  # the method's hyper-parameters
     model_args: dict = field(default_factory=dict)  # extra keywords for create_model (e.g. bn=False)
     epochs: int = 3
+    # Train exactly this many optimizer steps instead of `epochs` (0: epochs), evaluating every
+    # `eval_every` steps (0: at each epoch's end) and at the last: Novack et al.'s equal-steps protocol.
+    steps: int = 0
+    eval_every: int = 0
     batch_size: int = 128  # examples per update (per view)
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9
@@ -81,6 +88,13 @@ class Config:
     val_split: float = 0.0  # held-out validation part of the training set: fraction < 1 or count
     eval_batch_size: int = 1000
     log_every: int = 10  # steps between sampled per-step metrics
+    # On logged steps, also the mean gradient norm over micro-batches of this size at the step's
+    # weights (0: off): one m for every method, so trajectories compare (Novack et al.: 128).
+    diag_micro_batch: int = 0
+    # Every N evaluations, the Hessian's top eigenvalue and trace (gvr_lab.curvature on 512 seeded
+    # training rows, 20 probes) into the history (0: off); its time is in curvature_time_s.
+    curvature_every: int = 0
+    keep_checkpoints: list = field(default_factory=list)  # also keep checkpoint-<n>.pt after evaluation n (1-based)
     out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
     data_dir: str = ""  # where datasets are looked up first
     progress: bool = True  # progress bar and per-epoch lines
@@ -103,11 +117,17 @@ class Config:
         if self.lr <= 0:
             raise UsageError(f"lr must be positive, got {self.lr}")
         for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split",
-                     "stop_after"):
+                     "stop_after", "steps", "eval_every", "diag_micro_batch", "curvature_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cutout > 1 or self.label_smoothing >= 1 or self.momentum >= 1:
             raise UsageError("cutout must be <= 1, label_smoothing and momentum < 1")
+        if self.diag_micro_batch > self.batch_size:
+            raise UsageError(f"diag_micro_batch={self.diag_micro_batch} exceeds batch_size={self.batch_size}")
+        if self.eval_every and not self.steps:
+            raise UsageError("eval_every needs steps (in epochs mode the run evaluates after every epoch)")
+        if any(not isinstance(n, int) or n < 1 for n in self.keep_checkpoints):
+            raise UsageError(f"keep_checkpoints must list evaluation numbers >= 1, got {self.keep_checkpoints}")
         if self.nesterov and self.momentum == 0:
             raise UsageError("nesterov needs momentum > 0")
         if self.quant_bits:
@@ -164,20 +184,38 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    return config.steps or config.epochs * steps_per_epoch
+
+
+def total_epochs(config: Config, steps_per_epoch: int) -> int:
+    """Epochs the run starts: `epochs`, or in steps mode those its steps reach into."""
+    return -(-config.steps // steps_per_epoch) if config.steps else config.epochs
+
+
 def lr_at(config: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
     if config.schedule == "constant":
         return config.lr
     if config.schedule == "cosine":
-        t = (epoch * steps_per_epoch + step_in_epoch) / (config.epochs * steps_per_epoch)
+        t = (epoch * steps_per_epoch + step_in_epoch) / total_steps(config, steps_per_epoch)
         return 0.5 * config.lr * (1 + math.cos(math.pi * t))
+    epochs = total_epochs(config, steps_per_epoch)
     if config.schedule == "cosine_epoch":  # stepped once per epoch, as the GVR code's CosineAnnealingLR
-        return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
-    milestones = config.milestones or [config.epochs // 2, (3 * config.epochs) // 4]
+        return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / epochs))
+    milestones = config.milestones or [epochs // 2, (3 * epochs) // 4]
     return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones)
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(seed * 1_000_003 + epoch + 1)
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    """Put torch's RNG back to a state rng_state took (a run resumed inside an epoch)."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 @torch.no_grad()
@@ -324,17 +362,22 @@ def train(config: Config) -> Run:
 def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, amp_dtype,
              train_loader: DeviceLoader, eval_loaders: dict, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, method) -> Run | None:
+    """Steps until the run's last (or `stop_after` evaluations in this call). An evaluation closes
+    each epoch (epochs mode) or every `eval_every` steps and the last (steps mode): it writes the
+    history row of the steps since the previous one, the logged steps and a checkpoint."""
     def write(path_name: str, rows):
         if world.main:
             results.write_parquet(run_dir / path_name, rows)
 
     def write_summary(status: str, wall: float, **more):
         if world.main:
-            results.write_json(run_dir / results.SUMMARY, summarize(history, status, wall, {**extra, **more}))
+            results.write_json(run_dir / results.SUMMARY,
+                               summarize(history, status, wall, {**extra, "steps_completed": done, **more}))
 
     if world.main:
         results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
-    history, steps, start_epoch, wall_before = [], [], 0, 0.0
+    steps_per_epoch = len(train_loader)
+    history, steps, done, wall_before, resume_rng = [], [], 0, 0.0, None
     if (run_dir / results.CHECKPOINT).is_file():
         ckpt = results.load_checkpoint(run_dir / results.CHECKPOINT, map_location=device)
         model.load_state_dict(ckpt["model"])
@@ -343,50 +386,76 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         # another world size, rank r takes that of the old rank r mod the old world size.
         per_rank = ckpt.get("method_ranks") or [ckpt["method"]]
         method.load_state_dict(per_rank[world.rank % len(per_rank)])
-        history, steps, start_epoch, wall_before = ckpt["history"], ckpt["steps"], ckpt["epoch"], ckpt["wall_time_s"]
+        history, steps, wall_before = ckpt["history"], ckpt["steps"], ckpt["wall_time_s"]
+        done = ckpt.get("step", ckpt["epoch"] * steps_per_epoch)
+        resume_rng = ckpt.get("rng")  # torch's RNG mid-epoch (steps mode); at an epoch's start it is reseeded
 
-    steps_per_epoch = len(train_loader)
+    total = total_steps(config, steps_per_epoch)
     extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
              "torch": torch.__version__, "steps_per_epoch": steps_per_epoch, "world_size": world.size,
+             "total_steps": total,
              # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
              "dropped_per_epoch": len(train_loader.labels) % config.batch_size,
              "label_noise_realized": train_loader.noisy_fraction}
     write_summary("running", wall_before)
     status, t_start, diverged = "completed", time.perf_counter(), {}
-    bar = make_progress(config, start_epoch * steps_per_epoch, config.epochs * steps_per_epoch) if world.main else None
+    bar = make_progress(config, done, total) if world.main else None
+    curvature_rows = None
     model.train()
-    last_epoch = min(config.epochs, start_epoch + config.stop_after) if config.stop_after else config.epochs
-    for epoch in range(start_epoch, last_epoch):
-        seed_epoch(config.seed, epoch)
-        method.start_epoch(epoch)
-        sums, counts, logged = {}, {}, []
-        losses = torch.empty(steps_per_epoch, device=device)  # kept on device; checked once per epoch
-        t0 = time.perf_counter()
-        for i, batch in enumerate(train_loader.epoch(epoch)):
-            lr = lr_at(config, epoch, i, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            method.diagnose = i % config.log_every == 0
-            out = method.step(batch)
-            losses[i] = out["loss"]
-            for k, v in out.items():
-                sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
-                counts[k] = counts.get(k, 0) + 1
-            if method.diagnose:  # the global batch's values: averaged over the ranks
-                logged.append((epoch * steps_per_epoch + i, epoch, lr, rank_mean(out, world, device)))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
+    evaluations_left, batches = config.stop_after or math.inf, None
+    sums, counts, logged, losses, t0 = {}, {}, [], [], time.perf_counter()
+    while done < total and evaluations_left > 0:
+        epoch, i = divmod(done, steps_per_epoch)
+        if batches is None:  # an epoch starts, or a resumed run goes on inside one
+            if i == 0:
+                seed_epoch(config.seed, epoch)
+            else:
+                set_rng_state(resume_rng, device)
+            method.start_epoch(epoch)
+            batches = train_loader.epoch(epoch)
+            for _ in range(i):  # the batches already trained on (the loader draws them again, in order)
+                next(batches)
+        batch = next(batches)
+        lr = lr_at(config, epoch, i, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        method.diagnose = i % config.log_every == 0
+        diagnostic = method.micro_batch_gradient_norm(batch, config.diag_micro_batch) \
+            if method.diagnose and config.diag_micro_batch else None
+        out = method.step(batch)
+        if diagnostic is not None:
+            out["diag_micro_grad_norm"] = diagnostic
+        losses.append(out["loss"])
+        for k, v in out.items():
+            sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
+            counts[k] = counts.get(k, 0) + 1
+        if method.diagnose:  # the global batch's values: averaged over the ranks
+            logged.append((done, epoch, lr, rank_mean(out, world, device)))
             if bar is not None:
-                bar.update()
-        method.end_epoch(epoch)
+                bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
+        if bar is not None:
+            bar.update()
+        done += 1
+        epoch_ends = i == steps_per_epoch - 1
+        if epoch_ends:
+            method.end_epoch(epoch)
+            batches = None
+        if not (done == total or (config.eval_every and done % config.eval_every == 0)
+                or (epoch_ends and not config.eval_every)):
+            continue
+
+        # ------------------------------------------------------------------ an evaluation
         means = reduce_means({k: (v / counts[k]).item() for k, v in sums.items()}, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        epoch_time = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
         steps.extend({"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}}
                      for s, e, lr_, o in logged)
-        row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": epoch_time,
-               "images_per_s": steps_per_epoch * config.batch_size / epoch_time}
+        if config.steps:
+            row = {"step": done, "epoch": epoch, "lr": lr, "interval_time_s": elapsed}
+        else:
+            row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": elapsed}
+        row["images_per_s"] = len(losses) * config.batch_size / elapsed
         row.update({f"train_{k}": v for k, v in means.items()})
         average_buffers(model, world)
         t_eval = time.perf_counter()
@@ -394,29 +463,41 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
             for split, loader in eval_loaders.items():
                 row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, amp_dtype).items()})
         row["eval_time_s"] = time.perf_counter() - t_eval
+        if config.curvature_every and (len(history) + 1) % config.curvature_every == 0 and world.main:
+            curvature_rows = curvature_rows or evaluation_batches(config, CURVATURE_ROWS, device)
+            measured = curvature(model, curvature_rows, k=1, trace_samples=CURVATURE_PROBES)
+            row.update(hessian_top=measured["top_eigenvalues"][0], hessian_trace=measured["trace"],
+                       curvature_time_s=measured["seconds"])
+            model.train()
         history.append(row)
         if bar is not None:
             bar.write(format_row(row))
-        bad = (~torch.isfinite(losses)).nonzero()
+        interval = torch.stack(losses)
+        bad = (~torch.isfinite(interval)).nonzero()
         if len(bad) or not all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
             status = "diverged"
-            i = int(bad[0]) if len(bad) else steps_per_epoch - 1
-            diverged = {"diverged_step": epoch * steps_per_epoch + i,
-                        "diverged_value": float(losses[i]) if len(bad) else row.get("test_loss", float("nan"))}
+            j = int(bad[0]) if len(bad) else len(losses) - 1
+            diverged = {"diverged_step": done - len(losses) + j,
+                        "diverged_value": float(interval[j]) if len(bad) else row.get("test_loss", float("nan"))}
             break
         wall = wall_before + time.perf_counter() - t_start
         write(results.EPOCHS, history)
         write(results.STEPS, steps)
         method_ranks = gather_to_main(method.state_dict(), world)
         if world.main:
-            results.save_checkpoint(run_dir / results.CHECKPOINT, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-                "method_ranks": method_ranks,
-                "epoch": epoch + 1, "history": history, "steps": steps, "wall_time_s": wall})
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+                     "method_ranks": method_ranks, "epoch": done // steps_per_epoch, "step": done,
+                     "rng": None if epoch_ends else rng_state(device),
+                     "history": history, "steps": steps, "wall_time_s": wall}
+            results.save_checkpoint(run_dir / results.CHECKPOINT, state)
+            if len(history) in config.keep_checkpoints:
+                results.save_checkpoint(run_dir / f"checkpoint-{len(history)}.pt", state)
         write_summary("running", wall)
+        evaluations_left -= 1
+        sums, counts, logged, losses, t0 = {}, {}, [], [], time.perf_counter()
     if bar is not None:
         bar.close()
-    if status == "completed" and len(history) < config.epochs:
+    if status == "completed" and done < total:
         status = "stopped"
     if status == "diverged":  # keep the history up to the failure; the last checkpoint stays the last good one
         write(results.EPOCHS, history)
@@ -447,9 +528,12 @@ def make_progress(config: Config, initial: int, total: int):
 
 
 def format_row(row: dict) -> str:
-    parts = [f"epoch {row['epoch']:>3}", f"lr {row['lr']:.4f}", f"train loss {row['train_loss']:.4f}",
+    where = f"step {row['step']:>6}" if "step" in row else f"epoch {row['epoch']:>3}"
+    parts = [where, f"lr {row['lr']:.4f}", f"train loss {row['train_loss']:.4f}",
              f"acc {row['train_acc']:.4f}", f"test loss {row['test_loss']:.4f}", f"acc {row['test_acc']:.4f}"]
     if "val_acc" in row:
         parts.append(f"val acc {row['val_acc']:.4f}")
-    parts.append(f"{row['epoch_time_s']:.1f}s")
+    if "hessian_top" in row:
+        parts.append(f"lambda_max {row['hessian_top']:.3g} (+{row['curvature_time_s']:.1f}s)")
+    parts.append(f"{row.get('epoch_time_s', row.get('interval_time_s')):.1f}s")
     return " | ".join(parts)

@@ -139,3 +139,77 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     torch.save({"model": collections.Counter(a=1), "path": pathlib.Path("/")}, tmp_path / "evil.pt")
     with pytest.raises(UsageError, match="refusing to load checkpoint .*evil.pt"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+# ---------------------------------------------------------------------- steps mode and what rides on evaluations
+
+
+@pytest.mark.slow
+def test_steps_mode_trains_exactly_n_steps_and_evaluates_on_its_grid(tiny_config):
+    run = train(tiny_config(steps=13, eval_every=5, log_every=1, schedule="cosine"))  # 8 steps per epoch
+    assert run.history["step"].tolist() == [5, 10, 13]
+    assert run.history["epoch"].tolist() == [0, 1, 1]
+    assert run.steps["step"].tolist() == list(range(13))  # every step logged, none after the 13th
+    assert run.summary["steps_completed"] == run.summary["total_steps"] == 13
+    assert run.summary["dropped_per_epoch"] == 0 and run.summary["status"] == "completed"
+    # cosine over the 13 steps: the last step's lr is that of t = 12/13
+    assert run.steps["lr"].iloc[-1] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * 12 / 13)))
+    with pytest.raises(UsageError, match="eval_every needs steps"):
+        tiny_config(eval_every=5)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_an_epoch_resumes_as_if_uninterrupted(tiny_config, tmp_path):
+    """Steps mode evaluates (and checkpoints) inside an epoch: the resumed run replays the epoch's
+    batches up to there and gets torch's RNG back, so dropout draws the masks it would have."""
+    fields = dict(steps=21, eval_every=5, model_args={"dropout": 0.3}, cutout=0.5, log_every=1)
+    whole = train(tiny_config(out_dir=str(tmp_path / "whole"), **fields))
+    part = train(tiny_config(out_dir=str(tmp_path / "part"), stop_after=2, **fields))  # stops at step 10
+    assert part.summary["status"] == "stopped" and part.summary["steps_completed"] == 10
+    resumed = train(tiny_config(out_dir=str(tmp_path / "part"), **fields))
+    pd.testing.assert_frame_equal(resumed.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]),
+                                  whole.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]))
+    for k, v in load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"].items():
+        assert torch.equal(load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"][k], v), k
+
+
+@pytest.mark.slow
+def test_the_diagnostic_micro_batch_norm_is_logged_without_changing_training(tiny_config, tmp_path):
+    fields = dict(epochs=1, log_every=4, model_args={"dropout": 0.3, "bn": True}, method="pseudo_gd",
+                  method_args={"micro_batch_size": 32})
+    plain = train(tiny_config(out_dir=str(tmp_path / "plain"), **fields))
+    diag = train(tiny_config(out_dir=str(tmp_path / "diag"), diag_micro_batch=16, **fields))
+    for k, v in load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"].items():
+        assert torch.equal(load_checkpoint(tmp_path / "diag" / "checkpoint.pt")["model"][k], v), k
+    assert "diag_micro_grad_norm" not in plain.steps and diag.steps["diag_micro_grad_norm"].notna().all()
+    # the first logged step by hand: the initial weights on the first batch, micro-batches of 16
+    config = tiny_config(out_dir=str(tmp_path / "x"), diag_micro_batch=16, **fields)
+    loader, _, model, _, _ = training.build(config, training.DeviceSettings.of(config, torch.device("cpu")),
+                                            gvr_lab.distributed.World())
+    training.seed_epoch(config.seed, 0)
+    first = next(loader.epoch(0))
+    for module in model.modules():  # frozen statistics: batch norm normalizes by each micro-batch's
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.track_running_stats = False
+    norms = [torch.linalg.vector_norm(torch.cat([g.flatten() for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))]))
+        for x, y in zip(first.x.split(16), first.y.split(16))]
+    assert diag.steps["diag_micro_grad_norm"].iloc[0] == pytest.approx(float(torch.stack(norms).mean()), rel=1e-5)
+    with pytest.raises(UsageError, match="diag_micro_batch=128 exceeds batch_size=64"):
+        tiny_config(diag_micro_batch=128)
+
+
+@pytest.mark.slow
+def test_curvature_every_and_kept_checkpoints(tiny_config, tmp_path):
+    run = train(tiny_config(epochs=3, curvature_every=2, keep_checkpoints=[2]))
+    assert run.history["hessian_top"].isna().tolist() == [True, False, True]
+    kept = load_checkpoint(run.run_dir / "checkpoint-2.pt")
+    assert kept["epoch"] == 2 and not (run.run_dir / "checkpoint-1.pt").exists()
+    model = gvr_lab.create_model("tiny_cnn")
+    model.load_state_dict(kept["model"])
+    batches = training.evaluation_batches(run.config, training.CURVATURE_ROWS, torch.device("cpu"))
+    measured = gvr_lab.curvature(model, batches, k=1, trace_samples=training.CURVATURE_PROBES)
+    assert run.history["hessian_top"].iloc[1] == pytest.approx(measured["top_eigenvalues"][0], rel=1e-5)
+    assert run.history["hessian_trace"].iloc[1] == pytest.approx(measured["trace"], rel=1e-5)
+    with pytest.raises(UsageError, match="keep_checkpoints must list evaluation numbers >= 1"):
+        tiny_config(keep_checkpoints=[0])

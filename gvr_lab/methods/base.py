@@ -204,6 +204,19 @@ class Method(abc.ABC):
         self.sync_grads()
         return global_norm(grads_of(self.params))
 
+    def micro_batch_gradient_norm(self, batch: Batch, m: int) -> torch.Tensor:
+        """Mean over the batch's micro-batches of m rows of ||grad L_i|| at the current weights:
+        the diagnostic on which every method's trajectory is compared at one m (Novack et al.).
+        Without side effects: .grad untouched, batch-norm statistics frozen, the RNG replayed."""
+        x, y = batch.x, batch.y
+        state = rng_state(x.device)
+        norms = []
+        with frozen_bn_stats(self.model), replayed_rng(state, x.device):
+            for start in range(0, len(y) - m + 1, m):
+                loss = self.loss(self.forward(x[start:start + m]), y[start:start + m])
+                norms.append(global_norm(grad(loss, self.params)))
+        return torch.stack(norms).mean()
+
     def all_mean_(self, tensors: list[torch.Tensor]) -> None:
         """Replace tensors by their mean across data-parallel ranks, in place; a no-op in one
         process. For methods whose globally synced variant averages something before the step
