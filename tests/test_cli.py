@@ -16,6 +16,7 @@ def test_list(capsys):
     assert "sgd (alias: vanilla)" in out and "resnet18" in out and "fashion_mnist" in out
 
 
+@pytest.mark.slow
 def test_config_file_with_flag_overrides(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: synthetic\nmodel: tiny_cnn\nepochs: 5\nlr: 0.1\nmethod: Vanilla\n")
@@ -29,6 +30,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     out_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "gvr_lab"] + TINY + ["--out-dir", str(out_dir)],

@@ -162,6 +162,7 @@ def test_a_run_directory_in_use_exits_2_until_its_lock_is_released(tmp_path, cap
 # ---------------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_divergence_stops_keeps_history_and_exits_nonzero(tmp_path):
     out = tmp_path / "run"
     proc = cli("train", *TINY, "--epochs", "3", "--batch-size", "32", "--lr", "1e6", "--out-dir", str(out))
@@ -173,6 +174,7 @@ def test_divergence_stops_keeps_history_and_exits_nonzero(tmp_path):
     assert len(history) == summary["epochs_completed"] >= 1
 
 
+@pytest.mark.slow
 def test_a_sweep_records_divergence_and_goes_on(tmp_path):
     base = dict(dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, train_subset=256, device="cpu",
                 progress=False)
