@@ -9,7 +9,7 @@ import torch
 os.environ["GVR_LAB_OFFLINE"] = "1"
 # Two threads in one process; one per worker under `pytest -n 2`, whose two workers already fill two
 # cores: two threads each oversubscribe them, and OpenMP's spin-waiting then cost test_methods' resume
-# tests 5 times the CPU time (68 s against 14 s).
+# tests 5 times the CPU time (67 s of user time against 14 s, on the shared 2-core machine).
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else 2)
 
 
