@@ -53,7 +53,7 @@ figures: setup
 
 # Every test: what CI runs, under 15 minutes on 2 cores. --dist loadgroup runs the tests of one
 # xdist_group on one worker (its module fixtures once); pytest-xdist 3.8 under pytest 9.2 ignores the
-# groups and spreads those tests as --dist load would, so test_data_parallel's torchrun launch runs twice.
+# groups and spreads those tests as --dist load would, so test_data_parallel's torchrun launch runs on both workers.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
