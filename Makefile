@@ -14,7 +14,7 @@ BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 
   iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
   sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
 
-.PHONY: setup demo test lab figures bench clean
+.PHONY: setup demo test test-fast lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -51,8 +51,16 @@ PRESET ?= cpu
 figures: setup
 	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
 
+# Every test: what CI runs, under 15 minutes on 2 cores. --dist loadgroup runs the tests of one
+# xdist_group on one worker (its module fixtures once); pytest-xdist 3.8 under pytest 9.2 ignores the
+# groups and spreads those tests as --dist load would, so test_data_parallel's torchrun launch runs on both workers.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The tests to run after each edit, under 2 minutes on 2 cores: all but those marked slow (end-to-end
+# training, notebooks, the CLI or torchrun as a process; tests/conftest.py keeps the marker honest).
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 # CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
 bench: setup

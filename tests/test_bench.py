@@ -51,23 +51,6 @@ def test_bench_keeps_an_explicit_sgd_spec_and_formats_rows():
     assert format_table(report).count("\n") == 5  # title, header, rule, three rows
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--shape", "2x28"], "--shape must be CxS"),
-    (["--shape", "3x64"], "--shape must be CxS"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--rounds", "0"], "--rounds must be positive"),
-    (["--methods", "nope"], "unknown method 'nope'"),
-    (["--methods", "sam:rho"], "expected name:key=value"),
-    (["--methods", "reg_loss:micro_batch_size=5"], "micro_batch_size"),
-])
-def test_bench_bad_input_is_one_line_and_exit_2(capsys, argv, needle, tmp_path):
-    out = tmp_path / "bench.json"
-    assert main([*SMOKE, *argv, "--json", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and needle in err, err
-    assert not out.exists()
-
-
 def test_bench_profile_counts_the_passes_of_each_method():
     report = run_bench("tiny_cnn", (1, 28), 10, 8, [("sam", {})], steps=2, warmup=1, rounds=1, profile=True)
     assert sorted(report["profiles"]) == ["sam", "sgd"]

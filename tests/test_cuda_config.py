@@ -32,8 +32,6 @@ SETTINGS = {"reference": DeviceSettings(CPU, None, channels_last=False, fused=Fa
             "fused": DeviceSettings(CPU, None, channels_last=False, fused=True),
             "channels_last": DeviceSettings(CPU, None, channels_last=True, fused=False),
             "cuda": DeviceSettings(CPU, torch.bfloat16, channels_last=True, fused=True)}
-# One worker runs the tier, so each variant's reference run is computed once (see `trained`).
-pytestmark = pytest.mark.xdist_group("cuda_config")
 NORMS = "<norms log>"  # replaced by the fixture's path
 
 # Hyper-parameters that put every path of a method inside 3 epochs x 2 steps of 32 examples.
@@ -64,6 +62,10 @@ def variants():
 
 VARIANTS = variants()
 IDS = [name + "".join(f"-{v}" for k, v in hp.items() if k in ("hvp", "penalty")) for name, hp in VARIANTS]
+# Every test of a variant runs on one worker, so its reference run is computed once (see `trained`);
+# the variants spread over the workers.
+TIER = [pytest.param(name, hp, case, id=case, marks=pytest.mark.xdist_group(f"cuda_config-{case}"))
+        for (name, hp), case in zip(VARIANTS, IDS)]
 
 
 def test_the_tier_covers_every_registered_method():
@@ -140,7 +142,7 @@ FUSED_TOL = 1e-5
 # exact); LookSAM 2.7e-4 (u normalizes a small difference of near-parallel gradients, which
 # amplifies rounding); fd quotients divide the rounding by h = fd_eps / ||v||: 2e-3.
 CHANNELS_LAST_TOL = {"default": 2e-4, "looksam": 2e-3, "fd": 1e-2}
-@pytest.mark.parametrize("name, hp, case", [(*v, i) for v, i in zip(VARIANTS, IDS)], ids=IDS)
+@pytest.mark.parametrize("name, hp, case", TIER)
 def test_fused_sgd_and_channels_last_change_rounding_only(name, hp, case, norms_log):
     """The layout factors one at a time, in fp32: any gradient handed to the fused optimizer in
     another memory order, or a channels_last pass that computes something else, shows here."""
@@ -169,7 +171,7 @@ BF16_TOL = {
     # selection; each swapped row changes the update by 1/16, compounded over 6 steps: 0.42
     "esam": 0.8,
 }
-@pytest.mark.parametrize("name, hp, case", [(*v, i) for v, i in zip(VARIANTS, IDS)], ids=IDS)
+@pytest.mark.parametrize("name, hp, case", TIER)
 def test_cuda_settings_train_every_method_close_to_fp32(name, hp, case, norms_log):
     reference = trained(case, name, hp, norms_log, "reference")
     cuda_like = train_steps(config_of(name, hp, norms_log), SETTINGS["cuda"])
@@ -222,7 +224,7 @@ def test_a_step_never_reads_a_device_value_on_the_host(name, hp, device, norms_l
 
 
 @needs_cuda
-@pytest.mark.parametrize("name, hp, case", [(*v, i) for v, i in zip(VARIANTS, IDS)], ids=IDS)
+@pytest.mark.parametrize("name, hp, case", TIER)
 def test_on_a_gpu_every_method_trains_close_to_the_fp32_cpu_update(name, hp, case, norms_log):
     """What CUDA runs by default (fused SGD, channels_last, bf16, cuDNN with TF32) against the CPU
     fp32 reference: the fused CUDA kernel refuses gradients laid out unlike their parameters, and
