@@ -52,8 +52,8 @@ figures: setup
 	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
 
 # Every test: what CI runs, under 15 minutes on 2 cores. --dist loadgroup runs the tests of one
-# xdist_group on one worker (its module fixtures once); pytest-xdist 3.8 under pytest 9.2 ignores the
-# groups and spreads those tests as --dist load would, so test_data_parallel's torchrun launch runs on both workers.
+# xdist_group on one worker (its module fixtures once: test_data_parallel's torchrun launch, the CUDA
+# tier's reference runs); pyproject pins pytest below 9.2, which ignores the groups.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 

@@ -231,6 +231,7 @@ def test_asymmetric_label_noise_follows_the_documented_mapping():
     assert int(flipped.sum()) == round(0.5 * int(eligible.sum()))
 
 
+@pytest.mark.slow
 def test_a_noisy_run_records_the_realized_fraction_and_evaluates_on_clean_labels(tiny_config):
     from gvr_lab import train
 
