@@ -1,0 +1,104 @@
+"""Many runs on many workers: a grid's runs as Ray tasks, on this machine or a cluster.
+
+Each run is one Ray task with its own resource request (`run_cpus`, `run_gpus`): fractional GPUs
+pack several small runs on one GPU; a CPU run sets its torch threads to its CPU share. The run
+directory stays the unit of truth, as in a sequential grid: a task trains (or resumes, or returns)
+its run through `gvr_lab.train`, so a task whose worker dies or whose node is lost is retried by
+Ray and resumes from the run's last checkpoint, and a finished run is not trained again. The
+runs' folders must be on a filesystem every worker sees (one machine: always; a cluster: a shared
+mount such as NFS; without one, give each node the same path and copy the run folders back).
+
+Ray is an optional extra (`pip install -e ".[cluster]"`): nothing imports it until a grid asks for
+the ray executor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+EXECUTORS = ("sequential", "ray")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: a local instance on this machine's cores; "auto" or HOST:PORT: a cluster
+    run_cpus: float = 1.0  # CPUs each run asks for; its torch threads
+    run_gpus: float = 0.0  # GPUs each run asks for; 0.25 packs four runs on one GPU
+    max_retries: int = 3  # a task whose worker or node dies is run again this many times
+
+    def __post_init__(self):
+        if self.run_cpus <= 0 or self.run_gpus < 0 or self.max_retries < 0:
+            raise UsageError(f"ray resources must be run_cpus > 0, run_gpus >= 0, max_retries >= 0, got "
+                             f"{self.run_cpus}, {self.run_gpus}, {self.max_retries}")
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError('the ray executor needs Ray: pip install -e ".[cluster]"') from None
+    return ray
+
+
+def connect(options: RayOptions):
+    """Ray, initialized once: a local instance on this machine's cores, or the cluster at the
+    address; an address nobody answers at is one line, not a traceback."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        if options.address:
+            ray.init(address=options.address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot reach a Ray cluster at {options.address!r}: {first}") from None
+    return ray
+
+
+def train_remote(fields: dict, threads: int) -> dict:
+    """One run, in a Ray worker: train (or resume, or return) it; its summary comes back."""
+    import torch
+
+    from .training import Config, train
+
+    torch.set_num_threads(threads)
+    return train(Config(**fields)).summary
+
+
+def run_grid(configs: list, options: RayOptions, report) -> list[dict]:
+    """Submit every run, then collect them as they finish, telling `report` (queued, running, done,
+    failed); returns each run's summary in grid order. A task that raises (a bug, not a lost
+    worker) fails its run only: the grid goes on, and the failure is re-raised at the end."""
+    ray = connect(options)
+    remote = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus, max_retries=options.max_retries,
+                        retry_exceptions=False)(train_remote)
+    threads = max(1, math.floor(options.run_cpus))
+    pending = {remote.remote(dataclasses.asdict(c), threads): i for i, c in enumerate(configs)}
+    summaries: list[dict | None] = [None] * len(configs)
+    failures = []
+    report.submitted(configs, ray.available_resources())
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in ready:
+            index = pending.pop(ref)
+            try:
+                summaries[index] = ray.get(ref)
+                report.finished(index, summaries[index])
+            except Exception as e:  # the run's own error, raised in its worker
+                failures.append((configs[index], e))
+                report.failed(index, e)
+        report.tick(time.perf_counter())
+    if failures:
+        config, error = failures[0]
+        raise RuntimeError(f"{len(failures)} run(s) of the grid failed; first: {config.label} seed {config.seed}: "
+                           f"{error}") from error
+    return summaries
