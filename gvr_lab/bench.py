@@ -323,14 +323,17 @@ def markdown_report(report: dict, source: str) -> str:
     command = (f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
                f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
                f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']}"
-               f"{' --hvp' if any(r['label'] == HVP_LABEL for r in report['results']) else ''} --json {source} "
+               f"{' --hvp' if any(r['label'] == HVP_LABEL for r in report['results']) else ''}"
+               f"{' --profile' if report.get('profiles') else ''} --json {source} "
                f"--into BENCHMARKS.md --methods {' '.join(specs)}")
     load = s.get("load_average")
     lines = [f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "
              f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps"
              + (f"; 1-minute load average {load[0]} before, {load[1]} after." if load else "."), "",
-             "```bash", command, "```", "", *format_table(report).splitlines()[1:]]
-    rows = verdicts(report)
+             "```bash", command, "```", "", *format_table({**report, "profiles": {}}).splitlines()[1:]]
+    for label, table in report.get("profiles", {}).items():
+        lines += ["", f"torch.profiler, {label} ({s['steps']} steps):", "", "```text", table.strip("\n"), "```"]
+    rows = [] if report.get("profiles") else verdicts(report)  # a profiled run's times carry the profiler
     if rows:
         lines += ["", "| target | measured x (median / min) | verdict |", "|---|---|---|"]
         lines += [f"| {what} | {measured} | {verdict} |" for what, measured, verdict in rows]
