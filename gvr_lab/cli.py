@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import yaml
 
 from .data import list_datasets
-from .errors import UsageError
+from .errors import UsageError, check_choice
 from .methods import METHODS, list_methods, method_class
 from .models import list_models
-from .runner import PRESETS
+from .results import read_yaml_mapping
 from .training import Config, resolve_device, train
 
 
@@ -58,21 +59,6 @@ def parse_method_args(items: list[str]) -> dict:
     return out
 
 
-def read_config_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UsageError(f"config file {path} must hold a mapping of Config fields, not {type(loaded).__name__}")
-    return loaded
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, named with dashes; defaults stay None so a YAML file can fill in."""
     for f in dataclasses.fields(Config):
@@ -93,7 +79,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = read_config_file(args.config) if args.config else {}
+    values = read_yaml_mapping(args.config, "config") if args.config else {}
     for f in dataclasses.fields(Config):
         given = getattr(args, f.name, None)
         if given is not None:
@@ -160,7 +146,7 @@ def parse_params(pairs: list[list[str]]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .runner import NotebookFailed, run_notebook
+    from .runner import NotebookFailed, run_notebook, saved_outputs
 
     try:
         run_dir = run_notebook(args.notebook, parse_params(args.p), preset=args.preset, params_file=args.f,
@@ -168,32 +154,55 @@ def cmd_run(args) -> int:
     except NotebookFailed as e:
         print(f"gvr-lab: {e}", file=sys.stderr)
         return 1
-    print(f"executed notebook: {run_dir / 'executed.ipynb'}")
+    saved = saved_outputs(run_dir)
+    for table in saved.tables:
+        print(Path(table).read_text())
+    print("wrote:" + "".join(f"\n  {shown(path)}" for path in saved.paths))
+    print(f"executed notebook: {shown(run_dir / 'executed.ipynb')}")
     return 0
 
 
-def cmd_figures(args) -> int:
-    from .plots import write_figures_index
-    from .runner import NotebookFailed, execution_record, notebook_paths, run_notebook
+def shown(path) -> str:
+    """A path relative to the working directory when it lies under it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
-    failed, records = 0, {}
+
+def cmd_figures(args) -> int:
+    from .runner import NotebookFailed, execution_record, run_notebook, write_figures_index
+    from .study import PRESETS, REPO, default_fig_root, notebook_paths, read_notebook
+
+    check_choice("preset", args.preset, PRESETS)
+    failed, entries = 0, []
     for path in notebook_paths():
-        params = {"fig_root": args.out} if args.out else {}
+        decl = read_notebook(path)
+        if args.preset not in decl.presets:
+            print(f"{path.name}: no {args.preset} preset, skipped")
+            continue
+        params = {"fig_root": str(Path(args.out).resolve())} if args.out else {}
         if args.runs_root:
-            params["runs_root"] = f"{args.runs_root}/{args.preset}/{path.stem}"
+            params["runs_root"] = str(Path(args.runs_root, args.preset, decl.name).resolve())
         try:
             # forced: a finished training run is not retrained, so this only redraws its figures
             run_dir = run_notebook(path, params, preset=args.preset, force=True,
-                                   runs_root=f"{args.runs_root or 'runs'}/notebooks")
-            records[path.stem] = record = execution_record(run_dir)
-            print(f"{path.name}: {run_dir} ({record['wall_time_s']:.0f} s; {record['training_runs']} training runs, "
-                  f"{record['training_time_s']:.0f} s)")
+                                   runs_root=Path(args.runs_root or "runs", "notebooks"))
+            record = execution_record(run_dir)
+            entries.append((decl, record))
+            print(f"{path.name}: {shown(run_dir)} ({record['wall_time_s']:.0f} s; {record['training_runs']} training "
+                  f"runs, {record['training_time_s']:.0f} s)")
         except NotebookFailed as e:
             print(f"gvr-lab: {e}", file=sys.stderr)
             failed += 1
-    index = write_figures_index(args.out or "figures", args.preset, records)
-    print(f"wrote {index}")
+    index = write_figures_index(args.out or Path(REPO, default_fig_root(args.preset)), args.preset, entries)
+    print(f"wrote {shown(index)}")
     return 1 if failed else 0
+
+
+def cmd_notebooks(args) -> int:
+    from .runner import notebook_table
+
+    print(notebook_table(), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,16 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a parameter (YAML value: numbers, true/false, [lists]), repeatable")
     r.add_argument("-f", metavar="PARAMS.yaml", help="parameters from a YAML file")
-    r.add_argument("--preset", choices=PRESETS, help="parameter preset from notebooks/presets.yaml")
+    r.add_argument("--preset", help="one of the notebook's presets (smoke, cpu, gpu, paper; its study cell lists "
+                   "them); default: the one its parameters cell names")
     r.add_argument("--force", action="store_true", help="execute again even if this run completed")
     r.add_argument("--runs-root", default="runs/notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebook's output")
     r.set_defaults(func=cmd_run)
     fg = sub.add_parser("figures", help="run every notebook as needed and regenerate every figure and table")
-    fg.add_argument("--preset", choices=PRESETS, default="cpu")
-    fg.add_argument("--out", help="figure root instead of figures/")
+    fg.add_argument("--preset", default="cpu", help="smoke, cpu (default), gpu or paper")
+    fg.add_argument("--out", help="figure root instead of the preset's (figures/ for cpu, runs/<preset>/figures else)")
     fg.add_argument("--runs-root", help="root of training runs and executed notebooks instead of runs/")
     fg.set_defaults(func=cmd_figures)
+    nbs = sub.add_parser("notebooks", help="the study notebooks: question, presets, outputs (README's table)")
+    nbs.set_defaults(func=cmd_notebooks)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
     b.add_argument("--model", default="tiny_cnn", choices=list_models())
     b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")
