@@ -15,9 +15,12 @@ BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 
   iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
   sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
 
-.PHONY: setup demo test lab figures bench clean
+.PHONY: setup venv demo test lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
+
+# The environment alone, without the data (.ci/run installs system packages meanwhile).
+venv: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

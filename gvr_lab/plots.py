@@ -142,16 +142,20 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: 
 
 def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, title: str = ""):
     """One point per hue value at the mean of x and y over its rows (seeds), with bars of one std on
-    both axes where there is more than one seed."""
+    both axes where there is more than one seed. A point on top of an earlier one is named in the legend."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.8))
     xs, ys = (100.0 if is_accuracy(c) else 1.0 for c in (x, y))
+    drawn: dict[str, tuple] = {}
     for name, style in styles(df, hue).items():
         rows = df[df[hue] == name]
         many = len(rows) > 1
-        ax.errorbar(xs * rows[x].mean(), ys * rows[y].mean(), xerr=xs * rows[x].std() if many else None,
-                    yerr=ys * rows[y].std() if many else None, marker=style["marker"], color=style["color"],
-                    capsize=3, linestyle="none", label=name)
+        at = (xs * rows[x].mean(), ys * rows[y].mean())
+        twin = next((other for other, point in drawn.items() if point == at), None)
+        ax.errorbar(*at, xerr=xs * rows[x].std() if many else None, yerr=ys * rows[y].std() if many else None,
+                    marker=style["marker"], color=style["color"], capsize=3, linestyle="none",
+                    label=name if twin is None else f"{name} (on top of {twin})")
+        drawn[name] = at
     ax.set_xlabel(label(x))
     ax.set_ylabel(label(y))
     if title:

@@ -21,8 +21,6 @@ temporary folder beside it and renamed into place.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,7 +31,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
-from .study import REPO, Declaration, Resolved, read_notebook, resolve
+from .study import REPO, Declaration, Resolved, digest, read_notebook, resolve
 
 KERNEL = "gvr_lab"
 
@@ -56,16 +54,18 @@ def check_papermill_can_inject(nb, decl: Declaration) -> None:
 
 @contextlib.contextmanager
 def this_python_kernel():
-    """A kernelspec named gvr_lab for the Python running this, found before any other (JUPYTER_PATH
-    is searched first), for the length of the block."""
+    """For the length of the block: a kernelspec named gvr_lab for the Python running this, found
+    before any other (JUPYTER_PATH is searched first), and the kernel manager's configuration: IPC
+    transport, its sockets in a folder of their own (concurrent kernels must not share them)."""
     from ipykernel.kernelspec import write_kernel_spec
+    from traitlets.config import Config
 
     with tempfile.TemporaryDirectory() as tmp:
         write_kernel_spec(Path(tmp, "kernels", KERNEL), overrides={"display_name": "Python (gvr_lab)"})
         before = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, before]))
         try:
-            yield KERNEL
+            yield KERNEL, Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp, "kernel"))}})
         finally:
             if before is None:
                 del os.environ["JUPYTER_PATH"]
@@ -74,8 +74,7 @@ def this_python_kernel():
 
 
 def run_dir_for(stem: str, resolved: Resolved, runs_root: Path) -> Path:
-    digest = hashlib.sha1(json.dumps(resolved.params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return runs_root / f"{stem}-{resolved.variant}-{digest}"
+    return runs_root / f"{stem}-{resolved.variant}-{digest(resolved.params)}"
 
 
 def prepare(path, params: dict | None = None, preset: str | None = None, params_file: str | None = None):
@@ -92,6 +91,7 @@ def prepare(path, params: dict | None = None, preset: str | None = None, params_
         explicit["preset"] = preset
     resolved = resolve(decl, explicit)
     nb = jupytext.read(decl.path)
+    nb.metadata["kernelspec"] = {"name": KERNEL, "language": "python", "display_name": "Python (gvr_lab)"}
     check_papermill_can_inject(nb, decl)
     return nb, decl, {name: resolved.params[name] for name in explicit}, resolved
 
@@ -102,7 +102,6 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
     """Execute `path` with validated parameters; returns its run folder. Raises UsageError (bad
     input, also from inside the notebook) or NotebookFailed."""
     import papermill as pm
-    from traitlets.config import Config
 
     nb, decl, inject, resolved = prepare(path, params, preset, params_file)
     run_dir = run_dir_for(decl.path.stem, resolved, Path(runs_root))
@@ -115,11 +114,9 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
-        with this_python_kernel() as kernel:
-            nb.metadata["kernelspec"] = {"name": kernel, "language": "python", "display_name": "Python (gvr_lab)"}
+        with this_python_kernel() as (kernel, config):
             pm.execute_notebook(nb, str(work / "executed.ipynb"), parameters=inject, kernel_name=kernel, cwd=str(REPO),
-                                execution_timeout=timeout, log_output=log_output, progress_bar=False,
-                                config=Config({"KernelManager": {"transport": "ipc"}}))
+                                execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config)
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
         if e.ename == "UsageError":  # the notebook refused its input before training: keep nothing

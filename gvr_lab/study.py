@@ -15,10 +15,11 @@ in JupyterLab, or papermill's injected cell for `gvr-lab run -p/-f/--preset`); t
 history tells which, so a value set explicitly wins even when it equals the default.
 
 Paths are relative to the project root whatever the kernel's working directory (JupyterLab starts
-it in notebooks/). Training runs go to runs/<variant>/<name>, figures to figures/<name> for the
-preset the committed figures come from (COMMITTED_PRESET) and to runs/<variant>/figures/<name>
-for any other; <variant> is the preset, with a digest of the explicit values that differ from the
-preset's appended, so no two configurations share run or figure folders.
+it in notebooks/). Training runs go to runs/<preset>/<name>/<digest of every parameter value>, so
+a changed default or preset never meets the runs of another configuration, and rerunning the same
+one reuses its finished runs. Figures and tables go to figures/<name> for the preset the committed
+figures come from (COMMITTED_PRESET) as it stands, and to runs/<variant>/figures/<name> otherwise,
+<variant> being the preset with a digest of the explicit values that differ from it appended.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Resolved:
 
     params: dict  # every parameter's value
     changed: dict  # explicit values that differ from the preset's
-    variant: str  # the preset, or preset-<digest of changed>
+    variant: str  # the preset, or preset-<digest of changed>: names the figure folder
     runs_root: Path
     fig_root: Path
 
@@ -180,13 +181,16 @@ def resolve(decl: Declaration, explicit: dict) -> Resolved:
     base = {name: typed(name, default) for name, (_, default) in decl.parameters.items()}
     base.update({name: typed(name, value) for name, value in decl.presets[preset].items()})
     params = {**base, **{name: typed(name, value) for name, value in explicit.items()}, "preset": preset}
-    changed = {k: v for k, v in params.items() if k not in ("preset", *PATH_PARAMETERS) and v != base[k]}
-    variant = preset
-    if changed:
-        variant += "-" + hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    runs_root = REPO / (params.get("runs_root") or f"runs/{variant}/{decl.name}")
+    values = {k: v for k, v in params.items() if k not in PATH_PARAMETERS}
+    changed = {k: v for k, v in values.items() if k != "preset" and v != base[k]}
+    variant = preset + (f"-{digest(changed)}" if changed else "")
+    runs_root = REPO / (params.get("runs_root") or f"runs/{preset}/{decl.name}/{digest(values)}")
     fig_root = REPO / (params.get("fig_root") or default_fig_root(variant))
     return Resolved(params, changed, variant, runs_root, fig_root)
+
+
+def digest(values: dict) -> str:
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def default_fig_root(variant: str) -> str:
@@ -310,7 +314,7 @@ class Study:
         """Save `table` as stem.md and .tex, its caption followed by the provenance of `frame`'s runs; show it."""
         self.check_output(stem)
         paths = plots.save_table(table, self.fig_dir / stem, caption=f"{caption}. {self.provenance(frame)}")
-        show(table, metadata={"gvr_lab": {"table": str(paths[0])}})
+        show(table.style.hide(axis="index"), metadata={"gvr_lab": {"table": str(paths[0])}})
         self.saved(paths)
 
     def saved(self, paths: list[Path]) -> None:

@@ -34,7 +34,7 @@ lr: float = 0.05  # peak learning rate of the cosine schedule
 train_subset: int = 20000  # training examples drawn with the seed, 0 for all 60k
 seeds: list = [0]  # one run per seed
 device: str = "auto"  # auto | cpu | cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/quickstart
+runs_root: str = ""  # training runs; empty: runs/<preset>/quickstart/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%

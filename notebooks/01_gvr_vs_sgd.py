@@ -41,7 +41,7 @@ subset: int = 32  # examples of the batch the penalty uses
 train_subset: int = 20000  # training examples drawn with the seed, 0 for all
 seeds: list = [0, 1]  # one run per seed and variant
 device: str = "auto"  # auto, cpu or cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/gvr_vs_sgd
+runs_root: str = ""  # training runs; empty: runs/<preset>/gvr_vs_sgd/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%

@@ -47,7 +47,7 @@ train_subset: int = 4096  # training examples drawn with the seed, 0 for all
 log_every: int = 4  # steps between logged gradient norms (ExterGraft reads the SB log)
 seeds: list = [0]  # one run per seed and variant
 device: str = "auto"  # auto, cpu or cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/implicit_regularization
+runs_root: str = ""  # training runs; empty: runs/<preset>/implicit_regularization/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%

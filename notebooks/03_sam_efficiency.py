@@ -42,7 +42,7 @@ label_smoothing: float = 0.0  # vSAM's script uses 0.1
 train_subset: int = 20000  # training examples drawn with the seed, 0 for all
 seeds: list = [0]  # one run per seed and method
 device: str = "auto"  # auto, cpu or cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/sam_efficiency
+runs_root: str = ""  # training runs; empty: runs/<preset>/sam_efficiency/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%

@@ -35,7 +35,7 @@ train_subset: int = 10000  # training examples drawn with the seed, 0 for all
 log_every: int = 1  # log every step, so every sampled PSF is kept
 seeds: list = [0]  # one run per seed and model
 device: str = "auto"  # auto, cpu or cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/gradient_dynamics
+runs_root: str = ""  # training runs; empty: runs/<preset>/gradient_dynamics/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%

@@ -36,7 +36,7 @@ lr: float = 0.05  # peak learning rate, cosine per step
 train_subset: int = 10000  # training examples drawn with the seed, 0 for all
 seeds: list = [0]  # one run per seed, method and bit width
 device: str = "auto"  # auto, cpu or cuda
-runs_root: str = ""  # training runs; empty: runs/<preset>/quantization
+runs_root: str = ""  # training runs; empty: runs/<preset>/quantization/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
