@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 
 
 def in_kernel() -> bool:
@@ -20,13 +21,14 @@ def in_kernel() -> bool:
 
 
 def show(obj, metadata: dict | None = None):
-    """Display `obj` (a figure, a DataFrame) in a kernel; elsewhere print its text form."""
+    """Display a figure or a table (without its row index) in a kernel; elsewhere print a table."""
+    table = hasattr(obj, "to_string")
     if in_kernel():
         from IPython.display import display
 
-        display(obj, metadata=metadata)
-    elif not hasattr(obj, "savefig"):
-        print(obj)
+        display(obj.style.hide(axis="index") if table else obj, metadata=metadata)
+    elif table:
+        print(obj.to_string(index=False))
 
 
 def show_text(text: str, metadata: dict | None = None) -> None:
@@ -79,7 +81,8 @@ class TextReport:
 
 class LiveReport(TextReport):
     """In a kernel: the lines in one display updated in place, and test accuracy per epoch of every
-    run so far, redrawn after each epoch (colours by method, as every figure)."""
+    run so far, redrawn after each epoch (colours by method, as every figure), at most once a second
+    (a drawing costs a good part of one) and always after the grid's last run."""
 
     def __init__(self, total: int):
         from IPython.display import display
@@ -89,10 +92,12 @@ class LiveReport(TextReport):
         self.curves: dict[str, tuple[str, list, list]] = {}  # run -> (method, epochs, accuracies)
         self.text = display({"text/plain": f"training {total} runs"}, raw=True, display_id=True)
         self.plot = None
+        self.drawn_at = 0.0
         self.display = display
 
     def start(self, index: int, config) -> None:
         super().start(index, config)
+        self.last = index == self.total - 1
         self.key = f"{config.label} s{config.seed}"
         self.curves[self.key] = (config.method, [], [])
         self.lines.append(f"{self.prefix} · starting")
@@ -104,7 +109,7 @@ class LiveReport(TextReport):
         _, epochs, accs = self.curves[self.key]
         epochs.append(row["epoch"] + 1)
         accs.append(100 * row["test_acc"])
-        self.refresh(draw=True)
+        self.refresh(draw=time.monotonic() - self.drawn_at >= 1.0)
 
     def finish(self, run) -> None:
         if not self.trained:  # reused: its whole history at once
@@ -112,11 +117,12 @@ class LiveReport(TextReport):
             epochs.extend(run.history["epoch"] + 1)
             accs.extend(100 * run.history["test_acc"])
         self.lines[-1] = f"{self.prefix} · {run_line(run, self.trained)}"
-        self.refresh(draw=True)
+        self.refresh(draw=self.last or time.monotonic() - self.drawn_at >= 1.0)
 
     def refresh(self, draw: bool = False) -> None:
         self.text.update({"text/plain": "\n".join(self.lines)}, raw=True)
         if draw:
+            self.drawn_at = time.monotonic()
             image = self.draw()
             if self.plot is None:
                 self.plot = self.display(image, display_id=True)

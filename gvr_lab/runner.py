@@ -8,8 +8,9 @@ Added on top of papermill's Python API:
 * list/dict values that survive the command line;
 * the kernel of the Python the runner runs in, never a kernelspec of the same name installed by
   another checkout, over IPC (no unencrypted-TCP warning per run);
-* a UsageError raised inside the notebook (a grid that does not validate) reported as one, with
-  nothing kept; any other failure a one-line report of the failed cell, with the partial notebook kept;
+* a UsageError raised inside the notebook (a grid that does not validate, checked before its first
+  run trains; a figure of a method whose term never acted) reported as bad input, the partial
+  notebook not kept; any other failure a one-line report of the failed cell, the partial notebook kept;
 * completed executions skipped unless forced;
 * what the notebook saved (its tables and the paths of every file), read back from its outputs.
 
@@ -119,7 +120,7 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
                                 execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config)
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
-        if e.ename == "UsageError":  # the notebook refused its input before training: keep nothing
+        if e.ename == "UsageError":  # the notebook refused its input (a grid, a figure of a term that never acted)
             shutil.rmtree(work)
             raise UsageError(f"{decl.path}: {e.evalue.strip().splitlines()[0]}") from None
         replace_dir(work, run_dir)

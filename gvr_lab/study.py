@@ -314,7 +314,7 @@ class Study:
         """Save `table` as stem.md and .tex, its caption followed by the provenance of `frame`'s runs; show it."""
         self.check_output(stem)
         paths = plots.save_table(table, self.fig_dir / stem, caption=f"{caption}. {self.provenance(frame)}")
-        show(table.style.hide(axis="index"), metadata={"gvr_lab": {"table": str(paths[0])}})
+        show(table, metadata={"gvr_lab": {"table": str(paths[0])}})
         self.saved(paths)
 
     def saved(self, paths: list[Path]) -> None:

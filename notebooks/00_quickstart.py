@@ -44,7 +44,7 @@ from gvr_lab import plots
 study = gl.Study(
     "quickstart", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 2, "train_subset": 512, "batch_size": 64,
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
                   "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 16}}, "device": "cpu"},
         "cpu": {"device": "cpu"},
         "gpu": {"model": "resnet18", "epochs": 10, "train_subset": 0, "batch_size": 256, "lr": 0.1},

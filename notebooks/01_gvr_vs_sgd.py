@@ -53,7 +53,7 @@ from gvr_lab import plots
 study = gl.Study(
     "gvr_vs_sgd", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 2, "train_subset": 512, "batch_size": 64,
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
                   "subset": 16, "seeds": [0], "device": "cpu"},
         "cpu": {"device": "cpu"},
         "gpu": {"dataset": "cifar100", "model": "resnet18", "epochs": 30, "train_subset": 0},

@@ -52,7 +52,7 @@ from gvr_lab import plots
 study = gl.Study(
     "sam_efficiency", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 3, "train_subset": 512, "batch_size": 64,
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 3, "train_subset": 256, "batch_size": 64,
                   "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
                                   "saf": {"start_epoch": 0, "lag": 1}}, "device": "cpu"},
         "cpu": {"device": "cpu"},

@@ -47,7 +47,7 @@ from gvr_lab import plots
 study = gl.Study(
     "gradient_dynamics", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "models": ["tiny_cnn"], "epochs": 2, "train_subset": 512, "batch_size": 64,
+        "smoke": {"dataset": "synthetic", "models": ["tiny_cnn"], "epochs": 2, "train_subset": 256, "batch_size": 64,
                   "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1}, "device": "cpu"},
         "cpu": {"device": "cpu"},
         "gpu": {"dataset": "cifar10", "models": ["resnet18", "vgg16"], "epochs": 10, "train_subset": 0,

@@ -46,7 +46,7 @@ from gvr_lab import plots
 study = gl.Study(
     "quantization", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "bits": [4, 2], "epochs": 2, "train_subset": 512,
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "bits": [4, 2], "epochs": 2, "train_subset": 256,
                   "batch_size": 64, "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
                   "device": "cpu"},
         "cpu": {"device": "cpu"},
