@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
     saved = saved_outputs(run_dir)
     for table in saved.tables:
         print(Path(table).read_text())
-    print("wrote:" + "".join(f"\n  {shown(path)}" for path in saved.paths))
+    print("wrote:" + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing"))
     print(f"executed notebook: {shown(run_dir / 'executed.ipynb')}")
     return 0
 

@@ -6,7 +6,8 @@ What every figure shares, so none overstates its evidence:
 * accuracy in percent, on axes and in tables; integer ticks where the axis counts something;
 * legends outside the data;
 * one way to aggregate seeds: mean with a band (curves) or bars (points) of one std when a curve
-  has more than one seed, and the footer says how many seeds and what the band is;
+  has more than one seed (geometric mean and std on a log axis, where mean - std can fall below
+  zero), and the footer says how many seeds and what the band is;
 * a footer with the dataset, model, epochs and steps, seeds and preset (`provenance`);
 * sparse series (a metric logged only on some steps) drawn as points, never as lines across gaps;
   a curve identical to another one, which would hide under it, is named in the legend.
@@ -101,7 +102,8 @@ def legend_outside(ax) -> None:
 def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: bool = False, title: str = "",
            points: bool = False, legend: bool = True):
     """y against x, one curve per hue value: the mean over seeds with a band of one std where a curve
-    has more than one seed. Epochs are counted from 1 (row 0 holds the metrics after one epoch).
+    has more than one seed (with logy, the geometric mean and std). Epochs are counted from 1 (row 0
+    holds the metrics after one epoch).
     points=True draws every row as a point instead (sparse series, e.g. a metric of sampled steps).
     A curve whose means equal an earlier one's is named in the legend and dashed, since it would
     otherwise hide under it."""
@@ -119,15 +121,21 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: 
             ax.plot(rows[x], rows[y] * scale, linestyle="none", marker=style["marker"], markersize=3, alpha=0.7,
                     color=style["color"], label=name)
             continue
-        grouped = rows.groupby(x)[y]
-        mean, std, count = grouped.mean() * scale, grouped.std() * scale, grouped.count()
+        if logy:  # geometric: a band of mean ± std would cross zero, which a log axis cannot show
+            grouped = np.log(rows[rows[y] > 0][y] * scale).groupby(rows[x])
+            mean, std, count = np.exp(grouped.mean()), grouped.std(), grouped.count()
+            low, high = mean / np.exp(std), mean * np.exp(std)
+        else:
+            grouped = rows.groupby(x)[y]
+            mean, std, count = grouped.mean() * scale, grouped.std() * scale, grouped.count()
+            low, high = mean - std, mean + std
         twin = next((other for other, m in drawn.items() if m.index.equals(mean.index) and np.array_equal(m, mean)), None)
         shown = dict(style, marker=style["marker"] if len(mean) < 30 else None, markersize=4)
         if twin is not None:
             shown.update(linestyle=(0, (4, 4)), label=f"{name} (identical to {twin}: drawn over it)")
         ax.plot(mean.index, mean.values, **{"label": name, **shown})
         if (count > 1).any():
-            ax.fill_between(mean.index, mean - std, mean + std, color=style["color"], alpha=0.18, linewidth=0)
+            ax.fill_between(mean.index, low, high, color=style["color"], alpha=0.18, linewidth=0)
         drawn[name] = mean
     ax.set_xlabel(label(x))
     ax.set_ylabel(label(y))
@@ -183,7 +191,7 @@ def provenance(runs: pd.DataFrame, preset: str) -> str:
     per_curve = sorted(set(final.groupby("label").size()))
     seeds = sorted({int(s) for s in final["seed"]})
     spread = ("1 seed per curve: no band or error bar" if per_curve == [1] else
-              f"{listing(per_curve)} seeds per curve: mean, band or bars = ± 1 std")
+              f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)")
     return (f"{listing(final['dataset'])}, {images} · {listing(final['model'])} · {epochs} = {steps} · "
             f"seed{'s' if len(seeds) > 1 else ''} {listing(seeds)}; {spread} · preset {preset}")
 

@@ -105,8 +105,9 @@ def parameters_of(source: str, where: str) -> dict:
     return declared
 
 
-def study_call(tree: ast.Module) -> ast.Call | None:
-    for node in tree.body:
+def study_call(tree: ast.Module | None) -> ast.Call | None:
+    """The `... = Study(...)` call at the top level of a cell, if any."""
+    for node in tree.body if tree else []:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             func = node.value.func
             if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == "Study":
@@ -126,7 +127,7 @@ def read_notebook(path) -> Declaration:
     if not tagged:
         raise UsageError(f"{path} has no cell tagged 'parameters'")
     parameters = parameters_of(tagged[0].source, str(path))
-    call = next(filter(None, (study_call(ast.parse(c.source)) for c in nb.cells
+    call = next(filter(None, (study_call(parse_or_none(c.source)) for c in nb.cells
                               if c.cell_type == "code" and "Study" in c.source)), None)
     if call is None or not call.args or not isinstance(call.args[0], ast.Constant):
         raise UsageError(f"{path} has no `study = gl.Study(\"<name>\", globals(), presets=..., outputs=...)` cell")
@@ -134,6 +135,10 @@ def read_notebook(path) -> Declaration:
         given = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError:
         raise UsageError(f"{path}: the arguments of Study(...) other than globals() must be literals") from None
+    unknown = sorted(set(given) - {"presets", "outputs", "ablations"})
+    if unknown or not {"presets", "outputs"} <= set(given):
+        raise UsageError(f"{path}: Study(...) takes presets=, outputs= and optionally ablations=, got "
+                         f"{', '.join(sorted(given)) or 'none'}")
     title = next((line.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
                   for line in c.source.splitlines() if line.startswith("# ")), "")
     decl = declaration(call.args[0].value, parameters, title=title, path=path, **given)

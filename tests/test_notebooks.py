@@ -284,6 +284,9 @@ def test_curves_one_colour_per_method_percent_bands_and_hidden_twins():
     assert list(a.get_xticks()) == [1, 2, 3] and not a.collections  # one seed: no band
     two_seeds = plots.curves(frame([("sgd", "SGD")], seeds=(0, 1)), "epoch", "test_acc")
     assert len(two_seeds.collections) == 1  # the band
+    wide = frame([("gvr", "GVR")], seeds=(0, 1)).assign(penalty=lambda d: 0.1 * 100.0 ** d["seed"])  # 0.1 and 10
+    band = plots.curves(wide, "epoch", "penalty", logy=True).collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() > 0 and (band.min() * band.max()) ** 0.5 == pytest.approx(1.0)  # geometric, around 1
     sparse = plots.curves(frame([("vsam", "vsam")]), "epoch", "test_acc", points=True)
     assert sparse.get_lines()[0].get_linestyle() == "None"
     legend_box = a.get_legend().get_window_extent(a.figure.canvas.get_renderer())
@@ -298,7 +301,8 @@ def test_provenance_names_what_a_figure_rests_on():
     assert one == ("synthetic, 256 training images · tiny_cnn · 3 epochs = 12 optimizer steps · seed 0; "
                    "1 seed per curve: no band or error bar · preset smoke")
     two = plots.provenance(frame([("sgd", "SGD")], seeds=(0, 1)), "cpu with epochs=5")
-    assert "seeds 0, 1; 2 seeds per curve: mean, band or bars = ± 1 std · preset cpu with epochs=5" in two
+    assert "seeds 0, 1; 2 seeds per curve: mean ± 1 std as band or bars (geometric on log axes) · preset cpu " \
+           "with epochs=5" in two
 
 
 def test_lab_setup_lives_in_the_environment(tmp_path, monkeypatch):
