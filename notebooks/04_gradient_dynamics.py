@@ -18,6 +18,9 @@
 # PSF changes slowly early in training and faster later, so it can be sampled rarely at first.
 # Do both hold on our models, and how does vSAM's fraction of two-pass steps evolve?
 #
+# vSAM samples SAM steps per window of `window` steps after its warm-up, at least one per window:
+# a window of 10 here (50 in the paper) so a few epochs hold enough sampled PSF norms to plot.
+#
 # **Use.** Pick a preset in the first line of the parameters cell (`smoke`, `cpu`: the committed
 # figures, `gpu`: ResNet-18 and VGG-16 on CIFAR-10, 10 epochs, `paper`: CIFAR-100, 200 epochs) and
 # run all; a parameter set in a cell below the parameters cell overrides the preset. Headless:
@@ -30,7 +33,7 @@ models: list = ["tiny_cnn", "small_cnn"]  # one vSAM run per model
 epochs: int = 4  # passes over the training set
 batch_size: int = 128  # examples per step
 lr: float = 0.05  # peak learning rate, cosine per step
-vsam_args: dict = {"warmup_epochs": 1, "window": 20}  # vSAM hyperparameters
+vsam_args: dict = {"warmup_epochs": 1, "window": 10, "blocks": 2}  # vSAM hyperparameters (paper: window 50)
 train_subset: int = 10000  # training examples drawn with the seed, 0 for all
 log_every: int = 1  # log every step, so every sampled PSF is kept
 seeds: list = [0]  # one run per seed and model
@@ -73,8 +76,8 @@ gl.train_grid(base, [dict(model=m, label=m) for m in models], seeds, study.runs_
 # %%
 steps = study.plotted(study.load_runs(steps=True))
 sampled = steps[steps["sampled"] == 1]
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-plots.curves(steps, "step", "grad_norm", ax=axes[0], logy=True, title="SGD gradient norm (every step)", legend=False)
+fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+plots.curves(steps, "step", "grad_norm", ax=axes[0], logy=True, title="SGD gradient norm (every step)")
 plots.curves(sampled, "step", "psf_norm", ax=axes[1], logy=True, title="PSF norm (sampled steps)", points=True)
 study.save_figure(fig, "norms", steps)
 
