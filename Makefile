@@ -1,6 +1,7 @@
 # One-command setup and the project's entry points. Every target sets up what is missing first:
 # a virtual environment in .venv, the package with its dependencies, Fashion-MNIST, the Jupyter
-# kernel "gvr_lab". Override the interpreter with `make PYTHON=python3.12 ...`.
+# kernel "gvr_lab" and JupyterLab's settings (both inside .venv, see gvr_lab/lab.py).
+# Override the interpreter with `make PYTHON=python3.12 ...`.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,17 +15,20 @@ BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 
   iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
   sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
 
-.PHONY: setup demo test test-fast lab figures bench clean
+.PHONY: setup venv demo test test-fast lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
+
+# The environment alone, without the data (.ci/run installs system packages meanwhile).
+venv: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml gvr_lab/lab.py | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,notebooks]"
-	$(PY) -m ipykernel install --user --name gvr_lab --display-name "Python (gvr_lab)"
+	$(PY) -m pip install -q -e ".[dev,notebooks,cluster]"
+	$(PY) -m gvr_lab.lab install
 	touch $(STAMP)
 
 # Fashion-MNIST: found locally, else Debian's package where apt-get and root are available, else
@@ -38,15 +42,14 @@ $(DATA_STAMP): $(STAMP)
 	$(PY) -c "from gvr_lab.data import load_dataset; tr, te = load_dataset('fashion_mnist'); print(f'Fashion-MNIST: {len(tr.labels)} train, {len(te.labels)} test images')"
 	touch $(DATA_STAMP)
 
-# The quickstart notebook at the cpu preset: SGD, GVR and SAM on real Fashion-MNIST, about 2 minutes
-# on 2 cores; it writes figures/quickstart/. Rerunning reuses the finished runs.
+# The quickstart notebook at the cpu preset: SGD, GVR and SAM on real Fashion-MNIST, a few minutes
+# on 2 cores; it prints its result table and the files it wrote (figures/quickstart/). Rerunning
+# reuses the finished runs.
 demo: setup
 	$(VENV)/bin/gvr-lab run notebooks/00_quickstart.py --preset cpu
-	@cat figures/quickstart/summary.md
-	@echo "figures: figures/quickstart/accuracy.png (and .pdf); every notebook: make figures"
 
-# Every notebook at PRESET (cpu: real Fashion-MNIST on this machine; gpu: one H100), then every
-# figure and table under figures/ with figures/README.md listing them.
+# Every notebook at PRESET, then every figure and table with an index README.md: under figures/ for
+# cpu (the committed ones), under runs/<PRESET>/figures/ for the others.
 PRESET ?= cpu
 figures: setup
 	$(VENV)/bin/gvr-lab figures --preset $(PRESET)
@@ -67,8 +70,10 @@ bench: setup
 	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --rounds 9 --steps 4 --warmup 2 \
 	  --hvp --json benchmarks/cpu-small_cnn.json --into BENCHMARKS.md --methods $(BENCH_METHODS)
 
+# JupyterLab on notebooks/ with this checkout's kernel; extra flags: make lab LAB_ARGS="--port 9999"
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m gvr_lab.lab $(LAB_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,9 +7,19 @@ from .landscape import curvature
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
 from .results import load_runs
-from .training import Config, Run, train, train_grid
+from .training import Config, GridRuns, Run, grid_configs, train, train_configs, train_grid
 
 __all__ = [
-    "Batch", "Config", "Method", "Run", "UsageError", "create_method", "create_model", "curvature", "list_datasets",
-    "list_methods", "list_models", "load_runs", "register_method", "train", "train_grid",
+    "Batch", "Config", "GridRuns", "Method", "Run", "Study", "UsageError", "create_method", "create_model",
+    "curvature", "grid_configs", "list_datasets", "list_methods", "list_models", "load_runs", "register_method", "train",
+    "train_configs", "train_grid",
 ]
+
+
+def __getattr__(name: str):
+    # Study is for notebooks and pulls in matplotlib, which the command line's training should not load.
+    if name == "Study":
+        from .study import Study
+
+        return Study
+    raise AttributeError(f"module 'gvr_lab' has no attribute {name!r}")

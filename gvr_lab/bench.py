@@ -344,14 +344,14 @@ def block_markers(source: str) -> tuple[str, str]:
     return f"<!-- written by gvr-lab bench from {source}; do not edit by hand -->", f"<!-- end of {source} -->"
 
 
-def write_markdown_block(markdown_file: str, source: str) -> None:
-    """Put the block of the bench JSON `source` into `markdown_file`: in place of its previous
-    block, or appended; the rest of the file is kept (written atomically)."""
+def write_markdown_block(markdown_file: str, source: str, render=markdown_report) -> None:
+    """Put the block `render` makes of the bench JSON `source` into `markdown_file`: in place of its
+    previous block, or appended; the rest of the file is kept (written atomically)."""
     report = json.loads(Path(source).read_text())
     begin, end = block_markers(source)
     path = Path(markdown_file)
     text = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{markdown_report(report, source)}\n{end}"
+    block = f"{begin}\n{render(report, source)}\n{end}"
     if begin in text and end in text:
         head, _, rest = text.partition(begin)
         text = head + block + rest.partition(end)[2]

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from pathlib import Path
 
 import yaml
 
 from .data import list_datasets
-from .errors import UsageError
+from .errors import UsageError, check_choice
 from .methods import METHODS, list_methods, markdown_table, method_class, method_notes
 from .models import list_models
-from .runner import PRESETS
+from .results import read_yaml_mapping
 from .training import Config, resolve_device, train
 
 
@@ -58,21 +60,6 @@ def parse_method_args(items: list[str]) -> dict:
     return out
 
 
-def read_config_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UsageError(f"config file {path} must hold a mapping of Config fields, not {type(loaded).__name__}")
-    return loaded
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, named with dashes; defaults stay None so a YAML file can fill in."""
     for f in dataclasses.fields(Config):
@@ -93,7 +80,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = read_config_file(args.config) if args.config else {}
+    values = read_yaml_mapping(args.config, "config") if args.config else {}
     for f in dataclasses.fields(Config):
         given = getattr(args, f.name, None)
         if given is not None:
@@ -194,45 +181,121 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_grid(args) -> int:
+    from .bench import write_markdown_block, write_report
+    from .grid_bench import grid_markdown, run_grid_bench
+
+    if args.into and not args.json:
+        raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
+    if args.runs < 1:
+        raise UsageError("--runs must be positive")
+    base = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, train_subset=args.train_subset,
+                batch_size=args.batch_size, device="cpu")
+    Config.from_dict(base)  # a bad field is one line before anything trains
+    report = run_grid_bench(args.runs, base, args.run_cpus)
+    print(grid_markdown(report, args.json or "(not saved)"))
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}")
+    if args.into:
+        write_markdown_block(args.into, args.json, render=grid_markdown)
+        print(f"wrote its table into {args.into}")
+    return 0
+
+
 def parse_params(pairs: list[list[str]]) -> dict:
     return {name: parse_value(value) for name, value in pairs}
 
 
-def cmd_run(args) -> int:
-    from .runner import NotebookFailed, run_notebook
+def executor_environment(args):
+    """The grid executor a notebook's kernel uses, as environment variables (cluster.ENVIRONMENT);
+    checked here so a bad choice or a missing Ray is one line before the notebook starts."""
+    from . import cluster
 
+    options = None
+    if args.executor == "ray":
+        options = cluster.RayOptions(address=args.ray_address, run_cpus=args.run_cpus, run_gpus=args.run_gpus)
+    elif args.ray_address or args.run_cpus != 1.0 or args.run_gpus != 0.0:
+        raise UsageError("--ray-address, --run-cpus and --run-gpus need --executor ray")
+    executor, options = cluster.resolve_executor(args.executor, options)
+    if executor == "ray":
+        # a bad address is one line now, not a failed cell later; the local instance this starts
+        # lives as long as this command, and the kernel's grids join it at its address
+        ray = cluster.connect(options)
+        address = options.address or ray.get_runtime_context().gcs_address
+        return cluster.executor_environment(executor, dataclasses.replace(options, address=address))
+    return {cluster.ENVIRONMENT["executor"]: "sequential"}
+
+
+def cmd_run(args) -> int:
+    from .runner import NotebookFailed, run_notebook, saved_outputs
+
+    os.environ.update(executor_environment(args))
     try:
         run_dir = run_notebook(args.notebook, parse_params(args.p), preset=args.preset, params_file=args.f,
                                force=args.force, runs_root=args.runs_root, log_output=args.log_output)
     except NotebookFailed as e:
         print(f"gvr-lab: {e}", file=sys.stderr)
         return 1
-    print(f"executed notebook: {run_dir / 'executed.ipynb'}")
+    saved = saved_outputs(run_dir)
+    for table in saved.tables:
+        print(Path(table).read_text())
+    print("wrote:" + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing"))
+    print(f"executed notebook: {shown(run_dir / 'executed.ipynb')}")
     return 0
 
 
-def cmd_figures(args) -> int:
-    from .plots import write_figures_index
-    from .runner import NotebookFailed, execution_record, notebook_paths, run_notebook
+def shown(path) -> str:
+    """A path relative to the working directory when it lies under it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
-    failed, records = 0, {}
+
+def cmd_figures(args) -> int:
+    from .runner import NotebookFailed, execution_record, run_notebook, write_figures_index
+    from .study import PRESETS, REPO, default_fig_root, notebook_paths, read_notebook
+
+    check_choice("preset", args.preset, PRESETS)
+    os.environ.update(executor_environment(args))
+    failed, entries = 0, []
     for path in notebook_paths():
-        params = {"fig_root": args.out} if args.out else {}
+        decl = read_notebook(path)
+        if args.preset not in decl.presets:
+            print(f"{path.name}: no {args.preset} preset, skipped")
+            continue
+        params = {"fig_root": str(Path(args.out).resolve())} if args.out else {}
         if args.runs_root:
-            params["runs_root"] = f"{args.runs_root}/{args.preset}/{path.stem}"
+            params["runs_root"] = str(Path(args.runs_root, args.preset, decl.name).resolve())
         try:
             # forced: a finished training run is not retrained, so this only redraws its figures
             run_dir = run_notebook(path, params, preset=args.preset, force=True,
-                                   runs_root=f"{args.runs_root or 'runs'}/notebooks")
-            records[path.stem] = record = execution_record(run_dir)
-            print(f"{path.name}: {run_dir} ({record['wall_time_s']:.0f} s; {record['training_runs']} training runs, "
-                  f"{record['training_time_s']:.0f} s)")
+                                   runs_root=Path(args.runs_root or "runs", "notebooks"))
+            record = execution_record(run_dir)
+            entries.append((decl, record))
+            print(f"{path.name}: {shown(run_dir)} ({record['wall_time_s']:.0f} s; {record['training_runs']} training "
+                  f"runs, {record['training_time_s']:.0f} s)")
         except NotebookFailed as e:
             print(f"gvr-lab: {e}", file=sys.stderr)
             failed += 1
-    index = write_figures_index(args.out or "figures", args.preset, records)
-    print(f"wrote {index}")
+    index = write_figures_index(args.out or Path(REPO, default_fig_root(args.preset)), args.preset, entries)
+    print(f"wrote {shown(index)}")
     return 1 if failed else 0
+
+
+def cmd_notebooks(args) -> int:
+    from .runner import notebook_table
+
+    print(notebook_table(), end="")
+    return 0
+
+
+def add_executor_flags(parser) -> None:
+    parser.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
+                        help="how the notebook's grids run: one run after another, or as Ray tasks in parallel")
+    parser.add_argument("--ray-address", help="a Ray cluster (auto or HOST:PORT); default: a local instance on "
+                        "this machine's cores")
+    parser.add_argument("--run-cpus", type=float, default=1.0, help="CPUs per run under Ray (its torch threads)")
+    parser.add_argument("--run-gpus", type=float, default=0.0, help="GPUs per run under Ray (0.25: four per GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,16 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a parameter (YAML value: numbers, true/false, [lists]), repeatable")
     r.add_argument("-f", metavar="PARAMS.yaml", help="parameters from a YAML file")
-    r.add_argument("--preset", choices=PRESETS, help="parameter preset from notebooks/presets.yaml")
+    r.add_argument("--preset", help="one of the notebook's presets (smoke, cpu, gpu, paper; its study cell lists "
+                   "them); default: the one its parameters cell names")
     r.add_argument("--force", action="store_true", help="execute again even if this run completed")
     r.add_argument("--runs-root", default="runs/notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebook's output")
+    add_executor_flags(r)
     r.set_defaults(func=cmd_run)
     fg = sub.add_parser("figures", help="run every notebook as needed and regenerate every figure and table")
-    fg.add_argument("--preset", choices=PRESETS, default="cpu")
-    fg.add_argument("--out", help="figure root instead of figures/")
+    fg.add_argument("--preset", default="cpu", help="smoke, cpu (default), gpu or paper")
+    fg.add_argument("--out", help="figure root instead of the preset's (figures/ for cpu, runs/<preset>/figures else)")
     fg.add_argument("--runs-root", help="root of training runs and executed notebooks instead of runs/")
+    add_executor_flags(fg)
     fg.set_defaults(func=cmd_figures)
+    nbs = sub.add_parser("notebooks", help="the study notebooks: question, presets, outputs (README's table)")
+    nbs.set_defaults(func=cmd_notebooks)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
     b.add_argument("--model", default="tiny_cnn", choices=list_models())
     b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")
@@ -299,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--into", metavar="FILE.md", help="and write its table and verdicts into this markdown file "
                    "(in place of the block of the same JSON, else appended): BENCHMARKS.md")
     b.set_defaults(func=cmd_bench)
+    bg = sub.add_parser("bench-grid", help="wall time of a grid of short CPU runs: sequential against Ray")
+    bg.add_argument("--runs", type=int, default=8, help="runs in the grid (methods sgd, gvr, sam, vsam x seeds)")
+    bg.add_argument("--dataset", default="fashion_mnist")
+    bg.add_argument("--model", default="small_cnn")
+    bg.add_argument("--epochs", type=int, default=1)
+    bg.add_argument("--train-subset", type=int, default=8192)
+    bg.add_argument("--batch-size", type=int, default=128)
+    bg.add_argument("--run-cpus", type=float, default=1.0, help="CPUs (and torch threads) per run under Ray")
+    bg.add_argument("--json", help="write the measurements here")
+    bg.add_argument("--into", metavar="FILE.md", help="and their table into this markdown file (BENCHMARKS.md)")
+    bg.set_defaults(func=cmd_bench_grid)
     return parser
 
 

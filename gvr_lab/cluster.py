@@ -17,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import UsageError, check_choice
 
 EXECUTORS = ("sequential", "ray")
+# What `gvr-lab run --executor ...` hands to the notebook's kernel: train_grid reads these when it is
+# not given an executor, so the notebooks themselves need no executor parameter.
+ENVIRONMENT = {"executor": "GVR_LAB_EXECUTOR", "address": "GVR_LAB_RAY_ADDRESS", "run_cpus": "GVR_LAB_RUN_CPUS",
+               "run_gpus": "GVR_LAB_RUN_GPUS"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,37 @@ class RayOptions:
         if self.run_cpus <= 0 or self.run_gpus < 0 or self.max_retries < 0:
             raise UsageError(f"ray resources must be run_cpus > 0, run_gpus >= 0, max_retries >= 0, got "
                              f"{self.run_cpus}, {self.run_gpus}, {self.max_retries}")
+        if self.run_gpus > 1 and self.run_gpus != int(self.run_gpus):
+            raise UsageError(f"run_gpus above 1 must be a whole number, got {self.run_gpus}")
+
+
+def resolve_executor(executor: str | None, options: RayOptions | None) -> tuple[str, RayOptions | None]:
+    """The executor and Ray options a grid runs with: the arguments, else what `gvr-lab run
+    --executor` put in the environment, else sequential."""
+    env = os.environ
+    if executor is None:
+        executor = env.get(ENVIRONMENT["executor"]) or "sequential"
+    check_choice("executor", executor, EXECUTORS)
+    if executor == "sequential":
+        if options is not None:
+            raise UsageError("ray options given for the sequential executor: pass executor=\"ray\"")
+        return executor, None
+    if options is None:
+        try:
+            options = RayOptions(address=env.get(ENVIRONMENT["address"]) or None,
+                                 run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 1.0),
+                                 run_gpus=float(env.get(ENVIRONMENT["run_gpus"]) or 0.0))
+        except ValueError as e:
+            raise UsageError(f"bad Ray resources in the environment: {e}") from None
+    import_ray()  # a missing extra is one line before anything is submitted
+    return executor, options
+
+
+def executor_environment(executor: str, options: RayOptions) -> dict[str, str]:
+    """The environment variables that make a notebook kernel's grids run this way."""
+    values = {"executor": executor, "address": options.address or "", "run_cpus": str(options.run_cpus),
+              "run_gpus": str(options.run_gpus)}
+    return {ENVIRONMENT[k]: v for k, v in values.items()}
 
 
 def import_ray():
@@ -75,30 +109,33 @@ def train_remote(fields: dict, threads: int) -> dict:
 
 
 def run_grid(configs: list, options: RayOptions, report) -> list[dict]:
-    """Submit every run, then collect them as they finish, telling `report` (queued, running, done,
-    failed); returns each run's summary in grid order. A task that raises (a bug, not a lost
-    worker) fails its run only: the grid goes on, and the failure is re-raised at the end."""
+    """Submit every run, then collect them as they finish while `report` (progress.GridStatus) reads
+    the run directories for the running ones; returns each run's summary in grid order. A task
+    that raises (the run's own error, not a lost worker: those are retried) fails its run only: the
+    grid goes on, and the first failure is raised at the end."""
     ray = connect(options)
     remote = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus, max_retries=options.max_retries,
                         retry_exceptions=False)(train_remote)
     threads = max(1, math.floor(options.run_cpus))
+    report.submitted()
     pending = {remote.remote(dataclasses.asdict(c), threads): i for i, c in enumerate(configs)}
     summaries: list[dict | None] = [None] * len(configs)
     failures = []
-    report.submitted(configs, ray.available_resources())
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
         for ref in ready:
             index = pending.pop(ref)
             try:
                 summaries[index] = ray.get(ref)
                 report.finished(index, summaries[index])
-            except Exception as e:  # the run's own error, raised in its worker
+            except Exception as e:  # noqa: BLE001 - the run's own error, raised in its worker
                 failures.append((configs[index], e))
                 report.failed(index, e)
-        report.tick(time.perf_counter())
+        report.poll()
+    report.close()
     if failures:
         config, error = failures[0]
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise RuntimeError(f"{len(failures)} run(s) of the grid failed; first: {config.label} seed {config.seed}: "
-                           f"{error}") from error
+                           f"{first}")
     return summaries

@@ -1,36 +1,59 @@
 """Figures and tables from results files (load_runs), never from the training loop.
 
-One style (seaborn "paper", TrueType fonts in PDFs), one way to save (PNG for reading, PDF for
-papers, byte-stable, written to a temporary file then renamed), one way to aggregate seeds
-(mean +- std), one way to write tables (markdown and LaTeX from the same frame).
+What every figure shares, so none overstates its evidence:
+* one palette keyed by method name (SGD is the same colour in every figure); labels of one method
+  (two micro-batch sizes, two models) differ by line style and marker, not colour;
+* accuracy in percent, on axes and in tables; integer ticks where the axis counts something;
+* legends outside the data;
+* one way to aggregate seeds: mean with a band (curves) or bars (points) of one std when a curve
+  has more than one seed (geometric mean and std on a log axis, where mean - std can fall below
+  zero), and the footer says how many seeds and what the band is;
+* a footer with the dataset, model, epochs and steps, seeds and preset (`provenance`);
+* sparse series (a metric logged only on some steps) drawn as points, never as lines across gaps;
+  a curve identical to another one, which would hide under it, is named in the legend.
+One way to save (PNG for reading, byte-stable PDF for papers, each written atomically), one way to
+write tables (markdown and LaTeX from the same frame).
 """
 
 from __future__ import annotations
 
-import os
+import io
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from .results import write_atomic
 
+# Fixed per method, not drawn from a cycle, so a method keeps its colour whichever others share the figure.
+METHOD_COLORS = {
+    "sgd": "#3b3b3b", "pseudo_gd": "#9a9a9a",
+    "gvr": "#0173b2", "sam": "#de8f05", "asam": "#a6761d", "looksam": "#029e73", "esam": "#d55e00",
+    "saf": "#cc78bc", "mesa": "#f0a6d8", "vsam": "#56b4e9",
+    "reg_loss": "#1b9e77", "fish_loss": "#7570b3", "avg_jac_loss": "#e7298a", "unit_jac_loss": "#66a61e",
+    "iter_graft": "#e6ab02", "exter_graft": "#8c564b", "ngd": "#17becf",
+}
+OTHER_COLORS = sns.color_palette("tab20", 20).as_hex()  # methods added later, by name
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+
 LABELS = {
     "epoch": "epoch", "step": "step", "test_acc": "test accuracy", "train_acc": "training accuracy",
-    "val_acc": "validation accuracy", "train_loss": "training loss", "test_loss": "test loss",
-    "grad_norm": "gradient norm", "micro_grad_norm": "mean micro-batch gradient norm",
+    "val_acc": "validation accuracy", "best_test_acc": "best test accuracy", "train_loss": "training loss",
+    "test_loss": "test loss", "grad_norm": "gradient norm", "micro_grad_norm": "mean micro-batch gradient norm",
     "penalty": "penalty", "grad_diff_norm": "||g_a - g_b|| (gradient difference)",
     "psf_norm": "PSF norm", "epoch_time_s": "time per epoch (s)", "images_per_s": "throughput (images/s)",
 }
 
 
-def figure_dir(fig_root, notebook_stem: str) -> Path:
-    """figures/<name>/ for notebooks/NN_<name>.py."""
-    path = Path(fig_root) / notebook_stem.split("_", 1)[-1]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def method_color(method: str) -> str:
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return OTHER_COLORS[sum(map(ord, method)) % len(OTHER_COLORS)]
 
 
 def set_style() -> None:
@@ -38,55 +61,172 @@ def set_style() -> None:
     plt.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42, "figure.dpi": 100})
 
 
+def is_accuracy(column: str) -> bool:
+    return column.endswith("_acc")
+
+
 def label(column: str) -> str:
-    return LABELS.get(column, column.replace("_", " "))
+    """The axis or column title of a metric; accuracies are shown in percent."""
+    text = LABELS.get(column, column.replace("_", " "))
+    return f"{text} (%)" if is_accuracy(column) else text
 
 
-def savefig(fig, stem) -> list[Path]:
-    """Write stem.png and stem.pdf atomically; returns the paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.set_layout_engine("constrained")  # side-by-side axes keep their labels apart
-    paths = []
-    for ext, kw in ((".png", {"dpi": 200}), (".pdf", {"metadata": {"CreationDate": None}})):
-        path = stem.with_suffix(ext)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext[1:], bbox_inches="tight", **kw)
-        os.replace(tmp, path)
-        paths.append(path)
-    plt.close(fig)
-    return paths
+def styles(df: pd.DataFrame, hue: str = "label") -> dict[str, dict]:
+    """Colour from the method, line style and marker from the label's rank among its method's labels,
+    for each value of `hue` in order of appearance."""
+    out, per_method = {}, {}
+    for name, method in df.drop_duplicates(hue)[[hue, "method"]].itertuples(index=False):
+        rank = per_method.get(method, 0)
+        per_method[method] = rank + 1
+        out[name] = {"color": method_color(method), "linestyle": LINESTYLES[rank % len(LINESTYLES)],
+                     "marker": MARKERS[rank % len(MARKERS)]}
+    return out
 
 
-def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: bool = False, title: str = ""):
-    """Mean +- std over seeds of y against x, one line per hue value. Epochs are counted from 1
-    (the metrics of epoch row 0 are those after one epoch of training)."""
+def integer_ticks(axis, values) -> None:
+    """Ticks on whole numbers only, for a discrete axis (epochs, bits): each value when there are few."""
+    values = sorted(set(values))
+    if len(values) <= 12:
+        axis.set_ticks(values)
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_outside(ax) -> None:
+    """The legend right of the axes, out of the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+
+
+def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: bool = False, title: str = "",
+           points: bool = False, legend: bool = True):
+    """y against x, one curve per hue value: the mean over seeds with a band of one std where a curve
+    has more than one seed (with logy, the geometric mean and std). Epochs are counted from 1 (row 0
+    holds the metrics after one epoch).
+    points=True draws every row as a point instead (sparse series, e.g. a metric of sampled steps).
+    A curve whose means equal an earlier one's is named in the legend and dashed, since it would
+    otherwise hide under it."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.4))
+        _, ax = plt.subplots(figsize=(6, 3.4))
+    data = df.dropna(subset=[y])
     if x == "epoch":
-        df = df.assign(epoch=df["epoch"] + 1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    sns.lineplot(data=df, x=x, y=y, hue=hue, errorbar="sd", ax=ax, marker="o" if df[x].nunique() < 30 else None)
-    if ax.get_legend() is not None and hue == "label":
-        ax.get_legend().set_title(None)  # the labels name themselves
+        data = data.assign(epoch=data["epoch"] + 1)
+        integer_ticks(ax.xaxis, data["epoch"])
+    scale = 100.0 if is_accuracy(y) else 1.0
+    drawn: dict[str, pd.Series] = {}
+    for name, style in styles(data, hue).items():
+        rows = data[data[hue] == name]
+        if points:
+            ax.plot(rows[x], rows[y] * scale, linestyle="none", marker=style["marker"], markersize=3, alpha=0.7,
+                    color=style["color"], label=name)
+            continue
+        if logy:  # geometric: a band of mean ± std would cross zero, which a log axis cannot show
+            grouped = np.log(rows[rows[y] > 0][y] * scale).groupby(rows[x])
+            mean, std, count = np.exp(grouped.mean()), grouped.std(), grouped.count()
+            low, high = mean / np.exp(std), mean * np.exp(std)
+        else:
+            grouped = rows.groupby(x)[y]
+            mean, std, count = grouped.mean() * scale, grouped.std() * scale, grouped.count()
+            low, high = mean - std, mean + std
+        twin = next((other for other, m in drawn.items() if m.index.equals(mean.index) and np.array_equal(m, mean)), None)
+        shown = dict(style, marker=style["marker"] if len(mean) < 30 else None, markersize=4)
+        if twin is not None:
+            shown.update(linestyle=(0, (4, 4)), label=f"{name} (identical to {twin}: drawn over it)")
+        ax.plot(mean.index, mean.values, **{"label": name, **shown})
+        if (count > 1).any():
+            ax.fill_between(mean.index, low, high, color=style["color"], alpha=0.18, linewidth=0)
+        drawn[name] = mean
     ax.set_xlabel(label(x))
     ax.set_ylabel(label(y))
     if logy:
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
+    if legend:
+        legend_outside(ax)
     return ax
 
 
-def mean_std(df: pd.DataFrame, by: list[str], metrics: list[str], scale: float = 1.0, digits: int = 2) -> pd.DataFrame:
-    """One row per group: 'mean +- std (n)' of each metric over the rows (seeds) of the group."""
+def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, title: str = ""):
+    """One point per hue value at the mean of x and y over its rows (seeds), with bars of one std on
+    both axes where there is more than one seed. A point on top of an earlier one is named in the legend."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.8))
+    xs, ys = (100.0 if is_accuracy(c) else 1.0 for c in (x, y))
+    drawn: dict[str, tuple] = {}
+    for name, style in styles(df, hue).items():
+        rows = df[df[hue] == name]
+        many = len(rows) > 1
+        at = (xs * rows[x].mean(), ys * rows[y].mean())
+        twin = next((other for other, point in drawn.items() if point == at), None)
+        ax.errorbar(*at, xerr=xs * rows[x].std() if many else None, yerr=ys * rows[y].std() if many else None,
+                    marker=style["marker"], color=style["color"], capsize=3, linestyle="none",
+                    label=name if twin is None else f"{name} (on top of {twin})")
+        drawn[name] = at
+    ax.set_xlabel(label(x))
+    ax.set_ylabel(label(y))
+    if title:
+        ax.set_title(title)
+    legend_outside(ax)
+    return ax
+
+
+def provenance(runs: pd.DataFrame, preset: str) -> str:
+    """What a figure rests on, from its load_runs() table (one row per run and epoch): dataset and
+    training images, models, epochs and optimizer steps actually run, seeds and what the bands are."""
+    final = final_rows(runs)
+
+    def listing(values) -> str:
+        return ", ".join(map(str, dict.fromkeys(values)))
+
+    def counted(values, noun: str) -> str:
+        values = sorted(set(values))
+        return f"{listing(values)} {noun}{'' if values == [1] else 's'}"
+
+    subsets = sorted({int(n) for n in final["train_subset"]})
+    images = listing(f"{n:,}" if n else "all" for n in subsets) + " training images"
+    epochs = counted((int(e) + 1 for e in final["epoch"]), "epoch")
+    steps = counted((int(e + 1) * int(s) for e, s in zip(final["epoch"], final["steps_per_epoch"])), "optimizer step")
+    per_curve = sorted(set(final.groupby("label").size()))
+    seeds = sorted({int(s) for s in final["seed"]})
+    spread = ("1 seed per curve: no band or error bar" if per_curve == [1] else
+              f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)")
+    return (f"{listing(final['dataset'])}, {images} · {listing(final['model'])} · {epochs} = {steps} · "
+            f"seed{'s' if len(seeds) > 1 else ''} {listing(seeds)}; {spread} · preset {preset}")
+
+
+def stamp(fig, text: str) -> None:
+    """Write `text` under the figure, inside the saved image."""
+    fig.text(0.0, 0.0, "\n".join(textwrap.wrap(text, 120)), ha="left", va="top", fontsize=7, color="0.3",
+             transform=fig.transFigure)
+
+
+def savefig(fig, stem) -> list[Path]:
+    """Write stem.png and stem.pdf, each atomically; returns the paths. The figure stays open."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.set_layout_engine("constrained")  # side-by-side axes keep their labels apart
+    paths = []
+    for ext, kw in ((".png", {"dpi": 200}), (".pdf", {"metadata": {"CreationDate": None}})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext[1:], bbox_inches="tight", **kw)
+        write_atomic(stem.with_suffix(ext), buf.getvalue())
+        paths.append(stem.with_suffix(ext))
+    return paths
+
+
+def mean_std(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 2) -> pd.DataFrame:
+    """One row per group: 'mean ± std' of each metric over the rows (seeds) of the group, accuracies
+    in percent, and the number of seeds."""
     def cell(s: pd.Series) -> str:
-        s = s.dropna() * scale
+        s = s.dropna() * (100.0 if is_accuracy(s.name) else 1.0)
         std = f" ± {s.std():.{digits}f}" if len(s) > 1 else ""
         return f"{s.mean():.{digits}f}{std}"
 
     grouped = df.groupby(by, sort=False)
     table = grouped[metrics].agg(cell)
+    table.columns = [label(c) for c in metrics]
     table["seeds"] = grouped.size()
     return table.reset_index()
 
@@ -103,6 +243,12 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("epoch", kind="stable").groupby("run_dir", sort=False).tail(1)
 
 
+def with_best(runs: pd.DataFrame) -> pd.DataFrame:
+    """final_rows with each run's best test accuracy over its epochs as best_test_acc."""
+    final = final_rows(runs)
+    return final.assign(best_test_acc=runs.groupby("run_dir")["test_acc"].transform("max").loc[final.index])
+
+
 def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
     """Write stem.md and stem.tex from the same frame."""
     stem = Path(stem)
@@ -113,31 +259,3 @@ def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
     write_atomic(paths[0], md.encode())
     write_atomic(paths[1], tex.encode())
     return paths
-
-
-def write_figures_index(root, preset: str | None, records: dict[str, dict] | None = None) -> Path:
-    """figures/README.md: every figure and table under root, with the command that made it and,
-    from `records` (runner.execution_record per notebook stem), what it took to make."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    records = records or {}
-    lines = ["# Figures and tables", "",
-             f"Regenerate all: `gvr-lab figures --preset {preset}` (or one notebook: "
-             f"`gvr-lab run notebooks/<notebook>.py --preset {preset}`).", ""]
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f for f in folder.iterdir() if f.suffix in (".png", ".md"))
-        if not files:
-            continue
-        notebook = next(iter(sorted(Path("notebooks").glob(f"[0-9][0-9]_{folder.name}.py"))), f"*_{folder.name}.py")
-        lines += [f"## {folder.name}", "", f"From `{notebook}`, preset `{preset}`."]
-        record = records.get(Path(notebook).stem)
-        if record:
-            lines.append(f"Training: {record['training_runs']} runs, {record['training_time_s']:.0f} s of wall time "
-                         f"on {', '.join(record['devices'])}; the execution that drew these took "
-                         f"{record['wall_time_s']:.0f} s.")
-        lines.append("")
-        lines += [f"- [{f.name}]({folder.name}/{f.name})" for f in files]
-        lines.append("")
-    path = root / "README.md"
-    write_atomic(path, "\n".join(lines).encode())
-    return path

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from .errors import UsageError
 
@@ -29,9 +30,13 @@ CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = "config.json", "epochs.parquet", "s
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`: a reader sees the old file
+    or the new one, never half of one. The file gets the mode a plain open() would give it (mkstemp's
+    temporary file is private to its owner)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,12 +47,35 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def read_yaml_mapping(path, what: str) -> dict:
+    """A YAML file holding a mapping (an empty file is an empty one), for `gvr-lab train --config`
+    and `gvr-lab run -f`: an unreadable file, invalid YAML or another type is a one-line UsageError
+    that names `what` the file should hold."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read {what} file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{what} file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{what} file {path} must hold a mapping, not {type(loaded).__name__}")
+    return loaded
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -130,6 +158,7 @@ def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
     """Tidy table of many runs: one row per (run, epoch) with the config as columns.
 
     With steps=True, one row per logged step instead. Runs without metrics yet are skipped.
+    Besides the config, each row carries the run's `status` and `steps_per_epoch` (summary.json).
     """
     frames = []
     for run_dir in run_dirs(paths_or_glob):
@@ -143,5 +172,6 @@ def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
                 df[key] = value
         df["run_dir"] = str(run_dir)
         df["status"] = summary.get("status", "unknown")
+        df["steps_per_epoch"] = summary.get("steps_per_epoch", 0)
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,152 +1,213 @@
-"""Execute a jupytext notebook headless through papermill, with what papermill lacks.
+"""Execute a study notebook headless through papermill, with what papermill lacks.
 
-Added on top of papermill's Python API: parameters are validated against
-the notebook's `parameters` cell (unknown name or wrong type is an error, not a warning), presets
-(`notebooks/presets.yaml`), list/dict values that survive the command line, the `gvr_lab` kernel
-with a fallback to the current interpreter's, a one-line report of a failed cell with the partial
-notebook kept, and completed runs skipped unless forced.
+Added on top of papermill's Python API:
+* the notebook's declarations (study.read_notebook) checked before anything runs: an unknown
+  parameter or preset, a wrong type, is a UsageError (exit status 2) and nothing is written;
+* the preset and the explicit values (`-f`, `-p`) injected; the notebook resolves them itself
+  (study.Study), exactly as study.resolve does here for the run folder's name;
+* list/dict values that survive the command line;
+* the kernel of the Python the runner runs in, never a kernelspec of the same name installed by
+  another checkout, over IPC (no unencrypted-TCP warning per run);
+* a UsageError raised inside the notebook (a grid that does not validate, checked before its first
+  run trains; a figure of a method whose term never acted) reported as bad input, the partial
+  notebook not kept; any other failure a one-line report of the failed cell, the partial notebook kept;
+* completed executions skipped unless forced;
+* what the notebook saved (its tables and the paths of every file), read back from its outputs.
 
-Parameters are merged in this order: the notebook's defaults < preset < `-f params.yaml` < `-p`.
-Each run goes to runs/notebooks/<notebook>-<preset>-<hash>/ with executed.ipynb, params.json and,
-once it finished, DONE (JSON: the execution's wall time).
+Each execution goes to runs/notebooks/<notebook>-<variant>-<hash>/ with executed.ipynb,
+params.json and, once it finished, DONE (JSON: the execution's wall time). It is executed in a
+temporary folder beside it and renamed into place.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from .errors import UsageError
+from .results import read_json, read_yaml_mapping, write_atomic, write_json
+from .study import REPO, Declaration, Resolved, digest, read_notebook, resolve
 
-from .errors import TYPE_NAMES, UsageError, check_choice, coerce
-from .results import read_json, write_json
-
-PRESETS = ("smoke", "cpu", "gpu", "paper")
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = REPO / "notebooks"
-PRESET_FILE = NOTEBOOKS / "presets.yaml"
+KERNEL = "gvr_lab"
 
 
 class NotebookFailed(RuntimeError):
     """A cell raised; the message names the notebook, the cell and the error line."""
 
 
-def declared_parameters(nb, path) -> dict:
-    """papermill's view of the parameters cell, checked against Python's own parse of it (papermill
-    skips a line it cannot parse with only a warning, which would silently drop a parameter)."""
-    import ast
-
+def check_papermill_can_inject(nb, decl: Declaration) -> None:
+    """papermill's view of the parameters cell must see every parameter (it skips a line it cannot
+    parse with only a warning, and then would not know the parameter's type)."""
     import papermill as pm
 
-    declared = pm.inspect_notebook(nb)
-    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not cells:
-        raise UsageError(f"{path} has no cell tagged 'parameters'")
-    for node in ast.parse(cells[0].source).body:
-        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id not in declared:
-            raise UsageError(f"{path}: papermill cannot parse the parameters-cell line of {target.id!r} "
+    seen = pm.inspect_notebook(nb)
+    for name in decl.parameters:
+        if name not in seen:
+            raise UsageError(f"{decl.path}: papermill cannot parse the parameters-cell line of {name!r} "
                              "(keep it 'name: type = literal  # help' without '=' in the comment)")
-    return declared
 
 
-def check_parameters(params: dict, declared: dict, path) -> dict:
-    listing = ", ".join(f"{n}: {d['inferred_type_name']}" for n, d in declared.items())
-    checked = {}
-    for name, value in params.items():
-        if name not in declared:
-            raise UsageError(f"unknown parameter {name!r} for {path}; declared: {listing}")
-        kind = TYPE_NAMES.get(declared[name]["inferred_type_name"])
-        checked[name] = value if kind is None else coerce(value, kind, f"parameter {name!r} of {path}",
-                                                          f"; declared: {listing}")
-    return checked
+@contextlib.contextmanager
+def this_python_kernel():
+    """For the length of the block: a kernelspec named gvr_lab for the Python running this, found
+    before any other (JUPYTER_PATH is searched first), and the kernel manager's configuration: IPC
+    transport, its sockets in a folder of their own (concurrent kernels must not share them)."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_kernel_spec(Path(tmp, "kernels", KERNEL), overrides={"display_name": "Python (gvr_lab)"})
+        before = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, before]))
+        try:
+            yield KERNEL, Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp, "kernel"))}})
+        finally:
+            if before is None:
+                del os.environ["JUPYTER_PATH"]
+            else:
+                os.environ["JUPYTER_PATH"] = before
 
 
-def preset_parameters(stem: str, preset: str | None) -> dict:
-    if preset is None:
-        return {}
-    check_choice("preset", preset, PRESETS)
-    presets = yaml.safe_load(PRESET_FILE.read_text()) if PRESET_FILE.is_file() else {}
-    return dict((presets.get(stem) or {}).get(preset) or {})
+def run_dir_for(stem: str, resolved: Resolved, runs_root: Path) -> Path:
+    return runs_root / f"{stem}-{resolved.variant}-{digest(resolved.params)}"
 
 
-def read_params_file(path: str) -> dict:
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"cannot read parameter file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"parameter file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise UsageError(f"parameter file {path} must hold a mapping of parameter names to values")
-    return loaded
+def prepare(path, params: dict | None = None, preset: str | None = None, params_file: str | None = None):
+    """The notebook, its declarations, the explicit values to inject and their resolution; raises
+    UsageError on any bad input."""
+    import jupytext
 
-
-def pick_kernel() -> str:
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    return "gvr_lab" if "gvr_lab" in KernelSpecManager().find_kernel_specs() else "python3"
-
-
-def run_dir_for(stem: str, preset: str | None, params: dict, runs_root: Path) -> Path:
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return runs_root / f"{stem}-{preset or 'custom'}-{digest}"
+    decl = read_notebook(path)
+    explicit = read_yaml_mapping(params_file, "parameter") if params_file else {}
+    explicit.update(params or {})
+    if preset is not None:
+        if explicit.get("preset", preset) != preset:
+            raise UsageError(f"--preset {preset} and parameter preset={explicit['preset']!r} disagree")
+        explicit["preset"] = preset
+    resolved = resolve(decl, explicit)
+    nb = jupytext.read(decl.path)
+    nb.metadata["kernelspec"] = {"name": KERNEL, "language": "python", "display_name": "Python (gvr_lab)"}
+    check_papermill_can_inject(nb, decl)
+    return nb, decl, {name: resolved.params[name] for name in explicit}, resolved
 
 
 def run_notebook(path, params: dict | None = None, preset: str | None = None, params_file: str | None = None,
                  force: bool = False, runs_root="runs/notebooks", timeout: float | None = None,
                  log_output: bool = False) -> Path:
-    """Execute `path` with validated parameters; returns its run folder. Raises NotebookFailed."""
-    import jupytext
+    """Execute `path` with validated parameters; returns its run folder. Raises UsageError (bad
+    input, also from inside the notebook) or NotebookFailed."""
     import papermill as pm
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"notebook {path} not found")
-    nb = jupytext.read(path)
-    kernel = pick_kernel()
-    nb.metadata["kernelspec"] = {"name": kernel, "language": "python", "display_name": kernel}
-    declared = declared_parameters(nb, path)
-    merged = preset_parameters(path.stem, preset)
-    merged.update(read_params_file(params_file) if params_file else {})
-    merged.update(params or {})
-    merged = check_parameters(merged, declared, path)
-    run_dir = run_dir_for(path.stem, preset, merged, Path(runs_root))
+    nb, decl, inject, resolved = prepare(path, params, preset, params_file)
+    run_dir = run_dir_for(decl.path.stem, resolved, Path(runs_root))
     if (run_dir / "DONE").is_file() and not force:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "DONE").unlink(missing_ok=True)
-    write_json(run_dir / "params.json", {"notebook": str(path), "preset": preset, **merged})
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
+    write_json(work / "params.json", {"notebook": str(decl.path), **resolved.params})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = run_dir / "executed.ipynb"
     started = time.perf_counter()
     try:
-        pm.execute_notebook(nb, str(out), parameters=merged, kernel_name=kernel, cwd=str(REPO),
-                            execution_timeout=timeout, log_output=log_output, progress_bar=False)
+        with this_python_kernel() as (kernel, config):
+            pm.execute_notebook(nb, str(work / "executed.ipynb"), parameters=inject, kernel_name=kernel, cwd=str(REPO),
+                                execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config)
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
-        raise NotebookFailed(f"{path}: cell {e.exec_count} failed: {line} (partial notebook kept: {out})") from None
-    write_json(run_dir / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1)})
+        if e.ename == "UsageError":  # the notebook refused its input (a grid, a figure of a term that never acted)
+            shutil.rmtree(work)
+            raise UsageError(f"{decl.path}: {e.evalue.strip().splitlines()[0]}") from None
+        replace_dir(work, run_dir)
+        raise NotebookFailed(f"{decl.path}: cell {e.exec_count} failed: {line} "
+                             f"(partial notebook kept: {run_dir / 'executed.ipynb'})") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    write_json(work / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1)})
+    replace_dir(work, run_dir)
     return run_dir
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put folder `new` where `old` is (a former execution with the same parameters is dropped)."""
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(new, old)
+
+
+@dataclass
+class Saved:
+    """What an executed notebook saved: every path, and the markdown file of each table."""
+
+    paths: list[str]
+    tables: list[str]
+
+
+def saved_outputs(run_dir: Path) -> Saved:
+    """Read back from the executed notebook the outputs Study tagged (study.Study.saved and save_table)."""
+    import nbformat
+
+    nb = nbformat.read(run_dir / "executed.ipynb", as_version=4)
+    paths, tables = [], []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            tag = output.get("metadata", {}).get("gvr_lab", {})
+            paths += tag.get("saved", [])
+            tables += [tag["table"]] if "table" in tag else []
+    return Saved(paths, tables)
 
 
 def execution_record(run_dir: Path) -> dict:
     """What a finished notebook run did: the execution's wall time, and the training runs under its
-    runs_root (count, summed wall time and devices, which stay true when a later execution only
+    runs root (count, summed wall time and devices, which stay true when a later execution only
     redraws because every run had finished)."""
     params = read_json(run_dir / "params.json")
-    record = {"wall_time_s": read_json(run_dir / "DONE")["wall_time_s"]}
-    summaries = [read_json(p) for p in Path(REPO, params.get("runs_root", "")).glob("*/summary.json")] \
-        if params.get("runs_root") else []
-    record["training_runs"] = len(summaries)
-    record["training_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1)
-    record["devices"] = sorted({s.get("device", "?") for s in summaries})
-    return record
+    resolved = resolve(read_notebook(params["notebook"]), {k: v for k, v in params.items() if k != "notebook"})
+    summaries = [read_json(p) for p in resolved.runs_root.glob("*/summary.json")]
+    return {"wall_time_s": read_json(run_dir / "DONE")["wall_time_s"], "training_runs": len(summaries),
+            "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
+            "devices": sorted({s.get("device", "?") for s in summaries})}
 
 
-def notebook_paths() -> list[Path]:
-    return sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+def notebook_table() -> str:
+    """README's notebook table, from the notebooks' own declarations."""
+    from .study import notebook_paths
+
+    rows = ["| notebook | question | presets | writes to `figures/<name>/` (at the cpu preset) |", "|---|---|---|---|"]
+    for path in notebook_paths():
+        decl = read_notebook(path)
+        question = decl.title.split("·", 1)[-1].strip()
+        outputs = ", ".join(f"`{stem}` ({what})" for stem, what in decl.outputs.items())
+        rows.append(f"| `{path.name}` | {question} | {', '.join(decl.presets)} | `{decl.name}/`: {outputs} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict]]) -> Path:
+    """<root>/README.md: each notebook's figures and tables with what they show, the command and
+    preset that made them and, from its execution record (execution_record), what that took."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["# Figures and tables", "",
+             f"Regenerate all: `gvr-lab figures --preset {preset}` (or one notebook: "
+             f"`gvr-lab run notebooks/<notebook>.py --preset {preset}`). Every figure's footer names its "
+             "dataset, model, epochs and steps, seeds and preset; tables carry the same in their caption.", ""]
+    for decl, record in entries:
+        lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
+        if record:
+            lines.append(f"Training: {record['training_runs']} runs, {record['training_time_s']:.0f} s of wall time "
+                         f"on {', '.join(record['devices'])}; the execution that drew these took "
+                         f"{record['wall_time_s']:.0f} s.")
+        lines.append("")
+        for stem, what in decl.outputs.items():
+            files = sorted(p.name for p in (root / decl.name).glob(f"{stem}.*") if p.suffix in (".png", ".md"))
+            lines += [f"- [{name}]({decl.name}/{name}): {what}" for name in files]
+        lines.append("")
+    path = root / "README.md"
+    write_atomic(path, "\n".join(lines).encode())
+    return path

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,10 +332,12 @@ def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict)
 # ---------------------------------------------------------------------- the loop
 
 
-def train(config: Config) -> Run:
+def train(config: Config, on_evaluation=None) -> Run:
     """Run (or resume, or just return) the training run described by `config`.
 
     Under torchrun every rank calls this with the same Config; rank 0 alone writes files.
+    `on_evaluation(row)`, if given, is called on rank 0 with each evaluation's history row (one per epoch,
+    or per `eval_every` steps in steps mode).
     """
     run_dir = config.run_dir()
     if check_run_dir(run_dir, config) is not None and (run_dir / results.SUMMARY).is_file():
@@ -354,17 +357,17 @@ def train(config: Config) -> Run:
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with results.RunLock(run_dir):
-            return run_loop(config, run_dir, world, device, settings.amp_dtype, *parts)
+            return run_loop(config, run_dir, world, device, settings.amp_dtype, *parts, on_evaluation=on_evaluation)
     run_loop(config, run_dir, world, device, settings.amp_dtype, *parts)
     return None
 
 
 def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, amp_dtype,
              train_loader: DeviceLoader, eval_loaders: dict, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, method) -> Run | None:
+             optimizer: torch.optim.Optimizer, method, on_evaluation=None) -> Run | None:
     """Steps until the run's last (or `stop_after` evaluations in this call). An evaluation closes
     each epoch (epochs mode) or every `eval_every` steps and the last (steps mode): it writes the
-    history row of the steps since the previous one, the logged steps and a checkpoint."""
+    history row of the steps since the previous one, the logged steps and a checkpoint, and hands the row to `on_evaluation`."""
     def write(path_name: str, rows):
         if world.main:
             results.write_parquet(run_dir / path_name, rows)
@@ -472,6 +475,8 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         history.append(row)
         if bar is not None:
             bar.write(format_row(row))
+        if on_evaluation is not None:
+            on_evaluation(row)
         interval = torch.stack(losses)
         bad = (~torch.isfinite(interval)).nonzero()
         if len(bad) or not all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
@@ -506,17 +511,83 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
     return load_run(run_dir, config) if world.main else None
 
 
-def train_grid(base: dict, variants: list[dict], seeds: list[int], runs_dir) -> list[Run]:
-    """Train every variant (a dict of Config fields, with a "label") for every seed into
-    runs_dir/<label>-s<seed>. A diverged run is recorded as such and the grid goes on."""
-    runs = []
+class GridRuns(list):
+    """The runs of a grid in grid order, as a list; its repr is one line, so a notebook cell that ends
+    with a grid shows a summary, not every run's history."""
+
+    def __repr__(self) -> str:
+        statuses = Counter(run.summary.get("status", "?") for run in self)
+        folders = {str(run.run_dir.parent) for run in self}
+        where = f" in {folders.pop()}" if len(folders) == 1 else ""
+        return f"<{len(self)} runs{where}: {', '.join(f'{n} {s}' for s, n in statuses.items())}>"
+
+
+def grid_configs(base: dict, variants: list[dict], seeds: list[int], runs_dir,
+                 check_run_dirs: bool = True) -> list[Config]:
+    """The Config of every variant (a dict of Config fields, with a "label") for every seed, with
+    out_dir runs_dir/<label>-s<seed>, all checked before any trains: a bad field, method or
+    hyper-parameter anywhere, two variants with one label, or (unless check_run_dirs is False, for a
+    grid built with a stand-in value to be checked early) a run directory that holds another run
+    raises a UsageError naming the variant."""
+    configs, owners = [], {}
     for variant in variants:
         name = variant.get("label") or variant.get("method") or base.get("method", "sgd")
         for seed in seeds:
-            fields = {**base, **variant, "label": name, "seed": seed,
-                      "out_dir": str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")}
-            runs.append(train(Config.from_dict(fields)))
+            out_dir = str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")
+            if out_dir in owners:
+                raise UsageError(f"grid variants {owners[out_dir]!r} and {name!r} share the run directory {out_dir}: "
+                                 "give them different labels")
+            owners[out_dir] = name
+            # progress off: the grid reports its own (train_configs)
+            fields = {**base, **variant, "label": name, "seed": seed, "out_dir": out_dir, "progress": False}
+            try:
+                config = Config.from_dict(fields)
+                if check_run_dirs:
+                    check_run_dir(Path(out_dir), config)
+            except UsageError as e:
+                raise UsageError(f"grid variant {name!r}, seed {seed}: {e}") from None
+            configs.append(config)
+    return configs
+
+
+def train_configs(configs: list[Config], executor: str | None = None, ray=None) -> GridRuns:
+    """Train (or resume, or return the finished) run of each Config and return them in order. A
+    diverged run is recorded as such and the grid goes on.
+
+    executor "sequential": one run after the other in this process, progress live in a notebook and
+    printed elsewhere (progress.py). executor "ray": every run a Ray task (cluster.py; `ray` is a
+    cluster.RayOptions: address, CPUs and GPUs per run), progress read from the run directories.
+    None: what `gvr-lab run --executor` set for this notebook, else sequential."""
+    from . import cluster
+
+    executor, options = cluster.resolve_executor(executor, ray)
+    if executor == "ray":
+        from .progress import GridStatus
+
+        where = options.address or "a local Ray instance"
+        cluster.run_grid(configs, options, GridStatus(configs, where))
+        return GridRuns(load_run(c.run_dir(), c) for c in configs)
+    from .progress import grid_report
+
+    report = grid_report(len(configs))
+    runs = GridRuns()
+    for index, config in enumerate(configs):
+        report.start(index, config)
+        run = train(config, on_evaluation=report.evaluation)
+        if run is not None:  # None on data-parallel ranks other than 0
+            report.finish(run)
+            runs.append(run)
     return runs
+
+
+def train_grid(base: dict, variants: list[dict], seeds: list[int], runs_dir, executor: str | None = None,
+               ray=None) -> GridRuns:
+    """grid_configs then train_configs: every Config (and the executor) is checked before the first
+    run trains or is submitted."""
+    from . import cluster
+
+    cluster.resolve_executor(executor, ray)
+    return train_configs(grid_configs(base, variants, seeds, runs_dir), executor, ray)
 
 
 def make_progress(config: Config, initial: int, total: int):

@@ -16,14 +16,14 @@
 # **Question.** On a small CNN and real data, what do GVR's gradient-variance penalty and SAM's
 # sharpness penalty buy over plain SGD, and at what cost per epoch?
 #
-# **Run.** `make demo`, or `gvr-lab run notebooks/00_quickstart.py --preset cpu`
-# (measured: 122 s on 2 CPU cores); `--preset gpu` (ResNet-18, 10 epochs; aimed at a few minutes,
-# not yet measured on one H100).
-#
-# **Writes.** `figures/quickstart/accuracy.png|pdf` (test accuracy per epoch),
-# `figures/quickstart/summary.md|tex` (final and best test accuracy, time per epoch).
+# **Use.** Pick a preset in the first line of the parameters cell (`smoke`: seconds on synthetic
+# data; `cpu`: real Fashion-MNIST, minutes on 2 cores, the committed figures; `gpu`; `paper`) and run
+# all. A parameter set in a cell below the parameters cell overrides the preset. Headless: `make demo`
+# or `gvr-lab run notebooks/00_quickstart.py --preset cpu`. Finished runs are reused, so rerunning
+# only redraws; the study cell prints where runs and figures go.
 
 # %% tags=["parameters"]
+preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "small_cnn"  # see gvr_lab.list_models()
 methods: list = ["sgd", "gvr", "sam"]  # compared methods, default hyperparameters unless in method_args
@@ -34,30 +34,40 @@ lr: float = 0.05  # peak learning rate of the cosine schedule
 train_subset: int = 20000  # training examples drawn with the seed, 0 for all 60k
 seeds: list = [0]  # one run per seed
 device: str = "auto"  # auto | cpu | cuda
-progress: bool = False  # progress bars inside the notebook
-runs_root: str = "runs/cpu/00_quickstart"  # training runs; re-running skips finished runs
-fig_root: str = "figures"  # figures go to <fig_root>/quickstart/
+runs_root: str = ""  # training runs; empty: runs/<preset>/quickstart/<digest of the parameters>
+fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
 import gvr_lab as gl
 from gvr_lab import plots
 
-base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-            train_subset=train_subset, device=device, progress=progress)
-variants = [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods]
-gl.train_grid(base, variants, seeds, runs_root)
+study = gl.Study(
+    "quickstart", globals(),
+    presets={
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
+                  "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 16}}, "device": "cpu"},
+        "cpu": {"device": "cpu"},
+        "gpu": {"model": "resnet18", "epochs": 10, "train_subset": 0, "batch_size": 256, "lr": 0.1},
+        "paper": {"dataset": "cifar10", "model": "resnet18", "epochs": 200, "train_subset": 0, "lr": 0.1,
+                  "seeds": [0, 1, 2]},
+    },
+    outputs={"accuracy": "test accuracy per epoch", "summary": "final and best test accuracy, time per epoch"},
+)
 
 # %%
-runs = plots.ordered(gl.load_runs(f"{runs_root}/*"), "label", methods)
-out = plots.figure_dir(fig_root, "00_quickstart")
-plots.set_style()
-ax = plots.curves(runs, "epoch", "test_acc", title=f"{model} on {dataset}")
-plots.savefig(ax.figure, out / "accuracy")
+base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset,
+            device=device)
+gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds,
+              study.runs_root)
 
 # %%
-final = plots.final_rows(runs)
-final = final.assign(best_test_acc=runs.groupby("run_dir")["test_acc"].transform("max").loc[final.index])
-table = plots.mean_std(final, ["label"], ["test_acc", "best_test_acc"], scale=100)
+runs = plots.ordered(study.load_runs(), "label", methods)
+shown = study.plotted(runs)
+ax = plots.curves(shown, "epoch", "test_acc", title=f"{model} on {dataset}")
+study.save_figure(ax.figure, "accuracy", shown)
+
+# %%
+final = plots.with_best(runs)
+table = plots.mean_std(final, ["label"], ["test_acc", "best_test_acc"])
 table["s/epoch"] = final.groupby("label", sort=False)["epoch_time_s"].mean().round(1).values
-plots.save_table(table, out / "summary", caption=f"Test accuracy (%) after {epochs} epochs, {model} on {dataset}")
-table
+study.save_table(study.term_column(runs, table), "summary", f"Test accuracy after {epochs} epochs", runs)

@@ -17,17 +17,14 @@
 # Its loss sums two views' mean losses, so at alpha = 0 it is two-view SGD at about twice the
 # effective learning rate, an ablation the original lacks. How much of the gain is the penalty?
 #
-# **Run.** `gvr-lab run notebooks/01_gvr_vs_sgd.py --preset cpu` (measured: 375 s on 2 CPU cores);
-# `--preset gpu` (CIFAR-100, ResNet-18, 30 epochs, 2 seeds: aimed at about 10 minutes, not yet
-# measured on one H100);
-# `--preset paper` (the GVR repository's settings: 200 epochs, lr 0.05, cosine per epoch, Cutout 0.5,
-# alpha 0.01, last stage + fc, double backward).
-#
-# **Writes.** `figures/gvr_vs_sgd/accuracy.png|pdf` (test accuracy, mean ± std over seeds),
-# `figures/gvr_vs_sgd/penalty.png|pdf` (penalty and gradient-difference norm over steps),
-# `figures/gvr_vs_sgd/summary.md|tex` (final and best test accuracy, time per epoch).
+# **Use.** Pick a preset in the first line of the parameters cell (`smoke`, `cpu`: the committed
+# figures, `gpu`: CIFAR-100, ResNet-18, 30 epochs, 2 seeds, `paper`: the GVR repository's settings:
+# 200 epochs, lr 0.05, cosine per epoch, Cutout 0.5, alpha 0.01, last stage + fc, double backward)
+# and run all; a parameter set in a cell below the parameters cell overrides the preset. Headless:
+# `gvr-lab run notebooks/01_gvr_vs_sgd.py --preset cpu`.
 
 # %% tags=["parameters"]
+preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "small_cnn"  # see gvr_lab.list_models()
 epochs: int = 3  # passes over the training set
@@ -44,47 +41,58 @@ subset: int = 32  # examples of the batch the penalty uses
 train_subset: int = 20000  # training examples drawn with the seed, 0 for all
 seeds: list = [0, 1]  # one run per seed and variant
 device: str = "auto"  # auto, cpu or cuda
-progress: bool = False  # progress bars inside the notebook
-runs_root: str = "runs/cpu/01_gvr_vs_sgd"  # training runs; re-running skips finished runs
-fig_root: str = "figures"  # figures go to <fig_root>/gvr_vs_sgd/
+runs_root: str = ""  # training runs; empty: runs/<preset>/gvr_vs_sgd/<digest of the parameters>
+fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
+import matplotlib.pyplot as plt
+
 import gvr_lab as gl
 from gvr_lab import plots
 
+study = gl.Study(
+    "gvr_vs_sgd", globals(),
+    presets={
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
+                  "subset": 16, "seeds": [0], "device": "cpu"},
+        "cpu": {"device": "cpu"},
+        "gpu": {"dataset": "cifar100", "model": "resnet18", "epochs": 30, "train_subset": 0},
+        "paper": {"dataset": "cifar100", "model": "resnet18", "epochs": 200, "train_subset": 0, "seeds": [42, 0, 1]},
+    },
+    outputs={"accuracy": "test accuracy per epoch, mean ± std over seeds",
+             "penalty": "GVR's penalty and the two views' gradient difference over steps",
+             "summary": "final and best test accuracy, time per epoch"},
+    ablations=["two-view SGD (alpha 0)"],
+)
+
+# %%
 base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-            momentum=momentum, weight_decay=weight_decay, cutout=cutout, train_subset=train_subset,
-            device=device, progress=progress)
+            momentum=momentum, weight_decay=weight_decay, cutout=cutout, train_subset=train_subset, device=device)
 gvr_args = dict(target=target, penalty=penalty, subset=subset, reduction="sum")
 variants = [
     dict(method="sgd", label="SGD"),
     dict(method="gvr", method_args={**gvr_args, "alpha": 0.0}, label="two-view SGD (alpha 0)"),
     dict(method="gvr", method_args={**gvr_args, "alpha": alpha}, label=f"GVR (alpha {alpha})"),
 ]
-gl.train_grid(base, variants, seeds, runs_root)
+gl.train_grid(base, variants, seeds, study.runs_root)
 
 # %%
-runs = gl.load_runs(f"{runs_root}/*")
-steps = gl.load_runs(f"{runs_root}/*", steps=True)
-out = plots.figure_dir(fig_root, "01_gvr_vs_sgd")
-plots.set_style()
-ax = plots.curves(runs, "epoch", "test_acc", title=f"{model} on {dataset}")
-plots.savefig(ax.figure, out / "accuracy")
+labels = [v["label"] for v in variants]
+runs = plots.ordered(study.load_runs(), "label", labels)
+shown = study.plotted(runs)
+ax = plots.curves(shown, "epoch", "test_acc", title=f"{model} on {dataset}")
+study.save_figure(ax.figure, "accuracy", shown)
 
 # %%
-import matplotlib.pyplot as plt
-
+steps = plots.ordered(study.plotted(study.load_runs(steps=True)), "label", labels)
 two_view = steps[steps["method"] == "gvr"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-plots.curves(two_view, "step", "penalty", ax=axes[0], logy=True)
+plots.curves(two_view, "step", "penalty", ax=axes[0], logy=True, legend=False)
 plots.curves(two_view, "step", "grad_diff_norm", ax=axes[1], logy=True)
-plots.savefig(fig, out / "penalty")
+study.save_figure(fig, "penalty", two_view)
 
 # %%
-final = plots.final_rows(runs)
-final = final.assign(best_test_acc=runs.groupby("run_dir")["test_acc"].transform("max").loc[final.index])
-table = plots.mean_std(final, ["label"], ["test_acc", "best_test_acc"], scale=100)
+final = plots.with_best(runs)
+table = plots.mean_std(final, ["label"], ["test_acc", "best_test_acc"])
 table["s/epoch"] = final.groupby("label", sort=False)["epoch_time_s"].mean().round(1).values
-plots.save_table(table, out / "summary",
-                 caption=f"Test accuracy (%) after {epochs} epochs, {model} on {dataset}, mean ± std over seeds")
-table
+study.save_table(study.term_column(runs, table), "summary", f"Test accuracy after {epochs} epochs", runs)

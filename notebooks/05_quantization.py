@@ -15,52 +15,72 @@
 #
 # **Question.** vSAM reports that its speed-up carries over to quantization-aware training. With
 # learned step-size quantization (LSQ) of weights and activations at 4, 3 and 2 bits (first and last
-# layer at full precision), how do SGD, SAM and vSAM compare in accuracy and time?
+# layer at full precision), how do SGD, SAM and vSAM compare in accuracy and time, and how far is
+# each from its own full-precision run?
 #
-# **Run.** `gvr-lab run notebooks/05_quantization.py --preset cpu` (measured: 292 s on 2 CPU
-# cores); `--preset gpu` (CIFAR-10, ResNet-18, 10 epochs: aimed at about 10 minutes, not yet
-# measured on one H100).
-#
-# **Writes.** `figures/quantization/accuracy_vs_bits.png|pdf`, `figures/quantization/summary.md|tex`.
+# **Use.** Pick a preset in the first line of the parameters cell (`smoke`, `cpu`: the committed
+# figures, `gpu`: CIFAR-10, ResNet-18, 10 epochs, `paper`: CIFAR-100, 200 epochs) and run all; a
+# parameter set in a cell below the parameters cell overrides the preset. Headless:
+# `gvr-lab run notebooks/05_quantization.py --preset cpu`.
 
 # %% tags=["parameters"]
+preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "small_cnn"  # see gvr_lab.list_models()
-bits: list = [4, 3, 2]  # LSQ bit widths of weights and activations
+bits: list = [4, 3, 2]  # LSQ bit widths of weights and activations; every method also trains at full precision
 methods: list = ["sgd", "sam", "vsam"]  # compared methods
-method_args: dict = {"vsam": {"warmup_epochs": 1}}  # per-method hyperparameters
+method_args: dict = {"vsam": {"warmup_epochs": 1, "window": 10, "blocks": 2}}  # per-method hyperparameters
 epochs: int = 3  # passes over the training set
 batch_size: int = 128  # examples per step
 lr: float = 0.05  # peak learning rate, cosine per step
 train_subset: int = 10000  # training examples drawn with the seed, 0 for all
 seeds: list = [0]  # one run per seed, method and bit width
 device: str = "auto"  # auto, cpu or cuda
-progress: bool = False  # progress bars inside the notebook
-runs_root: str = "runs/cpu/05_quantization"  # training runs; re-running skips finished runs
-fig_root: str = "figures"  # figures go to <fig_root>/quantization/
+runs_root: str = ""  # training runs; empty: runs/<preset>/quantization/<digest of the parameters>
+fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
 import gvr_lab as gl
 from gvr_lab import plots
 
+study = gl.Study(
+    "quantization", globals(),
+    presets={
+        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "bits": [4, 2], "epochs": 2, "train_subset": 256,
+                  "batch_size": 64, "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
+                  "device": "cpu"},
+        "cpu": {"device": "cpu"},
+        "gpu": {"dataset": "cifar10", "model": "resnet18", "epochs": 10, "train_subset": 0, "batch_size": 256,
+                "lr": 0.1, "method_args": {"vsam": {"warmup_epochs": 2}}},
+        "paper": {"dataset": "cifar100", "model": "resnet18", "epochs": 200, "train_subset": 0, "seeds": [0, 1, 2],
+                  "method_args": {"vsam": {}}},
+    },
+    outputs={"accuracy_vs_bits": "test accuracy against bit width per method, its full-precision run dashed",
+             "summary": "test accuracy and time per epoch per method and bit width"},
+)
+
+# %%
 base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset,
-            device=device, progress=progress)
-gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), quant_bits=b, label=f"{m} {b}-bit")
-                     for b in bits for m in methods], seeds, runs_root)
+            device=device)
+gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), quant_bits=b,
+                          label=f"{m} {b}-bit" if b else f"{m} full precision")
+                     for b in [0, *bits] for m in methods], seeds, study.runs_root)
 
 # %%
-runs = gl.load_runs(f"{runs_root}/*")
+runs = study.load_runs()
 final = plots.ordered(plots.final_rows(runs).sort_values("quant_bits", ascending=False), "method", methods)
-out = plots.figure_dir(fig_root, "05_quantization")
-plots.set_style()
-ax = plots.curves(final.assign(test_acc=100 * final["test_acc"]), "quant_bits", "test_acc", hue="method",
-                  title=f"LSQ, {model} on {dataset}")
+shown = study.plotted(final)
+quantized = shown[shown["quant_bits"] > 0]
+ax = plots.curves(quantized, "quant_bits", "test_acc", hue="method", title=f"LSQ, {model} on {dataset}", legend=False)
+for method, rows in shown[shown["quant_bits"] == 0].groupby("method", sort=False):
+    ax.axhline(100 * rows["test_acc"].mean(), ls="--", lw=1, color=plots.method_color(method),
+               label=f"{method} full precision")
+plots.integer_ticks(ax.xaxis, quantized["quant_bits"])
 ax.set_xlabel("bits (weights and activations)")
-ax.set_ylabel("test accuracy (%)")
-plots.savefig(ax.figure, out / "accuracy_vs_bits")
+plots.legend_outside(ax)
+study.save_figure(ax.figure, "accuracy_vs_bits", shown)
 
 # %%
-table = plots.mean_std(final, ["method", "quant_bits"], ["test_acc"], scale=100)
-table["s/epoch"] = final.groupby(["method", "quant_bits"], sort=False)["epoch_time_s"].mean().round(1).values
-plots.save_table(table, out / "summary", caption=f"LSQ test accuracy (%), {model} on {dataset}, {epochs} epochs")
-table
+table = plots.mean_std(final, ["label"], ["test_acc"])
+table["s/epoch"] = final.groupby("label", sort=False)["epoch_time_s"].mean().round(1).values
+study.save_table(study.term_column(runs, table), "summary", f"LSQ test accuracy after {epochs} epochs", runs)

@@ -38,8 +38,10 @@ def write_bad_files(folder):
         (fashion / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images[:-100]))
         (fashion / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
     # its body would fail: a run that got past the parameter checks would show
-    (folder / "nb.py").write_text('# %% tags=["parameters"]\nepochs: int = 1  # passes\nseeds: list = [0]  # seeds\n'
-                                  'rate: float = 0.1  # a rate\n\n# %%\nraise RuntimeError("boom")\n')
+    (folder / "nb.py").write_text('# %% tags=["parameters"]\npreset: str = "cpu"  # smoke | cpu\nepochs: int = 1  # passes\n'
+                                  'seeds: list = [0]  # seeds\nrate: float = 0.1  # a rate\n\n# %%\nimport gvr_lab as gl\n'
+                                  'study = gl.Study("nb", globals(), presets={"smoke": {}, "cpu": {}}, outputs={})\n'
+                                  'raise RuntimeError("boom")\n')
 
 
 def tiny_cnn_and_sgd():
@@ -120,11 +122,12 @@ BAD = [
     ("unknown notebook parameter", ["run", "nb.py", "-p", "epoch", "2", "--runs-root", "runs"],
      r"unknown parameter 'epoch'"),
     ("unknown notebook parameter (api)", lambda: run_notebook("nb.py", {"epoch": 2}, runs_root="runs"),
-     r"unknown parameter 'epoch' .*declared: epochs: int, seeds: list, rate: float"),
+     r"unknown parameter 'epoch' .*declared: preset: str, epochs: int, seeds: list, rate: float"),
     ("wrong notebook parameter type", ["run", "nb.py", "-p", "epochs", "two", "--runs-root", "runs"], r"must be int"),
     ("wrong notebook parameter type (api)", lambda: run_notebook("nb.py", {"seeds": "0,1"}, runs_root="runs"),
      r"parameter 'seeds' .* must be list, got '0,1'"),
-    ("unknown preset", ["run", "nb.py", "--preset", "huge"], r"invalid choice: 'huge'"),
+    ("preset the notebook lacks", ["run", "nb.py", "--preset", "paper"],
+     r"unknown preset 'paper' for .*nb.py; its presets: smoke, cpu"),
     ("missing notebook", ["run", "nb2.py"], r"notebook nb2.py not found"),
     # the benchmark
     ("bench shape of 2 channels", [*BENCH, "--shape", "2x28"], r"--shape must be CxS"),

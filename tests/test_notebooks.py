@@ -1,47 +1,100 @@
-"""The notebook suite through the runner: every notebook at the smoke preset, and the runner's rules."""
+"""The notebook suite: every notebook at the smoke preset, what each declares, the runner's rules,
+presets and explicit values inside a real kernel, and what the study helpers refuse."""
 
 import json
+import sys
 
+import pandas as pd
 import pytest
 
+from gvr_lab import train_grid
 from gvr_lab.cli import main
-from gvr_lab.runner import NotebookFailed, notebook_paths, run_notebook
+from gvr_lab.errors import UsageError
+from gvr_lab.runner import NotebookFailed, notebook_table, run_notebook
+from gvr_lab.study import (COMMITTED_PRESET, PATH_PARAMETERS, REPO, Study, notebook_paths, parameters_of, read_notebook,
+                           resolve)
 
-EXPECTED = {
-    "quickstart": ["accuracy.png", "accuracy.pdf", "summary.md", "summary.tex"],
-    "gvr_vs_sgd": ["accuracy.png", "penalty.png", "penalty.pdf", "summary.md", "summary.tex"],
-    "implicit_regularization": ["main_table.md", "main_table.tex", "grafting_table.md", "microbatch_sweep.png",
-                                "trajectories.png", "trajectories.pdf"],
-    "sam_efficiency": ["accuracy_vs_throughput.png", "accuracy_vs_throughput.pdf", "summary.md", "summary.tex"],
-    "gradient_dynamics": ["norms.png", "variation.png", "sampling.png", "summary.md"],
-    "quantization": ["accuracy_vs_bits.png", "accuracy_vs_bits.pdf", "summary.md", "summary.tex"],
-}
+TINY = dict(dataset="synthetic", model="tiny_cnn", epochs=1, train_subset=256, batch_size=64, device="cpu")
 
 
 @pytest.mark.slow
-def test_figures_smoke_regenerates_every_figure_and_table(tmp_path, capsys):
+def test_figures_smoke_writes_what_each_notebook_declares(tmp_path):
     figs = tmp_path / "figures"
     assert main(["figures", "--preset", "smoke", "--out", str(figs), "--runs-root", str(tmp_path / "runs")]) == 0
-    assert sorted(p.stem.split("_", 1)[1] for p in notebook_paths()) == sorted(EXPECTED)
-    for folder, names in EXPECTED.items():
-        for name in names:
-            path = figs / folder / name
-            assert path.is_file() and path.stat().st_size > 0, path
     index = (figs / "README.md").read_text()
-    assert "gvr-lab figures --preset smoke" in index and "quantization/accuracy_vs_bits.png" in index
-    assert "Training: 3 runs" in index  # the quickstart's sgd, gvr and sam, with their measured time
-    assert "| sgd" in (figs / "quickstart" / "summary.md").read_text()
+    for path in notebook_paths():
+        decl = read_notebook(path)
+        written = {p.stem for p in (figs / decl.name).iterdir()}
+        assert written == set(decl.outputs), (path.name, written)  # all declared, nothing else
+        for stem in decl.outputs:
+            assert {p.suffix for p in (figs / decl.name).glob(f"{stem}.*")} in ({".png", ".pdf"}, {".md", ".tex"})
+        assert f"## {decl.name}" in index and f"From `notebooks/{path.name}`, preset `smoke`." in index
+    assert "gvr-lab figures --preset smoke" in index and "Training: 3 runs" in index  # the quickstart's three
 
 
-def write_notebook(tmp_path, body='print("ok")'):
-    nb = tmp_path / "nb.py"
-    nb.write_text('# %% tags=["parameters"]\nepochs: int = 1  # passes\nseeds: list = [0]  # seeds\n'
-                  f'rate: float = 0.1  # a rate\n\n# %%\nx = 1\n\n# %%\n{body}\n')
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
+def test_each_notebook_declares_its_presets_and_outputs(path):
+    decl = read_notebook(path)
+    assert list(decl.parameters)[0] == "preset" and decl.parameters["preset"][1] == COMMITTED_PRESET
+    assert {"smoke", COMMITTED_PRESET} <= set(decl.presets) and set(PATH_PARAMETERS) <= set(decl.parameters)
+    assert decl.outputs and decl.title.startswith(path.stem[:2])
+
+
+def test_readme_notebook_table_is_the_generated_one():
+    assert notebook_table() in (REPO / "README.md").read_text(), \
+        "README's notebook table is not what `gvr-lab notebooks` prints: replace it with that output"
+
+
+def test_presets_decide_where_runs_and_figures_go():
+    decl = read_notebook(REPO / "notebooks" / "00_quickstart.py")
+    cpu, smoke = resolve(decl, {}), resolve(decl, {"preset": "smoke"})
+    assert cpu.fig_root == REPO / "figures"  # only the committed preset, as it stands, writes figures/
+    assert smoke.fig_root == REPO / "runs" / "smoke" / "figures" and smoke.params["dataset"] == "synthetic"
+    changed = resolve(decl, {"epochs": 5})
+    assert changed.changed == {"epochs": 5} and changed.fig_root.parent.name.startswith("cpu-")
+    assert changed.runs_root != cpu.runs_root and cpu.runs_root.parent == REPO / "runs" / "cpu" / "quickstart"
+    same = resolve(decl, {"epochs": cpu.params["epochs"], "runs_root": "/elsewhere"})
+    assert same.changed == {} and same.fig_root == cpu.fig_root and same.runs_root.as_posix() == "/elsewhere"
+    with pytest.raises(UsageError, match="unknown preset 'huge' for .*00_quickstart.py; its presets: smoke, cpu"):
+        resolve(decl, {"preset": "huge"})
+
+
+def test_a_parameters_cell_must_begin_with_the_preset():
+    with pytest.raises(UsageError, match="must begin with `preset: str"):
+        parameters_of('epochs: int = 1  # passes\npreset: str = "cpu"  # smoke | cpu\n', "nb")
+    with pytest.raises(UsageError, match="must read `name: type = literal"):
+        parameters_of('preset: str = "cpu"  # smoke\nepochs = 1\n', "nb")
+
+
+# ---------------------------------------------------------------------- a toy notebook through the runner
+
+TOY = '''# %% tags=["parameters"]
+preset: str = "cpu"  # smoke | cpu
+epochs: int = 1  # passes
+seeds: list = [0]  # seeds
+rate: float = 0.1  # a rate
+runs_root: str = ""  # runs
+fig_root: str = ""  # figures
+{explicit}
+# %%
+import gvr_lab as gl
+from gvr_lab import plots
+study = gl.Study("toy", globals(), presets={{"smoke": {{"epochs": 2, "rate": 0.5}}, "cpu": {{}}}},
+                 outputs={{"table": "a table"}})
+
+# %%
+{body}
+'''
+
+
+def write_notebook(tmp_path, body='print("ok")', explicit=""):
+    nb = tmp_path / "00_toy.py"
+    nb.write_text(TOY.format(body=body, explicit=f"\n# %%\n{explicit}\n" if explicit else ""))
     return nb
 
 
 def test_runner_executes_injects_and_skips_completed(tmp_path):
-    nb = write_notebook(tmp_path, "assert seeds == [3, 4] and rate == 2.0 and epochs == 1")
+    nb = write_notebook(tmp_path, "assert seeds == [3, 4] and rate == 2.0 and epochs == 1, (seeds, rate, epochs)")
     params_file = tmp_path / "p.yaml"
     params_file.write_text("seeds: [3, 4]\nrate: 1\n")
     run_dir = run_notebook(nb, {"rate": 2}, params_file=str(params_file), runs_root=tmp_path / "runs")
@@ -54,9 +107,29 @@ def test_runner_executes_injects_and_skips_completed(tmp_path):
     assert (run_dir / "executed.ipynb").stat().st_mtime_ns != stamp  # --force executes again
 
 
+def test_preset_values_yield_to_values_set_explicitly_even_when_equal_to_the_default(tmp_path):
+    # the smoke preset sets epochs 2 and rate 0.5; a cell below the parameters cell sets rate to its
+    # default, -p sets epochs to its default: both explicit, both win
+    nb = write_notebook(tmp_path, "assert (epochs, rate) == (1, 0.1), (epochs, rate)", explicit="rate = 0.1")
+    run_notebook(nb, {"epochs": 1}, preset="smoke", runs_root=tmp_path / "runs")
+    nb = write_notebook(tmp_path, "assert (epochs, rate) == (2, 0.5), (epochs, rate)")
+    run_notebook(nb, {}, preset="smoke", runs_root=tmp_path / "runs")
+
+
+def test_a_bad_grid_exits_2_before_anything_trains_or_is_kept(tmp_path, capsys):
+    body = (f"gl.train_grid({TINY!r}, [dict(method='sgd'), dict(method='sam'), dict(method='sgdd')], seeds, "
+            "study.runs_root)")
+    nb = write_notebook(tmp_path, body)
+    argv = ["run", str(nb), "-p", "runs_root", str(tmp_path / "train"), "--runs-root", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid variant 'sgdd', seed 0: unknown method 'sgdd'" in err
+    assert not (tmp_path / "train").exists() and not any((tmp_path / "runs").iterdir())
+
+
 def test_failed_cell_is_reported_and_partial_notebook_kept(tmp_path, capsys):
     nb = write_notebook(tmp_path, 'raise ValueError("the data looks wrong")')
-    with pytest.raises(NotebookFailed, match=r"nb.py: cell \d+ failed: ValueError: the data looks wrong"):
+    with pytest.raises(NotebookFailed, match=r"00_toy.py: cell \d+ failed: ValueError: the data looks wrong"):
         run_notebook(nb, {}, runs_root=tmp_path / "runs")
     executed = next((tmp_path / "runs").glob("*/executed.ipynb"))
     assert "the data looks wrong" in executed.read_text()
@@ -68,3 +141,171 @@ def test_failed_cell_is_reported_and_partial_notebook_kept(tmp_path, capsys):
 def test_cli_list_values_survive(tmp_path):
     nb = write_notebook(tmp_path, "assert seeds == [0, 1, 2], seeds")
     assert main(["run", str(nb), "-p", "seeds", "[0,1,2]", "--runs-root", str(tmp_path / "runs")]) == 0
+
+
+def test_run_uses_this_python_and_prints_the_table_and_paths(tmp_path, capfd, monkeypatch):
+    # another checkout's kernel of the same name, first on the search path, must not be used
+    stale = tmp_path / "stale" / "kernels" / "gvr_lab"
+    stale.mkdir(parents=True)
+    (stale / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f",
+                                                            "{connection_file}"], "language": "python",
+                                                   "display_name": "stale"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "stale"))
+    body = (f"import sys\nprint('kernel python:', sys.executable)\n"
+            f"gl.train_grid({TINY!r}, [dict(method='sgd')], seeds, study.runs_root)\n"
+            "runs = study.load_runs()\n"
+            "study.save_table(plots.mean_std(runs, ['label'], ['test_acc']), 'table', 'Toy accuracy', runs)")
+    nb = write_notebook(tmp_path, body)
+    argv = ["run", str(nb), "-p", "runs_root", str(tmp_path / "train"), "-p", "fig_root", str(tmp_path / "figs"),
+            "--runs-root", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    assert "Toy accuracy. synthetic, 256 training images · tiny_cnn · 1 epoch = 4 optimizer steps" in out
+    assert "| sgd     |" in out and str(tmp_path / "figs" / "toy" / "table.md") in out and "table.tex" in out
+    assert "without encryption" not in err and "Traceback" not in err
+    executed = next((tmp_path / "runs").glob("*/executed.ipynb")).read_text()
+    assert f"kernel python: {sys.executable}" in executed
+
+
+# ---------------------------------------------------------------------- grids, outside a kernel
+
+
+@pytest.mark.slow
+def test_a_grid_is_checked_whole_before_its_first_run(tmp_path, capsys):
+    with pytest.raises(UsageError, match="grid variant 'sgdd', seed 0: unknown method 'sgdd'"):
+        train_grid(TINY, [dict(method="sgd"), dict(method="sgdd")], [0], tmp_path / "runs")
+    with pytest.raises(UsageError, match="grid variant 'sam', seed 0: unknown hyperparameter 'rh'"):
+        train_grid(TINY, [dict(method="sgd"), dict(method="sam", method_args={"rh": 0.1})], [0, 1], tmp_path / "runs")
+    with pytest.raises(UsageError, match="grid variants 'a' and 'a' share the run directory"):
+        train_grid(TINY, [dict(method="sgd", label="a"), dict(method="sam", label="a")], [0], tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    runs = train_grid(TINY, [dict(method="sgd")], [0], tmp_path / "runs")
+    assert repr(runs) == f"<1 runs in {tmp_path / 'runs'}: 1 completed>"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/1] sgd s0 · epoch 1/1 · train loss ") and "test acc" in lines[0]
+    assert lines[1].startswith("[1/1] sgd s0 · 1 epochs · test acc ")
+    # another run's directory in the way: refused before the first variant (here a new one) trains
+    with pytest.raises(UsageError, match="grid variant 'sgd', seed 0: run directory .* holds a different run"):
+        train_grid({**TINY, "epochs": 2}, [dict(method="sam"), dict(method="sgd")], [0], tmp_path / "runs")
+    assert not (tmp_path / "runs" / "sam-s0").exists()
+    train_grid(TINY, [dict(method="sgd")], [0], tmp_path / "runs")
+    assert capsys.readouterr().out.strip().endswith("finished earlier: reused")
+
+
+# ---------------------------------------------------------------------- the study helpers, outside a kernel
+
+
+def make_study(tmp_path, monkeypatch, **given):
+    """A Study over a namespace holding the input history a kernel would have: the parameters cell,
+    then a cell setting the paths explicitly, then the study cell."""
+    monkeypatch.chdir(tmp_path)  # Study moves to the project root; the test's working directory comes back
+    parameters = 'preset: str = "cpu"  # smoke | cpu\nruns_root: str = ""  # runs\nfig_root: str = ""  # figures\n'
+    paths = {"runs_root": str(tmp_path / "runs"), "fig_root": str(tmp_path / "figs")}
+    explicit = "\n".join(f"{name} = {value!r}" for name, value in paths.items())
+    namespace = {"In": ["", parameters, explicit, "study = Study(...)"], "preset": "cpu", **paths}
+    return Study("toy", namespace, presets={"cpu": {}}, outputs={"accuracy": "a figure", "table": "a table"}, **given)
+
+
+@pytest.mark.slow
+def test_figures_refuse_runs_whose_term_never_acted(tmp_path, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+
+    from gvr_lab import plots
+
+    study = make_study(tmp_path, monkeypatch)
+    saf = {"start_epoch": 0, "lag": 3}  # acts from epoch max(0, 3) + 1 = 4: never in 3 epochs (0, 1, 2)
+    train_grid({**TINY, "epochs": 3}, [dict(method="sgd"), dict(method="saf", method_args=saf),
+                                       dict(method="saf", method_args={"start_epoch": 0, "lag": 1}, label="saf lag 1")],
+               [0], study.runs_root)
+    runs = study.load_runs()
+    ax = plots.curves(runs, "epoch", "test_acc")
+    with pytest.raises(UsageError, match="would show runs whose method's defining term never acted: saf-s0"):
+        study.save_figure(ax.figure, "accuracy", runs)
+    shown = study.plotted(runs)
+    assert "not plotted: saf-s0" in capsys.readouterr().out
+    assert sorted(shown["label"].unique()) == ["saf lag 1", "sgd"]
+    ax = plots.curves(shown, "epoch", "test_acc")
+    study.save_figure(ax.figure, "accuracy", shown)
+    assert (tmp_path / "figs" / "toy" / "accuracy.png").is_file() and not plt.get_fignums()
+    table = study.term_column(runs, plots.mean_std(plots.final_rows(runs), ["label"], ["test_acc"]))
+    assert dict(zip(table["label"], table["term on"])) == {"sgd": "—", "saf": "never", "saf lag 1": "33% of steps"}
+    with pytest.raises(UsageError, match="does not declare output 'other'; declared: accuracy, table"):
+        study.save_table(table, "other", "caption", runs)
+
+
+@pytest.mark.slow
+def test_an_ablation_keeps_its_term_off_and_is_plotted(tmp_path, monkeypatch):
+    from gvr_lab import plots
+
+    study = make_study(tmp_path, monkeypatch, ablations=["no penalty"])
+    train_grid(TINY, [dict(method="gvr", method_args={"alpha": 0.0, "target": "fc", "penalty": "closed_form"},
+                           label="no penalty")], [0], study.runs_root)
+    runs = study.load_runs()
+    assert study.term_column(runs, pd.DataFrame({"label": ["no penalty"]}))["term on"].tolist() == ["off (ablation)"]
+    study.save_figure(plots.curves(runs, "epoch", "test_acc").figure, "accuracy", runs)
+
+
+# ---------------------------------------------------------------------- what figures show
+
+
+def frame(methods_and_labels, seeds=(0,), epochs=3, values=None):
+    rows = []
+    for method, label in methods_and_labels:
+        for seed in seeds:
+            for epoch in range(epochs):
+                acc = (values or {}).get(label, 0.5 + 0.1 * epoch + 0.01 * seed + 0.001 * len(label))
+                rows.append(dict(method=method, label=label, seed=seed, epoch=epoch, test_acc=acc, dataset="synthetic",
+                                 model="tiny_cnn", train_subset=256, steps_per_epoch=4, run_dir=f"{label}-{seed}"))
+    return pd.DataFrame(rows)
+
+
+def test_curves_one_colour_per_method_percent_bands_and_hidden_twins():
+    import matplotlib.pyplot as plt
+
+    from gvr_lab import plots
+
+    a = plots.curves(frame([("sgd", "SGD"), ("gvr", "GVR")], values={"SGD": 0.6, "GVR": 0.7}), "epoch", "test_acc")
+    b = plots.curves(frame([("sam", "sam"), ("sgd", "SB"), ("sgd", "SB twin")], values={"SB": 0.7, "SB twin": 0.7}),
+                     "epoch", "test_acc")
+    colours = {line.get_label(): line.get_color() for ax in (a, b) for line in ax.get_lines()}
+    assert colours["SGD"] == colours["SB"] == plots.method_color("sgd") != colours["GVR"]
+    assert a.get_ylabel() == "test accuracy (%)" and max(a.get_lines()[0].get_ydata()) > 50
+    assert [t.get_text() for t in b.get_legend().get_texts()][-1] == "SB twin (identical to SB: drawn over it)"
+    assert list(a.get_xticks()) == [1, 2, 3] and not a.collections  # one seed: no band
+    two_seeds = plots.curves(frame([("sgd", "SGD")], seeds=(0, 1)), "epoch", "test_acc")
+    assert len(two_seeds.collections) == 1  # the band
+    wide = frame([("gvr", "GVR")], seeds=(0, 1)).assign(penalty=lambda d: 0.1 * 100.0 ** d["seed"])  # 0.1 and 10
+    band = plots.curves(wide, "epoch", "penalty", logy=True).collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() > 0 and (band.min() * band.max()) ** 0.5 == pytest.approx(1.0)  # geometric, around 1
+    sparse = plots.curves(frame([("vsam", "vsam")]), "epoch", "test_acc", points=True)
+    assert sparse.get_lines()[0].get_linestyle() == "None"
+    legend_box = a.get_legend().get_window_extent(a.figure.canvas.get_renderer())
+    assert legend_box.x0 > a.get_window_extent().x1  # outside the data
+    plt.close("all")
+
+
+def test_provenance_names_what_a_figure_rests_on():
+    from gvr_lab import plots
+
+    one = plots.provenance(frame([("sgd", "SGD")]), "smoke")
+    assert one == ("synthetic, 256 training images · tiny_cnn · 3 epochs = 12 optimizer steps · seed 0; "
+                   "1 seed per curve: no band or error bar · preset smoke")
+    two = plots.provenance(frame([("sgd", "SGD")], seeds=(0, 1)), "cpu with epochs=5")
+    assert "seeds 0, 1; 2 seeds per curve: mean ± 1 std as band or bars (geometric on log axes) · preset cpu " \
+           "with epochs=5" in two
+
+
+def test_lab_setup_lives_in_the_environment(tmp_path, monkeypatch):
+    from gvr_lab.lab import install, lab_command, settings_file
+
+    install(prefix=str(tmp_path))
+    spec = json.loads((tmp_path / "share/jupyter/kernels/gvr_lab/kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable and spec["display_name"] == "Python (gvr_lab)"
+    viewers = json.loads(settings_file(str(tmp_path)).read_text())["@jupyterlab/docmanager-extension:plugin"]
+    assert viewers == {"defaultViewers": {"python": "Jupytext Notebook"}}
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    command, env = lab_command(["--port", "9999"])
+    assert command[:4] == [sys.executable, "-m", "jupyterlab", "--allow-root"]
+    assert command[-3:] == ["--port", "9999", str(REPO / "notebooks")] and env["JUPYTER_PREFER_ENV_PATH"] == "1"
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert "--allow-root" not in lab_command([])[0]

@@ -143,6 +143,16 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_an_atomically_written_file_has_the_mode_a_plain_write_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "atomic", b"x")
+        (tmp_path / "plain").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode  # 0644, not mkstemp's 0600
+
+
 @pytest.mark.slow
 def test_a_run_directory_in_use_exits_2_until_its_lock_is_released(tmp_path, capsys):
     """The lock is held here as a training process holds it. flock locks belong to an open file,

@@ -1,0 +1,302 @@
+"""What a training grid shows while it runs, and how the package shows things in a notebook.
+
+A grid reports which run of how many it is on, the run's label and seed, and one line per evaluation
+(per epoch, or per `eval_every` steps in steps mode) that names the run. In a Jupyter kernel the
+report is one text display updated in place (a line per run: the finished ones' results, the running
+one's latest evaluation) above a learning-curve plot redrawn after evaluations; elsewhere each line is
+printed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+
+
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill), where outputs can be displayed and updated."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def show(obj, metadata: dict | None = None):
+    """Display a figure or a table (without its row index) in a kernel; elsewhere print a table."""
+    table = hasattr(obj, "to_string")
+    if in_kernel():
+        from IPython.display import display
+
+        display(obj.style.hide(axis="index") if table else obj, metadata=metadata)
+    elif table:
+        print(obj.to_string(index=False))
+
+
+def show_text(text: str, metadata: dict | None = None) -> None:
+    """A line of text; in a kernel with `metadata` attached to its output, for the runner to read back."""
+    if in_kernel():
+        from IPython.display import display
+
+        display({"text/plain": text}, raw=True, metadata=metadata)
+    else:
+        print(text)
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def evaluation_line(row: dict, config) -> str:
+    """Where the run is (epoch i/n, or step i/n in steps mode), its losses and the interval's time."""
+    if "step" in row:
+        where, seconds = f"step {row['step']}/{config.steps}", row["interval_time_s"]
+    else:
+        where, seconds = f"epoch {row['epoch'] + 1}/{config.epochs}", row["epoch_time_s"]
+    return (f"{where} · train loss {row['train_loss']:.3f} · "
+            f"test acc {percent(row['test_acc'])} · {seconds:.1f} s")
+
+
+def progress_x(row: dict) -> int:
+    """The learning curve's x: the epoch count, or the step in steps mode."""
+    return row["step"] if "step" in row else row["epoch"] + 1
+
+
+def run_line(run, trained: bool) -> str:
+    s = run.summary
+    if s["status"] == "diverged":
+        return f"diverged at step {s['diverged_step']} (loss {s['diverged_value']}); the grid goes on"
+    length = f"{s['steps_completed']} steps" if run.config.steps else f"{s['epochs_completed']} epochs"
+    done = (f"{length} · test acc {percent(s['final_test_acc'])} · "
+            f"{s['wall_time_s']:.0f} s")
+    status = "" if s["status"] == "completed" else f" ({s['status']})"
+    return done + status + ("" if trained else " · finished earlier: reused")
+
+
+class TextReport:
+    """Printed lines: one per evaluation and one per finished run, each beginning `[i/n] label sSEED`."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.prefix, self.config, self.trained = "", None, False
+
+    def start(self, index: int, config) -> None:
+        self.prefix = f"[{index + 1}/{self.total}] {config.label} s{config.seed}"
+        self.config, self.trained = config, False
+
+    def evaluation(self, row: dict) -> None:
+        self.trained = True
+        print(f"{self.prefix} · {evaluation_line(row, self.config)}", flush=True)
+
+    def finish(self, run) -> None:
+        print(f"{self.prefix} · {run_line(run, self.trained)}", flush=True)
+
+
+class LiveReport(TextReport):
+    """In a kernel: the lines in one display updated in place, and test accuracy per evaluation of every
+    run so far, redrawn after each evaluation (colours by method, as every figure), at most once a second
+    (a drawing costs a good part of one) and always after the grid's last run."""
+
+    def __init__(self, total: int):
+        from IPython.display import display
+
+        super().__init__(total)
+        self.lines: list[str] = []
+        self.curves: dict[str, tuple[str, list, list]] = {}  # run -> (method, epochs or steps, accuracies)
+        self.text = display({"text/plain": f"training {total} runs"}, raw=True, display_id=True)
+        self.plot = None
+        self.drawn_at = 0.0
+        self.display = display
+
+    def start(self, index: int, config) -> None:
+        super().start(index, config)
+        self.last = index == self.total - 1
+        self.key = f"{config.label} s{config.seed}"
+        self.curves[self.key] = (config.method, [], [])
+        self.lines.append(f"{self.prefix} · starting")
+        self.refresh()
+
+    def evaluation(self, row: dict) -> None:
+        self.trained = True
+        self.lines[-1] = f"{self.prefix} · {evaluation_line(row, self.config)}"
+        _, xs, accs = self.curves[self.key]
+        xs.append(progress_x(row))
+        accs.append(100 * row["test_acc"])
+        self.refresh(draw=time.monotonic() - self.drawn_at >= 1.0)
+
+    def finish(self, run) -> None:
+        if not self.trained:  # reused: its whole history at once
+            _, xs, accs = self.curves[self.key]
+            xs.extend(progress_x(row) for row in run.history.to_dict("records"))
+            accs.extend(100 * run.history["test_acc"])
+        self.lines[-1] = f"{self.prefix} · {run_line(run, self.trained)}"
+        self.refresh(draw=self.last or time.monotonic() - self.drawn_at >= 1.0)
+
+    def refresh(self, draw: bool = False) -> None:
+        self.text.update({"text/plain": "\n".join(self.lines)}, raw=True)
+        if draw:
+            self.drawn_at = time.monotonic()
+            image = self.draw()
+            if self.plot is None:
+                self.plot = self.display(image, display_id=True)
+            else:
+                self.plot.update(image)
+
+    def draw(self):
+        from IPython.display import Image
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        from .plots import LINESTYLES, legend_outside, method_color
+
+        fig = Figure(figsize=(6.5, 3))
+        ax = fig.add_subplot()
+        per_method: dict[str, int] = {}
+        for key, (method, xs, accs) in self.curves.items():
+            rank = per_method[method] = per_method.get(method, -1) + 1
+            ax.plot(xs, accs, marker="o", markersize=3, color=method_color(method),
+                    linestyle=LINESTYLES[rank % len(LINESTYLES)], label=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step" if self.config.steps else "epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"training: {self.prefix}", fontsize=9, loc="left")
+        legend_outside(ax)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        return Image(data=buf.getvalue())
+
+
+def run_fraction(config) -> float:
+    """How much of a run its directory says is done (0 without a summary), read while it trains."""
+    path = config.run_dir() / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):  # not started, or being replaced this instant
+        return 0.0
+    if summary.get("status") in ("completed", "diverged"):
+        return 1.0
+    if config.steps:
+        return min(1.0, summary.get("steps_completed", 0) / config.steps)
+    return min(1.0, summary.get("epochs_completed", 0) / config.epochs)
+
+
+class GridStatus:
+    """A grid whose runs train in parallel (the ray executor): runs done / running / queued /
+    failed with their labels, and the time left, read from the run directories (the unit of truth,
+    on whichever node a run trains). In a kernel one display updated in place; elsewhere a status
+    line when the counts change (at least every 30 s) and a line per finished run.
+
+    The time left is the work left (runs not done, less what the running ones have done) over the
+    rate at which this grid has done work so far; runs found finished cost nothing and count nothing."""
+
+    def __init__(self, configs: list, where: str):
+        self.configs, self.where = configs, where
+        self.state = ["queued"] * len(configs)
+        self.detail = [""] * len(configs)
+        self.start_fraction = [run_fraction(c) for c in configs]
+        self.fraction = list(self.start_fraction)
+        self.t0, self.submitted_at = time.monotonic(), time.time()
+        self.printed_at, self.printed_counts = 0.0, None
+        self.kernel = in_kernel()
+        self.handle = None
+
+    def label(self, index: int) -> str:
+        config = self.configs[index]
+        return f"[{index + 1}/{len(self.configs)}] {config.label} s{config.seed}"
+
+    def counts(self) -> dict:
+        return {state: self.state.count(state) for state in ("done", "running", "queued", "failed")}
+
+    def time_left(self) -> float | None:
+        gained = sum(max(0.0, f - f0) for f, f0 in zip(self.fraction, self.start_fraction))
+        left = sum(1.0 - f for f, s in zip(self.fraction, self.state) if s not in ("done", "failed"))
+        elapsed = time.monotonic() - self.t0
+        if left == 0:
+            return 0.0
+        return left * elapsed / gained if gained > 0.02 else None
+
+    def header(self) -> str:
+        counts = " · ".join(f"{n} {state}" for state, n in self.counts().items())
+        left = self.time_left()
+        eta = "time left: estimating" if left is None else f"about {format_duration(left)} left"
+        return f"grid of {len(self.configs)} runs on {self.where}: {counts} · {eta}"
+
+    def submitted(self) -> None:
+        self.submitted_at = time.time()
+        self.show(force=True)
+
+    def started(self, config) -> bool:
+        """A run writes its config.json when its training loop starts (fresh or resumed)."""
+        try:
+            return (config.run_dir() / "config.json").stat().st_mtime >= self.submitted_at - 1.0
+        except OSError:
+            return False
+
+    def poll(self) -> None:
+        for i, config in enumerate(self.configs):
+            if self.state[i] in ("queued", "running"):
+                self.fraction[i] = max(self.fraction[i], run_fraction(config))
+                if self.state[i] == "queued" and (self.fraction[i] > self.start_fraction[i] or self.started(config)):
+                    self.state[i] = "running"
+        self.show()
+
+    def finished(self, index: int, summary: dict) -> None:
+        self.state[index], self.fraction[index] = "done", 1.0
+        config = self.configs[index]
+        length = f"{summary.get('steps_completed')} steps" if config.steps else f"{summary.get('epochs_completed')} epochs"
+        self.detail[index] = (f"{summary['status']}: {length} · test acc {percent(summary.get('final_test_acc', float('nan')))}"
+                              f" · {summary.get('wall_time_s', 0):.0f} s")
+        self.announce(index)
+
+    def failed(self, index: int, error: BaseException) -> None:
+        self.state[index] = "failed"
+        lines = str(error).strip().splitlines()
+        self.detail[index] = f"failed: {lines[-1] if lines else type(error).__name__}"
+        self.announce(index)
+
+    def announce(self, index: int) -> None:
+        if not self.kernel:
+            print(f"{self.label(index)} · {self.detail[index]}", flush=True)
+        self.show(force=True)
+
+    def close(self) -> None:
+        self.show(force=True)
+
+    def lines(self) -> list[str]:
+        out = [self.header()]
+        for i, state in enumerate(self.state):
+            if state == "running":
+                out.append(f"{self.label(i)} · running, {100 * self.fraction[i]:.0f}% done")
+            else:
+                out.append(f"{self.label(i)} · {self.detail[i] or state}")
+        return out
+
+    def show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.kernel:
+            if force or now - self.printed_at >= 2.0:
+                self.printed_at = now
+                from IPython.display import display
+
+                text = {"text/plain": "\n".join(self.lines())}
+                if self.handle is None:
+                    self.handle = display(text, raw=True, display_id=True)
+                else:
+                    self.handle.update(text, raw=True)
+            return
+        counts = self.counts()
+        if counts != self.printed_counts or now - self.printed_at >= 30.0:
+            self.printed_at, self.printed_counts = now, counts
+            print(self.header(), flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def grid_report(total: int) -> TextReport:
+    return LiveReport(total) if in_kernel() else TextReport(total)
