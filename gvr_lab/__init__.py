@@ -1,6 +1,7 @@
 """gvr_lab: gradient-based regularizers (GVR, Novack et al.'s implicit-regularization suite, the SAM
 family) on one device-resident training loop. See README.md."""
 
+from .cluster import RayOptions
 from .data import Batch, list_datasets
 from .errors import UsageError
 from .landscape import curvature
@@ -10,7 +11,7 @@ from .results import load_runs
 from .training import Config, GridRuns, Run, grid_configs, train, train_configs, train_grid
 
 __all__ = [
-    "Batch", "Config", "GridRuns", "Method", "Run", "Study", "UsageError", "create_method", "create_model",
+    "Batch", "Config", "GridRuns", "Method", "RayOptions", "Run", "Study", "UsageError", "create_method", "create_model",
     "curvature", "grid_configs", "list_datasets", "list_methods", "list_models", "load_runs", "register_method", "train",
     "train_configs", "train_grid",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 from .errors import UsageError, check_choice
@@ -87,6 +88,8 @@ def connect(options: RayOptions):
     if ray.is_initialized():
         return ray
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if options.address and options.address != "auto":
+        check_reachable(options.address)
     try:
         if options.address:
             ray.init(address=options.address, **kwargs)
@@ -96,6 +99,17 @@ def connect(options: RayOptions):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot reach a Ray cluster at {options.address!r}: {first}") from None
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray keeps retrying an address nobody answers at; one TCP connection tells at once."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"a Ray address is auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach a Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
 def train_remote(fields: dict, threads: int) -> dict:

@@ -61,11 +61,14 @@ def grid_markdown(report: dict, source: str) -> str:
     base = " ".join(f"{k}={v}" for k, v in s["base"].items())
     lines = [f"{s['runs']} runs ({s['grid']}; {base}) on {s['cores']} cores ({s['cpu']}), torch {s['torch']}, "
              f"1-minute load average {s['load_average'][0]:.2f} at the end.", "",
-             "```bash", f"gvr-lab bench-grid --runs {s['runs']} --json {source} --into BENCHMARKS.md", "```", "",
+             "```bash", f"gvr-lab bench-grid --runs {s['runs']} --dataset {s['base']['dataset']} --model {s['base']['model']} "
+             f"--epochs {s['base']['epochs']} --train-subset {s['base']['train_subset']} --batch-size "
+             f"{s['base']['batch_size']} --run-cpus {s['run_cpus']:g} --json {source} --into BENCHMARKS.md", "```", "",
              "| executor | runs at once | torch threads per run | grid wall time (s) |", "|---|---|---|---|",
              f"| sequential | 1 | {s['sequential_threads']} | {report['wall_s']['sequential']:.1f} |",
              f"| ray | {s['runs_at_once']} | {int(s['run_cpus'])} | {report['wall_s']['ray']:.1f} |", "",
-             f"Ray / sequential: {report['speedup']:.2f}x faster.", "",
+             f"Speed-up, sequential wall time / Ray wall time: {report['speedup']:.2f} "
+             f"({'Ray faster' if report['speedup'] > 1 else 'Ray slower'}).", "",
              "| run | seed | test acc, sequential | test acc, ray | run time (s), sequential | run time (s), ray |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['seed']} | {100 * r['sequential_test_acc']:.2f} | {100 * r['ray_test_acc']:.2f} | "

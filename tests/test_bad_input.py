@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from gvr_lab import Config, create_method, create_model, train
+from gvr_lab import Config, create_method, create_model, train, train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
 from gvr_lab.runner import run_notebook
@@ -129,6 +129,16 @@ BAD = [
     ("preset the notebook lacks", ["run", "nb.py", "--preset", "paper"],
      r"unknown preset 'paper' for .*nb.py; its presets: smoke, cpu"),
     ("missing notebook", ["run", "nb2.py"], r"notebook nb2.py not found"),
+    # grids under Ray
+    ("ray address nobody answers", ["run", "nb.py", "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+     r"cannot reach a Ray cluster at '127.0.0.1:1': Connection refused"),
+    ("ray address without a port", ["run", "nb.py", "--executor", "ray", "--ray-address", "headnode"],
+     r"a Ray address is auto or HOST:PORT, got 'headnode'"),
+    ("ray resources without ray", ["run", "nb.py", "--run-gpus", "0.5"], r"need --executor ray"),
+    ("fractional gpus above one", ["figures", "--executor", "ray", "--run-gpus", "1.5"], r"whole number, got 1.5"),
+    ("unknown executor (api)", lambda: train_grid({}, [{}], [0], "runs", executor="dask"),
+     r"unknown executor 'dask'; valid: sequential, ray"),
+    ("bench-grid without runs", ["bench-grid", "--runs", "0"], r"--runs must be positive"),
     # the benchmark
     ("bench shape of 2 channels", [*BENCH, "--shape", "2x28"], r"--shape must be CxS"),
     ("bench shape of size 64", [*BENCH, "--shape", "3x64"], r"--shape must be CxS"),
