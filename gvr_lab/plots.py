@@ -172,9 +172,11 @@ def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=No
     return ax
 
 
-def provenance(runs: pd.DataFrame, preset: str) -> str:
-    """What a figure rests on, from its load_runs() table (one row per run and epoch): dataset and
-    training images, models, epochs and optimizer steps actually run, seeds and what the bands are."""
+def provenance(runs: pd.DataFrame, preset: str, spread: str = "") -> str:
+    """What a figure rests on, from its load_runs() table (one row per run and evaluation): dataset
+    and training images, models, epochs and optimizer steps actually run (a steps-mode run's last
+    row has its step), seeds and what the bands are (`spread` when the figure shows something else
+    than the mean ± std of curves, such as confidence intervals)."""
     final = final_rows(runs)
 
     def listing(values) -> str:
@@ -186,12 +188,17 @@ def provenance(runs: pd.DataFrame, preset: str) -> str:
 
     subsets = sorted({int(n) for n in final["train_subset"]})
     images = listing(f"{n:,}" if n else "all" for n in subsets) + " training images"
-    epochs = counted((int(e) + 1 for e in final["epoch"]), "epoch")
-    steps = counted((int(e + 1) * int(s) for e, s in zip(final["epoch"], final["steps_per_epoch"])), "optimizer step")
+    has_step = final["step"].notna() if "step" in final else pd.Series(False, index=final.index)
+    done = [int(step) if stepped else int(e + 1) * int(spe)
+            for stepped, step, e, spe in zip(has_step, final.get("step", has_step), final["epoch"],
+                                             final["steps_per_epoch"])]
+    epochs = sorted({f"{d / spe:.3g}" for d, spe in zip(done, final["steps_per_epoch"])}, key=float)
+    epochs = f"{listing(epochs)} epoch{'' if epochs == ['1'] else 's'}"
+    steps = counted(done, "optimizer step")
     per_curve = sorted(set(final.groupby("label").size()))
     seeds = sorted({int(s) for s in final["seed"]})
-    spread = ("1 seed per curve: no band or error bar" if per_curve == [1] else
-              f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)")
+    spread = spread or ("1 seed per curve: no band or error bar" if per_curve == [1] else
+                        f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)")
     return (f"{listing(final['dataset'])}, {images} · {listing(final['model'])} · {epochs} = {steps} · "
             f"seed{'s' if len(seeds) > 1 else ''} {listing(seeds)}; {spread} · preset {preset}")
 
@@ -259,3 +266,37 @@ def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
     write_atomic(paths[0], md.encode())
     write_atomic(paths[1], tex.encode())
     return paths
+
+
+# ---------------------------------------------------------------------- claims
+
+VERDICT_COLORS = {"holds": "#1b9e77", "contradicted": "#d95f02", "not resolved": "#7570b3"}
+
+
+def forest(panels: dict[str, list]):
+    """Paired differences (method - baseline, over seeds) with their 95% CIs, one row per claim and
+    one panel per unit (accuracy points, a time ratio): a claim "greater" holds when its whole bar is
+    right of 0; a parity claim when its bar lies inside the shaded margin. Colour = verdict."""
+    heights = [max(1, len(c)) for c in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (unit, comparisons) in zip(axes[:, 0], panels.items()):
+        for row, c in enumerate(comparisons):
+            y = len(comparisons) - 1 - row
+            color = VERDICT_COLORS[c.verdict]
+            if not np.isnan(c.ci_low):
+                ax.plot([c.ci_low, c.ci_high], [y, y], color=color, lw=2.2, solid_capstyle="butt")
+            ax.plot([c.diff_mean], [y], "o", color=color, ms=6)
+            if c.direction == "parity":
+                ax.fill_betweenx([y - 0.35, y + 0.35], -c.margin, c.margin, color=color, alpha=0.15, lw=0)
+        ax.axvline(0, color="#3b3b3b", lw=0.8)
+        ax.set_yticks(range(len(comparisons)))
+        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(comparisons)], fontsize=8)
+        ax.set_ylim(-0.6, len(comparisons) - 0.4)
+        ax.set_xlabel(unit)
+        ax.grid(axis="y", visible=False)
+    handles = [plt.Line2D([], [], color=color, marker="o", lw=2.2, label=verdict)
+               for verdict, color in VERDICT_COLORS.items()]
+    axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=3, frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -205,7 +205,7 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
                          f"{record['wall_time_s']:.0f} s.")
         lines.append("")
         for stem, what in decl.outputs.items():
-            files = sorted(p.name for p in (root / decl.name).glob(f"{stem}.*") if p.suffix in (".png", ".md"))
+            files = sorted(p.name for p in (root / decl.name).glob(f"{stem}.*") if p.suffix in (".png", ".md", ".csv"))
             lines += [f"- [{name}]({decl.name}/{name}): {what}" for name in files]
         lines.append("")
     path = root / "README.md"

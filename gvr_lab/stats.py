@@ -22,7 +22,7 @@ With fewer than 2 paired values there is no interval: the verdict is "not resolv
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -46,6 +46,7 @@ class Comparison:
     ci_high: float
     n: int  # paired seeds
     verdict: str
+    values: dict = field(default_factory=dict)  # {seed: (method, baseline)}, the paired values themselves
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,8 +95,46 @@ def compare(claim: str, method: dict, baseline: dict, direction: str = "greater"
     """A claim about `method` against `baseline`, each {seed: value}, paired by seed."""
     if direction == "parity" and margin <= 0:
         raise UsageError(f"claim {claim!r}: a parity claim needs a margin > 0 (how close counts as comparable)")
-    _, m, b = paired_differences(method, baseline)
+    seeds, m, b = paired_differences(method, baseline)
     diff, low, high = mean_ci(m - b, bootstrap=bootstrap)
     return Comparison(claim, direction, margin if direction == "parity" else 0.0,
                       float(b.mean()) if len(b) else math.nan, float(m.mean()) if len(m) else math.nan,
-                      diff, low, high, len(m), verdict(direction, low, high, margin))
+                      diff, low, high, len(m), verdict(direction, low, high, margin),
+                      {s: (float(x), float(y)) for s, x, y in zip(seeds, m, b)})
+
+
+# ---------------------------------------------------------------------- claims, from a study's runs
+
+
+def by_seed(runs, label: str, value: str = "test_acc", scale: float = 100.0) -> dict:
+    """{seed: value} of one arm (rows of load_runs with that label), accuracies in percent by
+    default. An arm without runs is a UsageError naming the labels there are: a typo in a claim
+    would otherwise read as an empty comparison."""
+    rows = runs[runs["label"] == label]
+    if rows.empty:
+        raise UsageError(f"no runs labelled {label!r}; labels: {', '.join(map(str, runs['label'].unique()))}")
+    return {int(s): scale * float(v) for s, v in zip(rows["seed"], rows[value])}
+
+
+def seedwise(function, *arms: dict) -> dict:
+    """{seed: function(a_s, b_s, ...)} over the seeds every arm has: a derived per-seed quantity
+    (the SB-LB midpoint, a time ratio) stays paired."""
+    seeds = sorted(set.intersection(*(set(arm) for arm in arms)))
+    return {s: function(*(arm[s] for arm in arms)) for s in seeds}
+
+
+def claims_table(rows: list[tuple[Comparison, str, int]]) -> "pd.DataFrame":
+    """One row per claim: (comparison, the paper's number beside it, decimals of ours), with our
+    means, the paired difference and its 95% CI, n and the verdict."""
+    import pandas as pd
+
+    out = []
+    for c, paper, digits in rows:
+        fmt = f"{{:.{digits}f}}"
+        ci = "no interval" if math.isnan(c.ci_low) else f"[{fmt.format(c.ci_low)}, {fmt.format(c.ci_high)}]"
+        out.append({"claim": c.claim, "paper": paper,
+                    "ours: method vs baseline": f"{fmt.format(c.method_mean)} vs {fmt.format(c.baseline_mean)}",
+                    "difference [95% CI]": f"{c.diff_mean:+.{digits}f} {ci}",
+                    "margin": fmt.format(c.margin) if c.direction == "parity" else "",
+                    "n": c.n, "verdict": c.verdict})
+    return pd.DataFrame(out)

@@ -36,7 +36,7 @@ import pandas as pd
 from . import plots, terms
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .progress import show, show_text
-from .results import load_runs
+from .results import load_runs, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -294,12 +294,13 @@ class Study:
             raise UsageError(f"study {self.declaration.name!r} does not declare output {stem!r}; declared: "
                              f"{', '.join(self.declaration.outputs)}")
 
-    def provenance(self, frame: pd.DataFrame) -> str:
+    def provenance(self, frame: pd.DataFrame, spread: str = "") -> str:
         epochs = self.load_runs()
-        return plots.provenance(epochs[epochs["run_dir"].isin(frame["run_dir"])], self.resolved.note)
+        return plots.provenance(epochs[epochs["run_dir"].isin(frame["run_dir"])], self.resolved.note, spread)
 
-    def save_figure(self, fig, stem: str, frame: pd.DataFrame) -> None:
-        """Stamp `fig` with the provenance of the runs in `frame`, save it as stem.png and .pdf, show it."""
+    def save_figure(self, fig, stem: str, frame: pd.DataFrame, spread: str = "") -> None:
+        """Stamp `fig` with the provenance of the runs in `frame` (`spread`: what its bars are, when
+        not the mean ± std of curves), save it as stem.png and .pdf, show it."""
         import matplotlib.pyplot as plt
 
         self.check_output(stem)
@@ -309,17 +310,26 @@ class Study:
             raise UsageError(f"figure {stem!r} would show runs whose method's defining term never acted: "
                              f"{', '.join(sorted(Path(r).name for r in never))}; pass the rows through "
                              "study.plotted(), or choose parameters that switch the term on")
-        plots.stamp(fig, self.provenance(frame))
+        plots.stamp(fig, self.provenance(frame, spread))
         paths = plots.savefig(fig, self.fig_dir / stem)
         show(fig)
         plt.close(fig)
         self.saved(paths)
 
-    def save_table(self, table: pd.DataFrame, stem: str, caption: str, frame: pd.DataFrame) -> None:
+    def save_table(self, table: pd.DataFrame, stem: str, caption: str, frame: pd.DataFrame, spread: str = "") -> None:
         """Save `table` as stem.md and .tex, its caption followed by the provenance of `frame`'s runs; show it."""
         self.check_output(stem)
-        paths = plots.save_table(table, self.fig_dir / stem, caption=f"{caption}. {self.provenance(frame)}")
+        paths = plots.save_table(table, self.fig_dir / stem, caption=f"{caption}. {self.provenance(frame, spread)}")
         show(table, metadata={"gvr_lab": {"table": str(paths[0])}})
+        self.saved(paths)
+
+    def save_data(self, records: list[dict], stem: str) -> None:
+        """Machine-readable results beside the tables: stem.csv and stem.json, from the same records."""
+        self.check_output(stem)
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        paths = [self.fig_dir / f"{stem}.csv", self.fig_dir / f"{stem}.json"]
+        write_atomic(paths[0], pd.DataFrame(records).to_csv(index=False).encode())
+        write_atomic(paths[1], (json.dumps(records, indent=2, default=float) + "\n").encode())
         self.saved(paths)
 
     def saved(self, paths: list[Path]) -> None:

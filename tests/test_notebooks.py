@@ -27,7 +27,8 @@ def test_figures_smoke_writes_what_each_notebook_declares(tmp_path):
         written = {p.stem for p in (figs / decl.name).iterdir()}
         assert written == set(decl.outputs), (path.name, written)  # all declared, nothing else
         for stem in decl.outputs:
-            assert {p.suffix for p in (figs / decl.name).glob(f"{stem}.*")} in ({".png", ".pdf"}, {".md", ".tex"})
+            suffixes = {p.suffix for p in (figs / decl.name).glob(f"{stem}.*")}
+            assert suffixes in ({".png", ".pdf"}, {".md", ".tex"}, {".csv", ".json"}), (stem, suffixes)
         assert f"## {decl.name}" in index and f"From `notebooks/{path.name}`, preset `smoke`." in index
     assert "gvr-lab figures --preset smoke" in index and "Training: 3 runs" in index  # the quickstart's three
 
@@ -293,6 +294,10 @@ def test_provenance_names_what_a_figure_rests_on():
     two = plots.provenance(frame([("sgd", "SGD")], seeds=(0, 1)), "cpu with epochs=5")
     assert "seeds 0, 1; 2 seeds per curve: mean ± 1 std as band or bars (geometric on log axes) · preset cpu " \
            "with epochs=5" in two
+    # a steps-mode run stops inside an epoch: its last row's step, not whole epochs
+    stepped = frame([("sgd", "SGD")]).assign(step=lambda d: [1, 2, 10][: len(d)])
+    assert "· tiny_cnn · 2.5 epochs = 10 optimizer steps ·" in plots.provenance(stepped, "smoke")
+    assert plots.provenance(frame([("sgd", "SGD")]), "cpu", spread="95% CI").endswith("seed 0; 95% CI · preset cpu")
 
 
 def test_lab_setup_lives_in_the_environment(tmp_path, monkeypatch):

@@ -69,3 +69,24 @@ def test_parity_needs_a_margin():
         compare("x", {0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}, direction="parity")
     c = compare("x", {0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.1, 1: 1.9, 2: 3.05}, direction="parity", margin=0.5)
     assert c.margin == 0.5 and c.verdict == "holds"
+
+
+def test_claims_from_runs_pair_seeds_and_name_missing_arms():
+    import pandas as pd
+
+    from gvr_lab.stats import by_seed, claims_table, seedwise
+
+    runs = pd.DataFrame({"label": ["SB", "SB", "LB", "LB", "GN", "GN"], "seed": [0, 1, 0, 1, 1, 0],
+                         "test_acc": [0.90, 0.92, 0.80, 0.84, 0.88, 0.87]})
+    sb, lb, gn = (by_seed(runs, label) for label in ("SB", "LB", "GN"))
+    assert gn == {0: pytest.approx(87.0), 1: pytest.approx(88.0)}  # by seed, not by row order
+    midpoint = seedwise(lambda a, b: (a + b) / 2, sb, lb)
+    assert midpoint == {0: pytest.approx(85.0), 1: pytest.approx(88.0)}
+    c = compare("GN beats the midpoint", gn, midpoint)
+    assert c.diff_mean == pytest.approx(1.0) and c.n == 2  # differences 2 and 0
+    table = claims_table([(c, "91.75", 1)])
+    assert table.loc[0, "ours: method vs baseline"] == "87.5 vs 86.5"
+    assert table.loc[0, "difference [95% CI]"].startswith("+1.0 [") and table.loc[0, "verdict"] == "not resolved"
+    with pytest.raises(UsageError, match="no runs labelled 'FT'; labels: SB, LB, GN"):
+        by_seed(runs, "FT")
+    assert seedwise(lambda a, b: a - b, {0: 1.0, 2: 5.0}, {0: 0.5, 1: 3.0}) == {0: 0.5}
