@@ -22,6 +22,7 @@ temporary folder beside it and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,8 @@ from pathlib import Path
 from .errors import UsageError
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
 from .study import REPO, Declaration, Resolved, digest, read_notebook, resolve
+
+TIMINGS = "timings.json"  # beside figures/README.md: each notebook's measured cost, for README's table
 
 KERNEL = "gvr_lab"
 
@@ -179,13 +182,24 @@ def notebook_table() -> str:
     """README's notebook table, from the notebooks' own declarations."""
     from .study import notebook_paths
 
-    rows = ["| notebook | question | presets | writes to `figures/<name>/` (at the cpu preset) |", "|---|---|---|---|"]
+    timings_file = REPO / "figures" / TIMINGS
+    timings = read_json(timings_file) if timings_file.is_file() else {}
+    rows = ["| notebook | question | presets | time at the cpu preset (2-core CPU) / gpu preset (one GPU) "
+            "| writes to `figures/<name>/` (at the cpu preset) |", "|---|---|---|---|---|"]
     for path in notebook_paths():
         decl = read_notebook(path)
         question = decl.title.split("·", 1)[-1].strip()
         outputs = ", ".join(f"`{stem}` ({what})" for stem, what in decl.outputs.items())
-        rows.append(f"| `{path.name}` | {question} | {', '.join(decl.presets)} | `{decl.name}/`: {outputs} |")
+        rows.append(f"| `{path.name}` | {question} | {', '.join(decl.presets)} | {timing(timings.get(decl.name))} "
+                    f"/ not measured | `{decl.name}/`: {outputs} |")
     return "\n".join(rows) + "\n"
+
+
+def timing(record: dict | None) -> str:
+    """A notebook's measured cost at the cpu preset, from figures/timings.json (gvr-lab figures)."""
+    if not record:
+        return "not measured"
+    return f"{record['training_time_s'] / 60:.0f} min of training, summed over its {record['training_runs']} runs"
 
 
 def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict]]) -> Path:
@@ -210,4 +224,6 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         lines.append("")
     path = root / "README.md"
     write_atomic(path, "\n".join(lines).encode())
+    write_atomic(root / TIMINGS, (json.dumps({decl.name: record for decl, record in entries if record}, indent=2,
+                                             sort_keys=True) + "\n").encode())
     return path

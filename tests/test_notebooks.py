@@ -314,3 +314,11 @@ def test_lab_setup_lives_in_the_environment(tmp_path, monkeypatch):
     assert command[-3:] == ["--port", "9999", str(REPO / "notebooks")] and env["JUPYTER_PREFER_ENV_PATH"] == "1"
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert "--allow-root" not in lab_command([])[0]
+
+
+def test_the_notebook_table_states_measured_cost_or_says_not_measured():
+    from gvr_lab.runner import timing
+
+    assert timing(None) == "not measured"
+    assert timing({"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 5.0}) == \
+        "27 min of training, summed over its 17 runs"
