@@ -57,6 +57,13 @@ def evaluation_line(row: dict, config) -> str:
             f"test acc {percent(row['test_acc'])} · {seconds:.1f} s")
 
 
+def run_length(summary: dict, config) -> str:
+    """How far a run trained: its steps in steps mode, else its epochs."""
+    n, noun = (summary.get("steps_completed", 0), "step") if config.steps else (summary.get("epochs_completed", 0),
+                                                                                 "epoch")
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def progress_x(row: dict) -> int:
     """The learning curve's x: the epoch count, or the step in steps mode."""
     return row["step"] if "step" in row else row["epoch"] + 1
@@ -66,7 +73,7 @@ def run_line(run, trained: bool) -> str:
     s = run.summary
     if s["status"] == "diverged":
         return f"diverged at step {s['diverged_step']} (loss {s['diverged_value']}); the grid goes on"
-    length = f"{s['steps_completed']} steps" if run.config.steps else f"{s['epochs_completed']} epochs"
+    length = run_length(s, run.config)
     done = (f"{length} · test acc {percent(s['final_test_acc'])} · "
             f"{s['wall_time_s']:.0f} s")
     status = "" if s["status"] == "completed" else f" ({s['status']})"
@@ -243,7 +250,7 @@ class GridStatus:
     def finished(self, index: int, summary: dict) -> None:
         self.state[index], self.fraction[index] = "done", 1.0
         config = self.configs[index]
-        length = f"{summary.get('steps_completed')} steps" if config.steps else f"{summary.get('epochs_completed')} epochs"
+        length = run_length(summary, config)
         self.detail[index] = (f"{summary['status']}: {length} · test acc {percent(summary.get('final_test_acc', float('nan')))}"
                               f" · {summary.get('wall_time_s', 0):.0f} s")
         self.announce(index)
