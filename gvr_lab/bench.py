@@ -340,15 +340,15 @@ def markdown_report(report: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def block_markers(source: str) -> tuple[str, str]:
-    return f"<!-- written by gvr-lab bench from {source}; do not edit by hand -->", f"<!-- end of {source} -->"
+def block_markers(source: str, tool: str = "gvr-lab bench") -> tuple[str, str]:
+    return f"<!-- written by {tool} from {source}; do not edit by hand -->", f"<!-- end of {source} -->"
 
 
-def write_markdown_block(markdown_file: str, source: str, render=markdown_report) -> None:
-    """Put the block `render` makes of the bench JSON `source` into `markdown_file`: in place of its
-    previous block, or appended; the rest of the file is kept (written atomically)."""
+def write_markdown_block(markdown_file: str, source: str, render=markdown_report, tool: str = "gvr-lab bench") -> None:
+    """Put the block `render` makes of the JSON `source` (written by `tool`) into `markdown_file`: in
+    place of its previous block, or appended; the rest of the file is kept (written atomically)."""
     report = json.loads(Path(source).read_text())
-    begin, end = block_markers(source)
+    begin, end = block_markers(source, tool)
     path = Path(markdown_file)
     text = path.read_text() if path.is_file() else ""
     block = f"{begin}\n{render(report, source)}\n{end}"

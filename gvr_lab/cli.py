@@ -198,7 +198,7 @@ def cmd_bench_grid(args) -> int:
         write_report(report, args.json)
         print(f"wrote {args.json}")
     if args.into:
-        write_markdown_block(args.into, args.json, render=grid_markdown)
+        write_markdown_block(args.into, args.json, render=grid_markdown, tool="gvr-lab bench-grid")
         print(f"wrote its table into {args.into}")
     return 0
 

@@ -9,6 +9,7 @@ import pytest
 from gvr_lab.bench import (DATA_LABEL, HVP_LABEL, TWO_VIEW_SGD_LABEL, block_markers, format_table, markdown_report, run_bench,
                            verdicts, write_markdown_block)
 from gvr_lab.cli import main
+from gvr_lab.grid_bench import grid_markdown
 
 SMOKE = ["bench", "--model", "tiny_cnn", "--shape", "1x28", "--batch-size", "16", "--steps", "2", "--warmup", "1",
          "--rounds", "2", "--device", "cpu"]
@@ -113,13 +114,14 @@ def test_the_block_of_a_json_replaces_its_old_block_and_keeps_the_rest(tmp_path)
 
 def test_benchmarks_md_holds_what_its_jsons_say():
     text = (REPO / "BENCHMARKS.md").read_text()
-    sources = re.findall(r"<!-- written by gvr-lab bench from (\S+); do not edit by hand -->", text)
-    assert sources  # the file is written by the tool, not by hand
-    for source in sources:
-        begin, end = block_markers(source)
+    blocks = re.findall(r"<!-- written by (gvr-lab bench(?:-grid)?) from (\S+); do not edit by hand -->", text)
+    assert {tool for tool, _ in blocks} == {"gvr-lab bench", "gvr-lab bench-grid"}  # written by the tools, not by hand
+    render = {"gvr-lab bench": markdown_report, "gvr-lab bench-grid": grid_markdown}
+    for tool, source in blocks:
+        begin, end = block_markers(source, tool)
         written = text.partition(begin)[2].partition(end)[0].strip("\n")
         report = json.loads((REPO / source).read_text())
-        assert written == markdown_report(report, source), f"{source}: rerun the command in its block"
+        assert written == render[tool](report, source), f"{source}: rerun the command in its block"
 
 
 def test_bench_times_one_hessian_vector_product_against_an_sgd_step(tmp_path):

@@ -184,7 +184,7 @@ def test_a_grid_is_checked_whole_before_its_first_run(tmp_path, capsys):
     assert repr(runs) == f"<1 runs in {tmp_path / 'runs'}: 1 completed>"
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[1/1] sgd s0 · epoch 1/1 · train loss ") and "test acc" in lines[0]
-    assert lines[1].startswith("[1/1] sgd s0 · 1 epochs · test acc ")
+    assert lines[1].startswith("[1/1] sgd s0 · 1 epoch · test acc ")
     # another run's directory in the way: refused before the first variant (here a new one) trains
     with pytest.raises(UsageError, match="grid variant 'sgd', seed 0: run directory .* holds a different run"):
         train_grid({**TINY, "epochs": 2}, [dict(method="sam"), dict(method="sgd")], [0], tmp_path / "runs")
