@@ -190,7 +190,7 @@ lines = pd.concat([pd.DataFrame(landscape.interpolate_runs(pairs.at[s, "SGD"], p
                    .assign(seed=s) for s in seeds])
 lines = lines.rename(columns={"loss": "train_loss", "acc": "train_acc"}).assign(label="SGD → SAM", method="sam")
 axes = plots.interpolation(lines, ("SGD", "SAM"))
-axes[0].figure.suptitle(f"loss on {rows} training rows along the line between the final weights (batch norm in eval mode)")
+axes[0].figure.suptitle(f"on {rows} training rows, along the line between the final weights (batch norm in eval mode)")
 study.save_figure(axes[0].figure, "interpolation", runs[runs["label"].isin(["SGD", "SAM"])])
 
 # %% [markdown]
@@ -206,12 +206,13 @@ fig.suptitle(f"training loss on {rows} rows around the final weights (batch norm
 study.save_figure(fig, "slices", runs[runs["run_dir"].isin(pairs.loc[slice_seed, ["SGD", "SAM"]])])
 
 # %% [markdown]
-# vSAM rests on PSF = g(w + rho g/||g||) - g(w) ~ rho H g/||g||, so ||PSF|| <= rho * lambda_max
-# where the batch Hessian is positive semi-definite. Per batch of vSAM's training batch size at
-# its final weights: the measured ||PSF|| against rho times the batch Hessian's largest
-# |eigenvalue| (Lanczos), batch norm in eval mode. The lemma is first order in rho: on a ReLU and
-# max-pool net such as tiny_cnn the step rho g/||g|| crosses kinks the (almost everywhere) Hessian
-# does not see, so a batch above the line is the remainder showing, not a contradiction at rho -> 0.
+# vSAM rests on PSF = g(w + rho g/||g||) - g(w) ~ rho H g/||g||, so ||PSF|| <= rho times the
+# largest |eigenvalue| of the batch Hessian (lambda_max where it is positive semi-definite). Per
+# batch of vSAM's training batch size at its final weights: the measured ||PSF|| against that
+# bound (the eigenvalue by Lanczos), batch norm in eval mode. The lemma is first order in rho: on a
+# ReLU and max-pool net such as tiny_cnn the step rho g/||g|| crosses kinks the (almost
+# everywhere) Hessian does not see, so a batch above the line is the remainder showing, not a
+# contradiction at rho -> 0.
 
 # %%
 checks = pd.concat([pd.DataFrame(landscape.psf_check_run(run_dir, psf_batches, device=where)["batches"])
