@@ -82,11 +82,11 @@ from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS, resolve_device
 study = gl.Study(
     "curvature", globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "train_subset": 64, "steps": 4, "novack_steps": 4, "eval_every": 2,
-                  "curvature_every": 2, "batch_size": 16, "sb_batch": 8, "lb_batch": 32, "seeds": [0],
-                  "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 8},
+        "smoke": {"dataset": "synthetic", "train_subset": 32, "steps": 4, "novack_steps": 4, "eval_every": 2,
+                  "curvature_every": 2, "batch_size": 8, "sb_batch": 4, "lb_batch": 16, "seeds": [0],
+                  "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 4},
                                   "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
-                  "rows": 64, "top_k": 2, "trace_probes": 3, "noise_micro_batch": 8, "interp_points": 5,
+                  "rows": 32, "top_k": 2, "trace_probes": 3, "noise_micro_batch": 4, "interp_points": 5,
                   "slice_points": 5, "psf_batches": 2, "device": "cpu"},
         "cpu": {"device": "cpu"},
         "gpu": {"dataset": "cifar10", "model": "resnet18", "model_args": {}, "train_subset": 0, "steps": 3900,
