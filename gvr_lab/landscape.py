@@ -451,9 +451,10 @@ def measure_run(run_dir, checkpoint=None, k: int = 3, trace_samples: int = 100, 
 def final_curvature(run_dir, rows: int = 512, k: int = 3, trace_samples: int = 30, micro_batch_size: int = 32,
                     bn: str = "eval", dtype: str = "fp32", device: torch.device = torch.device("cpu")) -> dict:
     """A table row for a run's final weights on its evaluation subset: L and the accuracy there, the
-    top-k eigenvalues (lambda_1 >= ... >= lambda_k), the Hutchinson trace with its standard error,
-    the gradient noise at `micro_batch_size` and what the Hessian part cost. With rows=512 and 20
-    probes it repeats, on the same rows and probes, the last measurement of `curvature_every`."""
+    top-k eigenvalues (lambda_1 >= ... >= lambda_k) and the Hutchinson trace with its standard error
+    in `dtype`, with what they cost, and the gradient noise at `micro_batch_size` (fp32). With
+    rows=512 and 20 probes it repeats, on the same rows and probes, the last measurement of
+    `curvature_every`."""
     config, model = load_run_model(run_dir, None, device)
     batches = evaluation_batches(config, rows, device)
     out = curvature(model, batches, k, trace_samples, False, bn, dtype)
