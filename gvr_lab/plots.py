@@ -300,3 +300,177 @@ def forest(panels: dict[str, list]):
     axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=3, frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------- curvature and loss landscapes (07_curvature)
+
+LABELS.update({
+    "hessian_top": "top Hessian eigenvalue", "hessian_trace": "Hessian trace",
+    **{f"lambda_{i}": f"λ{i}" for i in range(1, 10)}, "trace": "trace", "noise_trace_cov": "tr Cov[g_m]",
+    "curvature_s": "s per measurement in training", "seconds": "s per final measurement", "train_s_per_epoch": "training s/epoch",
+    "curvature_s_per_epoch": "curvature s/epoch", "curvature_overhead_pct": "curvature overhead (%)",
+})
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """`value` with `digits` significant digits, in fixed notation (no exponent): 238, 54.9, 7.52, 0.0123."""
+    if value == 0 or not np.isfinite(value):
+        return f"{value:.{digits - 1}f}"
+    return f"{value:.{max(0, digits - 1 - int(np.floor(np.log10(abs(value)))))}f}"
+
+
+def plain_log_ticks(ax, axes: str = "y") -> None:
+    """Tick labels of log axes as plain numbers (0.4, 30), not powers of ten (4 x 10^-1, 3 x 10^1):
+    every tick (1 to 9 times a power of ten) on an axis spanning less than a factor 3, 1, 2, 3 and
+    5 times a power of ten up to two decades, powers of ten alone beyond, where more would crowd."""
+    from matplotlib.ticker import FuncFormatter
+
+    for name in axes:
+        axis = getattr(ax, f"{name}axis")
+
+        def text(value, _, axis=axis) -> str:
+            low, high = axis.get_view_interval()
+            shown = (1,) if high > 100 * low else (1, 2, 3, 5) if high > 3 * low else range(1, 10)
+            return f"{value:g}" if round(value / 10 ** np.floor(np.log10(value)), 6) in shown else ""
+
+        axis.set_major_formatter(FuncFormatter(text))
+        axis.set_minor_formatter(FuncFormatter(text))
+        # labels sit past the (hidden) tick line, which is shorter for minor ticks: one length, one row of labels
+        ax.tick_params(axis=name, which="minor", size=plt.rcParams[f"{name}tick.major.size"],
+                       pad=plt.rcParams[f"{name}tick.major.pad"])
+
+
+def interval_text(mean: float, low: float, high: float, digits: int = 3) -> str:
+    """'mean [low, high]', the mean to `digits` significant digits and the bounds to its decimals;
+    the mean alone when there is no interval (NaN bounds)."""
+    text = significant(mean, digits)
+    decimals = len(text.partition(".")[2])
+    return text if np.isnan(low) else f"{text} [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def mean_ci(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3, level: float = 0.95) -> pd.DataFrame:
+    """One row per group: 'mean [low, high]' of each metric over the rows (seeds) of the group, the
+    Student t interval of the mean (stats.mean_ci; the mean alone with one seed), accuracies in
+    percent; and the number of seeds."""
+    from .stats import mean_ci as interval
+
+    def cell(s: pd.Series) -> str:
+        scale = 100.0 if is_accuracy(s.name) else 1.0
+        return interval_text(*interval(s.dropna().to_numpy(float) * scale, level), digits)
+
+    grouped = df.groupby(by, sort=False)
+    table = grouped[metrics].agg(cell)
+    table.columns = [label(c) for c in metrics]
+    table["seeds"] = grouped.size()
+    return table.reset_index()
+
+
+def paired_difference(df: pd.DataFrame, metric: str, baselines: dict, by: str = "label", digits: int = 3,
+                      level: float = 0.95) -> dict:
+    """{group: 'd [low, high] vs baseline'} for each `by` group of `df`: the mean over seeds of metric
+    minus the value of its baseline group (baselines: group -> baseline group) on the same seed, with
+    the Student t interval of that mean; '—' for a group without a baseline. A seed only one of the
+    two groups has is left out."""
+    from .stats import mean_ci as interval, paired_differences
+
+    def values(group):
+        rows = df[df[by] == group]
+        return dict(zip(rows["seed"], rows[metric]))
+
+    def cell(group) -> str:
+        if group not in baselines:
+            return "—"
+        _, method, baseline = paired_differences(values(group), values(baselines[group]))
+        return f"{interval_text(*interval(method - baseline, level), digits)} vs {baselines[group]}"
+
+    return {group: cell(group) for group in df[by].drop_duplicates()}
+
+
+def curvature_cost(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run of a load_runs() table trained with Config.curvature_every: seconds per curvature
+    measurement, training seconds per epoch (evaluation excluded) and the curvature seconds the run
+    spent per epoch of steps_per_epoch steps, and the latter as a share of the former. A steps-mode
+    run's epoch is extrapolated from its steps."""
+    rows = []
+    for run_dir, r in runs.groupby("run_dir", sort=False):
+        per_epoch = int(r["steps_per_epoch"].iloc[0])
+        if "step" in r.columns and r["step"].notna().all():
+            steps, train = int(r["step"].max()), r["interval_time_s"].sum()
+        else:
+            steps, train = len(r) * per_epoch, r["epoch_time_s"].sum()
+        measured = r["curvature_time_s"].dropna() if "curvature_time_s" in r.columns else pd.Series(dtype=float)
+        train_per_epoch, curvature_per_epoch = train / steps * per_epoch, measured.sum() / steps * per_epoch
+        rows.append({"run_dir": run_dir, "measurements": len(measured),
+                     "curvature_s": measured.mean() if len(measured) else np.nan, "train_s_per_epoch": train_per_epoch,
+                     "curvature_s_per_epoch": curvature_per_epoch,
+                     "curvature_overhead_pct": 100 * curvature_per_epoch / train_per_epoch})
+    return pd.DataFrame(rows)
+
+
+def interpolation(lines: pd.DataFrame, ends: tuple[str, str], axes=None):
+    """train_loss and train_acc against t on the line (1 - t) w_A + t w_B, one curve per label with
+    the mean over seeds and a band (`curves`), t = 0 and 1 marked with the names in `ends`."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    curves(lines, "t", "train_loss", ax=axes[0], legend=False)
+    curves(lines, "t", "train_acc", ax=axes[1])
+    for ax in axes:
+        for t, name in zip((0, 1), ends):
+            ax.axvline(t, color="0.5", linewidth=0.8, linestyle=":")
+            ax.text(t, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+        ax.set_xlabel(f"t in (1 - t) w_{ends[0]} + t w_{ends[1]}")
+    return axes
+
+
+def loss_contours(slices: dict, levels: int = 16):
+    """Side-by-side filled contours of 2-D loss slices ({panel title: slice_run's output}) on the
+    same log-spaced levels from the lowest to the highest loss of all panels, so equal colours mean
+    equal loss in every panel; the trained weights (0, 0) marked."""
+    from matplotlib.colors import LogNorm
+
+    low = min(float(np.min(s["loss"])) for s in slices.values())
+    high = max(float(np.max(s["loss"])) for s in slices.values())
+    shared = np.geomspace(low, high, levels)
+    fig, axes = plt.subplots(1, len(slices), figsize=(4.3 * len(slices) + 1.2, 4.2), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (title, s) in zip(axes[0], slices.items()):
+        grid, loss = np.array(s["grid"]), np.array(s["loss"])
+        # loss[i][j] is at a = grid[i] (direction 1, x) and b = grid[j] (direction 2, y)
+        filled = ax.contourf(grid, grid, loss.T, levels=shared, norm=LogNorm(low, high), cmap="viridis")
+        ax.contour(grid, grid, loss.T, levels=shared, colors="k", linewidths=0.3)
+        ax.plot(0, 0, marker="+", color="white", markersize=10, markeredgewidth=1.5)
+        ax.set_title(title)
+        ax.set_aspect("equal")
+        ax.set_xlabel("a (filter-normalized direction 1)")
+    axes[0][0].set_ylabel("b (filter-normalized direction 2)")
+    bar = fig.colorbar(filled, ax=list(axes[0]), label="training loss")
+    bar.set_ticks(shared[::3])
+    bar.set_ticklabels([significant(v, 2) for v in shared[::3]])
+    return fig
+
+
+def psf_bound(checks: pd.DataFrame, ax=None, title: str = ""):
+    """vSAM's Lemma 1 per batch: the measured ||PSF|| against its bound rho * max |eigenvalue| of the
+    batch's Hessian, log-log, one marker per seed; points on or under y = x hold, and the legend gives
+    each seed's fraction holding."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8.5, 4.4))
+    color = method_color(checks["method"].iloc[0])
+    for i, (seed, rows) in enumerate(checks.groupby("seed")):
+        ax.plot(rows["bound"], rows["psf_norm"], linestyle="none", marker=MARKERS[i % len(MARKERS)], color=color,
+                alpha=0.8, label=f"seed {seed}: {100 * rows['holds'].mean():.0f}% of {len(rows)} batches hold")
+    values = checks[["bound", "psf_norm"]].to_numpy()
+    span = [values.min() / 1.25, values.max() * 1.25]
+    ax.plot(span, span, color="0.4", linewidth=1, linestyle="--", label="||PSF|| = rho lambda_max (the bound)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(span)
+    ax.set_ylim(span)
+    ax.set_aspect("equal")
+    plain_log_ticks(ax, "xy")
+    ax.set_xlabel("rho * max |eigenvalue| of the batch Hessian")
+    ax.set_ylabel("||PSF|| = ||g(w + rho g/||g||) - g(w)||")
+    if title:
+        ax.set_title(title)
+    legend_outside(ax)
+    return ax

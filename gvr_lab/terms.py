@@ -51,10 +51,27 @@ def describe(rows: pd.DataFrame) -> str:
         return "never"
     text = f"{100 * share:.0f}% of steps"
     if rows["method"].iloc[0] == "vsam":
-        after = rows[rows["epoch"] >= rows["arg_warmup_epochs"].iloc[0]]
-        if len(after):
-            text += f" ({100 * after['train_sampled'].mean():.0f}% after warm-up)"
+        after = vsam_share_after_warmup(rows)
+        if after is not None:
+            text += f" ({100 * after:.0f}% after warm-up)"
     return text
+
+
+def vsam_share_after_warmup(rows: pd.DataFrame) -> float | None:
+    """vSAM's share of SAM steps after its warm-up (None if the run never left it). A history row
+    holds the mean of `sampled` since the previous evaluation: over an epoch, or in steps mode
+    (Config.steps) over the steps up to `step`, an interval that can straddle the warm-up's end;
+    every warm-up step is a SAM step, so the warm-up's part of such an interval is known."""
+    warmup = rows["arg_warmup_epochs"].iloc[0]
+    if "step" not in rows.columns or rows["step"].isna().any():
+        after = rows[rows["epoch"] >= warmup]
+        return after["train_sampled"].mean() if len(after) else None
+    ends = rows["step"].astype(int)
+    warmup_steps = min(warmup * int(rows["steps_per_epoch"].iloc[0]), ends.iloc[-1])
+    if warmup_steps == ends.iloc[-1]:
+        return None
+    sam_steps = (rows["train_sampled"] * (ends - ends.shift(fill_value=0))).sum() - warmup_steps
+    return sam_steps / (ends.iloc[-1] - warmup_steps)
 
 
 def term_column(runs: pd.DataFrame, table: pd.DataFrame, by: str = "label", ablations: tuple = ()) -> pd.DataFrame:

@@ -216,3 +216,242 @@ def test_gvr_lab_curvature_measures_a_run_and_refuses_bad_input(tiny_config, tmp
         assert main(["curvature", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
+
+
+# ---------------------------------------------------------------------- finished runs, measured for a study
+
+
+def run_directory(tmp_path, name, scale=1.0, **fields):
+    """A run directory as training leaves it (config.json, checkpoint.pt), without training: the
+    Config's initial weights times `scale`, so a helper that measured a fresh model would be caught."""
+    from dataclasses import asdict
+
+    from gvr_lab import Config
+    from gvr_lab.data import dataset_info
+    from gvr_lab.results import CHECKPOINT, CONFIG, save_checkpoint, write_json
+    from gvr_lab.training import DeviceSettings, build_model
+
+    config = Config(**{"dataset": "synthetic", "model": "tiny_cnn", "train_subset": 64, "batch_size": 16,
+                       "device": "cpu", "out_dir": str(tmp_path / name), **fields})
+    info = dataset_info(config.dataset)
+    model, _, _ = build_model(config, info.num_classes, info.channels, DeviceSettings.of(config, torch.device("cpu")))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    write_json(run_dir / CONFIG, asdict(config))
+    save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict()})
+    return run_dir
+
+
+def measured_objective(run_dir, rows):
+    from gvr_lab.landscape import evaluation_batches, load_run_model
+
+    config, model = load_run_model(run_dir)
+    return Objective(model, evaluation_batches(config, rows, torch.device("cpu")))
+
+
+def test_final_curvature_measures_the_checkpoint_on_the_runs_rows(tmp_path):
+    from gvr_lab.landscape import final_curvature
+
+    torch.set_default_dtype(torch.float32)
+    run = run_directory(tmp_path, "bn", scale=1.3, model_args={"bn": True})
+    out = final_curvature(run, rows=16, k=2, trace_samples=5, micro_batch_size=4)
+    objective = measured_objective(run, 16)
+    assert [out["lambda_1"], out["lambda_2"]] == pytest.approx(top_eigenvalues(objective, k=2), rel=1e-5)
+    assert (out["trace"], out["trace_se"]) == pytest.approx(hutchinson_trace(objective, probes=5), rel=1e-5)
+    noise = gradient_noise(objective, 4)
+    assert out["noise_trace_cov"] == pytest.approx(noise["trace_cov"], rel=1e-6) and noise["micro_batches"] == 4
+    assert out["noise_per_example"] == pytest.approx(4 * out["noise_trace_cov"], rel=1e-12)
+    assert (out["loss"], out["acc"]) == pytest.approx(objective.value(), rel=1e-6)
+    assert out["rows"] == 16 and out["lambda_1"] >= out["lambda_2"] and out["hvps"] > 5
+
+
+def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_path):
+    from gvr_lab.landscape import interpolate_runs, load_run_model
+
+    torch.set_default_dtype(torch.float32)
+    a = run_directory(tmp_path, "a", model_args={"bn": True})
+    b = run_directory(tmp_path, "b", scale=0.7, seed=1, model_args={"bn": True})
+    line = interpolate_runs(a, b, rows=32, ts=[0.0, 0.5, 1.0])
+    on_a = measured_objective(a, 32)
+    _, model_b = load_run_model(b)
+    model_a = on_a.model
+    halfway = {k: 0.5 * v + 0.5 * model_b.state_dict()[k] if v.is_floating_point() else v
+               for k, v in model_a.state_dict().items()}
+    expected = [on_a.value()[0], None, Objective(model_b, on_a.batches).value()[0]]
+    model_a.load_state_dict(halfway)
+    expected[1] = on_a.value()[0]
+    assert line["loss"] == pytest.approx(expected, rel=1e-6) and line["t"] == [0.0, 0.5, 1.0]
+    assert len(set(line["loss"])) == 3  # three different points, not one model three times
+    other = run_directory(tmp_path, "plain")  # no batch norm: other parameters
+    with pytest.raises(UsageError, match="cannot interpolate .* the line needs one model's weights"):
+        interpolate_runs(a, other)
+
+
+def test_slice_run_is_centred_on_the_weights_with_seeded_directions(tmp_path):
+    from gvr_lab.landscape import load_run_model, slice_run
+
+    torch.set_default_dtype(torch.float32)
+    run = run_directory(tmp_path, "run", scale=1.2)
+    out = slice_run(run, rows=32, points=5, radius=0.5, direction_seeds=(3, 4))
+    objective = measured_objective(run, 32)
+    assert out["grid"] == pytest.approx([-0.5, -0.25, 0.0, 0.25, 0.5])
+    assert out["loss"][2][2] == pytest.approx(objective.value()[0], rel=1e-6)
+    _, model = load_run_model(run)
+    along = loss_slice(objective, [filter_normalized_direction(model, 3)], out["grid"])
+    assert [row[2] for row in out["loss"]] == pytest.approx(along["loss"], rel=1e-6)  # b = 0: direction 1 alone
+    assert np.array(out["loss"]).shape == (5, 5) and out["direction_seeds"] == [3, 4]
+    for bad in (dict(points=1), dict(radius=0.0), dict(direction_seeds=(0, 1, 2))):
+        with pytest.raises(UsageError, match="a slice needs points >= 2, radius > 0 and one or two direction seeds"):
+            slice_run(run, **bad)
+
+
+def test_psf_check_run_uses_the_runs_rho_and_batch_size(tmp_path):
+    from gvr_lab.landscape import evaluation_batches, load_run_model, psf_check_run
+
+    torch.set_default_dtype(torch.float32)
+    run = run_directory(tmp_path, "vsam", method="vsam", method_args={"rho": 0.07}, batch_size=8)
+    out = psf_check_run(run, batches=2)
+    config, model = load_run_model(run)
+    x, y = (torch.cat(t) for t in zip(*evaluation_batches(config, 16, torch.device("cpu"))))
+    params = list(model.parameters())
+    model.eval()
+    for i, row in enumerate(out["batches"]):  # the PSF of batch i, by its definition, at rho 0.07
+        part = (x[8 * i:8 * (i + 1)], y[8 * i:8 * (i + 1)])
+        g = flat(torch.autograd.grad(nn.functional.cross_entropy(model(part[0]), part[1]), params))
+        moved = {n: p + 0.07 * d.view_as(p) / g.norm() for (n, p), d in
+                 zip(model.named_parameters(), g.split([p.numel() for p in params]))}
+        logits = torch.func.functional_call(model, moved, (part[0],))
+        g_s = flat(torch.autograd.grad(nn.functional.cross_entropy(logits, part[1]), params))
+        assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-4)
+        assert row["holds"] == (row["psf_norm"] <= row["bound"]) and row["bound"] > 0
+    assert out["rho"] == 0.07 and out["batch_size"] == 8 and len(out["batches"]) == 2
+    assert out["fraction_holding"] == np.mean([row["holds"] for row in out["batches"]])
+    sgd = run_directory(tmp_path, "sgd")
+    with pytest.raises(UsageError, match="method 'sgd' has no rho; pass rho"):
+        psf_check_run(sgd)
+    with pytest.raises(UsageError, match="9 batches of 8 need 72 training rows, the run has 64"):
+        psf_check_run(run, batches=9)
+    with pytest.raises(UsageError, match="batches must be >= 1"):
+        psf_check_run(run, batches=0)
+
+
+@pytest.mark.slow
+def test_final_curvature_repeats_the_last_measurement_made_in_training(tiny_config, tmp_path):
+    """What notebooks/07_curvature.py relies on: with 512 rows and 20 probes the final measurement
+    is the training loop's last one (same rows, Lanczos start and probes), and the cost columns are
+    the history's times per epoch."""
+    from gvr_lab import plots, train
+    from gvr_lab.landscape import final_curvature
+    from gvr_lab.results import load_runs
+    from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS
+
+    torch.set_default_dtype(torch.float32)
+    run = train(tiny_config(steps=6, eval_every=3, curvature_every=1, train_subset=64, batch_size=16,
+                            model_args={"bn": True}))
+    out = final_curvature(run.run_dir, rows=CURVATURE_ROWS, k=1, trace_samples=CURVATURE_PROBES)
+    last = run.history.iloc[-1]
+    assert out["rows"] == 64  # the run's training rows, all of them
+    assert out["lambda_1"] == pytest.approx(last["hessian_top"], rel=1e-6)
+    assert out["trace"] == pytest.approx(last["hessian_trace"], rel=1e-6)
+    runs = load_runs(str(run.run_dir))
+    cost = plots.curvature_cost(runs).iloc[0]
+    per_epoch = 4  # 64 rows in batches of 16
+    assert cost["measurements"] == 2 and cost["curvature_s"] == pytest.approx(run.history["curvature_time_s"].mean())
+    assert cost["train_s_per_epoch"] == pytest.approx(run.history["interval_time_s"].sum() / 6 * per_epoch)
+    assert "1.5 epochs = 6 optimizer steps" in plots.provenance(runs, "smoke")
+
+
+# ---------------------------------------------------------------------- the study's tables and figures
+
+
+def test_significant_digits_and_mean_ci_cells():
+    import pandas as pd
+
+    from gvr_lab import plots
+
+    assert [plots.significant(v) for v in (238.4, 54.91, 7.523, 0.012345, 0.0, -3.14159)] == \
+        ["238", "54.9", "7.52", "0.0123", "0.00", "-3.14"]
+    frame = pd.DataFrame({"label": ["a"] * 3 + ["b"], "seed": [0, 1, 2, 0], "lambda_1": [1.0, 2.0, 3.0, 5.0],
+                          "test_acc": [0.5, 0.6, 0.7, 0.9]})
+    table = plots.mean_ci(frame, ["label"], ["lambda_1", "test_acc"])
+    # t_{0.975, 2} = 4.303, sd 1: mean 2 +- 2.484; accuracies in percent: 60 +- 24.84
+    assert table.to_dict("list") == {"label": ["a", "b"], "λ1": ["2.00 [-0.48, 4.48]", "5.00"],
+                                     "test accuracy (%)": ["60.0 [35.2, 84.8]", "90.0"], "seeds": [3, 1]}
+
+
+def test_paired_difference_pairs_by_seed():
+    import pandas as pd
+
+    from gvr_lab import plots
+
+    frame = pd.DataFrame({"label": ["m"] * 3 + ["base"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                          "trace": [5.0, 7.0, 9.0, 4.0, 5.0, 6.0, 100.0]})  # seed 3 has no pair: left out
+    got = plots.paired_difference(frame, "trace", {"m": "base"})
+    assert got == {"m": "2.00 [-0.48, 4.48] vs base", "base": "—"}
+
+
+def test_curvature_cost_per_epoch_in_steps_and_epochs_mode():
+    import pandas as pd
+
+    from gvr_lab import plots
+
+    steps_mode = pd.DataFrame({"run_dir": "s", "step": [80, 160], "interval_time_s": [4.0, 4.0],
+                               "curvature_time_s": [8.0, 8.0], "steps_per_epoch": 64})
+    epochs_mode = pd.DataFrame({"run_dir": "e", "epoch": [0, 1, 2], "epoch_time_s": [2.0, 2.0, 2.0],
+                                "curvature_time_s": [np.nan, 5.0, np.nan], "steps_per_epoch": 10})
+    cost = plots.curvature_cost(pd.concat([steps_mode, epochs_mode], ignore_index=True)).set_index("run_dir")
+    # 8 s of training over 160 steps, 64 steps per epoch: 3.2 s; curvature 16 s over the same: 6.4 s
+    assert cost.loc["s", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch",
+                          "curvature_overhead_pct"]].tolist() == pytest.approx([2, 8.0, 3.2, 6.4, 200.0])
+    assert cost.loc["e", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch"]].tolist() == \
+        pytest.approx([1, 5.0, 2.0, 5.0 / 3])
+
+
+def test_provenance_counts_the_steps_of_a_steps_mode_run():
+    import pandas as pd
+
+    from gvr_lab import plots
+
+    rows = pd.DataFrame({"label": "SGD", "seed": 0, "dataset": "fashion_mnist", "model": "tiny_cnn",
+                         "train_subset": 8192, "steps_per_epoch": 64, "run_dir": "r", "epoch": [1, 2, 3],
+                         "step": [80, 160, 240]})
+    assert "3.75 epochs = 240 optimizer steps" in plots.provenance(rows, "cpu")
+    whole = rows.assign(step=[64, 128, 256], epoch=[0, 1, 3])
+    assert "4 epochs = 256 optimizer steps" in plots.provenance(whole, "cpu")
+
+
+def test_loss_contours_share_their_levels_across_panels():
+    import matplotlib.pyplot as plt
+    from matplotlib.contour import ContourSet
+
+    from gvr_lab import plots
+
+    grid = [-1.0, 0.0, 1.0]
+    flat_bowl = {"grid": grid, "loss": [[1.2, 1.1, 1.2], [1.1, 1.0, 1.1], [1.2, 1.1, 1.2]]}
+    sharp_bowl = {"grid": grid, "loss": [[9.0, 4.0, 9.0], [4.0, 0.5, 4.0], [9.0, 4.0, 9.0]]}
+    fig = plots.loss_contours({"flat": flat_bowl, "sharp": sharp_bowl}, levels=8)
+    sets = [[c for c in ax.collections if isinstance(c, ContourSet)] for ax in fig.axes[:2]]
+    levels = [s.levels for panel in sets for s in panel]
+    assert len(levels) == 4 and all(np.array_equal(levels[0], other) for other in levels[1:])
+    assert levels[0][0] == pytest.approx(0.5) and levels[0][-1] == pytest.approx(9.0)  # both panels' range
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["flat", "sharp"]
+    plt.close(fig)
+
+
+def test_vsam_share_after_warm_up_in_steps_and_epochs_mode():
+    import pandas as pd
+
+    from gvr_lab import terms
+
+    steps_mode = pd.DataFrame({"method": "vsam", "arg_warmup_epochs": 1, "steps_per_epoch": 64, "epoch": [1, 2, 3],
+                               "step": [80, 160, 240], "train_sampled": [0.9, 0.1, 0.1]})
+    # steps 1-80 hold the 64 warm-up steps (all SAM) and 72 - 64 = 8 sampled ones; then 8 and 8
+    assert terms.vsam_share_after_warmup(steps_mode) == pytest.approx(24 / 176)
+    assert terms.describe(steps_mode) == "37% of steps (14% after warm-up)"
+    epochs_mode = steps_mode.drop(columns="step").assign(epoch=[0, 1, 2], train_sampled=[1.0, 0.2, 0.1])
+    assert terms.describe(epochs_mode) == "43% of steps (15% after warm-up)"
+    inside = steps_mode.assign(step=[20, 40, 64], train_sampled=1.0)
+    assert terms.vsam_share_after_warmup(inside) is None and terms.describe(inside) == "100% of steps"
