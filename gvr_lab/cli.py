@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -231,6 +232,7 @@ def cmd_run(args) -> int:
     from .runner import NotebookFailed, run_notebook, saved_outputs
 
     os.environ.update(executor_environment(args))
+    started = time.time()
     try:
         run_dir = run_notebook(args.notebook, parse_params(args.p), preset=args.preset, params_file=args.f,
                                force=args.force, runs_root=args.runs_root, log_output=args.log_output)
@@ -240,7 +242,9 @@ def cmd_run(args) -> int:
     saved = saved_outputs(run_dir)
     for table in saved.tables:
         print(Path(table).read_text())
-    print("wrote:" + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing"))
+    executed = (run_dir / "DONE").stat().st_mtime >= started  # else skipped: nothing changed since it ran
+    print(("wrote:" if executed else "unchanged since its last execution (--force redraws), which wrote:")
+          + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing"))
     print(f"executed notebook: {shown(run_dir / 'executed.ipynb')}")
     return 0
 

@@ -276,7 +276,8 @@ VERDICT_COLORS = {"holds": "#1b9e77", "contradicted": "#d95f02", "not resolved":
 def forest(panels: dict[str, list]):
     """Paired differences (method - baseline, over seeds) with their 95% CIs, one row per claim and
     one panel per unit (accuracy points, a time ratio): a claim "greater" holds when its whole bar is
-    right of 0; a parity claim when its bar lies inside the shaded margin. Colour = verdict."""
+    right of 0; a parity claim when its bar lies inside the shaded margin. Colour = verdict; a hollow
+    dot = a claim whose premise does not hold, its verdict withheld whatever its bar shows."""
     heights = [max(1, len(c)) for c in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
@@ -286,7 +287,7 @@ def forest(panels: dict[str, list]):
             color = VERDICT_COLORS[c.verdict]
             if not np.isnan(c.ci_low):
                 ax.plot([c.ci_low, c.ci_high], [y, y], color=color, lw=2.2, solid_capstyle="butt")
-            ax.plot([c.diff_mean], [y], "o", color=color, ms=6)
+            ax.plot([c.diff_mean], [y], "o", color=color, ms=6, mfc="white" if c.verdict != c.ci_verdict else color)
             if c.direction == "parity":
                 ax.fill_betweenx([y - 0.35, y + 0.35], -c.margin, c.margin, color=color, alpha=0.15, lw=0)
         ax.axvline(0, color="#3b3b3b", lw=0.8)
@@ -297,7 +298,9 @@ def forest(panels: dict[str, list]):
         ax.grid(axis="y", visible=False)
     handles = [plt.Line2D([], [], color=color, marker="o", lw=2.2, label=verdict)
                for verdict, color in VERDICT_COLORS.items()]
-    axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=3, frameon=False, fontsize=8)
+    handles.append(plt.Line2D([], [], color=VERDICT_COLORS["not resolved"], marker="o", mfc="white", lw=0,
+                              label="not resolved: its premise does not hold"))
+    axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
 

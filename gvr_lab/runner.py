@@ -11,7 +11,9 @@ Added on top of papermill's Python API:
 * a UsageError raised inside the notebook (a grid that does not validate, checked before its first
   run trains; a figure of a method whose term never acted) reported as bad input, the partial
   notebook not kept; any other failure a one-line report of the failed cell, the partial notebook kept;
-* completed executions skipped unless forced;
+* a completed execution skipped while neither the notebook nor the package changed since and every
+  file it saved is still there (its figures are then the ones it drew); otherwise, or forced, executed again, which reuses every
+  finished training run and so only redraws;
 * what the notebook saved (its tables and the paths of every file), read back from its outputs.
 
 Each execution goes to runs/notebooks/<notebook>-<variant>-<hash>/ with executed.ipynb,
@@ -109,7 +111,9 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
 
     nb, decl, inject, resolved = prepare(path, params, preset, params_file)
     run_dir = run_dir_for(decl.path.stem, resolved, Path(runs_root))
-    if (run_dir / "DONE").is_file() and not force:
+    code = code_digest(decl.path)
+    if (not force and (run_dir / "DONE").is_file() and read_json(run_dir / "DONE").get("code") == code
+            and all(Path(p).is_file() for p in saved_outputs(run_dir).paths)):
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
@@ -132,9 +136,16 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    write_json(work / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1)})
+    write_json(work / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1), "code": code})
     replace_dir(work, run_dir)
     return run_dir
+
+
+def code_digest(notebook: Path) -> str:
+    """What an execution's figures depend on besides its parameters: the notebook's text and the
+    package's source (a fix to a plot or a statistic must reach the committed figures)."""
+    sources = [notebook, *sorted(Path(__file__).parent.rglob("*.py"))]
+    return digest({str(p.relative_to(p.parents[1])): p.read_text() for p in sources})
 
 
 def replace_dir(new: Path, old: Path) -> None:

@@ -17,6 +17,11 @@ Verdicts, from the CI, never typed:
                          contradicted if it lies wholly outside it, else "not resolved"
 
 With fewer than 2 paired values there is no interval: the verdict is "not resolved".
+
+A claim can rest on another: "LB+GN recovers most of the SB-LB gap" means nothing where SB does
+not beat LB. Given `premise=` (the comparison it rests on), its verdict is the CI's own only when
+the premise holds; otherwise it is "not resolved", with the CI's own verdict and the premise's kept
+beside it (`ci_verdict`, `premise`), so the difference is still reported but never read as support.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Comparison:
     n: int  # paired seeds
     verdict: str
     values: dict = field(default_factory=dict)  # {seed: (method, baseline)}, the paired values themselves
+    ci_verdict: str = ""  # what the CI alone says (differs from verdict only when a premise fails)
+    premise: str = ""  # "claim: verdict" of the comparison this claim rests on, if any
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,16 +98,19 @@ def verdict(direction: str, low: float, high: float, margin: float = 0.0) -> str
 
 
 def compare(claim: str, method: dict, baseline: dict, direction: str = "greater", margin: float = 0.0,
-            bootstrap: bool = False) -> Comparison:
-    """A claim about `method` against `baseline`, each {seed: value}, paired by seed."""
+            bootstrap: bool = False, premise: Comparison | None = None) -> Comparison:
+    """A claim about `method` against `baseline`, each {seed: value}, paired by seed; resting on
+    `premise` if given (its verdict counts only where the premise holds)."""
     if direction == "parity" and margin <= 0:
         raise UsageError(f"claim {claim!r}: a parity claim needs a margin > 0 (how close counts as comparable)")
     seeds, m, b = paired_differences(method, baseline)
     diff, low, high = mean_ci(m - b, bootstrap=bootstrap)
+    own = verdict(direction, low, high, margin)
     return Comparison(claim, direction, margin if direction == "parity" else 0.0,
                       float(b.mean()) if len(b) else math.nan, float(m.mean()) if len(m) else math.nan,
-                      diff, low, high, len(m), verdict(direction, low, high, margin),
-                      {s: (float(x), float(y)) for s, x, y in zip(seeds, m, b)})
+                      diff, low, high, len(m), own if premise is None or premise.verdict == "holds" else "not resolved",
+                      {s: (float(x), float(y)) for s, x, y in zip(seeds, m, b)}, own,
+                      "" if premise is None else f"{premise.claim}: {premise.verdict}")
 
 
 # ---------------------------------------------------------------------- claims, from a study's runs
@@ -125,7 +135,8 @@ def seedwise(function, *arms: dict) -> dict:
 
 def claims_table(rows: list[tuple[Comparison, str, int]]) -> "pd.DataFrame":
     """One row per claim: (comparison, the paper's number beside it, decimals of ours), with our
-    means, the paired difference and its 95% CI, n and the verdict."""
+    means, the paired difference and its 95% CI, n and the verdict; a claim whose premise does not
+    hold names it and what its CI alone would say."""
     import pandas as pd
 
     out = []
@@ -136,5 +147,6 @@ def claims_table(rows: list[tuple[Comparison, str, int]]) -> "pd.DataFrame":
                     "ours: method vs baseline": f"{fmt.format(c.method_mean)} vs {fmt.format(c.baseline_mean)}",
                     "difference [95% CI]": f"{c.diff_mean:+.{digits}f} {ci}",
                     "margin": fmt.format(c.margin) if c.direction == "parity" else "",
-                    "n": c.n, "verdict": c.verdict})
+                    "n": c.n, "verdict": c.verdict if c.verdict == c.ci_verdict else
+                    f"{c.verdict}: rests on '{c.premise}' (CI alone: {c.ci_verdict})"})
     return pd.DataFrame(out)

@@ -184,6 +184,7 @@ def recovered(name: str) -> str:
     return f"{paper_novack[name]:.2f} ({100 * share:.0f}% of the gap)"
 
 
+sb_beats_lb = stats.compare("SB beats LB at equal steps", acc["SB"], acc["LB"])
 accuracy_claims = [
     (stats.compare("GVR beats SGD", acc["GVR"], acc["SGD"]), "79.09 vs 78.00 (CIFAR-100, 1 seed)"),
     (stats.compare("GVR beats two-view SGD (alpha 0)", acc["GVR"], acc["two-view SGD (alpha 0)"]), "not measured"),
@@ -192,14 +193,14 @@ accuracy_claims = [
     (stats.compare("SAM beats SGD", acc["SAM"], acc["SGD"]), "gains reported (CIFAR), other setting"),
     (stats.compare(f"vSAM is comparable to SAM (within {parity_margin} points)", acc["vSAM"], acc["SAM"],
                    "parity", parity_margin), "comparable"),
-    (stats.compare("SB beats LB at equal steps", acc["SB"], acc["LB"]),
-     f"{paper_novack['SB']:.2f} vs {paper_novack['LB']:.2f}"),
-    *((stats.compare(f"{name} recovers most of the SB-LB gap", acc[name], midpoint), recovered(name))
-      for name in ("LB+GN", "LB+FT")),
-    *((stats.compare(f"{name} does not recover most of the gap", acc[name], midpoint, "less"), recovered(name))
-      for name in ("LB+AJ", "LB+UJ")),
-    *((stats.compare(f"{name} recovers part of the gap (beats LB)", acc[name], acc["LB"]), recovered(name))
-      for name in ("IterGraft", "ExterGraft", "NGD")),
+    (sb_beats_lb, f"{paper_novack['SB']:.2f} vs {paper_novack['LB']:.2f}"),
+    # recovering a gap presumes one: these verdicts count only where SB beats LB here
+    *((stats.compare(f"{name} recovers most of the SB-LB gap", acc[name], midpoint, premise=sb_beats_lb),
+       recovered(name)) for name in ("LB+GN", "LB+FT")),
+    *((stats.compare(f"{name} does not recover most of the gap", acc[name], midpoint, "less", premise=sb_beats_lb),
+       recovered(name)) for name in ("LB+AJ", "LB+UJ")),
+    *((stats.compare(f"{name} recovers part of the gap (beats LB)", acc[name], acc["LB"], premise=sb_beats_lb),
+       recovered(name)) for name in ("IterGraft", "ExterGraft", "NGD")),
     (stats.compare(f"LB+GN at m={sb_batch} beats m={large_m} (its gap grows with m)", acc["LB+GN"],
                    acc[f"LB+GN m={large_m}"]), "qualitative (figure)"),
 ]

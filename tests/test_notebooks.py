@@ -104,6 +104,10 @@ def test_runner_executes_injects_and_skips_completed(tmp_path):
     stamp = (run_dir / "executed.ipynb").stat().st_mtime_ns
     assert run_notebook(nb, {"rate": 2}, params_file=str(params_file), runs_root=tmp_path / "runs") == run_dir
     assert (run_dir / "executed.ipynb").stat().st_mtime_ns == stamp  # skipped
+    nb.write_text(nb.read_text() + "\n# %%\nprint('a changed plot')\n")
+    run_notebook(nb, {"rate": 2}, params_file=str(params_file), runs_root=tmp_path / "runs")
+    assert "a changed plot" in (run_dir / "executed.ipynb").read_text()  # a changed notebook executes again
+    stamp = (run_dir / "executed.ipynb").stat().st_mtime_ns
     run_notebook(nb, {"rate": 2}, params_file=str(params_file), runs_root=tmp_path / "runs", force=True)
     assert (run_dir / "executed.ipynb").stat().st_mtime_ns != stamp  # --force executes again
 
@@ -166,6 +170,11 @@ def test_run_uses_this_python_and_prints_the_table_and_paths(tmp_path, capfd, mo
     assert "without encryption" not in err and "Traceback" not in err
     executed = next((tmp_path / "runs").glob("*/executed.ipynb")).read_text()
     assert f"kernel python: {sys.executable}" in executed
+    assert main(argv) == 0  # nothing changed: skipped, and it says so
+    assert "unchanged since its last execution (--force redraws), which wrote:" in capfd.readouterr().out
+    (tmp_path / "figs" / "toy" / "table.md").unlink()  # a file it saved is gone: executed again, redrawn
+    assert main(argv) == 0
+    assert "\nwrote:\n" in capfd.readouterr().out and (tmp_path / "figs" / "toy" / "table.md").is_file()
 
 
 # ---------------------------------------------------------------------- grids, outside a kernel

@@ -90,3 +90,20 @@ def test_claims_from_runs_pair_seeds_and_name_missing_arms():
     with pytest.raises(UsageError, match="no runs labelled 'FT'; labels: SB, LB, GN"):
         by_seed(runs, "FT")
     assert seedwise(lambda a, b: a - b, {0: 1.0, 2: 5.0}, {0: 0.5, 1: 3.0}) == {0: 0.5}
+
+
+def test_a_claim_resting_on_a_premise_that_does_not_hold_is_not_resolved_whatever_its_ci():
+    from gvr_lab.stats import claims_table
+
+    gap = {0: 2.0, 1: 2.5, 2: 3.0}  # method - baseline of the premise, clearly positive
+    no_gap = {0: 2.0, 1: -2.5, 2: 0.5}
+    zero = {0: 0.0, 1: 0.0, 2: 0.0}
+    recovered = {0: 1.0, 1: 1.2, 2: 1.1}  # its own CI excludes 0: holds on its own
+    for premise_diff, expected in ((gap, "holds"), (no_gap, "not resolved")):
+        premise = compare("SB beats LB", premise_diff, zero)
+        c = compare("GN recovers the gap", recovered, zero, premise=premise)
+        assert c.ci_verdict == "holds" and c.verdict == expected
+    assert c.premise == "SB beats LB: not resolved"
+    verdict = claims_table([(c, "", 1)]).loc[0, "verdict"]
+    assert verdict == "not resolved: rests on 'SB beats LB: not resolved' (CI alone: holds)"
+    assert compare("x", recovered, zero).ci_verdict == "holds"  # no premise: the CI's own verdict
