@@ -303,7 +303,10 @@ def check_run_dir(run_dir: Path, config: Config) -> dict | None:
         return None
     stored = results.read_json(path)
     new = config.identity()
-    changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k) != new[k])
+    # a field added to Config after the run was made is absent there: the run had its default
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(Config)}
+    changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k, defaults.get(k)) != new[k])
     if changed:
         k = changed[0]
         raise UsageError(f"run directory {run_dir} holds a different run ({k}: {stored.get(k)!r} there, "

@@ -191,3 +191,13 @@ def test_curvature_every_and_kept_checkpoints(tiny_config, tmp_path):
     assert run.history["hessian_trace"].iloc[1] == pytest.approx(measured["trace"], rel=1e-5)
     with pytest.raises(UsageError, match="keep_checkpoints must list evaluation numbers >= 1"):
         tiny_config(keep_checkpoints=[0])
+
+
+def test_a_run_made_before_a_config_field_existed_is_still_this_run(tmp_path):
+    config = Config(out_dir=str(tmp_path / "run"), epochs=1)
+    (tmp_path / "run").mkdir()
+    older = {k: v for k, v in config.identity().items() if k not in ("curvature_every", "keep_checkpoints")}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(older))
+    assert training.check_run_dir(tmp_path / "run", config) == older  # absent there = its default
+    with pytest.raises(UsageError, match=r"holds a different run \(curvature_every: None there, 2 now\)"):
+        training.check_run_dir(tmp_path / "run", Config(out_dir=str(tmp_path / "run"), epochs=1, curvature_every=2))
