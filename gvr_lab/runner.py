@@ -225,8 +225,9 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
     for decl, record in entries:
         lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
         if record:
-            lines.append(f"Training: {record['training_runs']} runs, {record['training_time_s']:.0f} s of wall time "
-                         f"on {', '.join(record['devices'])}; the execution that drew these took "
+            lines.append(f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
+                         f"times summing to {record['training_time_s']:.0f} s (runs under Ray overlap); the "
+                         "execution that drew these took "
                          f"{record['wall_time_s']:.0f} s.")
         lines.append("")
         for stem, what in decl.outputs.items():
