@@ -270,6 +270,7 @@ def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
 
 # ---------------------------------------------------------------------- claims
 
+LABELS["training_s"] = "training time (s)"
 VERDICT_COLORS = {"holds": "#1b9e77", "contradicted": "#d95f02", "not resolved": "#7570b3"}
 
 

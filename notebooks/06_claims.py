@@ -89,8 +89,6 @@ runs_root: str = ""  # training runs; empty: runs/<preset>/claims/<digest of the
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
-import pandas as pd
-
 import gvr_lab as gl
 from gvr_lab import plots, stats
 
@@ -177,15 +175,10 @@ final = plots.with_best(runs)
 # training time: the epochs' (epochs mode) or the evaluation intervals' (steps mode) time, evaluation excluded
 timed = runs[[c for c in ("epoch_time_s", "interval_time_s") if c in runs]].sum(axis=1)
 final["training_s"] = final["run_dir"].map(timed.groupby(runs["run_dir"]).sum())
-arm_rows = []
-for label, rows in final.groupby("label", sort=False):
-    acc, acc_low, acc_high = stats.mean_ci(100 * rows["test_acc"].to_numpy())
-    secs, secs_low, secs_high = stats.mean_ci(rows["training_s"].to_numpy())
-    arm_rows.append({"arm": label, "method": rows["method"].iloc[0], "runs": len(rows),
-                     "completed": int((rows["status"] == "completed").sum()),
-                     "test accuracy (%)": f"{acc:.2f} [{acc_low:.2f}, {acc_high:.2f}]",
-                     "training time (s)": f"{secs:.1f} [{secs_low:.1f}, {secs_high:.1f}]"})
-arms = pd.DataFrame(arm_rows)
+arms = plots.mean_ci(final, ["label", "method"], ["test_acc", "training_s"], digits=4).rename(
+    columns={"label": "arm", "seeds": "runs"})
+arms["completed"] = final.groupby("label", sort=False)["status"].agg(lambda s: int((s == "completed").sum())).to_numpy()
+arms = arms[["arm", "method", "runs", "completed", "test accuracy (%)", "training time (s)"]]
 study.save_table(arms, "arms", "Every arm of the claims study", runs, spread="mean [95% Student t CI] over seeds")
 
 # %% [markdown]
