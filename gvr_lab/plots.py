@@ -188,12 +188,11 @@ def provenance(runs: pd.DataFrame, preset: str, spread: str = "") -> str:
 
     subsets = sorted({int(n) for n in final["train_subset"]})
     images = listing(f"{n:,}" if n else "all" for n in subsets) + " training images"
-    has_step = final["step"].notna() if "step" in final else pd.Series(False, index=final.index)
-    done = [int(step) if stepped else int(e + 1) * int(spe)
-            for stepped, step, e, spe in zip(has_step, final.get("step", has_step), final["epoch"],
-                                             final["steps_per_epoch"])]
-    epochs = sorted({f"{d / spe:.3g}" for d, spe in zip(done, final["steps_per_epoch"])}, key=float)
-    epochs = f"{listing(epochs)} epoch{'' if epochs == ['1'] else 's'}"
+    per_epoch = final["steps_per_epoch"].astype(int)
+    done = (final["epoch"].astype(int) + 1) * per_epoch
+    if "step" in final:  # a steps-mode run (Config.steps) can stop inside an epoch
+        done = final["step"].fillna(done).astype(int)
+    epochs = counted((d // n if d % n == 0 else float(f"{d / n:.3g}") for d, n in zip(done, per_epoch)), "epoch")
     steps = counted(done, "optimizer step")
     per_curve = sorted(set(final.groupby("label").size()))
     seeds = sorted({int(s) for s in final["seed"]})

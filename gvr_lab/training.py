@@ -304,8 +304,7 @@ def check_run_dir(run_dir: Path, config: Config) -> dict | None:
     stored = results.read_json(path)
     new = config.identity()
     # a field added to Config after the run was made is absent there: the run had its default
-    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                for f in dataclasses.fields(Config)}
+    defaults = Config().identity()
     changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k, defaults.get(k)) != new[k])
     if changed:
         k = changed[0]
