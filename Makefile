@@ -15,7 +15,7 @@ BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 
   iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
   sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
 
-.PHONY: setup venv demo test test-fast lab figures bench clean
+.PHONY: setup venv demo test test-fast lint fmt lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -57,13 +57,23 @@ figures: setup
 # Every test: what CI runs, under 15 minutes on 2 cores. --dist loadgroup runs the tests of one
 # xdist_group on one worker (its module fixtures once: test_data_parallel's torchrun launch, the CUDA
 # tier's reference runs); pyproject pins pytest below 9.2, which ignores the groups.
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The tests to run after each edit, under 2 minutes on 2 cores: all but those marked slow (end-to-end
 # training, notebooks, the CLI or torchrun as a process; tests/conftest.py keeps the marker honest).
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+
+# ruff's linter and formatter, configured in pyproject.toml: `make lint` checks (test and test-fast
+# run it first), `make fmt` rewrites the files in place.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
 bench: setup

@@ -11,9 +11,26 @@ from .results import load_runs
 from .training import Config, GridRuns, Run, grid_configs, train, train_configs, train_grid
 
 __all__ = [
-    "Batch", "Config", "GridRuns", "Method", "RayOptions", "Run", "Study", "UsageError", "create_method", "create_model",
-    "curvature", "grid_configs", "list_datasets", "list_methods", "list_models", "load_runs", "register_method", "train",
-    "train_configs", "train_grid",
+    "Batch",
+    "Config",
+    "GridRuns",
+    "Method",
+    "RayOptions",
+    "Run",
+    "Study",
+    "UsageError",
+    "create_method",
+    "create_model",
+    "curvature",
+    "grid_configs",
+    "list_datasets",
+    "list_methods",
+    "list_models",
+    "load_runs",
+    "register_method",
+    "train",
+    "train_configs",
+    "train_grid",
 ]
 
 

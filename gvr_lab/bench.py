@@ -2,12 +2,13 @@
 
 Every method gets its own model (same seed), optimizer and a fixed device-resident batch of the
 requested shape, made by the training loader (random uint8 images, crop, flip, Cutout); the loader
-alone is timed too (the "data" row: its ratio is the data share of an sgd step). After warm-up, rounds of `steps` steps are timed per method with the order
-shuffled each round (a shared CPU drifts; interleaving spreads the drift over all methods), using
-CUDA events on a GPU and perf_counter on the CPU, and the median over rounds is reported. Methods
-that log "sampled" (vsam, looksam) also report the measured fraction p of two-pass steps, and
-their ratio is to be read against 1 + p (vSAM samples per window of `window` steps and its first
-window after warm-up has no SAM step, so give it several windows: rounds x steps >> window).
+alone is timed too (the "data" row: its ratio is the data share of an sgd step). After warm-up,
+rounds of `steps` steps are timed per method with the order shuffled each round (a shared CPU
+drifts; interleaving spreads the drift over all methods), using CUDA events on a GPU and
+perf_counter on the CPU, and the median over rounds is reported. Methods that log "sampled" (vsam,
+looksam) also report the measured fraction p of two-pass steps, and their ratio is to be read
+against 1 + p (vSAM samples per window of `window` steps and its first window after warm-up has no
+SAM step, so give it several windows: rounds x steps >> window).
 
     gvr-lab bench --model resnet18 --shape 3x32 --batch-size 128 --device cuda \
         --methods sgd sam vsam gvr:penalty=closed_form,target=fc reg_loss:hvp=fd
@@ -22,10 +23,9 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
-
-from pathlib import Path
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
 from .methods import METHODS as METHOD_NAMES
@@ -83,20 +83,33 @@ class HessianVectorProduct:
         self.objective(self.model, [(batch.x, batch.y)]).hvp(self.v)
         self.model.train()
         return {}
+
+
 TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
-def bench_loader(channels: int, size: int, num_classes: int, batch_size: int, settings: DeviceSettings,
-                 views: int, batches: int = 1) -> DeviceLoader:
+def bench_loader(
+    channels: int, size: int, num_classes: int, batch_size: int, settings: DeviceSettings, views: int, batches: int = 1
+) -> DeviceLoader:
     """The training loader over random uint8 images of the shape, with the GVR code's augmentation:
     what feeds a real run, device-resident."""
     g = torch.Generator().manual_seed(SEED)
     n = batches * batch_size
-    split = Split(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
-                  torch.randint(0, num_classes, (n,), generator=g))
+    split = Split(
+        torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
+        torch.randint(0, num_classes, (n,), generator=g),
+    )
     info = DatasetInfo("bench", num_classes, channels, size, (0.5,) * channels, (0.25,) * channels)
-    return DeviceLoader(split, info, batch_size=batch_size, device=settings.device, augment=Augment(cutout_p=0.5),
-                        views=views, seed=SEED, channels_last=settings.channels_last)
+    return DeviceLoader(
+        split,
+        info,
+        batch_size=batch_size,
+        device=settings.device,
+        augment=Augment(cutout_p=0.5),
+        views=views,
+        seed=SEED,
+        channels_last=settings.channels_last,
+    )
 
 
 class Clock:
@@ -119,10 +132,22 @@ class Clock:
         return 1000 * (time.perf_counter() - self.t0)
 
 
-def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: int, methods: list[tuple[str, dict]],
-              device: str = "cpu", precision: str = "auto", compile: bool = False, steps: int = 5,
-              warmup: int = 3, rounds: int = 5, profile: bool = False,
-              cuda_settings: bool = False, hvp: bool = False) -> dict:
+def run_bench(
+    model: str,
+    shape: tuple[int, int],
+    num_classes: int,
+    batch_size: int,
+    methods: list[tuple[str, dict]],
+    device: str = "cpu",
+    precision: str = "auto",
+    compile: bool = False,
+    steps: int = 5,
+    warmup: int = 3,
+    rounds: int = 5,
+    profile: bool = False,
+    cuda_settings: bool = False,
+    hvp: bool = False,
+) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -134,9 +159,20 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
 
     def config_of(name: str, hp: dict) -> Config:
         # The optimizer settings of a CIFAR run; model, optimizer and method are built as training builds them.
-        return Config(model=model, method=name, method_args=hp, batch_size=batch_size, lr=0.01, momentum=0.9,
-                      weight_decay=5e-4, seed=SEED, device=device, precision=precision, compile=compile,
-                      cuda_settings=cuda_settings)
+        return Config(
+            model=model,
+            method=name,
+            method_args=hp,
+            batch_size=batch_size,
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=5e-4,
+            seed=SEED,
+            device=device,
+            precision=precision,
+            compile=compile,
+            cuda_settings=cuda_settings,
+        )
 
     settings = DeviceSettings.of(config_of("sgd", {}), dev)
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
@@ -150,8 +186,9 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
     entries = []
     for name, hp in parsed:
         hp = fit_to_batch(name, hp, batch_size)
-        entries.append(make_entry(name, hp, name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else ""),
-                             batch))
+        entries.append(
+            make_entry(name, hp, name + (":" + ",".join(f"{k}={v}" for k, v in hp.items()) if hp else ""), batch)
+        )
     if any(e["method"].views == 2 for e in entries):
         # Two-view methods (gvr) pass 2B images per step: their fair reference is sgd on both views.
         both = Batch(torch.cat([batch.x, batch.x2]), torch.cat([batch.y, batch.y]), torch.cat([batch.index] * 2))
@@ -181,8 +218,7 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
             entry["times"].append(clock.stop_ms() / steps)
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
-    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, views=1,
-                                          batches=steps)
+    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, views=1, batches=steps)
     for r in range(rounds):  # the loader alone: what an sgd step waits for its batch
         batches = loader.epoch(r)
         clock.start()
@@ -195,21 +231,41 @@ def run_bench(model: str, shape: tuple[int, int], num_classes: int, batch_size: 
 
     def result(label: str, times: list[float], peak: float, sampled: list[torch.Tensor]) -> Result:
         ms = statistics.median(times)
-        return Result(label, ms, min(times), 1000 * batch_size / ms, ms / 1000 * EPOCH_IMAGES / batch_size,
-                      ms / sgd_ms, peak, float(torch.stack(sampled).mean()) if sampled else None)
+        return Result(
+            label,
+            ms,
+            min(times),
+            1000 * batch_size / ms,
+            ms / 1000 * EPOCH_IMAGES / batch_size,
+            ms / sgd_ms,
+            peak,
+            float(torch.stack(sampled).mean()) if sampled else None,
+        )
 
     results = [result(e["label"], e["times"], e["peak"], e["sampled"]) for e in entries]
     results.append(result(DATA_LABEL, data_times, float("nan"), []))
     profiles = {e["label"]: profile_steps(e["method"], e["batch"], steps, dev) for e in entries} if profile else {}
     return {
-        "setup": {"model": model, "shape": f"{channels}x{size}", "batch_size": batch_size, "device": str(dev),
-                  "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
-                  "threads": torch.get_num_threads(),
-                  "precision": "bf16" if settings.amp_dtype is not None else "fp32",
-                  "channels_last": settings.channels_last, "fused_sgd": settings.fused, "compile": compile,
-                  "steps": steps, "warmup": warmup, "rounds": rounds, "torch": torch.__version__,
-                  "python": platform.python_version(), "load_average": [round(load_before, 2),
-                                                                         round(os.getloadavg()[0], 2)]},
+        "setup": {
+            "model": model,
+            "shape": f"{channels}x{size}",
+            "batch_size": batch_size,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else (platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(),
+            "precision": "bf16" if settings.amp_dtype is not None else "fp32",
+            "channels_last": settings.channels_last,
+            "fused_sgd": settings.fused,
+            "compile": compile,
+            "steps": steps,
+            "warmup": warmup,
+            "rounds": rounds,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
         "results": [asdict(r) for r in results],
         "profiles": profiles,
     }
@@ -232,15 +288,19 @@ def profile_steps(method, batch, steps: int, device: torch.device) -> str:
 
 def format_table(report: dict) -> str:
     s = report["setup"]
-    lines = [f"# {s['model']} {s['shape']} batch {s['batch_size']} on {s['device']} ({s['device_name']}, "
-             f"{s['threads']} threads), {s['precision']}, compile={s['compile']}, torch {s['torch']}; "
-             f"median of {s['rounds']} rounds x {s['steps']} steps",
-             "| method | ms/step (median) | ms/step (min) | img/s | s per 50k epoch | x sgd | peak MiB | p (two-pass) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {s['model']} {s['shape']} batch {s['batch_size']} on {s['device']} ({s['device_name']}, "
+        f"{s['threads']} threads), {s['precision']}, compile={s['compile']}, torch {s['torch']}; "
+        f"median of {s['rounds']} rounds x {s['steps']} steps",
+        "| method | ms/step (median) | ms/step (min) | img/s | s per 50k epoch | x sgd | peak MiB | p (two-pass) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         p = "" if r["sampled_fraction"] is None else f"{r['sampled_fraction']:.2f}"
-        lines.append(f"| {r['label']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | {r['images_per_s']:.0f} | "
-                     f"{r['s_per_epoch']:.2f} | {r['ratio_to_sgd']:.2f} | {r['peak_mem_mb']:.0f} | {p} |")
+        lines.append(
+            f"| {r['label']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | {r['images_per_s']:.0f} | "
+            f"{r['s_per_epoch']:.2f} | {r['ratio_to_sgd']:.2f} | {r['peak_mem_mb']:.0f} | {p} |"
+        )
     for label, table in report.get("profiles", {}).items():
         lines += ["", f"## profile: {label} ({s['steps']} steps)", table]
     return "\n".join(lines)
@@ -264,8 +324,10 @@ TARGETS = [
     ("fish_loss fd <= 2.1x pseudo_gd", ("fish_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
     ("avg_jac_loss fd <= 2.1x pseudo_gd", ("avg_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
     ("unit_jac_loss fd <= 2.1x pseudo_gd", ("unit_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
-    *[(f"{name} exact <= 3.5x pseudo_gd", (name, {"hvp": "exact"}), ("pseudo_gd", {}), 3.5)
-      for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")],
+    *[
+        (f"{name} exact <= 3.5x pseudo_gd", (name, {"hvp": "exact"}), ("pseudo_gd", {}), 3.5)
+        for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")
+    ],
     ("data < 5% of an sgd step", (DATA_LABEL, {}), ("sgd", {}), 0.05),
     ("one Hessian-vector product ~ 2x an sgd step", (HVP_LABEL, {}), ("sgd", {}), 2.0),
 ]
@@ -285,8 +347,10 @@ def find_row(rows: list[dict], spec: tuple[str, dict]) -> dict | None:
     for row in rows:
         row_name, hp = label_spec(row["label"])
         # A hyper-parameter not in the label has its default: hvp 'exact', penalty 'exact', ...
-        if row_name == name and all(hp.get(k, method_class(name).hparams.get(k) if name in METHOD_NAMES else None)
-                                    == v for k, v in wanted.items()):
+        if row_name == name and all(
+            hp.get(k, method_class(name).hparams.get(k) if name in METHOD_NAMES else None) == v
+            for k, v in wanted.items()
+        ):
             return row
     return None
 
@@ -320,17 +384,26 @@ def markdown_report(report: dict, source: str) -> str:
     """The block BENCHMARKS.md holds for a bench JSON: setup, command, table, verdicts."""
     s = report["setup"]
     specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD_LABEL, HVP_LABEL)]
-    command = (f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
-               f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
-               f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']}"
-               f"{' --hvp' if any(r['label'] == HVP_LABEL for r in report['results']) else ''}"
-               f"{' --profile' if report.get('profiles') else ''} --json {source} "
-               f"--into BENCHMARKS.md --methods {' '.join(specs)}")
+    command = (
+        f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
+        f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "
+        f"--rounds {s['rounds']} --steps {s['steps']} --warmup {s['warmup']}"
+        f"{' --hvp' if any(r['label'] == HVP_LABEL for r in report['results']) else ''}"
+        f"{' --profile' if report.get('profiles') else ''} --json {source} "
+        f"--into BENCHMARKS.md --methods {' '.join(specs)}"
+    )
     load = s.get("load_average")
-    lines = [f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "
-             f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps"
-             + (f"; 1-minute load average {load[0]} before, {load[1]} after." if load else "."), "",
-             "```bash", command, "```", "", *format_table({**report, "profiles": {}}).splitlines()[1:]]
+    lines = [
+        f"Measured on {s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, "
+        f"Python {s['python']}; median and minimum over {s['rounds']} rounds of {s['steps']} steps"
+        + (f"; 1-minute load average {load[0]} before, {load[1]} after." if load else "."),
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        *format_table({**report, "profiles": {}}).splitlines()[1:],
+    ]
     for label, table in report.get("profiles", {}).items():
         lines += ["", f"torch.profiler, {label} ({s['steps']} steps):", "", "```text", table.strip("\n"), "```"]
     rows = [] if report.get("profiles") else verdicts(report)  # a profiled run's times carry the profiler

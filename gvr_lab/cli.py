@@ -74,10 +74,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             caster = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=caster, default=None, metavar=f.type.upper())
-    parser.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="a method hyper-parameter, repeatable (see gvr-lab list)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="a keyword for create_model, repeatable")
+    parser.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method hyper-parameter, repeatable (see gvr-lab list)",
+    )
+    parser.add_argument(
+        "--model-arg", action="append", default=[], metavar="KEY=VALUE", help="a keyword for create_model, repeatable"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -124,13 +130,26 @@ def cmd_curvature(args) -> int:
     from .results import write_json
 
     slice_dims = {"none": 0, "1d": 1, "2d": 2}[args.slice]
-    out = measure_run(args.run_dir, args.checkpoint, args.k, args.trace_samples, args.rows, slice_dims, args.toward,
-                      args.bn, args.dtype, args.density, resolve_device(args.device))
+    out = measure_run(
+        args.run_dir,
+        args.checkpoint,
+        args.k,
+        args.trace_samples,
+        args.rows,
+        slice_dims,
+        args.toward,
+        args.bn,
+        args.dtype,
+        args.density,
+        resolve_device(args.device),
+    )
     path = Path(args.out or Path(args.run_dir) / "curvature.json")
     write_json(path, out)
-    print(f"top eigenvalues {', '.join(f'{v:.4g}' for v in out['top_eigenvalues'])}; trace {out['trace']:.4g} "
-          f"+- {out['trace_se']:.2g} (standard error, {out['trace_samples']} probes); {out['hvps']} Hessian-vector "
-          f"products in {out['seconds']:.1f} s on {out['rows']} training rows ({out['bn']} mode, {out['dtype']})")
+    print(
+        f"top eigenvalues {', '.join(f'{v:.4g}' for v in out['top_eigenvalues'])}; trace {out['trace']:.4g} "
+        f"+- {out['trace_se']:.2g} (standard error, {out['trace_samples']} probes); {out['hvps']} Hessian-vector "
+        f"products in {out['seconds']:.1f} s on {out['rows']} training rows ({out['bn']} mode, {out['dtype']})"
+    )
     print(f"wrote {path}")
     return 0
 
@@ -142,15 +161,22 @@ def cmd_train(args) -> int:
     s = run.summary
     print(f"run directory: {run.run_dir}")
     if s["status"] == "diverged":
-        print(f"gvr-lab: diverged at step {s['diverged_step']}: loss {s['diverged_value']}; history kept in "
-              f"{run.run_dir}", file=sys.stderr)
+        print(
+            f"gvr-lab: diverged at step {s['diverged_step']}: loss {s['diverged_value']}; history kept in "
+            f"{run.run_dir}",
+            file=sys.stderr,
+        )
         return 1
     if s["status"] == "stopped":
-        print(f"stopped after step {s['steps_completed']} of {s['total_steps']} (--stop-after): test accuracy "
-              f"{s['final_test_acc']:.4f}; the same command again continues")
+        print(
+            f"stopped after step {s['steps_completed']} of {s['total_steps']} (--stop-after): test accuracy "
+            f"{s['final_test_acc']:.4f}; the same command again continues"
+        )
         return 0
-    print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
-          f"wall time {s['wall_time_s']:.1f} s")
+    print(
+        f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f}), "
+        f"wall time {s['wall_time_s']:.1f} s"
+    )
     return 0
 
 
@@ -168,10 +194,22 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     device = resolve_device(args.device)
     methods = [parse_method_spec(spec) for spec in args.methods]
-    report = run_bench(args.model, (int(channels), int(size)), args.num_classes, args.batch_size, methods,
-                       device=str(device), precision=args.precision, compile=args.compile, steps=args.steps,
-                       warmup=args.warmup, rounds=args.rounds, profile=args.profile, cuda_settings=args.cuda_settings,
-                       hvp=args.hvp)
+    report = run_bench(
+        args.model,
+        (int(channels), int(size)),
+        args.num_classes,
+        args.batch_size,
+        methods,
+        device=str(device),
+        precision=args.precision,
+        compile=args.compile,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        profile=args.profile,
+        cuda_settings=args.cuda_settings,
+        hvp=args.hvp,
+    )
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -190,8 +228,14 @@ def cmd_bench_grid(args) -> int:
         raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
     if args.runs < 1:
         raise UsageError("--runs must be positive")
-    base = dict(dataset=args.dataset, model=args.model, epochs=args.epochs, train_subset=args.train_subset,
-                batch_size=args.batch_size, device="cpu")
+    base = dict(
+        dataset=args.dataset,
+        model=args.model,
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        batch_size=args.batch_size,
+        device="cpu",
+    )
     Config.from_dict(base)  # a bad field is one line before anything trains
     report = run_grid_bench(args.runs, base, args.run_cpus)
     print(grid_markdown(report, args.json or "(not saved)"))
@@ -234,8 +278,15 @@ def cmd_run(args) -> int:
     os.environ.update(executor_environment(args))
     started = time.time()
     try:
-        run_dir = run_notebook(args.notebook, parse_params(args.p), preset=args.preset, params_file=args.f,
-                               force=args.force, runs_root=args.runs_root, log_output=args.log_output)
+        run_dir = run_notebook(
+            args.notebook,
+            parse_params(args.p),
+            preset=args.preset,
+            params_file=args.f,
+            force=args.force,
+            runs_root=args.runs_root,
+            log_output=args.log_output,
+        )
     except NotebookFailed as e:
         print(f"gvr-lab: {e}", file=sys.stderr)
         return 1
@@ -243,8 +294,10 @@ def cmd_run(args) -> int:
     for table in saved.tables:
         print(Path(table).read_text())
     executed = (run_dir / "DONE").stat().st_mtime >= started  # else skipped: nothing changed since it ran
-    print(("wrote:" if executed else "unchanged since its last execution (--force redraws), which wrote:")
-          + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing"))
+    print(
+        ("wrote:" if executed else "unchanged since its last execution (--force redraws), which wrote:")
+        + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing")
+    )
     print(f"executed notebook: {shown(run_dir / 'executed.ipynb')}")
     return 0
 
@@ -272,12 +325,15 @@ def cmd_figures(args) -> int:
             params["runs_root"] = str(Path(args.runs_root, args.preset, decl.name).resolve())
         try:
             # forced: a finished training run is not retrained, so this only redraws its figures
-            run_dir = run_notebook(path, params, preset=args.preset, force=True,
-                                   runs_root=Path(args.runs_root or "runs", "notebooks"))
+            run_dir = run_notebook(
+                path, params, preset=args.preset, force=True, runs_root=Path(args.runs_root or "runs", "notebooks")
+            )
             record = execution_record(run_dir)
             entries.append((decl, record))
-            print(f"{path.name}: {shown(run_dir)} ({record['wall_time_s']:.0f} s; {record['training_runs']} training "
-                  f"runs, {record['training_time_s']:.0f} s)")
+            print(
+                f"{path.name}: {shown(run_dir)} ({record['wall_time_s']:.0f} s; {record['training_runs']} training "
+                f"runs, {record['training_time_s']:.0f} s)"
+            )
         except NotebookFailed as e:
             print(f"gvr-lab: {e}", file=sys.stderr)
             failed += 1
@@ -294,10 +350,15 @@ def cmd_notebooks(args) -> int:
 
 
 def add_executor_flags(parser) -> None:
-    parser.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
-                        help="how the notebook's grids run: one run after another, or as Ray tasks in parallel")
-    parser.add_argument("--ray-address", help="a Ray cluster (auto or HOST:PORT); default: a local instance on "
-                        "this machine's cores")
+    parser.add_argument(
+        "--executor",
+        choices=["sequential", "ray"],
+        default="sequential",
+        help="how the notebook's grids run: one run after another, or as Ray tasks in parallel",
+    )
+    parser.add_argument(
+        "--ray-address", help="a Ray cluster (auto or HOST:PORT); default: a local instance on this machine's cores"
+    )
     parser.add_argument("--run-cpus", type=float, default=1.0, help="CPUs per run under Ray (its torch threads)")
     parser.add_argument("--run-gpus", type=float, default=0.0, help="GPUs per run under Ray (0.25: four per GPU)")
 
@@ -331,11 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     r = sub.add_parser("run", help="execute a notebook headless through papermill")
     r.add_argument("notebook")
-    r.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="a parameter (YAML value: numbers, true/false, [lists]), repeatable")
+    r.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter (YAML value: numbers, true/false, [lists]), repeatable",
+    )
     r.add_argument("-f", metavar="PARAMS.yaml", help="parameters from a YAML file")
-    r.add_argument("--preset", help="one of the notebook's presets (smoke, cpu, gpu, paper; its study cell lists "
-                   "them); default: the one its parameters cell names")
+    r.add_argument(
+        "--preset",
+        help="one of the notebook's presets (smoke, cpu, gpu, paper; its study cell lists "
+        "them); default: the one its parameters cell names",
+    )
     r.add_argument("--force", action="store_true", help="execute again even if this run completed")
     r.add_argument("--runs-root", default="runs/notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebook's output")
@@ -354,13 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")
     b.add_argument("--num-classes", type=int, default=10)
     b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--methods", nargs="+", default=["sgd"], metavar="NAME[:K=V,...]",
-                   help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc")
+    b.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sgd"],
+        metavar="NAME[:K=V,...]",
+        help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc",
+    )
     b.add_argument("--device", default="auto")
-    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA (as training), fp32 on the CPU")
-    b.add_argument("--cuda-settings", action="store_true",
-                   help="the CUDA configuration on any device: fused SGD, channels_last, bf16 under auto")
+    b.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on CUDA (as training), fp32 on the CPU",
+    )
+    b.add_argument(
+        "--cuda-settings",
+        action="store_true",
+        help="the CUDA configuration on any device: fused SGD, channels_last, bf16 under auto",
+    )
     b.add_argument("--compile", action="store_true", help="torch.compile the model where the method allows it")
     b.add_argument("--steps", type=int, default=5, help="steps per timed round")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
@@ -368,8 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of each method")
     b.add_argument("--hvp", action="store_true", help="also time one Hessian-vector product (curvature's unit)")
     b.add_argument("--json", help="also write the report as JSON here")
-    b.add_argument("--into", metavar="FILE.md", help="and write its table and verdicts into this markdown file "
-                   "(in place of the block of the same JSON, else appended): BENCHMARKS.md")
+    b.add_argument(
+        "--into",
+        metavar="FILE.md",
+        help="and write its table and verdicts into this markdown file "
+        "(in place of the block of the same JSON, else appended): BENCHMARKS.md",
+    )
     b.set_defaults(func=cmd_bench)
     bg = sub.add_parser("bench-grid", help="wall time of a grid of short CPU runs: sequential against Ray")
     bg.add_argument("--runs", type=int, default=8, help="runs in the grid (methods sgd, gvr, sam, vsam x seeds)")

@@ -25,8 +25,12 @@ from .errors import UsageError, check_choice
 EXECUTORS = ("sequential", "ray")
 # What `gvr-lab run --executor ...` hands to the notebook's kernel: train_grid reads these when it is
 # not given an executor, so the notebooks themselves need no executor parameter.
-ENVIRONMENT = {"executor": "GVR_LAB_EXECUTOR", "address": "GVR_LAB_RAY_ADDRESS", "run_cpus": "GVR_LAB_RUN_CPUS",
-               "run_gpus": "GVR_LAB_RUN_GPUS"}
+ENVIRONMENT = {
+    "executor": "GVR_LAB_EXECUTOR",
+    "address": "GVR_LAB_RAY_ADDRESS",
+    "run_cpus": "GVR_LAB_RUN_CPUS",
+    "run_gpus": "GVR_LAB_RUN_GPUS",
+}
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,10 @@ class RayOptions:
 
     def __post_init__(self):
         if self.run_cpus <= 0 or self.run_gpus < 0 or self.max_retries < 0:
-            raise UsageError(f"ray resources must be run_cpus > 0, run_gpus >= 0, max_retries >= 0, got "
-                             f"{self.run_cpus}, {self.run_gpus}, {self.max_retries}")
+            raise UsageError(
+                f"ray resources must be run_cpus > 0, run_gpus >= 0, max_retries >= 0, got "
+                f"{self.run_cpus}, {self.run_gpus}, {self.max_retries}"
+            )
         if self.run_gpus > 1 and self.run_gpus != int(self.run_gpus):
             raise UsageError(f"run_gpus above 1 must be a whole number, got {self.run_gpus}")
 
@@ -53,13 +59,15 @@ def resolve_executor(executor: str | None, options: RayOptions | None) -> tuple[
     check_choice("executor", executor, EXECUTORS)
     if executor == "sequential":
         if options is not None:
-            raise UsageError("ray options given for the sequential executor: pass executor=\"ray\"")
+            raise UsageError('ray options given for the sequential executor: pass executor="ray"')
         return executor, None
     if options is None:
         try:
-            options = RayOptions(address=env.get(ENVIRONMENT["address"]) or None,
-                                 run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 1.0),
-                                 run_gpus=float(env.get(ENVIRONMENT["run_gpus"]) or 0.0))
+            options = RayOptions(
+                address=env.get(ENVIRONMENT["address"]) or None,
+                run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 1.0),
+                run_gpus=float(env.get(ENVIRONMENT["run_gpus"]) or 0.0),
+            )
         except ValueError as e:
             raise UsageError(f"bad Ray resources in the environment: {e}") from None
     import_ray()  # a missing extra is one line before anything is submitted
@@ -68,8 +76,12 @@ def resolve_executor(executor: str | None, options: RayOptions | None) -> tuple[
 
 def executor_environment(executor: str, options: RayOptions) -> dict[str, str]:
     """The environment variables that make a notebook kernel's grids run this way."""
-    values = {"executor": executor, "address": options.address or "", "run_cpus": str(options.run_cpus),
-              "run_gpus": str(options.run_gpus)}
+    values = {
+        "executor": executor,
+        "address": options.address or "",
+        "run_cpus": str(options.run_cpus),
+        "run_gpus": str(options.run_gpus),
+    }
     return {ENVIRONMENT[k]: v for k, v in values.items()}
 
 
@@ -128,8 +140,9 @@ def run_grid(configs: list, options: RayOptions, report) -> list[dict]:
     that raises (the run's own error, not a lost worker: those are retried) fails its run only: the
     grid goes on, and the first failure is raised at the end."""
     ray = connect(options)
-    remote = ray.remote(num_cpus=options.run_cpus, num_gpus=options.run_gpus, max_retries=options.max_retries,
-                        retry_exceptions=False)(train_remote)
+    remote = ray.remote(
+        num_cpus=options.run_cpus, num_gpus=options.run_gpus, max_retries=options.max_retries, retry_exceptions=False
+    )(train_remote)
     threads = max(1, math.floor(options.run_cpus))
     report.submitted()
     pending = {remote.remote(dataclasses.asdict(c), threads): i for i, c in enumerate(configs)}
@@ -150,6 +163,7 @@ def run_grid(configs: list, options: RayOptions, report) -> list[dict]:
     if failures:
         config, error = failures[0]
         first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise RuntimeError(f"{len(failures)} run(s) of the grid failed; first: {config.label} seed {config.seed}: "
-                           f"{first}")
+        raise RuntimeError(
+            f"{len(failures)} run(s) of the grid failed; first: {config.label} seed {config.seed}: {first}"
+        )
     return summaries

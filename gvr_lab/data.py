@@ -129,9 +129,7 @@ def read_idx(path: Path, expect_dims: int) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(shape)):
-        raise UsageError(
-            f"corrupt dataset file {path}: header says {shape} but holds {len(body)} bytes (truncated?)"
-        )
+        raise UsageError(f"corrupt dataset file {path}: header says {shape} but holds {len(body)} bytes (truncated?)")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -151,7 +149,9 @@ def load_fashion_mnist(data_dir=None) -> tuple[Split, Split]:
 
 def checked_split(images: np.ndarray, labels: np.ndarray, num_classes: int, img_file, lbl_file) -> Split:
     if len(images) != len(labels):
-        raise UsageError(f"dataset files disagree: {img_file} has {len(images)} images, {lbl_file} {len(labels)} labels")
+        raise UsageError(
+            f"dataset files disagree: {img_file} has {len(images)} images, {lbl_file} {len(labels)} labels"
+        )
     if len(labels) == 0:
         raise UsageError(f"dataset file {lbl_file} holds no examples")
     if labels.max() >= num_classes:
@@ -162,26 +162,42 @@ def checked_split(images: np.ndarray, labels: np.ndarray, num_classes: int, img_
 # --------------------------------------------------------------------------- CIFAR (python pickles)
 
 CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "CIFAR10",
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "CIFAR100",
-                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        "CIFAR10",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        b"fine_labels",
+        "CIFAR100",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
 }
 
 
 def load_cifar(name: str, data_dir=None) -> tuple[Split, Split]:
     folder_name, train_files, test_files, label_key, tv_name, url = CIFAR[name]
     wanted = train_files + test_files
-    folder = next((r / folder_name for r in search_dirs(data_dir)
-                   if all((r / folder_name / f).is_file() for f in wanted)), None)
+    folder = next(
+        (r / folder_name for r in search_dirs(data_dir) if all((r / folder_name / f).is_file() for f in wanted)), None
+    )
     if folder is None:
         where = ", ".join(str(d) for d in search_dirs(data_dir))
-        hint = (f"{name} not found: put the extracted {folder_name}/ folder (from {url}) into one of: {where}"
-                " (or set GVR_LAB_DATA)")
+        hint = (
+            f"{name} not found: put the extracted {folder_name}/ folder (from {url}) into one of: {where}"
+            " (or set GVR_LAB_DATA)"
+        )
         folder = download_with_torchvision(tv_name, data_dir, hint) / folder_name
     num_classes = DATASETS[name].num_classes
-    return tuple(read_cifar_files([folder / f for f in files], label_key, num_classes)
-                 for files in (train_files, test_files))
+    return tuple(
+        read_cifar_files([folder / f for f in files], label_key, num_classes) for files in (train_files, test_files)
+    )
 
 
 def read_cifar_files(paths: list[Path], label_key: bytes, num_classes: int) -> Split:
@@ -273,8 +289,9 @@ NOISE_KINDS = ("symmetric", "asymmetric")
 ASYMMETRIC = {"cifar10": {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}, "fashion_mnist": {0: 6, 2: 4, 4: 2, 5: 7, 7: 9}}
 
 
-def with_label_noise(split: Split, rows: torch.Tensor, fraction: float, kind: str, dataset: str, num_classes: int,
-                     seed: int) -> Split:
+def with_label_noise(
+    split: Split, rows: torch.Tensor, fraction: float, kind: str, dataset: str, num_classes: int, seed: int
+) -> Split:
     """`split` with the labels of `rows` (the examples a run trains on) corrupted, a function of
     `seed` alone, so every method of a seed sees the same noisy labels.
 
@@ -319,16 +336,16 @@ class Draws:
     start: int = 0
 
     @classmethod
-    def of(cls, g: "torch.Generator | Draws", n: int) -> "Draws":
+    def of(cls, g: torch.Generator | Draws, n: int) -> Draws:
         return g if isinstance(g, Draws) else cls(g, n)
 
     def randint(self, high: int, n: int) -> torch.Tensor:
         """(n, 1) ints uniform in [0, high)."""
         drawn = torch.randint(0, high, (self.total, 1), generator=self.g, device=self.g.device)
-        return drawn[self.start:self.start + n]
+        return drawn[self.start : self.start + n]
 
     def rand(self, n: int) -> torch.Tensor:
-        return torch.rand(self.total, generator=self.g, device=self.g.device)[self.start:self.start + n]
+        return torch.rand(self.total, generator=self.g, device=self.g.device)[self.start : self.start + n]
 
 
 def random_crop(x: torch.Tensor, pad: int, g: torch.Generator | Draws) -> torch.Tensor:
@@ -382,16 +399,32 @@ class DeviceLoader:
     as indices into the full split, so per-sample memories stay valid whatever the subset.
     """
 
-    def __init__(self, split: Split, info: DatasetInfo, *, batch_size: int, device: torch.device,
-                 indices: torch.Tensor | None = None, augment: Augment | None = None, views: int = 1,
-                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        info: DatasetInfo,
+        *,
+        batch_size: int,
+        device: torch.device,
+        indices: torch.Tensor | None = None,
+        augment: Augment | None = None,
+        views: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.index = torch.arange(len(split.labels)) if indices is None else indices
         self.images = split.images[self.index].to(device)
         self.labels = split.labels[self.index].to(device)
         # Of these rows, the fraction whose label is not the true one (label noise).
-        self.noisy_fraction = 0.0 if split.clean_labels is None else \
-            float((split.labels[self.index] != split.clean_labels[self.index]).float().mean())
+        self.noisy_fraction = (
+            0.0
+            if split.clean_labels is None
+            else float((split.labels[self.index] != split.clean_labels[self.index]).float().mean())
+        )
         self.index = self.index.to(device)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
@@ -424,7 +457,9 @@ class DeviceLoader:
         """The batches of one epoch; a function of (seed, epoch) only."""
         g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        order = (
+            torch.randperm(n, generator=g, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        )
         local = self.batch_size // self.world_size
         for i in range(len(self)):
             start = i * self.batch_size

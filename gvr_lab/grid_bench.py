@@ -44,33 +44,61 @@ def run_grid_bench(runs: int, base: dict, run_cpus: float) -> dict:
         cluster.import_ray().shutdown()
     cores = os.cpu_count()
     return {
-        "setup": {"runs": len(sequential), "grid": f"{len(variants)} methods ({', '.join(v['method'] for v in variants)})"
-                  f" x {len(seeds)} seeds", "base": base, "cores": cores, "sequential_threads": torch.get_num_threads(),
-                  "run_cpus": run_cpus, "runs_at_once": int(cores // run_cpus), "torch": torch.__version__,
-                  "cpu": platform.processor() or platform.machine(), "load_average": list(os.getloadavg())},
+        "setup": {
+            "runs": len(sequential),
+            "grid": f"{len(variants)} methods ({', '.join(v['method'] for v in variants)}) x {len(seeds)} seeds",
+            "base": base,
+            "cores": cores,
+            "sequential_threads": torch.get_num_threads(),
+            "run_cpus": run_cpus,
+            "runs_at_once": int(cores // run_cpus),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "load_average": list(os.getloadavg()),
+        },
         "wall_s": timings,
         "speedup": timings["sequential"] / timings["ray"],
-        "runs": [{"label": a.config.label, "seed": a.config.seed, "sequential_test_acc": a.summary["final_test_acc"],
-                  "ray_test_acc": b.summary["final_test_acc"], "sequential_run_s": a.summary["wall_time_s"],
-                  "ray_run_s": b.summary["wall_time_s"]} for a, b in zip(sequential, under_ray)],
+        "runs": [
+            {
+                "label": a.config.label,
+                "seed": a.config.seed,
+                "sequential_test_acc": a.summary["final_test_acc"],
+                "ray_test_acc": b.summary["final_test_acc"],
+                "sequential_run_s": a.summary["wall_time_s"],
+                "ray_run_s": b.summary["wall_time_s"],
+            }
+            for a, b in zip(sequential, under_ray)
+        ],
     }
 
 
 def grid_markdown(report: dict, source: str) -> str:
     s = report["setup"]
     base = " ".join(f"{k}={v}" for k, v in s["base"].items())
-    lines = [f"{s['runs']} runs ({s['grid']}; {base}) on {s['cores']} cores ({s['cpu']}), torch {s['torch']}, "
-             f"1-minute load average {s['load_average'][0]:.2f} at the end.", "",
-             "```bash", f"gvr-lab bench-grid --runs {s['runs']} --dataset {s['base']['dataset']} --model {s['base']['model']} "
-             f"--epochs {s['base']['epochs']} --train-subset {s['base']['train_subset']} --batch-size "
-             f"{s['base']['batch_size']} --run-cpus {s['run_cpus']:g} --json {source} --into BENCHMARKS.md", "```", "",
-             "| executor | runs at once | torch threads per run | grid wall time (s) |", "|---|---|---|---|",
-             f"| sequential | 1 | {s['sequential_threads']} | {report['wall_s']['sequential']:.1f} |",
-             f"| ray | {s['runs_at_once']} | {int(s['run_cpus'])} | {report['wall_s']['ray']:.1f} |", "",
-             f"Speed-up, sequential wall time / Ray wall time: {report['speedup']:.2f} "
-             f"({'Ray faster' if report['speedup'] > 1 else 'Ray slower'}).", "",
-             "| run | seed | test acc, sequential | test acc, ray | run time (s), sequential | run time (s), ray |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['seed']} | {100 * r['sequential_test_acc']:.2f} | {100 * r['ray_test_acc']:.2f} | "
-              f"{r['sequential_run_s']:.1f} | {r['ray_run_s']:.1f} |" for r in report["runs"]]
+    lines = [
+        f"{s['runs']} runs ({s['grid']}; {base}) on {s['cores']} cores ({s['cpu']}), torch {s['torch']}, "
+        f"1-minute load average {s['load_average'][0]:.2f} at the end.",
+        "",
+        "```bash",
+        f"gvr-lab bench-grid --runs {s['runs']} --dataset {s['base']['dataset']} --model {s['base']['model']} "
+        f"--epochs {s['base']['epochs']} --train-subset {s['base']['train_subset']} --batch-size "
+        f"{s['base']['batch_size']} --run-cpus {s['run_cpus']:g} --json {source} --into BENCHMARKS.md",
+        "```",
+        "",
+        "| executor | runs at once | torch threads per run | grid wall time (s) |",
+        "|---|---|---|---|",
+        f"| sequential | 1 | {s['sequential_threads']} | {report['wall_s']['sequential']:.1f} |",
+        f"| ray | {s['runs_at_once']} | {int(s['run_cpus'])} | {report['wall_s']['ray']:.1f} |",
+        "",
+        f"Speed-up, sequential wall time / Ray wall time: {report['speedup']:.2f} "
+        f"({'Ray faster' if report['speedup'] > 1 else 'Ray slower'}).",
+        "",
+        "| run | seed | test acc, sequential | test acc, ray | run time (s), sequential | run time (s), ray |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['seed']} | {100 * r['sequential_test_acc']:.2f} | {100 * r['ray_test_acc']:.2f} | "
+        f"{r['sequential_run_s']:.1f} | {r['ray_run_s']:.1f} |"
+        for r in report["runs"]
+    ]
     return "\n".join(lines)

@@ -39,15 +39,24 @@ def install(prefix: str = sys.prefix) -> None:
     path = settings_file(prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(SETTINGS, indent=2) + "\n").encode())
-    print(f"installed the Jupyter kernel {KERNEL!r} ({sys.executable}) and JupyterLab's default viewer for .py "
-          f"files into {prefix}")
+    print(
+        f"installed the Jupyter kernel {KERNEL!r} ({sys.executable}) and JupyterLab's default viewer for .py "
+        f"files into {prefix}"
+    )
 
 
 def lab_command(extra: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that start this checkout's JupyterLab."""
     root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-    command = [sys.executable, "-m", "jupyterlab", *root,
-               f"--FileCheckpoints.checkpoint_dir={REPO / '.ipynb_checkpoints'}", *extra, str(NOTEBOOKS)]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        *root,
+        f"--FileCheckpoints.checkpoint_dir={REPO / '.ipynb_checkpoints'}",
+        *extra,
+        str(NOTEBOOKS),
+    ]
     return command, {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1"}
 
 

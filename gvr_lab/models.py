@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -412,8 +413,9 @@ class TinyCNN(_Classifier):
 
 
 @register_model
-def tiny_cnn(num_classes: int = 10, in_channels: int = 3, bn: bool = False, dropout: float = 0.0,
-             smooth: bool = False) -> nn.Module:
+def tiny_cnn(
+    num_classes: int = 10, in_channels: int = 3, bn: bool = False, dropout: float = 0.0, smooth: bool = False
+) -> nn.Module:
     """Two conv layers + linear head: 10,218 params (3 channels, C=10), 9,930 (1 channel, C=10).
 
     bn=True puts BatchNorm after each conv (+96 params), dropout > 0 drops features before fc: the

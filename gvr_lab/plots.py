@@ -31,22 +31,44 @@ from .results import write_atomic
 
 # Fixed per method, not drawn from a cycle, so a method keeps its colour whichever others share the figure.
 METHOD_COLORS = {
-    "sgd": "#3b3b3b", "pseudo_gd": "#9a9a9a",
-    "gvr": "#0173b2", "sam": "#de8f05", "asam": "#a6761d", "looksam": "#029e73", "esam": "#d55e00",
-    "saf": "#cc78bc", "mesa": "#f0a6d8", "vsam": "#56b4e9",
-    "reg_loss": "#1b9e77", "fish_loss": "#7570b3", "avg_jac_loss": "#e7298a", "unit_jac_loss": "#66a61e",
-    "iter_graft": "#e6ab02", "exter_graft": "#8c564b", "ngd": "#17becf",
+    "sgd": "#3b3b3b",
+    "pseudo_gd": "#9a9a9a",
+    "gvr": "#0173b2",
+    "sam": "#de8f05",
+    "asam": "#a6761d",
+    "looksam": "#029e73",
+    "esam": "#d55e00",
+    "saf": "#cc78bc",
+    "mesa": "#f0a6d8",
+    "vsam": "#56b4e9",
+    "reg_loss": "#1b9e77",
+    "fish_loss": "#7570b3",
+    "avg_jac_loss": "#e7298a",
+    "unit_jac_loss": "#66a61e",
+    "iter_graft": "#e6ab02",
+    "exter_graft": "#8c564b",
+    "ngd": "#17becf",
 }
 OTHER_COLORS = sns.color_palette("tab20", 20).as_hex()  # methods added later, by name
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 LABELS = {
-    "epoch": "epoch", "step": "step", "test_acc": "test accuracy", "train_acc": "training accuracy",
-    "val_acc": "validation accuracy", "best_test_acc": "best test accuracy", "train_loss": "training loss",
-    "test_loss": "test loss", "grad_norm": "gradient norm", "micro_grad_norm": "mean micro-batch gradient norm",
-    "penalty": "penalty", "grad_diff_norm": "||g_a - g_b|| (gradient difference)",
-    "psf_norm": "PSF norm", "epoch_time_s": "time per epoch (s)", "images_per_s": "throughput (images/s)",
+    "epoch": "epoch",
+    "step": "step",
+    "test_acc": "test accuracy",
+    "train_acc": "training accuracy",
+    "val_acc": "validation accuracy",
+    "best_test_acc": "best test accuracy",
+    "train_loss": "training loss",
+    "test_loss": "test loss",
+    "grad_norm": "gradient norm",
+    "micro_grad_norm": "mean micro-batch gradient norm",
+    "penalty": "penalty",
+    "grad_diff_norm": "||g_a - g_b|| (gradient difference)",
+    "psf_norm": "PSF norm",
+    "epoch_time_s": "time per epoch (s)",
+    "images_per_s": "throughput (images/s)",
 }
 
 
@@ -78,8 +100,11 @@ def styles(df: pd.DataFrame, hue: str = "label") -> dict[str, dict]:
     for name, method in df.drop_duplicates(hue)[[hue, "method"]].itertuples(index=False):
         rank = per_method.get(method, 0)
         per_method[method] = rank + 1
-        out[name] = {"color": method_color(method), "linestyle": LINESTYLES[rank % len(LINESTYLES)],
-                     "marker": MARKERS[rank % len(MARKERS)]}
+        out[name] = {
+            "color": method_color(method),
+            "linestyle": LINESTYLES[rank % len(LINESTYLES)],
+            "marker": MARKERS[rank % len(MARKERS)],
+        }
     return out
 
 
@@ -99,8 +124,17 @@ def legend_outside(ax) -> None:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
 
 
-def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: bool = False, title: str = "",
-           points: bool = False, legend: bool = True):
+def curves(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str = "label",
+    ax=None,
+    logy: bool = False,
+    title: str = "",
+    points: bool = False,
+    legend: bool = True,
+):
     """y against x, one curve per hue value: the mean over seeds with a band of one std where a curve
     has more than one seed (with logy, the geometric mean and std). Epochs are counted from 1 (row 0
     holds the metrics after one epoch).
@@ -118,8 +152,16 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: 
     for name, style in styles(data, hue).items():
         rows = data[data[hue] == name]
         if points:
-            ax.plot(rows[x], rows[y] * scale, linestyle="none", marker=style["marker"], markersize=3, alpha=0.7,
-                    color=style["color"], label=name)
+            ax.plot(
+                rows[x],
+                rows[y] * scale,
+                linestyle="none",
+                marker=style["marker"],
+                markersize=3,
+                alpha=0.7,
+                color=style["color"],
+                label=name,
+            )
             continue
         if logy:  # geometric: a band of mean ± std would cross zero, which a log axis cannot show
             grouped = np.log(rows[rows[y] > 0][y] * scale).groupby(rows[x])
@@ -129,7 +171,9 @@ def curves(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, logy: 
             grouped = rows.groupby(x)[y]
             mean, std, count = grouped.mean() * scale, grouped.std() * scale, grouped.count()
             low, high = mean - std, mean + std
-        twin = next((other for other, m in drawn.items() if m.index.equals(mean.index) and np.array_equal(m, mean)), None)
+        twin = next(
+            (other for other, m in drawn.items() if m.index.equals(mean.index) and np.array_equal(m, mean)), None
+        )
         shown = dict(style, marker=style["marker"] if len(mean) < 30 else None, markersize=4)
         if twin is not None:
             shown.update(linestyle=(0, (4, 4)), label=f"{name} (identical to {twin}: drawn over it)")
@@ -160,9 +204,16 @@ def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=No
         many = len(rows) > 1
         at = (xs * rows[x].mean(), ys * rows[y].mean())
         twin = next((other for other, point in drawn.items() if point == at), None)
-        ax.errorbar(*at, xerr=xs * rows[x].std() if many else None, yerr=ys * rows[y].std() if many else None,
-                    marker=style["marker"], color=style["color"], capsize=3, linestyle="none",
-                    label=name if twin is None else f"{name} (on top of {twin})")
+        ax.errorbar(
+            *at,
+            xerr=xs * rows[x].std() if many else None,
+            yerr=ys * rows[y].std() if many else None,
+            marker=style["marker"],
+            color=style["color"],
+            capsize=3,
+            linestyle="none",
+            label=name if twin is None else f"{name} (on top of {twin})",
+        )
         drawn[name] = at
     ax.set_xlabel(label(x))
     ax.set_ylabel(label(y))
@@ -196,16 +247,29 @@ def provenance(runs: pd.DataFrame, preset: str, spread: str = "") -> str:
     steps = counted(done, "optimizer step")
     per_curve = sorted(set(final.groupby("label").size()))
     seeds = sorted({int(s) for s in final["seed"]})
-    spread = spread or ("1 seed per curve: no band or error bar" if per_curve == [1] else
-                        f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)")
-    return (f"{listing(final['dataset'])}, {images} · {listing(final['model'])} · {epochs} = {steps} · "
-            f"seed{'s' if len(seeds) > 1 else ''} {listing(seeds)}; {spread} · preset {preset}")
+    spread = spread or (
+        "1 seed per curve: no band or error bar"
+        if per_curve == [1]
+        else f"{listing(per_curve)} seeds per curve: mean ± 1 std as band or bars (geometric on log axes)"
+    )
+    return (
+        f"{listing(final['dataset'])}, {images} · {listing(final['model'])} · {epochs} = {steps} · "
+        f"seed{'s' if len(seeds) > 1 else ''} {listing(seeds)}; {spread} · preset {preset}"
+    )
 
 
 def stamp(fig, text: str) -> None:
     """Write `text` under the figure, inside the saved image."""
-    fig.text(0.0, 0.0, "\n".join(textwrap.wrap(text, 120)), ha="left", va="top", fontsize=7, color="0.3",
-             transform=fig.transFigure)
+    fig.text(
+        0.0,
+        0.0,
+        "\n".join(textwrap.wrap(text, 120)),
+        ha="left",
+        va="top",
+        fontsize=7,
+        color="0.3",
+        transform=fig.transFigure,
+    )
 
 
 def savefig(fig, stem) -> list[Path]:
@@ -225,6 +289,7 @@ def savefig(fig, stem) -> list[Path]:
 def mean_std(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 2) -> pd.DataFrame:
     """One row per group: 'mean ± std' of each metric over the rows (seeds) of the group, accuracies
     in percent, and the number of seeds."""
+
     def cell(s: pd.Series) -> str:
         s = s.dropna() * (100.0 if is_accuracy(s.name) else 1.0)
         std = f" ± {s.std():.{digits}f}" if len(s) > 1 else ""
@@ -279,8 +344,13 @@ def forest(panels: dict[str, list]):
     right of 0; a parity claim when its bar lies inside the shaded margin. Colour = verdict; a hollow
     dot = a claim whose premise does not hold, its verdict withheld whatever its bar shows."""
     heights = [max(1, len(c)) for c in panels.values()]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     for ax, (unit, comparisons) in zip(axes[:, 0], panels.items()):
         for row, c in enumerate(comparisons):
             y = len(comparisons) - 1 - row
@@ -296,10 +366,20 @@ def forest(panels: dict[str, list]):
         ax.set_ylim(-0.6, len(comparisons) - 0.4)
         ax.set_xlabel(unit)
         ax.grid(axis="y", visible=False)
-    handles = [plt.Line2D([], [], color=color, marker="o", lw=2.2, label=verdict)
-               for verdict, color in VERDICT_COLORS.items()]
-    handles.append(plt.Line2D([], [], color=VERDICT_COLORS["not resolved"], marker="o", mfc="white", lw=0,
-                              label="not resolved: its premise does not hold"))
+    handles = [
+        plt.Line2D([], [], color=color, marker="o", lw=2.2, label=verdict) for verdict, color in VERDICT_COLORS.items()
+    ]
+    handles.append(
+        plt.Line2D(
+            [],
+            [],
+            color=VERDICT_COLORS["not resolved"],
+            marker="o",
+            mfc="white",
+            lw=0,
+            label="not resolved: its premise does not hold",
+        )
+    )
     axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
@@ -307,12 +387,20 @@ def forest(panels: dict[str, list]):
 
 # ---------------------------------------------------------------------- curvature and loss landscapes (07_curvature)
 
-LABELS.update({
-    "hessian_top": "top Hessian eigenvalue", "hessian_trace": "Hessian trace",
-    **{f"lambda_{i}": f"λ{i}" for i in range(1, 10)}, "trace": "trace", "noise_trace_cov": "tr Cov[g_m]",
-    "curvature_s": "s per measurement in training", "seconds": "s per final measurement", "train_s_per_epoch": "training s/epoch",
-    "curvature_s_per_epoch": "curvature s/epoch", "curvature_overhead_pct": "curvature overhead (%)",
-})
+LABELS.update(
+    {
+        "hessian_top": "top Hessian eigenvalue",
+        "hessian_trace": "Hessian trace",
+        **{f"lambda_{i}": f"λ{i}" for i in range(1, 10)},
+        "trace": "trace",
+        "noise_trace_cov": "tr Cov[g_m]",
+        "curvature_s": "s per measurement in training",
+        "seconds": "s per final measurement",
+        "train_s_per_epoch": "training s/epoch",
+        "curvature_s_per_epoch": "curvature s/epoch",
+        "curvature_overhead_pct": "curvature overhead (%)",
+    }
+)
 
 
 def significant(value: float, digits: int = 3) -> str:
@@ -339,8 +427,12 @@ def plain_log_ticks(ax, axes: str = "y") -> None:
         axis.set_major_formatter(FuncFormatter(text))
         axis.set_minor_formatter(FuncFormatter(text))
         # labels sit past the (hidden) tick line, which is shorter for minor ticks: one length, one row of labels
-        ax.tick_params(axis=name, which="minor", size=plt.rcParams[f"{name}tick.major.size"],
-                       pad=plt.rcParams[f"{name}tick.major.pad"])
+        ax.tick_params(
+            axis=name,
+            which="minor",
+            size=plt.rcParams[f"{name}tick.major.size"],
+            pad=plt.rcParams[f"{name}tick.major.pad"],
+        )
 
 
 def interval_text(mean: float, low: float, high: float, digits: int = 3) -> str:
@@ -368,13 +460,15 @@ def mean_ci(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3
     return table.reset_index()
 
 
-def paired_difference(df: pd.DataFrame, metric: str, baselines: dict, by: str = "label", digits: int = 3,
-                      level: float = 0.95) -> dict:
+def paired_difference(
+    df: pd.DataFrame, metric: str, baselines: dict, by: str = "label", digits: int = 3, level: float = 0.95
+) -> dict:
     """{group: 'd [low, high] vs baseline'} for each `by` group of `df`: the mean over seeds of metric
     minus the value of its baseline group (baselines: group -> baseline group) on the same seed, with
     the Student t interval of that mean; '—' for a group without a baseline. A seed only one of the
     two groups has is left out."""
-    from .stats import mean_ci as interval, paired_differences
+    from .stats import mean_ci as interval
+    from .stats import paired_differences
 
     def values(group):
         rows = df[df[by] == group]
@@ -403,10 +497,16 @@ def curvature_cost(runs: pd.DataFrame) -> pd.DataFrame:
             steps, train = len(r) * per_epoch, r["epoch_time_s"].sum()
         measured = r["curvature_time_s"].dropna() if "curvature_time_s" in r.columns else pd.Series(dtype=float)
         train_per_epoch, curvature_per_epoch = train / steps * per_epoch, measured.sum() / steps * per_epoch
-        rows.append({"run_dir": run_dir, "measurements": len(measured),
-                     "curvature_s": measured.mean() if len(measured) else np.nan, "train_s_per_epoch": train_per_epoch,
-                     "curvature_s_per_epoch": curvature_per_epoch,
-                     "curvature_overhead_pct": 100 * curvature_per_epoch / train_per_epoch})
+        rows.append(
+            {
+                "run_dir": run_dir,
+                "measurements": len(measured),
+                "curvature_s": measured.mean() if len(measured) else np.nan,
+                "train_s_per_epoch": train_per_epoch,
+                "curvature_s_per_epoch": curvature_per_epoch,
+                "curvature_overhead_pct": 100 * curvature_per_epoch / train_per_epoch,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -434,8 +534,9 @@ def loss_contours(slices: dict, levels: int = 16):
     low = min(float(np.min(s["loss"])) for s in slices.values())
     high = max(float(np.max(s["loss"])) for s in slices.values())
     shared = np.geomspace(low, high, levels)
-    fig, axes = plt.subplots(1, len(slices), figsize=(4.3 * len(slices) + 1.2, 4.2), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(slices), figsize=(4.3 * len(slices) + 1.2, 4.2), sharex=True, sharey=True, squeeze=False
+    )
     for ax, (title, s) in zip(axes[0], slices.items()):
         grid, loss = np.array(s["grid"]), np.array(s["loss"])
         # loss[i][j] is at a = grid[i] (direction 1, x) and b = grid[j] (direction 2, y)
@@ -460,8 +561,15 @@ def psf_bound(checks: pd.DataFrame, ax=None, title: str = ""):
         _, ax = plt.subplots(figsize=(8.5, 4.4))
     color = method_color(checks["method"].iloc[0])
     for i, (seed, rows) in enumerate(checks.groupby("seed")):
-        ax.plot(rows["bound"], rows["psf_norm"], linestyle="none", marker=MARKERS[i % len(MARKERS)], color=color,
-                alpha=0.8, label=f"seed {seed}: {100 * rows['holds'].mean():.0f}% of {len(rows)} batches hold")
+        ax.plot(
+            rows["bound"],
+            rows["psf_norm"],
+            linestyle="none",
+            marker=MARKERS[i % len(MARKERS)],
+            color=color,
+            alpha=0.8,
+            label=f"seed {seed}: {100 * rows['holds'].mean():.0f}% of {len(rows)} batches hold",
+        )
     values = checks[["bound", "psf_norm"]].to_numpy()
     span = [values.min() / 1.25, values.max() * 1.25]
     ax.plot(span, span, color="0.4", linewidth=1, linestyle="--", label="||PSF|| = rho lambda_max (the bound)")

@@ -53,14 +53,14 @@ def evaluation_line(row: dict, config) -> str:
         where, seconds = f"step {row['step']}/{config.steps}", row["interval_time_s"]
     else:
         where, seconds = f"epoch {row['epoch'] + 1}/{config.epochs}", row["epoch_time_s"]
-    return (f"{where} · train loss {row['train_loss']:.3f} · "
-            f"test acc {percent(row['test_acc'])} · {seconds:.1f} s")
+    return f"{where} · train loss {row['train_loss']:.3f} · test acc {percent(row['test_acc'])} · {seconds:.1f} s"
 
 
 def run_length(summary: dict, config) -> str:
     """How far a run trained: its steps in steps mode, else its epochs."""
-    n, noun = (summary.get("steps_completed", 0), "step") if config.steps else (summary.get("epochs_completed", 0),
-                                                                                 "epoch")
+    n, noun = (
+        (summary.get("steps_completed", 0), "step") if config.steps else (summary.get("epochs_completed", 0), "epoch")
+    )
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
@@ -74,8 +74,7 @@ def run_line(run, trained: bool) -> str:
     if s["status"] == "diverged":
         return f"diverged at step {s['diverged_step']} (loss {s['diverged_value']}); the grid goes on"
     length = run_length(s, run.config)
-    done = (f"{length} · test acc {percent(s['final_test_acc'])} · "
-            f"{s['wall_time_s']:.0f} s")
+    done = f"{length} · test acc {percent(s['final_test_acc'])} · {s['wall_time_s']:.0f} s"
     status = "" if s["status"] == "completed" else f" ({s['status']})"
     return done + status + ("" if trained else " · finished earlier: reused")
 
@@ -161,8 +160,15 @@ class LiveReport(TextReport):
         per_method: dict[str, int] = {}
         for key, (method, xs, accs) in self.curves.items():
             rank = per_method[method] = per_method.get(method, -1) + 1
-            ax.plot(xs, accs, marker="o", markersize=3, color=method_color(method),
-                    linestyle=LINESTYLES[rank % len(LINESTYLES)], label=key)
+            ax.plot(
+                xs,
+                accs,
+                marker="o",
+                markersize=3,
+                color=method_color(method),
+                linestyle=LINESTYLES[rank % len(LINESTYLES)],
+                label=key,
+            )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step" if self.config.steps else "epoch")
         ax.set_ylabel("test accuracy (%)")
@@ -251,8 +257,10 @@ class GridStatus:
         self.state[index], self.fraction[index] = "done", 1.0
         config = self.configs[index]
         length = run_length(summary, config)
-        self.detail[index] = (f"{summary['status']}: {length} · test acc {percent(summary.get('final_test_acc', float('nan')))}"
-                              f" · {summary.get('wall_time_s', 0):.0f} s")
+        self.detail[index] = (
+            f"{summary['status']}: {length} · test acc {percent(summary.get('final_test_acc', float('nan')))}"
+            f" · {summary.get('wall_time_s', 0):.0f} s"
+        )
         self.announce(index)
 
     def failed(self, index: int, error: BaseException) -> None:

@@ -237,8 +237,18 @@ def quantize_layer(layer: nn.Conv2d | nn.Linear, bits: int) -> QuantConv2d | Qua
     """The LSQ version of `layer`, sharing its weight and bias Parameters and its train/eval mode."""
     check_bits(bits)
     if type(layer) is nn.Conv2d:
-        q = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                        layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        q = QuantConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.padding_mode,
+            device="meta",
+        )
     elif type(layer) is nn.Linear:
         q = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
     else:
@@ -251,8 +261,9 @@ def quantize_layer(layer: nn.Conv2d | nn.Linear, bits: int) -> QuantConv2d | Qua
     return q.train(layer.training)
 
 
-def quantize_model(model: nn.Module, bits: int, keep_first_last: bool = True,
-                   first_last_bits: int | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, bits: int, keep_first_last: bool = True, first_last_bits: int | None = None
+) -> nn.Module:
     """Swap every nn.Conv2d / nn.Linear for its LSQ version in place; return the model.
 
     `bits` (2..16) applies to weights and input activations. With `keep_first_last`, the first
@@ -303,6 +314,10 @@ def adopt_activation_init(copy: nn.Module, model: nn.Module) -> None:
     ours = dict(copy.named_modules())
     for name, module in model.named_modules():
         mine = ours.get(name)
-        if isinstance(module, ActivationQuantizer) and isinstance(mine, ActivationQuantizer) \
-                and bool(module.initialized) and not bool(mine.initialized):
+        if (
+            isinstance(module, ActivationQuantizer)
+            and isinstance(mine, ActivationQuantizer)
+            and bool(module.initialized)
+            and not bool(mine.initialized)
+        ):
             mine.load_state_dict(module.state_dict())

@@ -26,7 +26,13 @@ import yaml
 
 from .errors import UsageError
 
-CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = "config.json", "epochs.parquet", "steps.parquet", "summary.json", "checkpoint.pt"
+CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = (
+    "config.json",
+    "epochs.parquet",
+    "steps.parquet",
+    "summary.json",
+    "checkpoint.pt",
+)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -113,8 +119,10 @@ class RunLock:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
-            raise UsageError(f"run directory {self.path.parent} is in use by another training process; "
-                             "wait for it to finish or choose another out_dir") from None
+            raise UsageError(
+                f"run directory {self.path.parent} is in use by another training process; "
+                "wait for it to finish or choose another out_dir"
+            ) from None
         # Temporary files of a writer killed mid-write: the lock proves nobody is writing them.
         for stale in self.path.parent.glob(".*.tmp"):
             stale.unlink()

@@ -12,8 +12,8 @@ Added on top of papermill's Python API:
   run trains; a figure of a method whose term never acted) reported as bad input, the partial
   notebook not kept; any other failure a one-line report of the failed cell, the partial notebook kept;
 * a completed execution skipped while neither the notebook nor the package changed since and every
-  file it saved is still there (its figures are then the ones it drew); otherwise, or forced, executed again, which reuses every
-  finished training run and so only redraws;
+  file it saved is still there (its figures are then the ones it drew); otherwise, or forced,
+  executed again, which reuses every finished training run and so only redraws;
 * what the notebook saved (its tables and the paths of every file), read back from its outputs.
 
 Each execution goes to runs/notebooks/<notebook>-<variant>-<hash>/ with executed.ipynb,
@@ -54,8 +54,10 @@ def check_papermill_can_inject(nb, decl: Declaration) -> None:
     seen = pm.inspect_notebook(nb)
     for name in decl.parameters:
         if name not in seen:
-            raise UsageError(f"{decl.path}: papermill cannot parse the parameters-cell line of {name!r} "
-                             "(keep it 'name: type = literal  # help' without '=' in the comment)")
+            raise UsageError(
+                f"{decl.path}: papermill cannot parse the parameters-cell line of {name!r} "
+                "(keep it 'name: type = literal  # help' without '=' in the comment)"
+            )
 
 
 @contextlib.contextmanager
@@ -102,9 +104,16 @@ def prepare(path, params: dict | None = None, preset: str | None = None, params_
     return nb, decl, {name: resolved.params[name] for name in explicit}, resolved
 
 
-def run_notebook(path, params: dict | None = None, preset: str | None = None, params_file: str | None = None,
-                 force: bool = False, runs_root="runs/notebooks", timeout: float | None = None,
-                 log_output: bool = False) -> Path:
+def run_notebook(
+    path,
+    params: dict | None = None,
+    preset: str | None = None,
+    params_file: str | None = None,
+    force: bool = False,
+    runs_root="runs/notebooks",
+    timeout: float | None = None,
+    log_output: bool = False,
+) -> Path:
     """Execute `path` with validated parameters; returns its run folder. Raises UsageError (bad
     input, also from inside the notebook) or NotebookFailed."""
     import papermill as pm
@@ -112,8 +121,12 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
     nb, decl, inject, resolved = prepare(path, params, preset, params_file)
     run_dir = run_dir_for(decl.path.stem, resolved, Path(runs_root))
     code = code_digest(decl.path)
-    if (not force and (run_dir / "DONE").is_file() and read_json(run_dir / "DONE").get("code") == code
-            and all(Path(p).is_file() for p in saved_outputs(run_dir).paths)):
+    if (
+        not force
+        and (run_dir / "DONE").is_file()
+        and read_json(run_dir / "DONE").get("code") == code
+        and all(Path(p).is_file() for p in saved_outputs(run_dir).paths)
+    ):
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
@@ -123,16 +136,26 @@ def run_notebook(path, params: dict | None = None, preset: str | None = None, pa
     started = time.perf_counter()
     try:
         with this_python_kernel() as (kernel, config):
-            pm.execute_notebook(nb, str(work / "executed.ipynb"), parameters=inject, kernel_name=kernel, cwd=str(REPO),
-                                execution_timeout=timeout, log_output=log_output, progress_bar=False, config=config)
+            pm.execute_notebook(
+                nb,
+                str(work / "executed.ipynb"),
+                parameters=inject,
+                kernel_name=kernel,
+                cwd=str(REPO),
+                execution_timeout=timeout,
+                log_output=log_output,
+                progress_bar=False,
+                config=config,
+            )
     except pm.PapermillExecutionError as e:
         line = f"{e.ename}: {e.evalue}".strip().splitlines()[0]
         if e.ename == "UsageError":  # the notebook refused its input (a grid, a figure of a term that never acted)
             shutil.rmtree(work)
             raise UsageError(f"{decl.path}: {e.evalue.strip().splitlines()[0]}") from None
         replace_dir(work, run_dir)
-        raise NotebookFailed(f"{decl.path}: cell {e.exec_count} failed: {line} "
-                             f"(partial notebook kept: {run_dir / 'executed.ipynb'})") from None
+        raise NotebookFailed(
+            f"{decl.path}: cell {e.exec_count} failed: {line} (partial notebook kept: {run_dir / 'executed.ipynb'})"
+        ) from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -184,9 +207,12 @@ def execution_record(run_dir: Path) -> dict:
     params = read_json(run_dir / "params.json")
     resolved = resolve(read_notebook(params["notebook"]), {k: v for k, v in params.items() if k != "notebook"})
     summaries = [read_json(p) for p in resolved.runs_root.glob("*/summary.json")]
-    return {"wall_time_s": read_json(run_dir / "DONE")["wall_time_s"], "training_runs": len(summaries),
-            "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
-            "devices": sorted({s.get("device", "?") for s in summaries})}
+    return {
+        "wall_time_s": read_json(run_dir / "DONE")["wall_time_s"],
+        "training_runs": len(summaries),
+        "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
+        "devices": sorted({s.get("device", "?") for s in summaries}),
+    }
 
 
 def notebook_table() -> str:
@@ -195,14 +221,19 @@ def notebook_table() -> str:
 
     timings_file = REPO / "figures" / TIMINGS
     timings = read_json(timings_file) if timings_file.is_file() else {}
-    rows = ["| notebook | question | presets | time at the cpu preset (2-core CPU) / gpu preset (one GPU) "
-            "| writes to `figures/<name>/` (at the cpu preset) |", "|---|---|---|---|---|"]
+    rows = [
+        "| notebook | question | presets | time at the cpu preset (2-core CPU) / gpu preset (one GPU) "
+        "| writes to `figures/<name>/` (at the cpu preset) |",
+        "|---|---|---|---|---|",
+    ]
     for path in notebook_paths():
         decl = read_notebook(path)
         question = decl.title.split("·", 1)[-1].strip()
         outputs = ", ".join(f"`{stem}` ({what})" for stem, what in decl.outputs.items())
-        rows.append(f"| `{path.name}` | {question} | {', '.join(decl.presets)} | {timing(timings.get(decl.name))} "
-                    f"/ not measured | `{decl.name}/`: {outputs} |")
+        rows.append(
+            f"| `{path.name}` | {question} | {', '.join(decl.presets)} | {timing(timings.get(decl.name))} "
+            f"/ not measured | `{decl.name}/`: {outputs} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -218,17 +249,23 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
     preset that made them and, from its execution record (execution_record), what that took."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["# Figures and tables", "",
-             f"Regenerate all: `gvr-lab figures --preset {preset}` (or one notebook: "
-             f"`gvr-lab run notebooks/<notebook>.py --preset {preset}`). Every figure's footer names its "
-             "dataset, model, epochs and steps, seeds and preset; tables carry the same in their caption.", ""]
+    lines = [
+        "# Figures and tables",
+        "",
+        f"Regenerate all: `gvr-lab figures --preset {preset}` (or one notebook: "
+        f"`gvr-lab run notebooks/<notebook>.py --preset {preset}`). Every figure's footer names its "
+        "dataset, model, epochs and steps, seeds and preset; tables carry the same in their caption.",
+        "",
+    ]
     for decl, record in entries:
         lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
         if record:
-            lines.append(f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
-                         f"times summing to {record['training_time_s']:.0f} s (runs under Ray overlap); the "
-                         "execution that drew these took "
-                         f"{record['wall_time_s']:.0f} s.")
+            lines.append(
+                f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
+                f"times summing to {record['training_time_s']:.0f} s (runs under Ray overlap); the "
+                "execution that drew these took "
+                f"{record['wall_time_s']:.0f} s."
+            )
         lines.append("")
         for stem, what in decl.outputs.items():
             files = sorted(p.name for p in (root / decl.name).glob(f"{stem}.*") if p.suffix in (".png", ".md", ".csv"))
@@ -236,6 +273,10 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         lines.append("")
     path = root / "README.md"
     write_atomic(path, "\n".join(lines).encode())
-    write_atomic(root / TIMINGS, (json.dumps({decl.name: record for decl, record in entries if record}, indent=2,
-                                             sort_keys=True) + "\n").encode())
+    write_atomic(
+        root / TIMINGS,
+        (
+            json.dumps({decl.name: record for decl, record in entries if record}, indent=2, sort_keys=True) + "\n"
+        ).encode(),
+    )
     return path

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 from .errors import UsageError, check_choice
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DIRECTIONS = ("greater", "less", "parity")
 VERDICTS = ("holds", "contradicted", "not resolved")
@@ -66,8 +70,9 @@ def paired_differences(method: dict, baseline: dict) -> tuple[list, np.ndarray, 
     return seeds, np.array([method[s] for s in seeds], float), np.array([baseline[s] for s in seeds], float)
 
 
-def mean_ci(values: np.ndarray, level: float = 0.95, bootstrap: bool = False, seed: int = 0) -> tuple[float, float,
-                                                                                                        float]:
+def mean_ci(
+    values: np.ndarray, level: float = 0.95, bootstrap: bool = False, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the two-sided Student t interval (or percentile bootstrap) of the mean."""
     n = len(values)
     mean = float(values.mean()) if n else math.nan
@@ -97,8 +102,15 @@ def verdict(direction: str, low: float, high: float, margin: float = 0.0) -> str
     return "contradicted" if high < 0 else "not resolved"
 
 
-def compare(claim: str, method: dict, baseline: dict, direction: str = "greater", margin: float = 0.0,
-            bootstrap: bool = False, premise: Comparison | None = None) -> Comparison:
+def compare(
+    claim: str,
+    method: dict,
+    baseline: dict,
+    direction: str = "greater",
+    margin: float = 0.0,
+    bootstrap: bool = False,
+    premise: Comparison | None = None,
+) -> Comparison:
     """A claim about `method` against `baseline`, each {seed: value}, paired by seed; resting on
     `premise` if given (its verdict counts only where the premise holds)."""
     if direction == "parity" and margin <= 0:
@@ -106,11 +118,21 @@ def compare(claim: str, method: dict, baseline: dict, direction: str = "greater"
     seeds, m, b = paired_differences(method, baseline)
     diff, low, high = mean_ci(m - b, bootstrap=bootstrap)
     own = verdict(direction, low, high, margin)
-    return Comparison(claim, direction, margin if direction == "parity" else 0.0,
-                      float(b.mean()) if len(b) else math.nan, float(m.mean()) if len(m) else math.nan,
-                      diff, low, high, len(m), own if premise is None or premise.verdict == "holds" else "not resolved",
-                      {s: (float(x), float(y)) for s, x, y in zip(seeds, m, b)}, own,
-                      "" if premise is None else f"{premise.claim}: {premise.verdict}")
+    return Comparison(
+        claim,
+        direction,
+        margin if direction == "parity" else 0.0,
+        float(b.mean()) if len(b) else math.nan,
+        float(m.mean()) if len(m) else math.nan,
+        diff,
+        low,
+        high,
+        len(m),
+        own if premise is None or premise.verdict == "holds" else "not resolved",
+        {s: (float(x), float(y)) for s, x, y in zip(seeds, m, b)},
+        own,
+        "" if premise is None else f"{premise.claim}: {premise.verdict}",
+    )
 
 
 # ---------------------------------------------------------------------- claims, from a study's runs
@@ -133,7 +155,7 @@ def seedwise(function, *arms: dict) -> dict:
     return {s: function(*(arm[s] for arm in arms)) for s in seeds}
 
 
-def claims_table(rows: list[tuple[Comparison, str, int]]) -> "pd.DataFrame":
+def claims_table(rows: list[tuple[Comparison, str, int]]) -> pd.DataFrame:
     """One row per claim: (comparison, the paper's number beside it, decimals of ours), with our
     means, the paired difference and its 95% CI, n and the verdict; a claim whose premise does not
     hold names it and what its CI alone would say."""
@@ -143,10 +165,17 @@ def claims_table(rows: list[tuple[Comparison, str, int]]) -> "pd.DataFrame":
     for c, paper, digits in rows:
         fmt = f"{{:.{digits}f}}"
         ci = "no interval" if math.isnan(c.ci_low) else f"[{fmt.format(c.ci_low)}, {fmt.format(c.ci_high)}]"
-        out.append({"claim": c.claim, "paper": paper,
-                    "ours: method vs baseline": f"{fmt.format(c.method_mean)} vs {fmt.format(c.baseline_mean)}",
-                    "difference [95% CI]": f"{c.diff_mean:+.{digits}f} {ci}",
-                    "margin": fmt.format(c.margin) if c.direction == "parity" else "",
-                    "n": c.n, "verdict": c.verdict if c.verdict == c.ci_verdict else
-                    f"{c.verdict}: rests on '{c.premise}' (CI alone: {c.ci_verdict})"})
+        out.append(
+            {
+                "claim": c.claim,
+                "paper": paper,
+                "ours: method vs baseline": f"{fmt.format(c.method_mean)} vs {fmt.format(c.baseline_mean)}",
+                "difference [95% CI]": f"{c.diff_mean:+.{digits}f} {ci}",
+                "margin": fmt.format(c.margin) if c.direction == "parity" else "",
+                "n": c.n,
+                "verdict": c.verdict
+                if c.verdict == c.ci_verdict
+                else f"{c.verdict}: rests on '{c.premise}' (CI alone: {c.ci_verdict})",
+            }
+        )
     return pd.DataFrame(out)

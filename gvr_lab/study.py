@@ -90,18 +90,24 @@ def parameters_of(source: str, where: str) -> dict:
         raise UsageError(f"{where}: the parameters cell does not parse: {e.msg} (line {e.lineno})") from None
     declared = {}
     for node in body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(node.annotation, ast.Name) and node.annotation.id in TYPE_NAMES and node.value):
-            raise UsageError(f"{where}: every line of the parameters cell must read `name: type = literal  # help` "
-                             f"with type one of {', '.join(TYPE_NAMES)} (line {node.lineno})")
+        if not (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(node.annotation, ast.Name)
+            and node.annotation.id in TYPE_NAMES
+            and node.value
+        ):
+            raise UsageError(
+                f"{where}: every line of the parameters cell must read `name: type = literal  # help` "
+                f"with type one of {', '.join(TYPE_NAMES)} (line {node.lineno})"
+            )
         try:
             default = ast.literal_eval(node.value)
         except ValueError:
             raise UsageError(f"{where}: the default of {node.target.id!r} must be a literal") from None
         declared[node.target.id] = (node.annotation.id, default)
     if next(iter(declared), None) != "preset" or declared["preset"][0] != "str":
-        raise UsageError(f"{where}: the parameters cell must begin with `preset: str = \"cpu\"  # "
-                         f"{' | '.join(PRESETS)}`")
+        raise UsageError(f'{where}: the parameters cell must begin with `preset: str = "cpu"  # {" | ".join(PRESETS)}`')
     return declared
 
 
@@ -127,20 +133,35 @@ def read_notebook(path) -> Declaration:
     if not tagged:
         raise UsageError(f"{path} has no cell tagged 'parameters'")
     parameters = parameters_of(tagged[0].source, str(path))
-    call = next(filter(None, (study_call(parse_or_none(c.source)) for c in nb.cells
-                              if c.cell_type == "code" and "Study" in c.source)), None)
+    call = next(
+        filter(
+            None,
+            (study_call(parse_or_none(c.source)) for c in nb.cells if c.cell_type == "code" and "Study" in c.source),
+        ),
+        None,
+    )
     if call is None or not call.args or not isinstance(call.args[0], ast.Constant):
-        raise UsageError(f"{path} has no `study = gl.Study(\"<name>\", globals(), presets=..., outputs=...)` cell")
+        raise UsageError(f'{path} has no `study = gl.Study("<name>", globals(), presets=..., outputs=...)` cell')
     try:
         given = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError:
         raise UsageError(f"{path}: the arguments of Study(...) other than globals() must be literals") from None
     unknown = sorted(set(given) - {"presets", "outputs", "ablations"})
     if unknown or not {"presets", "outputs"} <= set(given):
-        raise UsageError(f"{path}: Study(...) takes presets=, outputs= and optionally ablations=, got "
-                         f"{', '.join(sorted(given)) or 'none'}")
-    title = next((line.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
-                  for line in c.source.splitlines() if line.startswith("# ")), "")
+        raise UsageError(
+            f"{path}: Study(...) takes presets=, outputs= and optionally ablations=, got "
+            f"{', '.join(sorted(given)) or 'none'}"
+        )
+    title = next(
+        (
+            line.lstrip("# ").strip()
+            for c in nb.cells
+            if c.cell_type == "markdown"
+            for line in c.source.splitlines()
+            if line.startswith("# ")
+        ),
+        "",
+    )
     decl = declaration(call.args[0].value, parameters, title=title, path=path, **given)
     expected = path.stem.split("_", 1)[-1]
     if decl.name != expected:
@@ -148,8 +169,9 @@ def read_notebook(path) -> Declaration:
     return decl
 
 
-def declaration(name: str, parameters: dict, presets: dict, outputs: dict, ablations=(), title: str = "",
-                path: Path | None = None) -> Declaration:
+def declaration(
+    name: str, parameters: dict, presets: dict, outputs: dict, ablations=(), title: str = "", path: Path | None = None
+) -> Declaration:
     """A Declaration, checked: known preset names, preset values for declared parameters of their type."""
     where = str(path or name)
     for preset, values in presets.items():
@@ -177,8 +199,9 @@ def resolve(decl: Declaration, explicit: dict) -> Resolved:
             raise UsageError(f"unknown parameter {name!r} for {where}; declared: {listing}")
 
     def typed(name, value):
-        return coerce(value, TYPE_NAMES[decl.parameters[name][0]], f"parameter {name!r} of {where}",
-                      f"; declared: {listing}")
+        return coerce(
+            value, TYPE_NAMES[decl.parameters[name][0]], f"parameter {name!r} of {where}", f"; declared: {listing}"
+        )
 
     preset = typed("preset", explicit.get("preset", decl.parameters["preset"][1]))
     if preset not in decl.presets:
@@ -223,8 +246,13 @@ def assigned_names(source: str) -> set[str]:
     tree = parse_or_none(source)
     names = set()
     for node in tree.body if tree else []:
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+            else []
+        )
         for target in targets:
             names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
     return names
@@ -235,13 +263,15 @@ def parameters_history(namespace: dict) -> tuple[str, set[str]]:
     it (the cell running now excluded), from IPython's input history."""
     history = namespace.get("In")
     if not isinstance(history, list):
-        raise UsageError("Study(...) reads the notebook's parameters from the kernel's input history: run the "
-                         "notebook in a Jupyter kernel (JupyterLab, or gvr-lab run)")
+        raise UsageError(
+            "Study(...) reads the notebook's parameters from the kernel's input history: run the "
+            "notebook in a Jupyter kernel (JupyterLab, or gvr-lab run)"
+        )
     earlier = history[:-1]  # the last entry is the cell running now
     start = next((i for i in range(len(earlier) - 1, -1, -1) if is_parameters_cell(earlier[i])), None)
     if start is None:
         raise UsageError("run the parameters cell (the one beginning `preset: str = ...`) before this one")
-    return earlier[start], set().union(*(assigned_names(cell) for cell in earlier[start + 1:]))
+    return earlier[start], set().union(*(assigned_names(cell) for cell in earlier[start + 1 :]))
 
 
 class Study:
@@ -263,8 +293,10 @@ class Study:
         os.chdir(REPO)
         plots.set_style()
         self.fig_dir = self.resolved.fig_root / name
-        print(f"{name} · preset {self.resolved.note} · runs: {self.shown(self.runs_root)} · "
-              f"figures: {self.shown(self.fig_dir)}")
+        print(
+            f"{name} · preset {self.resolved.note} · runs: {self.shown(self.runs_root)} · "
+            f"figures: {self.shown(self.fig_dir)}"
+        )
 
     @property
     def runs_root(self) -> Path:
@@ -282,8 +314,10 @@ class Study:
         """`frame` (epoch or step rows) without the runs whose defining term never acted, each named."""
         dropped = terms.never_active(self.load_runs(), self.declaration.ablations)
         for run_dir in sorted(set(dropped) & set(frame["run_dir"])):
-            print(f"not plotted: {Path(run_dir).name}, its method's defining term never acted "
-                  "(see the table's 'term on' column)")
+            print(
+                f"not plotted: {Path(run_dir).name}, its method's defining term never acted "
+                "(see the table's 'term on' column)"
+            )
         return frame[~frame["run_dir"].isin(dropped)]
 
     def term_column(self, runs: pd.DataFrame, table: pd.DataFrame, by: str = "label") -> pd.DataFrame:
@@ -291,8 +325,10 @@ class Study:
 
     def check_output(self, stem: str) -> None:
         if stem not in self.declaration.outputs:
-            raise UsageError(f"study {self.declaration.name!r} does not declare output {stem!r}; declared: "
-                             f"{', '.join(self.declaration.outputs)}")
+            raise UsageError(
+                f"study {self.declaration.name!r} does not declare output {stem!r}; declared: "
+                f"{', '.join(self.declaration.outputs)}"
+            )
 
     def provenance(self, frame: pd.DataFrame, spread: str = "") -> str:
         epochs = self.load_runs()
@@ -307,9 +343,11 @@ class Study:
         never = set(terms.never_active(self.load_runs(), self.declaration.ablations)) & set(frame["run_dir"])
         if never:
             plt.close(fig)
-            raise UsageError(f"figure {stem!r} would show runs whose method's defining term never acted: "
-                             f"{', '.join(sorted(Path(r).name for r in never))}; pass the rows through "
-                             "study.plotted(), or choose parameters that switch the term on")
+            raise UsageError(
+                f"figure {stem!r} would show runs whose method's defining term never acted: "
+                f"{', '.join(sorted(Path(r).name for r in never))}; pass the rows through "
+                "study.plotted(), or choose parameters that switch the term on"
+            )
         plots.stamp(fig, self.provenance(frame, spread))
         paths = plots.savefig(fig, self.fig_dir / stem)
         show(fig)
@@ -333,4 +371,6 @@ class Study:
         self.saved(paths)
 
     def saved(self, paths: list[Path]) -> None:
-        show_text(f"saved: {', '.join(self.shown(p) for p in paths)}", metadata={"gvr_lab": {"saved": list(map(str, paths))}})
+        show_text(
+            f"saved: {', '.join(self.shown(p) for p in paths)}", metadata={"gvr_lab": {"saved": list(map(str, paths))}}
+        )

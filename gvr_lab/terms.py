@@ -20,9 +20,13 @@ import pandas as pd
 # method -> (what its term is, the config column whose value > 0 turns it on at every step)
 WEIGHTED = {
     "gvr": ("gradient-variance penalty", "arg_alpha"),
-    "reg_loss": ("gradient-norm penalty", "arg_lam"), "fish_loss": ("Fisher-trace penalty", "arg_lam"),
-    "avg_jac_loss": ("average-Jacobian penalty", "arg_lam"), "unit_jac_loss": ("unit-Jacobian penalty", "arg_lam"),
-    "sam": ("SAM ascent", "arg_rho"), "asam": ("ASAM ascent", "arg_rho"), "esam": ("ESAM ascent", "arg_rho"),
+    "reg_loss": ("gradient-norm penalty", "arg_lam"),
+    "fish_loss": ("Fisher-trace penalty", "arg_lam"),
+    "avg_jac_loss": ("average-Jacobian penalty", "arg_lam"),
+    "unit_jac_loss": ("unit-Jacobian penalty", "arg_lam"),
+    "sam": ("SAM ascent", "arg_rho"),
+    "asam": ("ASAM ascent", "arg_rho"),
+    "esam": ("ESAM ascent", "arg_rho"),
     "looksam": ("SAM direction (refreshed every k steps)", "arg_rho"),
 }
 PER_EPOCH = {"saf": "KL to logits of `lag` epochs ago", "mesa": "KL to the EMA teacher"}
@@ -78,6 +82,7 @@ def term_column(runs: pd.DataFrame, table: pd.DataFrame, by: str = "label", abla
     """`table` (one row per `by` value) with a column "term on": each group's share of steps with
     its method's defining term (seeds joined when they differ). Labels in `ablations` switch the
     term off on purpose and say so."""
+
     def cell(value) -> str:
         if value in ablations:
             return "off (ablation)"
@@ -89,5 +94,8 @@ def term_column(runs: pd.DataFrame, table: pd.DataFrame, by: str = "label", abla
 
 def never_active(runs: pd.DataFrame, ablations: tuple = ()) -> list[str]:
     """Run directories whose method's defining term never acted, ablations excepted."""
-    return [run_dir for run_dir, rows in runs.groupby("run_dir", sort=False)
-            if rows["label"].iloc[0] not in ablations and term_share(rows) == 0]
+    return [
+        run_dir
+        for run_dir, rows in runs.groupby("run_dir", sort=False)
+        if rows["label"].iloc[0] not in ablations and term_share(rows) == 0
+    ]

@@ -29,8 +29,16 @@ import pandas as pd
 import torch
 
 from . import results
-from .data import (NOISE_KINDS, Augment, DeviceLoader, dataset_info, list_datasets, load_dataset, split_indices,
-                   with_label_noise)
+from .data import (
+    NOISE_KINDS,
+    Augment,
+    DeviceLoader,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+    split_indices,
+    with_label_noise,
+)
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .landscape import curvature, evaluation_batches
@@ -117,8 +125,19 @@ class Config:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be positive, got {self.lr}")
-        for name in ("momentum", "weight_decay", "label_smoothing", "cutout", "train_subset", "val_split",
-                     "stop_after", "steps", "eval_every", "diag_micro_batch", "curvature_every"):
+        for name in (
+            "momentum",
+            "weight_decay",
+            "label_smoothing",
+            "cutout",
+            "train_subset",
+            "val_split",
+            "stop_after",
+            "steps",
+            "eval_every",
+            "diag_micro_batch",
+            "curvature_every",
+        ):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cutout > 1 or self.label_smoothing >= 1 or self.momentum >= 1:
@@ -136,8 +155,10 @@ class Config:
         if self.quant_first_last_bits:
             check_bits(self.quant_first_last_bits, "quant_first_last_bits")
             if not self.quant_bits or self.quant_first_last:
-                raise UsageError("quant_first_last_bits needs quant_bits and excludes quant_first_last (which "
-                                 "quantizes the first layer and fc at quant_bits)")
+                raise UsageError(
+                    "quant_first_last_bits needs quant_bits and excludes quant_first_last (which "
+                    "quantizes the first layer and fc at quant_bits)"
+                )
         cls = method_class(self.method)
         self.method = cls.name
         self.method_args = cls.resolve_hparams(self.method_args)
@@ -153,7 +174,7 @@ class Config:
         return Path("runs") / f"{self.dataset}-{self.model}-{self.method}-s{self.seed}-{digest}"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -244,7 +265,7 @@ class DeviceSettings:
     fused: bool  # torch.optim.SGD(fused=True): one kernel for the whole update
 
     @classmethod
-    def of(cls, config: Config, device: torch.device) -> "DeviceSettings":
+    def of(cls, config: Config, device: torch.device) -> DeviceSettings:
         cuda = device.type == "cuda" or config.cuda_settings
         bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
         return cls(device, torch.bfloat16 if bf16 else None, channels_last=cuda, fused=cuda)
@@ -255,14 +276,31 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = create_model(config.model, num_classes=num_classes, in_channels=channels, **config.model_args)
     if config.quant_bits:  # before the optimizer and the method, which capture the parameter list
-        quantize_model(model, config.quant_bits, keep_first_last=not config.quant_first_last,
-                       first_last_bits=config.quant_first_last_bits or None)
-    model = model.to(settings.device,
-                     memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=config.nesterov, fused=settings.fused)
-    method = create_method(config.method, model, optimizer, label_smoothing=config.label_smoothing,
-                           amp_dtype=settings.amp_dtype, **config.method_args)
+        quantize_model(
+            model,
+            config.quant_bits,
+            keep_first_last=not config.quant_first_last,
+            first_last_bits=config.quant_first_last_bits or None,
+        )
+    model = model.to(
+        settings.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+        fused=settings.fused,
+    )
+    method = create_method(
+        config.method,
+        model,
+        optimizer,
+        label_smoothing=config.label_smoothing,
+        amp_dtype=settings.amp_dtype,
+        **config.method_args,
+    )
     method.sync_grads = GradSync(optimizer, world).now
     method.world = world
     if config.compile and method.compilable:
@@ -277,20 +315,46 @@ def build(config: Config, settings: DeviceSettings, world: World):
     train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
     train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
     if config.label_noise:
-        train_split = with_label_noise(train_split, train_idx, config.label_noise, config.label_noise_kind,
-                                       config.dataset, info.num_classes, config.seed)
+        train_split = with_label_noise(
+            train_split,
+            train_idx,
+            config.label_noise,
+            config.label_noise_kind,
+            config.dataset,
+            info.num_classes,
+            config.seed,
+        )
     model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
     device = settings.device
     common = dict(device=device, channels_last=settings.channels_last)
-    train_loader = DeviceLoader(train_split, info, batch_size=config.batch_size, indices=train_idx, augment=augment,
-                                views=method.views, seed=config.seed, rank=world.rank, world_size=world.size,
-                                **common)
-    eval_loaders = {"test": DeviceLoader(test_split, info, batch_size=config.eval_batch_size, shuffle=False,
-                                         drop_last=False, **common)}
+    train_loader = DeviceLoader(
+        train_split,
+        info,
+        batch_size=config.batch_size,
+        indices=train_idx,
+        augment=augment,
+        views=method.views,
+        seed=config.seed,
+        rank=world.rank,
+        world_size=world.size,
+        **common,
+    )
+    eval_loaders = {
+        "test": DeviceLoader(
+            test_split, info, batch_size=config.eval_batch_size, shuffle=False, drop_last=False, **common
+        )
+    }
     if len(val_idx):
-        eval_loaders["val"] = DeviceLoader(train_split, info, batch_size=config.eval_batch_size, indices=val_idx,
-                                           shuffle=False, drop_last=False, **common)
+        eval_loaders["val"] = DeviceLoader(
+            train_split,
+            info,
+            batch_size=config.eval_batch_size,
+            indices=val_idx,
+            shuffle=False,
+            drop_last=False,
+            **common,
+        )
     return train_loader, eval_loaders, model, optimizer, method
 
 
@@ -308,8 +372,10 @@ def check_run_dir(run_dir: Path, config: Config) -> dict | None:
     changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k, defaults.get(k)) != new[k])
     if changed:
         k = changed[0]
-        raise UsageError(f"run directory {run_dir} holds a different run ({k}: {stored.get(k)!r} there, "
-                         f"{new[k]!r} now); choose another out_dir")
+        raise UsageError(
+            f"run directory {run_dir} holds a different run ({k}: {stored.get(k)!r} there, "
+            f"{new[k]!r} now); choose another out_dir"
+        )
     return stored
 
 
@@ -317,15 +383,21 @@ def load_run(run_dir: Path, config: Config) -> Run:
     def frame(name):
         return pd.read_parquet(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
 
-    return Run(run_dir, config, frame(results.EPOCHS), results.read_json(run_dir / results.SUMMARY), frame(results.STEPS))
+    return Run(
+        run_dir, config, frame(results.EPOCHS), results.read_json(run_dir / results.SUMMARY), frame(results.STEPS)
+    )
 
 
 def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict) -> dict:
     summary = {"status": status, "wall_time_s": wall_time_s, "epochs_completed": len(history), **extra}
     if history:
         best = max(history, key=lambda r: r.get("val_acc", r["test_acc"]))
-        summary.update(final_test_acc=history[-1]["test_acc"], best_test_acc=max(r["test_acc"] for r in history),
-                       best_epoch=best["epoch"], selected_test_acc=best["test_acc"])
+        summary.update(
+            final_test_acc=history[-1]["test_acc"],
+            best_test_acc=max(r["test_acc"] for r in history),
+            best_epoch=best["epoch"],
+            selected_test_acc=best["test_acc"],
+        )
         if "val_acc" in history[-1]:
             summary.update(final_val_acc=history[-1]["val_acc"], best_val_acc=best["val_acc"])
     return summary
@@ -364,20 +436,33 @@ def train(config: Config, on_evaluation=None) -> Run:
     return None
 
 
-def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, amp_dtype,
-             train_loader: DeviceLoader, eval_loaders: dict, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, method, on_evaluation=None) -> Run | None:
+def run_loop(
+    config: Config,
+    run_dir: Path,
+    world: World,
+    device: torch.device,
+    amp_dtype,
+    train_loader: DeviceLoader,
+    eval_loaders: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method,
+    on_evaluation=None,
+) -> Run | None:
     """Steps until the run's last (or `stop_after` evaluations in this call). An evaluation closes
     each epoch (epochs mode) or every `eval_every` steps and the last (steps mode): it writes the
-    history row of the steps since the previous one, the logged steps and a checkpoint, and hands the row to `on_evaluation`."""
+    history row of the steps since the previous one, the logged steps and a checkpoint, and hands
+    the row to `on_evaluation`."""
+
     def write(path_name: str, rows):
         if world.main:
             results.write_parquet(run_dir / path_name, rows)
 
     def write_summary(status: str, wall: float, **more):
         if world.main:
-            results.write_json(run_dir / results.SUMMARY,
-                               summarize(history, status, wall, {**extra, "steps_completed": done, **more}))
+            results.write_json(
+                run_dir / results.SUMMARY, summarize(history, status, wall, {**extra, "steps_completed": done, **more})
+            )
 
     if world.main:
         results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
@@ -396,12 +481,17 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         resume_rng = ckpt.get("rng")  # torch's RNG mid-epoch (steps mode); at an epoch's start it is reseeded
 
     total = total_steps(config, steps_per_epoch)
-    extra = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-             "torch": torch.__version__, "steps_per_epoch": steps_per_epoch, "world_size": world.size,
-             "total_steps": total,
-             # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
-             "dropped_per_epoch": len(train_loader.labels) % config.batch_size,
-             "label_noise_realized": train_loader.noisy_fraction}
+    extra = {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "torch": torch.__version__,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world.size,
+        "total_steps": total,
+        # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
+        "dropped_per_epoch": len(train_loader.labels) % config.batch_size,
+        "label_noise_realized": train_loader.noisy_fraction,
+    }
     write_summary("running", wall_before)
     status, t_start, diverged = "completed", time.perf_counter(), {}
     bar = make_progress(config, done, total) if world.main else None
@@ -425,8 +515,11 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.diagnose = i % config.log_every == 0
-        diagnostic = method.micro_batch_gradient_norm(batch, config.diag_micro_batch) \
-            if method.diagnose and config.diag_micro_batch else None
+        diagnostic = (
+            method.micro_batch_gradient_norm(batch, config.diag_micro_batch)
+            if method.diagnose and config.diag_micro_batch
+            else None
+        )
         out = method.step(batch)
         if diagnostic is not None:
             out["diag_micro_grad_norm"] = diagnostic
@@ -445,8 +538,11 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         if epoch_ends:
             method.end_epoch(epoch)
             batches = None
-        if not (done == total or (config.eval_every and done % config.eval_every == 0)
-                or (epoch_ends and not config.eval_every)):
+        if not (
+            done == total
+            or (config.eval_every and done % config.eval_every == 0)
+            or (epoch_ends and not config.eval_every)
+        ):
             continue
 
         # ------------------------------------------------------------------ an evaluation
@@ -454,8 +550,9 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
-        steps.extend({"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}}
-                     for s, e, lr_, o in logged)
+        steps.extend(
+            {"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}} for s, e, lr_, o in logged
+        )
         if config.steps:
             row = {"step": done, "epoch": epoch, "lr": lr, "interval_time_s": elapsed}
         else:
@@ -471,8 +568,11 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         if config.curvature_every and (len(history) + 1) % config.curvature_every == 0 and world.main:
             curvature_rows = curvature_rows or evaluation_batches(config, CURVATURE_ROWS, device)
             measured = curvature(model, curvature_rows, k=1, trace_samples=CURVATURE_PROBES)
-            row.update(hessian_top=measured["top_eigenvalues"][0], hessian_trace=measured["trace"],
-                       curvature_time_s=measured["seconds"])
+            row.update(
+                hessian_top=measured["top_eigenvalues"][0],
+                hessian_trace=measured["trace"],
+                curvature_time_s=measured["seconds"],
+            )
             model.train()
         history.append(row)
         if bar is not None:
@@ -484,18 +584,28 @@ def run_loop(config: Config, run_dir: Path, world: World, device: torch.device, 
         if len(bad) or not all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
             status = "diverged"
             j = int(bad[0]) if len(bad) else len(losses) - 1
-            diverged = {"diverged_step": done - len(losses) + j,
-                        "diverged_value": float(interval[j]) if len(bad) else row.get("test_loss", float("nan"))}
+            diverged = {
+                "diverged_step": done - len(losses) + j,
+                "diverged_value": float(interval[j]) if len(bad) else row.get("test_loss", float("nan")),
+            }
             break
         wall = wall_before + time.perf_counter() - t_start
         write(results.EPOCHS, history)
         write(results.STEPS, steps)
         method_ranks = gather_to_main(method.state_dict(), world)
         if world.main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-                     "method_ranks": method_ranks, "epoch": done // steps_per_epoch, "step": done,
-                     "rng": None if epoch_ends else rng_state(device),
-                     "history": history, "steps": steps, "wall_time_s": wall}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "method": method.state_dict(),
+                "method_ranks": method_ranks,
+                "epoch": done // steps_per_epoch,
+                "step": done,
+                "rng": None if epoch_ends else rng_state(device),
+                "history": history,
+                "steps": steps,
+                "wall_time_s": wall,
+            }
             results.save_checkpoint(run_dir / results.CHECKPOINT, state)
             if len(history) in config.keep_checkpoints:
                 results.save_checkpoint(run_dir / f"checkpoint-{len(history)}.pt", state)
@@ -524,8 +634,9 @@ class GridRuns(list):
         return f"<{len(self)} runs{where}: {', '.join(f'{n} {s}' for s, n in statuses.items())}>"
 
 
-def grid_configs(base: dict, variants: list[dict], seeds: list[int], runs_dir,
-                 check_run_dirs: bool = True) -> list[Config]:
+def grid_configs(
+    base: dict, variants: list[dict], seeds: list[int], runs_dir, check_run_dirs: bool = True
+) -> list[Config]:
     """The Config of every variant (a dict of Config fields, with a "label") for every seed, with
     out_dir runs_dir/<label>-s<seed>, all checked before any trains: a bad field, method or
     hyper-parameter anywhere, two variants with one label, or (unless check_run_dirs is False, for a
@@ -537,8 +648,10 @@ def grid_configs(base: dict, variants: list[dict], seeds: list[int], runs_dir,
         for seed in seeds:
             out_dir = str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")
             if out_dir in owners:
-                raise UsageError(f"grid variants {owners[out_dir]!r} and {name!r} share the run directory {out_dir}: "
-                                 "give them different labels")
+                raise UsageError(
+                    f"grid variants {owners[out_dir]!r} and {name!r} share the run directory {out_dir}: "
+                    "give them different labels"
+                )
             owners[out_dir] = name
             # progress off: the grid reports its own (train_configs)
             fields = {**base, **variant, "label": name, "seed": seed, "out_dir": out_dir, "progress": False}
@@ -582,8 +695,9 @@ def train_configs(configs: list[Config], executor: str | None = None, ray=None) 
     return runs
 
 
-def train_grid(base: dict, variants: list[dict], seeds: list[int], runs_dir, executor: str | None = None,
-               ray=None) -> GridRuns:
+def train_grid(
+    base: dict, variants: list[dict], seeds: list[int], runs_dir, executor: str | None = None, ray=None
+) -> GridRuns:
     """grid_configs then train_configs: every Config (and the executor) is checked before the first
     run trains or is submitted."""
     from . import cluster
@@ -597,13 +711,21 @@ def make_progress(config: Config, initial: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"{config.method} {config.model}", unit="step", leave=False, mininterval=1.0)
+    return tqdm(
+        total=total, initial=initial, desc=f"{config.method} {config.model}", unit="step", leave=False, mininterval=1.0
+    )
 
 
 def format_row(row: dict) -> str:
     where = f"step {row['step']:>6}" if "step" in row else f"epoch {row['epoch']:>3}"
-    parts = [where, f"lr {row['lr']:.4f}", f"train loss {row['train_loss']:.4f}",
-             f"acc {row['train_acc']:.4f}", f"test loss {row['test_loss']:.4f}", f"acc {row['test_acc']:.4f}"]
+    parts = [
+        where,
+        f"lr {row['lr']:.4f}",
+        f"train loss {row['train_loss']:.4f}",
+        f"acc {row['train_acc']:.4f}",
+        f"test loss {row['test_loss']:.4f}",
+        f"acc {row['test_acc']:.4f}",
+    ]
     if "val_acc" in row:
         parts.append(f"val acc {row['val_acc']:.4f}")
     if "hessian_top" in row:

@@ -42,23 +42,39 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "quickstart", globals(),
+    "quickstart",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
-                  "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 16}}, "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "epochs": 1,
+            "train_subset": 256,
+            "batch_size": 64,
+            "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 16}},
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
         "gpu": {"model": "resnet18", "epochs": 10, "train_subset": 0, "batch_size": 256, "lr": 0.1},
-        "paper": {"dataset": "cifar10", "model": "resnet18", "epochs": 200, "train_subset": 0, "lr": 0.1,
-                  "seeds": [0, 1, 2]},
+        "paper": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "epochs": 200,
+            "train_subset": 0,
+            "lr": 0.1,
+            "seeds": [0, 1, 2],
+        },
     },
     outputs={"accuracy": "test accuracy per epoch", "summary": "final and best test accuracy, time per epoch"},
 )
 
 # %%
-base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset,
-            device=device)
-gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds,
-              study.runs_root)
+base = dict(
+    dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset, device=device
+)
+gl.train_grid(
+    base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds, study.runs_root
+)
 
 # %%
 runs = plots.ordered(study.load_runs(), "label", methods)

@@ -51,23 +51,45 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "gvr_vs_sgd", globals(),
+    "gvr_vs_sgd",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 1, "train_subset": 256, "batch_size": 64,
-                  "subset": 16, "seeds": [0], "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "epochs": 1,
+            "train_subset": 256,
+            "batch_size": 64,
+            "subset": 16,
+            "seeds": [0],
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
         "gpu": {"dataset": "cifar100", "model": "resnet18", "epochs": 30, "train_subset": 0},
         "paper": {"dataset": "cifar100", "model": "resnet18", "epochs": 200, "train_subset": 0, "seeds": [42, 0, 1]},
     },
-    outputs={"accuracy": "test accuracy per epoch, mean ± std over seeds",
-             "penalty": "GVR's penalty and the two views' gradient difference over steps",
-             "summary": "final and best test accuracy, time per epoch"},
+    outputs={
+        "accuracy": "test accuracy per epoch, mean ± std over seeds",
+        "penalty": "GVR's penalty and the two views' gradient difference over steps",
+        "summary": "final and best test accuracy, time per epoch",
+    },
     ablations=["two-view SGD (alpha 0)"],
 )
 
 # %%
-base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-            momentum=momentum, weight_decay=weight_decay, cutout=cutout, train_subset=train_subset, device=device)
+base = dict(
+    dataset=dataset,
+    model=model,
+    epochs=epochs,
+    batch_size=batch_size,
+    lr=lr,
+    schedule=schedule,
+    momentum=momentum,
+    weight_decay=weight_decay,
+    cutout=cutout,
+    train_subset=train_subset,
+    device=device,
+)
 gvr_args = dict(target=target, penalty=penalty, subset=subset, reduction="sum")
 variants = [
     dict(method="sgd", label="SGD"),

@@ -57,20 +57,51 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "implicit_regularization", globals(),
+    "implicit_regularization",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "sb_batch": 16, "lb_batch": 64, "lb_epochs": 4,
-                  "micro_sizes": [32], "train_subset": 256, "log_every": 1, "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "sb_batch": 16,
+            "lb_batch": 64,
+            "lb_epochs": 4,
+            "micro_sizes": [32],
+            "train_subset": 256,
+            "log_every": 1,
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "model": "resnet18", "sb_batch": 128, "lb_batch": 5120, "lb_epochs": 40,
-                "micro_sizes": [2560], "hvp": "exact", "train_subset": 0, "log_every": 20},
-        "paper": {"dataset": "cifar10", "model": "resnet18", "sb_batch": 128, "lb_batch": 5120, "lb_epochs": 640,
-                  "micro_sizes": [2560], "hvp": "exact", "train_subset": 40000, "log_every": 20, "seeds": [0, 1, 2]},
+        "gpu": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "sb_batch": 128,
+            "lb_batch": 5120,
+            "lb_epochs": 40,
+            "micro_sizes": [2560],
+            "hvp": "exact",
+            "train_subset": 0,
+            "log_every": 20,
+        },
+        "paper": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "sb_batch": 128,
+            "lb_batch": 5120,
+            "lb_epochs": 640,
+            "micro_sizes": [2560],
+            "hvp": "exact",
+            "train_subset": 40000,
+            "log_every": 20,
+            "seeds": [0, 1, 2],
+        },
     },
-    outputs={"main_table": "SB, LB and LB with each penalty: final and best test accuracy",
-             "microbatch_sweep": "LB+GN test accuracy against the micro-batch size, SB and LB for reference",
-             "grafting_table": "SB, LB, IterGraft, ExterGraft, NGD: final and best test accuracy",
-             "trajectories": "mean micro-batch gradient norm against step"},
+    outputs={
+        "main_table": "SB, LB and LB with each penalty: final and best test accuracy",
+        "microbatch_sweep": "LB+GN test accuracy against the micro-batch size, SB and LB for reference",
+        "grafting_table": "SB, LB, IterGraft, ExterGraft, NGD: final and best test accuracy",
+        "trajectories": "mean micro-batch gradient norm against step",
+    },
 )
 
 # %% [markdown]
@@ -82,8 +113,17 @@ study = gl.Study(
 # from the SB run's own gradient-norm log, which its configuration checks, so it is built after SB.
 
 # %%
-novack = dict(dataset=dataset, model=model, momentum=0.0, weight_decay=0.0, schedule="constant", augment=True,
-              train_subset=train_subset, log_every=log_every, device=device)
+novack = dict(
+    dataset=dataset,
+    model=model,
+    momentum=0.0,
+    weight_decay=0.0,
+    schedule="constant",
+    augment=True,
+    train_subset=train_subset,
+    log_every=log_every,
+    device=device,
+)
 sb = dict(novack, batch_size=sb_batch, lr=sb_lr, epochs=max(1, lb_epochs * sb_batch // lb_batch))
 lb = dict(novack, batch_size=lb_batch, lr=lb_lr, epochs=lb_epochs)
 micro = dict(micro_batch_size=sb_batch)
@@ -91,47 +131,100 @@ names = {"reg_loss": "LB+GN", "fish_loss": "LB+FT", "avg_jac_loss": "LB+AJ", "un
 
 
 def grafting_grid(ngd_lr: float, check_run_dirs: bool = True) -> list:
-    variants = [dict(method="iter_graft", method_args=dict(micro, norm_source="random_micro"), label="IterGraft"),
-                dict(method="iter_graft", method_args=dict(micro, norm_source="mean_micro"), label="IterGraft (mean)"),
-                dict(method="ngd", method_args=micro, lr=ngd_lr, label="NGD")]
+    variants = [
+        dict(method="iter_graft", method_args=dict(micro, norm_source="random_micro"), label="IterGraft"),
+        dict(method="iter_graft", method_args=dict(micro, norm_source="mean_micro"), label="IterGraft (mean)"),
+        dict(method="ngd", method_args=micro, lr=ngd_lr, label="NGD"),
+    ]
     return gl.grid_configs(dict(lb, lr=sb_lr), variants, seeds, study.runs_root, check_run_dirs)
 
 
-main_grid = (gl.grid_configs(sb, [dict(method="sgd", label="SB")], seeds, study.runs_root)
-             + gl.grid_configs(lb, [dict(method="pseudo_gd", method_args=micro, label="LB")]
-                               + [dict(method=m, method_args=dict(micro, lam=lam[m], hvp=hvp), label=names[m])
-                                  for m in names], seeds, study.runs_root)
-             + gl.grid_configs(lb, [dict(method="reg_loss", label=f"LB+GN m={m}",
-                                         method_args=dict(micro_batch_size=m, lam=lam["reg_loss"], hvp=hvp))
-                                    for m in micro_sizes], seeds, study.runs_root))
+main_grid = (
+    gl.grid_configs(sb, [dict(method="sgd", label="SB")], seeds, study.runs_root)
+    + gl.grid_configs(
+        lb,
+        [dict(method="pseudo_gd", method_args=micro, label="LB")]
+        + [dict(method=m, method_args=dict(micro, lam=lam[m], hvp=hvp), label=names[m]) for m in names],
+        seeds,
+        study.runs_root,
+    )
+    + gl.grid_configs(
+        lb,
+        [
+            dict(
+                method="reg_loss",
+                label=f"LB+GN m={m}",
+                method_args=dict(micro_batch_size=m, lam=lam["reg_loss"], hvp=hvp),
+            )
+            for m in micro_sizes
+        ],
+        seeds,
+        study.runs_root,
+    )
+)
 grafting_grid(sb_lr, check_run_dirs=False)
 gl.train_configs(main_grid)
 ngd_lr = float(sb_lr * study.load_runs(steps=True).query("label == 'SB'")["grad_norm"].mean())
-exter_graft = [config for seed in seeds for config in gl.grid_configs(
-    dict(lb, lr=sb_lr), [dict(method="exter_graft", label="ExterGraft",
-                              method_args=dict(micro, norms_path=f"{study.runs_root}/SB-s{seed}"))],
-    [seed], study.runs_root)]
+exter_graft = [
+    config
+    for seed in seeds
+    for config in gl.grid_configs(
+        dict(lb, lr=sb_lr),
+        [
+            dict(
+                method="exter_graft",
+                label="ExterGraft",
+                method_args=dict(micro, norms_path=f"{study.runs_root}/SB-s{seed}"),
+            )
+        ],
+        [seed],
+        study.runs_root,
+    )
+]
 gl.train_configs(grafting_grid(ngd_lr) + exter_graft)
 
 # %%
-order = ["SB", "LB", *names.values(), *(f"LB+GN m={m}" for m in micro_sizes), "IterGraft", "IterGraft (mean)",
-         "ExterGraft", "NGD"]
+order = [
+    "SB",
+    "LB",
+    *names.values(),
+    *(f"LB+GN m={m}" for m in micro_sizes),
+    "IterGraft",
+    "IterGraft (mean)",
+    "ExterGraft",
+    "NGD",
+]
 runs = plots.ordered(study.load_runs(), "label", order)
 final = plots.with_best(runs)
 main = final[final["label"].isin(["SB", "LB", *names.values()])]
 table = plots.mean_std(main, ["label"], ["test_acc", "best_test_acc"])
-study.save_table(study.term_column(runs, table), "main_table",
-                 f"Test accuracy, B={lb_batch}, m={sb_batch}, penalties hvp={hvp}", main)
+study.save_table(
+    study.term_column(runs, table),
+    "main_table",
+    f"Test accuracy, B={lb_batch}, m={sb_batch}, penalties hvp={hvp}",
+    main,
+)
 graft = final[final["label"].isin(["SB", "LB", "IterGraft", "IterGraft (mean)", "ExterGraft", "NGD"])]
-study.save_table(plots.mean_std(graft, ["label"], ["test_acc", "best_test_acc"]), "grafting_table",
-                 f"Grafting, B={lb_batch}, m={sb_batch} (NGD lr {ngd_lr:.4f})", graft)
+study.save_table(
+    plots.mean_std(graft, ["label"], ["test_acc", "best_test_acc"]),
+    "grafting_table",
+    f"Grafting, B={lb_batch}, m={sb_batch} (NGD lr {ngd_lr:.4f})",
+    graft,
+)
 
 # %%
 gn = final[final["method"] == "reg_loss"].assign(m=lambda d: d["arg_micro_batch_size"])
 by_m = 100 * gn.groupby("m")["test_acc"].agg(["mean", "std"])
 fig, ax = plt.subplots(figsize=(6, 3.4))
-ax.errorbar(by_m.index, by_m["mean"], yerr=by_m["std"].fillna(0), marker="o", capsize=3,
-            color=plots.method_color("reg_loss"), label="LB+GN")
+ax.errorbar(
+    by_m.index,
+    by_m["mean"],
+    yerr=by_m["std"].fillna(0),
+    marker="o",
+    capsize=3,
+    color=plots.method_color("reg_loss"),
+    label="LB+GN",
+)
 for name in ("SB", "LB"):
     rows = final[final["label"] == name]
     ax.axhline(100 * rows["test_acc"].mean(), ls="--", color=plots.method_color(rows["method"].iloc[0]), label=name)

@@ -33,7 +33,10 @@ preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "small_cnn"  # see gvr_lab.list_models()
 methods: list = ["sgd", "sam", "looksam", "esam", "saf", "vsam"]  # compared methods
-method_args: dict = {"vsam": {"warmup_epochs": 1, "window": 10, "blocks": 2}, "saf": {"start_epoch": 0, "lag": 1}}  # per method
+method_args: dict = {
+    "vsam": {"warmup_epochs": 1, "window": 10, "blocks": 2},
+    "saf": {"start_epoch": 0, "lag": 1},
+}  # per method
 epochs: int = 4  # passes over the training set
 batch_size: int = 128  # examples per step
 lr: float = 0.05  # peak learning rate, cosine per step
@@ -50,27 +53,65 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "sam_efficiency", globals(),
+    "sam_efficiency",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "epochs": 3, "train_subset": 256, "batch_size": 64,
-                  "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
-                                  "saf": {"start_epoch": 0, "lag": 1}}, "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "epochs": 3,
+            "train_subset": 256,
+            "batch_size": 64,
+            "method_args": {
+                "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
+                "saf": {"start_epoch": 0, "lag": 1},
+            },
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "model": "resnet18", "epochs": 15, "train_subset": 0, "batch_size": 256,
-                "lr": 0.1, "seeds": [0, 1], "method_args": {"vsam": {"warmup_epochs": 3}, "saf": {"start_epoch": 3}}},
-        "paper": {"dataset": "cifar100", "model": "resnet18", "epochs": 200, "train_subset": 0, "lr": 0.05,
-                  "weight_decay": 0.001, "label_smoothing": 0.1, "seeds": [0, 1, 2],
-                  "method_args": {"vsam": {}, "saf": {}}},
+        "gpu": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "epochs": 15,
+            "train_subset": 0,
+            "batch_size": 256,
+            "lr": 0.1,
+            "seeds": [0, 1],
+            "method_args": {"vsam": {"warmup_epochs": 3}, "saf": {"start_epoch": 3}},
+        },
+        "paper": {
+            "dataset": "cifar100",
+            "model": "resnet18",
+            "epochs": 200,
+            "train_subset": 0,
+            "lr": 0.05,
+            "weight_decay": 0.001,
+            "label_smoothing": 0.1,
+            "seeds": [0, 1, 2],
+            "method_args": {"vsam": {}, "saf": {}},
+        },
     },
-    outputs={"accuracy_vs_throughput": "final test accuracy against training images per second",
-             "summary": "test accuracy, images/s, time per epoch, share of steps each method's term acted on"},
+    outputs={
+        "accuracy_vs_throughput": "final test accuracy against training images per second",
+        "summary": "test accuracy, images/s, time per epoch, share of steps each method's term acted on",
+    },
 )
 
 # %%
-base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            label_smoothing=label_smoothing, train_subset=train_subset, device=device)
-gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds,
-              study.runs_root)
+base = dict(
+    dataset=dataset,
+    model=model,
+    epochs=epochs,
+    batch_size=batch_size,
+    lr=lr,
+    weight_decay=weight_decay,
+    label_smoothing=label_smoothing,
+    train_subset=train_subset,
+    device=device,
+)
+gl.train_grid(
+    base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds, study.runs_root
+)
 
 # %% [markdown]
 # Throughput is measured per epoch by the training loop (training steps only, evaluation excluded);

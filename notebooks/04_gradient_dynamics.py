@@ -48,25 +48,58 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "gradient_dynamics", globals(),
+    "gradient_dynamics",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "models": ["tiny_cnn"], "epochs": 2, "train_subset": 256, "batch_size": 64,
-                  "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1}, "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "models": ["tiny_cnn"],
+            "epochs": 2,
+            "train_subset": 256,
+            "batch_size": 64,
+            "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1},
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "models": ["resnet18", "vgg16"], "epochs": 10, "train_subset": 0,
-                "batch_size": 256, "lr": 0.1, "log_every": 5, "vsam_args": {"warmup_epochs": 3}},
-        "paper": {"dataset": "cifar100", "models": ["resnet18", "wrn28_10", "pyramidnet110"], "epochs": 200,
-                  "train_subset": 0, "log_every": 10, "vsam_args": {}},
+        "gpu": {
+            "dataset": "cifar10",
+            "models": ["resnet18", "vgg16"],
+            "epochs": 10,
+            "train_subset": 0,
+            "batch_size": 256,
+            "lr": 0.1,
+            "log_every": 5,
+            "vsam_args": {"warmup_epochs": 3},
+        },
+        "paper": {
+            "dataset": "cifar100",
+            "models": ["resnet18", "wrn28_10", "pyramidnet110"],
+            "epochs": 200,
+            "train_subset": 0,
+            "log_every": 10,
+            "vsam_args": {},
+        },
     },
-    outputs={"norms": "SGD gradient norm at every step and PSF norm at the sampled steps, per model",
-             "variation": "relative change of the mean PSF norm from one epoch to the next",
-             "sampling": "vSAM's share of SAM (two-pass) steps per epoch",
-             "summary": "test accuracy and share of SAM steps per model"},
+    outputs={
+        "norms": "SGD gradient norm at every step and PSF norm at the sampled steps, per model",
+        "variation": "relative change of the mean PSF norm from one epoch to the next",
+        "sampling": "vSAM's share of SAM (two-pass) steps per epoch",
+        "summary": "test accuracy and share of SAM steps per model",
+    },
 )
 
 # %%
-base = dict(dataset=dataset, method="vsam", method_args=vsam_args, epochs=epochs, batch_size=batch_size, lr=lr,
-            train_subset=train_subset, log_every=log_every, device=device)
+base = dict(
+    dataset=dataset,
+    method="vsam",
+    method_args=vsam_args,
+    epochs=epochs,
+    batch_size=batch_size,
+    lr=lr,
+    train_subset=train_subset,
+    log_every=log_every,
+    device=device,
+)
 gl.train_grid(base, [dict(model=m, label=m) for m in models], seeds, study.runs_root)
 
 # %% [markdown]

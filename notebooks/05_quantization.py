@@ -44,27 +44,63 @@ import gvr_lab as gl
 from gvr_lab import plots
 
 study = gl.Study(
-    "quantization", globals(),
+    "quantization",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "model": "tiny_cnn", "bits": [4, 2], "epochs": 2, "train_subset": 256,
-                  "batch_size": 64, "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
-                  "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "bits": [4, 2],
+            "epochs": 2,
+            "train_subset": 256,
+            "batch_size": 64,
+            "method_args": {"vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "model": "resnet18", "epochs": 10, "train_subset": 0, "batch_size": 256,
-                "lr": 0.1, "method_args": {"vsam": {"warmup_epochs": 2}}},
-        "paper": {"dataset": "cifar100", "model": "resnet18", "epochs": 200, "train_subset": 0, "seeds": [0, 1, 2],
-                  "method_args": {"vsam": {}}},
+        "gpu": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "epochs": 10,
+            "train_subset": 0,
+            "batch_size": 256,
+            "lr": 0.1,
+            "method_args": {"vsam": {"warmup_epochs": 2}},
+        },
+        "paper": {
+            "dataset": "cifar100",
+            "model": "resnet18",
+            "epochs": 200,
+            "train_subset": 0,
+            "seeds": [0, 1, 2],
+            "method_args": {"vsam": {}},
+        },
     },
-    outputs={"accuracy_vs_bits": "test accuracy against bit width per method, its full-precision run dashed",
-             "summary": "test accuracy and time per epoch per method and bit width"},
+    outputs={
+        "accuracy_vs_bits": "test accuracy against bit width per method, its full-precision run dashed",
+        "summary": "test accuracy and time per epoch per method and bit width",
+    },
 )
 
 # %%
-base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset,
-            device=device)
-gl.train_grid(base, [dict(method=m, method_args=method_args.get(m, {}), quant_bits=b,
-                          label=f"{m} {b}-bit" if b else f"{m} full precision")
-                     for b in [0, *bits] for m in methods], seeds, study.runs_root)
+base = dict(
+    dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, train_subset=train_subset, device=device
+)
+gl.train_grid(
+    base,
+    [
+        dict(
+            method=m,
+            method_args=method_args.get(m, {}),
+            quant_bits=b,
+            label=f"{m} {b}-bit" if b else f"{m} full precision",
+        )
+        for b in [0, *bits]
+        for m in methods
+    ],
+    seeds,
+    study.runs_root,
+)
 
 # %%
 runs = study.load_runs()
@@ -73,8 +109,9 @@ shown = study.plotted(final)
 quantized = shown[shown["quant_bits"] > 0]
 ax = plots.curves(quantized, "quant_bits", "test_acc", hue="method", title=f"LSQ, {model} on {dataset}", legend=False)
 for method, rows in shown[shown["quant_bits"] == 0].groupby("method", sort=False):
-    ax.axhline(100 * rows["test_acc"].mean(), ls="--", lw=1, color=plots.method_color(method),
-               label=f"{method} full precision")
+    ax.axhline(
+        100 * rows["test_acc"].mean(), ls="--", lw=1, color=plots.method_color(method), label=f"{method} full precision"
+    )
 plots.integer_ticks(ax.xaxis, quantized["quant_bits"])
 ax.set_xlabel("bits (weights and activations)")
 plots.legend_outside(ax)

@@ -93,24 +93,61 @@ import gvr_lab as gl
 from gvr_lab import plots, stats
 
 study = gl.Study(
-    "claims", globals(),
+    "claims",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "seeds": [0, 1], "device": "cpu", "model": "tiny_cnn", "epochs": 2,
-                  "batch_size": 32, "train_subset": 128, "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1},
-                  "sb_batch": 16, "lb_batch": 64, "steps": 8, "large_m": 32, "novack_subset": 256, "log_every": 1},
+        "smoke": {
+            "dataset": "synthetic",
+            "seeds": [0, 1],
+            "device": "cpu",
+            "model": "tiny_cnn",
+            "epochs": 2,
+            "batch_size": 32,
+            "train_subset": 128,
+            "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1},
+            "sb_batch": 16,
+            "lb_batch": 64,
+            "steps": 8,
+            "large_m": 32,
+            "novack_subset": 256,
+            "log_every": 1,
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "model": "resnet18", "epochs": 30, "train_subset": 0,
-                "vsam_args": {"warmup_epochs": 3, "window": 50, "blocks": 5}, "novack_model": "resnet18",
-                "sb_batch": 128, "lb_batch": 5120, "steps": 2000, "large_m": 2560, "novack_subset": 0,
-                "log_every": 20},
-        "paper": {"dataset": "cifar10", "model": "resnet18", "epochs": 200, "train_subset": 0,
-                  "vsam_args": {}, "novack_model": "resnet18", "sb_batch": 128, "lb_batch": 5120, "steps": 5000,
-                  "large_m": 2560, "novack_subset": 0, "log_every": 20},
+        "gpu": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "epochs": 30,
+            "train_subset": 0,
+            "vsam_args": {"warmup_epochs": 3, "window": 50, "blocks": 5},
+            "novack_model": "resnet18",
+            "sb_batch": 128,
+            "lb_batch": 5120,
+            "steps": 2000,
+            "large_m": 2560,
+            "novack_subset": 0,
+            "log_every": 20,
+        },
+        "paper": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "epochs": 200,
+            "train_subset": 0,
+            "vsam_args": {},
+            "novack_model": "resnet18",
+            "sb_batch": 128,
+            "lb_batch": 5120,
+            "steps": 5000,
+            "large_m": 2560,
+            "novack_subset": 0,
+            "log_every": 20,
+        },
     },
-    outputs={"claims": "every claim: the paper's number, ours, the paired difference with its 95% CI, n, verdict",
-             "claims_data": "the same with every seed's values, machine-readable",
-             "forest": "paired differences and 95% CIs per claim, coloured by verdict",
-             "arms": "every arm: runs, statuses, test accuracy and training time (mean and 95% CI over seeds)"},
+    outputs={
+        "claims": "every claim: the paper's number, ours, the paired difference with its 95% CI, n, verdict",
+        "claims_data": "the same with every seed's values, machine-readable",
+        "forest": "paired differences and 95% CIs per claim, coloured by verdict",
+        "arms": "every arm: runs, statuses, test accuracy and training time (mean and 95% CI over seeds)",
+    },
     ablations=["two-view SGD (alpha 0)"],
 )
 
@@ -120,8 +157,19 @@ study = gl.Study(
 # two arms are built once SB has trained; their grid is checked first with stand-ins.
 
 # %%
-gvr_base = dict(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, schedule="cosine_epoch",
-                momentum=0.9, weight_decay=5e-4, cutout=cutout, train_subset=train_subset, device=device)
+gvr_base = dict(
+    dataset=dataset,
+    model=model,
+    epochs=epochs,
+    batch_size=batch_size,
+    lr=lr,
+    schedule="cosine_epoch",
+    momentum=0.9,
+    weight_decay=5e-4,
+    cutout=cutout,
+    train_subset=train_subset,
+    device=device,
+)
 gvr_args = dict(target=gvr_target, penalty="exact", subset=32, reduction="sum")
 noisy = dict(label_noise=label_noise, label_noise_kind="symmetric")
 sam_family = [
@@ -133,32 +181,72 @@ sam_family = [
     dict(method="sam", method_args={"rho": rho}, label="SAM"),
     dict(method="vsam", method_args={"rho": rho, **vsam_args}, label="vSAM"),
 ]
-novack = dict(dataset=dataset, model=novack_model, momentum=0.0, weight_decay=0.0, schedule="constant",
-              lr=novack_lr, steps=steps, eval_every=max(1, steps // 4), train_subset=novack_subset,
-              log_every=log_every, device=device)
+novack = dict(
+    dataset=dataset,
+    model=novack_model,
+    momentum=0.0,
+    weight_decay=0.0,
+    schedule="constant",
+    lr=novack_lr,
+    steps=steps,
+    eval_every=max(1, steps // 4),
+    train_subset=novack_subset,
+    log_every=log_every,
+    device=device,
+)
 micro = dict(micro_batch_size=sb_batch)
 penalties = {"reg_loss": "LB+GN", "fish_loss": "LB+FT", "avg_jac_loss": "LB+AJ", "unit_jac_loss": "LB+UJ"}
-lb_arms = ([dict(method="pseudo_gd", method_args=micro, label="LB")]
-           + [dict(method=m, method_args=dict(micro, lam=lam[m], hvp=hvp), label=name) for m, name in penalties.items()]
-           + [dict(method="reg_loss", method_args=dict(micro_batch_size=large_m, lam=lam["reg_loss"], hvp=hvp),
-                   label=f"LB+GN m={large_m}"),
-              dict(method="iter_graft", method_args=dict(micro, norm_source="random_micro"), label="IterGraft")])
+lb_arms = (
+    [dict(method="pseudo_gd", method_args=micro, label="LB")]
+    + [dict(method=m, method_args=dict(micro, lam=lam[m], hvp=hvp), label=name) for m, name in penalties.items()]
+    + [
+        dict(
+            method="reg_loss",
+            method_args=dict(micro_batch_size=large_m, lam=lam["reg_loss"], hvp=hvp),
+            label=f"LB+GN m={large_m}",
+        ),
+        dict(method="iter_graft", method_args=dict(micro, norm_source="random_micro"), label="IterGraft"),
+    ]
+)
 
 
 def after_sb(ngd_lr: float, check_run_dirs: bool = True) -> list:
-    ngd = gl.grid_configs(dict(novack, batch_size=lb_batch, lr=ngd_lr), [dict(method="ngd", method_args=micro,
-                                                                              label="NGD")], seeds, study.runs_root,
-                          check_run_dirs)
-    exter = [config for seed in seeds for config in gl.grid_configs(
-        dict(novack, batch_size=lb_batch), [dict(method="exter_graft", label="ExterGraft",
-                                                  method_args=dict(micro, norms_path=f"{study.runs_root}/SB-s{seed}"))],
-        [seed], study.runs_root, check_run_dirs)] if check_run_dirs else []
+    ngd = gl.grid_configs(
+        dict(novack, batch_size=lb_batch, lr=ngd_lr),
+        [dict(method="ngd", method_args=micro, label="NGD")],
+        seeds,
+        study.runs_root,
+        check_run_dirs,
+    )
+    exter = (
+        [
+            config
+            for seed in seeds
+            for config in gl.grid_configs(
+                dict(novack, batch_size=lb_batch),
+                [
+                    dict(
+                        method="exter_graft",
+                        label="ExterGraft",
+                        method_args=dict(micro, norms_path=f"{study.runs_root}/SB-s{seed}"),
+                    )
+                ],
+                [seed],
+                study.runs_root,
+                check_run_dirs,
+            )
+        ]
+        if check_run_dirs
+        else []
+    )
     return ngd + exter
 
 
-first = (gl.grid_configs(gvr_base, sam_family, seeds, study.runs_root)
-         + gl.grid_configs(dict(novack, batch_size=sb_batch), [dict(method="sgd", label="SB")], seeds, study.runs_root)
-         + gl.grid_configs(dict(novack, batch_size=lb_batch), lb_arms, seeds, study.runs_root))
+first = (
+    gl.grid_configs(gvr_base, sam_family, seeds, study.runs_root)
+    + gl.grid_configs(dict(novack, batch_size=sb_batch), [dict(method="sgd", label="SB")], seeds, study.runs_root)
+    + gl.grid_configs(dict(novack, batch_size=lb_batch), lb_arms, seeds, study.runs_root)
+)
 after_sb(novack_lr, check_run_dirs=False)
 gl.train_configs(first)
 ngd_lr = float(novack_lr * study.load_runs(steps=True).query("label == 'SB'")["grad_norm"].mean())
@@ -176,7 +264,8 @@ final = plots.with_best(runs)
 timed = runs[[c for c in ("epoch_time_s", "interval_time_s") if c in runs]].sum(axis=1)
 final["training_s"] = final["run_dir"].map(timed.groupby(runs["run_dir"]).sum())
 arms = plots.mean_ci(final, ["label", "method"], ["test_acc", "training_s"], digits=4).rename(
-    columns={"label": "arm", "seeds": "runs"})
+    columns={"label": "arm", "seeds": "runs"}
+)
 arms["completed"] = final.groupby("label", sort=False)["status"].agg(lambda s: int((s == "completed").sum())).to_numpy()
 arms = arms[["arm", "method", "runs", "completed", "test accuracy (%)", "training time (s)"]]
 study.save_table(arms, "arms", "Every arm of the claims study", runs, spread="mean [95% Student t CI] over seeds")
@@ -190,8 +279,17 @@ study.save_table(arms, "arms", "Every arm of the claims study", runs, spread="me
 acc = {label: stats.by_seed(final, label) for label in final["label"].unique()}
 secs = {label: stats.by_seed(final, label, "training_s", scale=1.0) for label in final["label"].unique()}
 midpoint = stats.seedwise(lambda sb, lb: (sb + lb) / 2, acc["SB"], acc["LB"])
-paper_novack = {"SB": 92.64, "LB": 89.83, "LB+GN": 91.75, "LB+FT": 91.50, "LB+AJ": 90.13, "LB+UJ": 90.15,
-                "IterGraft": 92.12, "ExterGraft": 92.16, "NGD": 92.10}  # Novack et al., ResNet-18, CIFAR-10
+paper_novack = {
+    "SB": 92.64,
+    "LB": 89.83,
+    "LB+GN": 91.75,
+    "LB+FT": 91.50,
+    "LB+AJ": 90.13,
+    "LB+UJ": 90.15,
+    "IterGraft": 92.12,
+    "ExterGraft": 92.16,
+    "NGD": 92.10,
+}  # Novack et al., ResNet-18, CIFAR-10
 
 
 def recovered(name: str) -> str:
@@ -203,33 +301,83 @@ sb_beats_lb = stats.compare("SB beats LB at equal steps", acc["SB"], acc["LB"])
 accuracy_claims = [
     (stats.compare("GVR beats SGD", acc["GVR"], acc["SGD"]), "79.09 vs 78.00 (CIFAR-100, 1 seed)"),
     (stats.compare("GVR beats two-view SGD (alpha 0)", acc["GVR"], acc["two-view SGD (alpha 0)"]), "not measured"),
-    (stats.compare(f"GVR beats SGD under {100 * label_noise:.0f}% symmetric label noise", acc["GVR, noisy labels"],
-                   acc["SGD, noisy labels"]), "robustness claimed, no number"),
+    (
+        stats.compare(
+            f"GVR beats SGD under {100 * label_noise:.0f}% symmetric label noise",
+            acc["GVR, noisy labels"],
+            acc["SGD, noisy labels"],
+        ),
+        "robustness claimed, no number",
+    ),
     (stats.compare("SAM beats SGD", acc["SAM"], acc["SGD"]), "gains reported (CIFAR), other setting"),
-    (stats.compare(f"vSAM is comparable to SAM (within {parity_margin} points)", acc["vSAM"], acc["SAM"],
-                   "parity", parity_margin), "comparable"),
+    (
+        stats.compare(
+            f"vSAM is comparable to SAM (within {parity_margin} points)",
+            acc["vSAM"],
+            acc["SAM"],
+            "parity",
+            parity_margin,
+        ),
+        "comparable",
+    ),
     (sb_beats_lb, f"{paper_novack['SB']:.2f} vs {paper_novack['LB']:.2f}"),
     # recovering a gap presumes one: these verdicts count only where SB beats LB here
-    *((stats.compare(f"{name} recovers most of the SB-LB gap", acc[name], midpoint, premise=sb_beats_lb),
-       recovered(name)) for name in ("LB+GN", "LB+FT")),
-    *((stats.compare(f"{name} does not recover most of the gap", acc[name], midpoint, "less", premise=sb_beats_lb),
-       recovered(name)) for name in ("LB+AJ", "LB+UJ")),
-    *((stats.compare(f"{name} recovers part of the gap (beats LB)", acc[name], acc["LB"], premise=sb_beats_lb),
-       recovered(name)) for name in ("IterGraft", "ExterGraft", "NGD")),
-    (stats.compare(f"LB+GN at m={sb_batch} beats m={large_m} (its gap grows with m)", acc["LB+GN"],
-                   acc[f"LB+GN m={large_m}"]), "qualitative (figure)"),
+    *(
+        (
+            stats.compare(f"{name} recovers most of the SB-LB gap", acc[name], midpoint, premise=sb_beats_lb),
+            recovered(name),
+        )
+        for name in ("LB+GN", "LB+FT")
+    ),
+    *(
+        (
+            stats.compare(f"{name} does not recover most of the gap", acc[name], midpoint, "less", premise=sb_beats_lb),
+            recovered(name),
+        )
+        for name in ("LB+AJ", "LB+UJ")
+    ),
+    *(
+        (
+            stats.compare(f"{name} recovers part of the gap (beats LB)", acc[name], acc["LB"], premise=sb_beats_lb),
+            recovered(name),
+        )
+        for name in ("IterGraft", "ExterGraft", "NGD")
+    ),
+    (
+        stats.compare(
+            f"LB+GN at m={sb_batch} beats m={large_m} (its gap grows with m)", acc["LB+GN"], acc[f"LB+GN m={large_m}"]
+        ),
+        "qualitative (figure)",
+    ),
 ]
 speed_claims = [
-    (stats.compare(f"vSAM trains at least {100 * min_speedup:.0f}% faster than SAM",
-                   stats.seedwise(lambda v, s: v / s, secs["vSAM"], secs["SAM"]),
-                   {s: 1 - min_speedup for s in seeds}, "less"), "about 40% faster"),
+    (
+        stats.compare(
+            f"vSAM trains at least {100 * min_speedup:.0f}% faster than SAM",
+            stats.seedwise(lambda v, s: v / s, secs["vSAM"], secs["SAM"]),
+            {s: 1 - min_speedup for s in seeds},
+            "less",
+        ),
+        "about 40% faster",
+    ),
 ]
-table = stats.claims_table([(c, paper, 2) for c, paper in accuracy_claims] + [(c, paper, 3) for c, paper in speed_claims])
-study.save_table(table, "claims", "Claims: accuracy in %, verdicts from the 95% CIs", runs,
-                 spread="differences paired by seed, 95% Student t CI")
+table = stats.claims_table(
+    [(c, paper, 2) for c, paper in accuracy_claims] + [(c, paper, 3) for c, paper in speed_claims]
+)
+study.save_table(
+    table,
+    "claims",
+    "Claims: accuracy in %, verdicts from the 95% CIs",
+    runs,
+    spread="differences paired by seed, 95% Student t CI",
+)
 study.save_data([{**c.as_dict(), "paper": paper} for c, paper in accuracy_claims + speed_claims], "claims_data")
 
 # %%
-fig = plots.forest({"test accuracy difference (points), method - baseline": [c for c, _ in accuracy_claims],
-                    f"vSAM / SAM training time - {1 - min_speedup:g}": [c for c, _ in speed_claims]})
+fig = plots.forest(
+    {
+        "test accuracy difference (points), method - baseline": [c for c, _ in accuracy_claims],
+        f"vSAM / SAM training time - {1 - min_speedup:g}": [c for c, _ in speed_claims],
+    }
+)
 study.save_figure(fig, "forest", runs, spread="mean paired difference and its 95% Student t CI")

@@ -48,7 +48,11 @@ eval_every: int = 80  # steps between evaluations
 curvature_every: int = 1  # evaluations between Hessian measurements in training (512 rows, 20 probes)
 batch_size: int = 128  # SGD, GVR, SAM, vSAM
 lr: float = 0.05  # their peak learning rate, cosine per step, momentum 0.9, weight decay 5e-4
-method_args: dict = {"gvr": {"target": "fc", "penalty": "closed_form", "alpha": 0.01}, "sam": {"rho": 0.05}, "vsam": {"rho": 0.05, "warmup_epochs": 1, "window": 10, "blocks": 2}}  # per method
+method_args: dict = {
+    "gvr": {"target": "fc", "penalty": "closed_form", "alpha": 0.01},
+    "sam": {"rho": 0.05},
+    "vsam": {"rho": 0.05, "warmup_epochs": 1, "window": 10, "blocks": 2},
+}  # per method
 sb_batch: int = 32  # SB's batch, also the micro-batch size m of LB and LB+GN
 lb_batch: int = 256  # LB's and LB+GN's batch
 novack_lr: float = 0.1  # SB, LB and LB+GN: constant, momentum 0, weight decay 0
@@ -80,48 +84,115 @@ from gvr_lab import landscape, plots
 from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS, resolve_device
 
 study = gl.Study(
-    "curvature", globals(),
+    "curvature",
+    globals(),
     presets={
-        "smoke": {"dataset": "synthetic", "train_subset": 32, "steps": 4, "novack_steps": 4, "eval_every": 2,
-                  "curvature_every": 2, "batch_size": 8, "sb_batch": 4, "lb_batch": 16, "seeds": [0],
-                  "method_args": {"gvr": {"target": "fc", "penalty": "closed_form", "subset": 4},
-                                  "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1}},
-                  "rows": 32, "top_k": 2, "trace_probes": 3, "noise_micro_batch": 4, "interp_points": 5,
-                  "slice_points": 5, "psf_batches": 2, "device": "cpu"},
+        "smoke": {
+            "dataset": "synthetic",
+            "train_subset": 32,
+            "steps": 4,
+            "novack_steps": 4,
+            "eval_every": 2,
+            "curvature_every": 2,
+            "batch_size": 8,
+            "sb_batch": 4,
+            "lb_batch": 16,
+            "seeds": [0],
+            "method_args": {
+                "gvr": {"target": "fc", "penalty": "closed_form", "subset": 4},
+                "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
+            },
+            "rows": 32,
+            "top_k": 2,
+            "trace_probes": 3,
+            "noise_micro_batch": 4,
+            "interp_points": 5,
+            "slice_points": 5,
+            "psf_batches": 2,
+            "device": "cpu",
+        },
         "cpu": {"device": "cpu"},
-        "gpu": {"dataset": "cifar10", "model": "resnet18", "model_args": {}, "train_subset": 0, "steps": 3900,
-                "novack_steps": 1000, "eval_every": 390, "curvature_every": 2, "lr": 0.1, "sb_batch": 128,
-                "lb_batch": 1024, "method_args": {"gvr": {}, "sam": {}, "vsam": {"warmup_epochs": 1}}, "rows": 2048,
-                "trace_probes": 100, "noise_micro_batch": 128, "slice_points": 31, "psf_batches": 16},
-        "paper": {"dataset": "cifar10", "model": "resnet18", "model_args": {}, "train_subset": 0, "steps": 78000,
-                  "novack_steps": 6250, "eval_every": 1560, "lr": 0.1, "sb_batch": 128, "lb_batch": 5120,
-                  "method_args": {"gvr": {}, "sam": {}, "vsam": {}}, "rows": 4096, "top_k": 5, "trace_probes": 200,
-                  "noise_micro_batch": 128, "interp_points": 41, "slice_points": 51, "psf_batches": 50},
+        "gpu": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "model_args": {},
+            "train_subset": 0,
+            "steps": 3900,
+            "novack_steps": 1000,
+            "eval_every": 390,
+            "curvature_every": 2,
+            "lr": 0.1,
+            "sb_batch": 128,
+            "lb_batch": 1024,
+            "method_args": {"gvr": {}, "sam": {}, "vsam": {"warmup_epochs": 1}},
+            "rows": 2048,
+            "trace_probes": 100,
+            "noise_micro_batch": 128,
+            "slice_points": 31,
+            "psf_batches": 16,
+        },
+        "paper": {
+            "dataset": "cifar10",
+            "model": "resnet18",
+            "model_args": {},
+            "train_subset": 0,
+            "steps": 78000,
+            "novack_steps": 6250,
+            "eval_every": 1560,
+            "lr": 0.1,
+            "sb_batch": 128,
+            "lb_batch": 5120,
+            "method_args": {"gvr": {}, "sam": {}, "vsam": {}},
+            "rows": 4096,
+            "top_k": 5,
+            "trace_probes": 200,
+            "noise_micro_batch": 128,
+            "interp_points": 41,
+            "slice_points": 51,
+            "psf_batches": 50,
+        },
     },
-    outputs={"eigen_over_training": "top Hessian eigenvalue and trace against step, per method",
-             "summary": "final weights: test accuracy, top-k eigenvalues, trace ± SE, gradient noise, paired "
-                        "differences, cost of measuring",
-             "interpolation": "training loss and accuracy on the line from SGD's to SAM's weights, same seed",
-             "slices": "2-D filter-normalized loss slices around SGD's and SAM's weights, shared levels",
-             "psf_bound": "vSAM's Lemma 1: the PSF norm against rho times the batch Hessian's largest absolute "
-                          "eigenvalue"},
+    outputs={
+        "eigen_over_training": "top Hessian eigenvalue and trace against step, per method",
+        "summary": "final weights: test accuracy, top-k eigenvalues, trace ± SE, gradient noise, paired "
+        "differences, cost of measuring",
+        "interpolation": "training loss and accuracy on the line from SGD's to SAM's weights, same seed",
+        "slices": "2-D filter-normalized loss slices around SGD's and SAM's weights, shared levels",
+        "psf_bound": "vSAM's Lemma 1: the PSF norm against rho times the batch Hessian's largest absolute eigenvalue",
+    },
 )
 
 # %%
 if slice_seed not in seeds:
     raise gl.UsageError(f"slice_seed {slice_seed} is not among the seeds {seeds}")
-common = dict(dataset=dataset, model=model, model_args=model_args, train_subset=train_subset, eval_every=eval_every,
-              curvature_every=curvature_every, device=device)
+common = dict(
+    dataset=dataset,
+    model=model,
+    model_args=model_args,
+    train_subset=train_subset,
+    eval_every=eval_every,
+    curvature_every=curvature_every,
+    device=device,
+)
 sam_family = dict(common, steps=steps, batch_size=batch_size, lr=lr)
 novack = dict(common, steps=novack_steps, lr=novack_lr, momentum=0.0, weight_decay=0.0, schedule="constant")
 micro = dict(micro_batch_size=sb_batch)
 names = {"SGD": "sgd", "GVR": "gvr", "SAM": "sam", "vSAM": "vsam"}
-configs = (gl.grid_configs(sam_family, [dict(method=m, method_args=method_args.get(m, {}), label=name)
-                                        for name, m in names.items()], seeds, study.runs_root)
-           + gl.grid_configs(novack, [dict(method="sgd", batch_size=sb_batch, label="SB"),
-                                      dict(method="pseudo_gd", batch_size=lb_batch, method_args=micro, label="LB"),
-                                      dict(method="reg_loss", batch_size=lb_batch, label="LB+GN",
-                                           method_args=dict(micro, lam=gn_lam, hvp=gn_hvp))], seeds, study.runs_root))
+configs = gl.grid_configs(
+    sam_family,
+    [dict(method=m, method_args=method_args.get(m, {}), label=name) for name, m in names.items()],
+    seeds,
+    study.runs_root,
+) + gl.grid_configs(
+    novack,
+    [
+        dict(method="sgd", batch_size=sb_batch, label="SB"),
+        dict(method="pseudo_gd", batch_size=lb_batch, method_args=micro, label="LB"),
+        dict(method="reg_loss", batch_size=lb_batch, label="LB+GN", method_args=dict(micro, lam=gn_lam, hvp=gn_hvp)),
+    ],
+    seeds,
+    study.runs_root,
+)
 gl.train_configs(configs)
 
 # %% [markdown]
@@ -136,8 +207,15 @@ shown = study.plotted(runs)
 measured_on = f"{min(CURVATURE_ROWS, train_subset or CURVATURE_ROWS)} training rows, batch norm in eval mode"
 fig, axes = plt.subplots(2, 1, figsize=(7, 6.4), sharex=True)
 plots.curves(shown, "step", "hessian_top", ax=axes[0], logy=True, title=f"top Hessian eigenvalue ({measured_on})")
-plots.curves(shown, "step", "hessian_trace", ax=axes[1], logy=True, legend=False,
-             title=f"Hessian trace (Hutchinson, {CURVATURE_PROBES} probes)")
+plots.curves(
+    shown,
+    "step",
+    "hessian_trace",
+    ax=axes[1],
+    logy=True,
+    legend=False,
+    title=f"Hessian trace (Hutchinson, {CURVATURE_PROBES} probes)",
+)
 for ax in axes:
     plots.plain_log_ticks(ax)
 study.save_figure(fig, "eigen_over_training", shown)
@@ -152,30 +230,42 @@ study.save_figure(fig, "eigen_over_training", shown)
 # %%
 where = resolve_device(device)
 final = plots.ordered(plots.with_best(runs), "label", order)
-measured = pd.DataFrame([landscape.final_curvature(run_dir, rows, top_k, trace_probes, noise_micro_batch, device=where)
-                         for run_dir in final["run_dir"]])
+measured = pd.DataFrame(
+    [
+        landscape.final_curvature(run_dir, rows, top_k, trace_probes, noise_micro_batch, device=where)
+        for run_dir in final["run_dir"]
+    ]
+)
 final = final.merge(measured, on="run_dir").merge(plots.curvature_cost(runs), on="run_dir")
 last = final["hessian_top"].where(final["rows"] == min(CURVATURE_ROWS, train_subset or CURVATURE_ROWS))
-print(f"λ1 at the final weights against the last one measured in training: largest relative gap "
-      f"{(final['lambda_1'] / last - 1).abs().max():.1e}")
+print(
+    f"λ1 at the final weights against the last one measured in training: largest relative gap "
+    f"{(final['lambda_1'] / last - 1).abs().max():.1e}"
+)
 
 # %%
 lambdas = [f"lambda_{i + 1}" for i in range(top_k)]
 cost = ["curvature_s", "seconds", "train_s_per_epoch", "curvature_s_per_epoch", "curvature_overhead_pct"]
 table = plots.mean_ci(final, ["label"], ["test_acc", *lambdas, "trace", "noise_trace_cov", *cost])
-table.insert(2 + top_k + 1, "trace SE (one run)",
-             table["label"].map(final.groupby("label")["trace_se"].mean().map(plots.significant)))
+table.insert(
+    2 + top_k + 1,
+    "trace SE (one run)",
+    table["label"].map(final.groupby("label")["trace_se"].mean().map(plots.significant)),
+)
 baselines = {"GVR": "SGD", "SAM": "SGD", "vSAM": "SGD", "LB": "SB", "LB+GN": "LB"}
 table["Δλ1 (paired)"] = table["label"].map(plots.paired_difference(final, "lambda_1", baselines))
 table["Δtrace (paired)"] = table["label"].map(plots.paired_difference(final, "trace", baselines))
 study.save_table(
-    study.term_column(runs, table), "summary",
+    study.term_column(runs, table),
+    "summary",
     f"Final weights, mean [95% CI] over {len(seeds)} paired seeds. Hessian of the training loss on {rows} seeded "
     f"training rows, batch norm in eval mode, fp32: λ by Lanczos, trace by Hutchinson with {trace_probes} probes "
     f"('trace SE (one run)': the estimator's standard error, mean over seeds); tr Cov[g_m]: gradient noise at "
     f"m={noise_micro_batch}; Δ: the method minus its baseline seed by seed. Cost: curvature measured every "
     f"{curvature_every} evaluation(s) of {eval_every} steps ({CURVATURE_PROBES} probes), epochs of "
-    f"steps_per_epoch steps; {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}", runs)
+    f"steps_per_epoch steps; {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}",
+    runs,
+)
 
 # %% [markdown]
 # The line from SGD's final weights (t = 0) to SAM's (t = 1) of the same seed, batch-norm running
@@ -185,9 +275,16 @@ study.save_table(
 
 # %%
 pairs = final.pivot(index="seed", columns="label", values="run_dir")
-lines = pd.concat([pd.DataFrame(landscape.interpolate_runs(pairs.at[s, "SGD"], pairs.at[s, "SAM"], rows,
-                                                           np.linspace(0, 1, interp_points), device=where))
-                   .assign(seed=s) for s in seeds])
+lines = pd.concat(
+    [
+        pd.DataFrame(
+            landscape.interpolate_runs(
+                pairs.at[s, "SGD"], pairs.at[s, "SAM"], rows, np.linspace(0, 1, interp_points), device=where
+            )
+        ).assign(seed=s)
+        for s in seeds
+    ]
+)
 lines = lines.rename(columns={"loss": "train_loss", "acc": "train_acc"}).assign(label="SGD → SAM", method="sam")
 axes = plots.interpolation(lines, ("SGD", "SAM"))
 axes[0].figure.suptitle(f"on {rows} training rows, along the line between the final weights (batch norm in eval mode)")
@@ -199,8 +296,10 @@ study.save_figure(axes[0].figure, "interpolation", runs[runs["label"].isin(["SGD
 # so the two panels are on one relative scale and share their contour levels.
 
 # %%
-sliced = {f"{label}, seed {slice_seed}": landscape.slice_run(pairs.at[slice_seed, label], rows, slice_points,
-                                                            device=where) for label in ("SGD", "SAM")}
+sliced = {
+    f"{label}, seed {slice_seed}": landscape.slice_run(pairs.at[slice_seed, label], rows, slice_points, device=where)
+    for label in ("SGD", "SAM")
+}
 fig = plots.loss_contours(sliced)
 fig.suptitle(f"training loss on {rows} rows around the final weights (batch norm in eval mode)")
 study.save_figure(fig, "slices", runs[runs["run_dir"].isin(pairs.loc[slice_seed, ["SGD", "SAM"]])])
@@ -215,8 +314,16 @@ study.save_figure(fig, "slices", runs[runs["run_dir"].isin(pairs.loc[slice_seed,
 # contradiction at rho -> 0.
 
 # %%
-checks = pd.concat([pd.DataFrame(landscape.psf_check_run(run_dir, psf_batches, device=where)["batches"])
-                    .assign(seed=s, method="vsam") for s, run_dir in pairs["vSAM"].items()])
-ax = plots.psf_bound(checks, title=f"vSAM's Lemma 1 at the final weights: {100 * checks['holds'].mean():.0f}% of "
-                                   f"{len(checks)} batches hold")
+checks = pd.concat(
+    [
+        pd.DataFrame(landscape.psf_check_run(run_dir, psf_batches, device=where)["batches"]).assign(
+            seed=s, method="vsam"
+        )
+        for s, run_dir in pairs["vSAM"].items()
+    ]
+)
+ax = plots.psf_bound(
+    checks,
+    title=f"vSAM's Lemma 1 at the final weights: {100 * checks['holds'].mean():.0f}% of {len(checks)} batches hold",
+)
 study.save_figure(ax.figure, "psf_bound", runs[runs["label"] == "vSAM"])

@@ -19,8 +19,17 @@ def tiny_config(tmp_path):
     from gvr_lab import Config
 
     def make(**overrides):
-        base = dict(dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=64, lr=0.05, train_subset=512,
-                    device="cpu", progress=False, out_dir=str(tmp_path / "run"))
+        base = dict(
+            dataset="synthetic",
+            model="tiny_cnn",
+            epochs=2,
+            batch_size=64,
+            lr=0.05,
+            train_subset=512,
+            device="cpu",
+            progress=False,
+            out_dir=str(tmp_path / "run"),
+        )
         base.update(overrides)
         return Config(**base)
 
@@ -41,8 +50,9 @@ def fast_tests_neither_train_nor_start_torch_processes(request, monkeypatch):
     from gvr_lab import training
 
     def refuse(what):
-        pytest.fail(f"{what} in a test not marked slow: mark it @pytest.mark.slow or make it a unit test",
-                    pytrace=False)
+        pytest.fail(
+            f"{what} in a test not marked slow: mark it @pytest.mark.slow or make it a unit test", pytrace=False
+        )
 
     monkeypatch.setattr(training, "run_loop", lambda *args, **kwargs: refuse("end-to-end training"))
     popen_init = subprocess.Popen.__init__

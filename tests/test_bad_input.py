@@ -18,10 +18,39 @@ from gvr_lab.errors import UsageError
 from gvr_lab.runner import run_notebook
 from gvr_lab.training import resolve_device
 
-TRAIN = ["train", "--dataset", "synthetic", "--model", "tiny_cnn", "--device", "cpu", "--no-progress",
-         "--train-subset", "512", "--out-dir", "run"]
-BENCH = ["bench", "--model", "tiny_cnn", "--shape", "1x28", "--batch-size", "16", "--steps", "2", "--warmup", "1",
-         "--rounds", "2", "--device", "cpu", "--json", "bench.json"]
+TRAIN = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "tiny_cnn",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--train-subset",
+    "512",
+    "--out-dir",
+    "run",
+]
+BENCH = [
+    "bench",
+    "--model",
+    "tiny_cnn",
+    "--shape",
+    "1x28",
+    "--batch-size",
+    "16",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--rounds",
+    "2",
+    "--device",
+    "cpu",
+    "--json",
+    "bench.json",
+]
 
 
 def write_bad_files(folder):
@@ -38,10 +67,12 @@ def write_bad_files(folder):
         (fashion / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images[:-100]))
         (fashion / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
     # its body would fail: a run that got past the parameter checks would show
-    (folder / "nb.py").write_text('# %% tags=["parameters"]\npreset: str = "cpu"  # smoke | cpu\nepochs: int = 1  # passes\n'
-                                  'seeds: list = [0]  # seeds\nrate: float = 0.1  # a rate\n\n# %%\nimport gvr_lab as gl\n'
-                                  'study = gl.Study("nb", globals(), presets={"smoke": {}, "cpu": {}}, outputs={})\n'
-                                  'raise RuntimeError("boom")\n')
+    (folder / "nb.py").write_text(
+        '# %% tags=["parameters"]\npreset: str = "cpu"  # smoke | cpu\nepochs: int = 1  # passes\n'
+        "seeds: list = [0]  # seeds\nrate: float = 0.1  # a rate\n\n# %%\nimport gvr_lab as gl\n"
+        'study = gl.Study("nb", globals(), presets={"smoke": {}, "cpu": {}}, outputs={})\n'
+        'raise RuntimeError("boom")\n'
+    )
 
 
 def tiny_cnn_and_sgd():
@@ -54,14 +85,23 @@ BAD = [
     # names
     ("unknown method", [*TRAIN, "--method", "adamw"], r"unknown method 'adamw'; valid: .*sgd"),
     ("unknown method (api)", lambda: Config(method="adamw"), r"unknown method 'adamw'; valid: .*sgd"),
-    ("unknown method (create_method)", lambda: create_method("lookahead", *tiny_cnn_and_sgd()),
-     r"unknown method 'lookahead'"),
+    (
+        "unknown method (create_method)",
+        lambda: create_method("lookahead", *tiny_cnn_and_sgd()),
+        r"unknown method 'lookahead'",
+    ),
     ("unknown model", [*TRAIN, "--model", "resnet9"], r"unknown model 'resnet9'; valid: .*resnet18"),
     ("unknown model (api)", lambda: Config(model="resnet1000"), r"unknown model 'resnet1000'; valid: .*resnet18"),
-    ("unknown dataset", [*TRAIN, "--dataset", "mnist"],
-     r"unknown dataset 'mnist'; valid: cifar10, cifar100, fashion_mnist, synthetic"),
-    ("unknown dataset (api)", lambda: Config(dataset="imagenet"),
-     r"unknown dataset 'imagenet'; valid: cifar10, cifar100, fashion_mnist, synthetic"),
+    (
+        "unknown dataset",
+        [*TRAIN, "--dataset", "mnist"],
+        r"unknown dataset 'mnist'; valid: cifar10, cifar100, fashion_mnist, synthetic",
+    ),
+    (
+        "unknown dataset (api)",
+        lambda: Config(dataset="imagenet"),
+        r"unknown dataset 'imagenet'; valid: cifar10, cifar100, fashion_mnist, synthetic",
+    ),
     ("unknown schedule", [*TRAIN, "--schedule", "linear"], r"unknown schedule 'linear'; valid:"),
     ("unknown schedule (api)", lambda: Config(schedule="linear"), r"unknown schedule"),
     ("unknown precision", [*TRAIN, "--precision", "fp8"], r"unknown precision 'fp8'; valid:"),
@@ -69,20 +109,38 @@ BAD = [
     ("unknown device (api)", lambda: resolve_device("tpu"), r"unknown device"),
     ("cuda without cuda", [*TRAIN, "--device", "cuda"], r"CUDA is not available"),
     # method hyper-parameters
-    ("unknown hyperparameter", [*TRAIN, "--method", "sam", "--method-arg", "radius=1"],
-     r"unknown hyperparameter 'radius'"),
-    ("hyperparameter of a method without any", [*TRAIN, "--method", "sgd", "--method-arg", "rho=0.1"],
-     r"unknown hyperparameter 'rho'"),
-    ("hyperparameter of a method without any (api)", lambda: Config(method="sgd", method_args={"rho": 0.1}),
-     r"unknown hyperparameter 'rho' for method 'sgd'; valid: none"),
+    (
+        "unknown hyperparameter",
+        [*TRAIN, "--method", "sam", "--method-arg", "radius=1"],
+        r"unknown hyperparameter 'radius'",
+    ),
+    (
+        "hyperparameter of a method without any",
+        [*TRAIN, "--method", "sgd", "--method-arg", "rho=0.1"],
+        r"unknown hyperparameter 'rho'",
+    ),
+    (
+        "hyperparameter of a method without any (api)",
+        lambda: Config(method="sgd", method_args={"rho": 0.1}),
+        r"unknown hyperparameter 'rho' for method 'sgd'; valid: none",
+    ),
     ("rho < 0", [*TRAIN, "--method", "sam", "--method-arg", "rho=-0.1"], r"rho for method 'sam' must be >= 0"),
-    ("rho < 0 (create_method)", lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=-1.0),
-     r"rho for method 'sam' must be >= 0"),
+    (
+        "rho < 0 (create_method)",
+        lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=-1.0),
+        r"rho for method 'sam' must be >= 0",
+    ),
     ("text for a float hyperparameter", [*TRAIN, "--method", "sam", "--method-arg", "rho=big"], r"must be float"),
-    ("bool for a float hyperparameter (create_method)", lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=True),
-     r"must be float"),
-    ("micro-batch not dividing batch", [*TRAIN, "--method", "reg_loss", "--batch-size", "64", "--method-arg",
-                                        "micro_batch_size=48"], r"is not a multiple of micro_batch_size=48"),
+    (
+        "bool for a float hyperparameter (create_method)",
+        lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=True),
+        r"must be float",
+    ),
+    (
+        "micro-batch not dividing batch",
+        [*TRAIN, "--method", "reg_loss", "--batch-size", "64", "--method-arg", "micro_batch_size=48"],
+        r"is not a multiple of micro_batch_size=48",
+    ),
     ("method-arg without =", [*TRAIN, "--method-arg", "rho"], r"expects key=value"),
     # numbers
     ("negative lr", [*TRAIN, "--lr", "-0.1"], r"lr must be positive"),
@@ -101,8 +159,11 @@ BAD = [
     ("negative cutout", [*TRAIN, "--cutout", "-0.5"], r"cutout must be >= 0"),
     ("cutout > 1 (api)", lambda: Config(cutout=1.5), r"cutout must be <= 1"),
     ("batch larger than data", [*TRAIN, "--batch-size", "4096"], r"batch_size=4096 exceeds the 512 training examples"),
-    ("val_split swallows the data (api)", lambda: train(Config(dataset="synthetic", val_split=5000.0, device="cpu",
-                                                               out_dir="run")), r"leaves no training examples"),
+    (
+        "val_split swallows the data (api)",
+        lambda: train(Config(dataset="synthetic", val_split=5000.0, device="cpu", out_dir="run")),
+        r"leaves no training examples",
+    ),
     # the command line itself
     ("unknown flag", [*TRAIN, "--learning-rate", "0.1"], r"unrecognized arguments: --learning-rate"),
     # files
@@ -111,33 +172,63 @@ BAD = [
     ("unknown config field", ["train", "--config", "field.yaml"], r"unknown config field 'learning_rate'"),
     ("missing config file", ["train", "--config", "nope.yaml"], r"cannot read config file"),
     ("run dir is a file", [*TRAIN, "--out-dir", "afile"], r"is not a directory"),
-    ("run dir is a file (api)", lambda: train(Config(dataset="synthetic", model="tiny_cnn", device="cpu",
-                                                     progress=False, out_dir="afile")), r"not a directory"),
-    ("truncated dataset file", ["train", "--data-dir", ".", "--out-dir", "run", "--device", "cpu"],
-     r"train-images-idx3-ubyte\.gz"),
-    ("cifar10 offline", [*TRAIN, "--dataset", "cifar10", "--data-dir", "/nonexistent"],
-     r"cifar10 not found: put the extracted"),
+    (
+        "run dir is a file (api)",
+        lambda: train(Config(dataset="synthetic", model="tiny_cnn", device="cpu", progress=False, out_dir="afile")),
+        r"not a directory",
+    ),
+    (
+        "truncated dataset file",
+        ["train", "--data-dir", ".", "--out-dir", "run", "--device", "cpu"],
+        r"train-images-idx3-ubyte\.gz",
+    ),
+    (
+        "cifar10 offline",
+        [*TRAIN, "--dataset", "cifar10", "--data-dir", "/nonexistent"],
+        r"cifar10 not found: put the extracted",
+    ),
     ("cifar100 offline", [*TRAIN, "--dataset", "cifar100", "--data-dir", "/nonexistent"], r"cifar100 not found"),
     # notebooks
-    ("unknown notebook parameter", ["run", "nb.py", "-p", "epoch", "2", "--runs-root", "runs"],
-     r"unknown parameter 'epoch'"),
-    ("unknown notebook parameter (api)", lambda: run_notebook("nb.py", {"epoch": 2}, runs_root="runs"),
-     r"unknown parameter 'epoch' .*declared: preset: str, epochs: int, seeds: list, rate: float"),
+    (
+        "unknown notebook parameter",
+        ["run", "nb.py", "-p", "epoch", "2", "--runs-root", "runs"],
+        r"unknown parameter 'epoch'",
+    ),
+    (
+        "unknown notebook parameter (api)",
+        lambda: run_notebook("nb.py", {"epoch": 2}, runs_root="runs"),
+        r"unknown parameter 'epoch' .*declared: preset: str, epochs: int, seeds: list, rate: float",
+    ),
     ("wrong notebook parameter type", ["run", "nb.py", "-p", "epochs", "two", "--runs-root", "runs"], r"must be int"),
-    ("wrong notebook parameter type (api)", lambda: run_notebook("nb.py", {"seeds": "0,1"}, runs_root="runs"),
-     r"parameter 'seeds' .* must be list, got '0,1'"),
-    ("preset the notebook lacks", ["run", "nb.py", "--preset", "paper"],
-     r"unknown preset 'paper' for .*nb.py; its presets: smoke, cpu"),
+    (
+        "wrong notebook parameter type (api)",
+        lambda: run_notebook("nb.py", {"seeds": "0,1"}, runs_root="runs"),
+        r"parameter 'seeds' .* must be list, got '0,1'",
+    ),
+    (
+        "preset the notebook lacks",
+        ["run", "nb.py", "--preset", "paper"],
+        r"unknown preset 'paper' for .*nb.py; its presets: smoke, cpu",
+    ),
     ("missing notebook", ["run", "nb2.py"], r"notebook nb2.py not found"),
     # grids under Ray
-    ("ray address nobody answers", ["run", "nb.py", "--executor", "ray", "--ray-address", "127.0.0.1:1"],
-     r"cannot reach a Ray cluster at '127.0.0.1:1': Connection refused"),
-    ("ray address without a port", ["run", "nb.py", "--executor", "ray", "--ray-address", "headnode"],
-     r"a Ray address is auto or HOST:PORT, got 'headnode'"),
+    (
+        "ray address nobody answers",
+        ["run", "nb.py", "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+        r"cannot reach a Ray cluster at '127.0.0.1:1': Connection refused",
+    ),
+    (
+        "ray address without a port",
+        ["run", "nb.py", "--executor", "ray", "--ray-address", "headnode"],
+        r"a Ray address is auto or HOST:PORT, got 'headnode'",
+    ),
     ("ray resources without ray", ["run", "nb.py", "--run-gpus", "0.5"], r"need --executor ray"),
     ("fractional gpus above one", ["figures", "--executor", "ray", "--run-gpus", "1.5"], r"whole number, got 1.5"),
-    ("unknown executor (api)", lambda: train_grid({}, [{}], [0], "runs", executor="dask"),
-     r"unknown executor 'dask'; valid: sequential, ray"),
+    (
+        "unknown executor (api)",
+        lambda: train_grid({}, [{}], [0], "runs", executor="dask"),
+        r"unknown executor 'dask'; valid: sequential, ray",
+    ),
     ("bench-grid without runs", ["bench-grid", "--runs", "0"], r"--runs must be positive"),
     # the benchmark
     ("bench shape of 2 channels", [*BENCH, "--shape", "2x28"], r"--shape must be CxS"),
@@ -146,8 +237,11 @@ BAD = [
     ("bench zero rounds", [*BENCH, "--rounds", "0"], r"--rounds must be positive"),
     ("bench unknown method", [*BENCH, "--methods", "nope"], r"unknown method 'nope'"),
     ("bench method spec without =", [*BENCH, "--methods", "sam:rho"], r"expected name:key=value"),
-    ("bench micro-batch not dividing batch", [*BENCH, "--methods", "reg_loss:micro_batch_size=5"],
-     r"is not a multiple of micro_batch_size=5"),
+    (
+        "bench micro-batch not dividing batch",
+        [*BENCH, "--methods", "reg_loss:micro_batch_size=5"],
+        r"is not a multiple of micro_batch_size=5",
+    ),
 ]
 
 

@@ -6,19 +6,49 @@ from pathlib import Path
 
 import pytest
 
-from gvr_lab.bench import (DATA_LABEL, HVP_LABEL, TWO_VIEW_SGD_LABEL, block_markers, format_table, markdown_report, run_bench,
-                           verdicts, write_markdown_block)
+from gvr_lab.bench import (
+    DATA_LABEL,
+    HVP_LABEL,
+    TWO_VIEW_SGD_LABEL,
+    block_markers,
+    format_table,
+    markdown_report,
+    run_bench,
+    verdicts,
+    write_markdown_block,
+)
 from gvr_lab.cli import main
 from gvr_lab.grid_bench import grid_markdown
 
-SMOKE = ["bench", "--model", "tiny_cnn", "--shape", "1x28", "--batch-size", "16", "--steps", "2", "--warmup", "1",
-         "--rounds", "2", "--device", "cpu"]
+SMOKE = [
+    "bench",
+    "--model",
+    "tiny_cnn",
+    "--shape",
+    "1x28",
+    "--batch-size",
+    "16",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--rounds",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    methods = ["sam", "looksam:k=2", "saf", "vsam:window=2,blocks=1,warmup_epochs=0", "gvr:penalty=closed_form,target=fc",
-               "reg_loss:hvp=fd"]
+    methods = [
+        "sam",
+        "looksam:k=2",
+        "saf",
+        "vsam:window=2,blocks=1,warmup_epochs=0",
+        "gvr:penalty=closed_form,target=fc",
+        "reg_loss:hvp=fd",
+    ]
     assert main([*SMOKE, "--methods", *methods, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["label"].split(":")[0]: r for r in report["results"]}
@@ -67,26 +97,51 @@ REPO = Path(__file__).parent.parent
 
 def synthetic_report(rows: dict, device="cpu") -> dict:
     """A bench report with these (label -> (median ms, min ms, sampled fraction)) rows."""
-    setup = {"model": "small_cnn", "shape": "1x28", "batch_size": 128, "device": device, "device_name": "x",
-             "threads": 2, "precision": "fp32", "compile": False, "steps": 4, "warmup": 2, "rounds": 9,
-             "torch": "2", "python": "3"}
+    setup = {
+        "model": "small_cnn",
+        "shape": "1x28",
+        "batch_size": 128,
+        "device": device,
+        "device_name": "x",
+        "threads": 2,
+        "precision": "fp32",
+        "compile": False,
+        "steps": 4,
+        "warmup": 2,
+        "rounds": 9,
+        "torch": "2",
+        "python": "3",
+    }
     sgd = rows["sgd"][0]
-    results = [{"label": label, "ms_per_step": ms, "ms_min": least, "images_per_s": 1.0, "s_per_epoch": 1.0,
-                "ratio_to_sgd": ms / sgd, "peak_mem_mb": float("nan"), "sampled_fraction": p}
-               for label, (ms, least, p) in rows.items()]
+    results = [
+        {
+            "label": label,
+            "ms_per_step": ms,
+            "ms_min": least,
+            "images_per_s": 1.0,
+            "s_per_epoch": 1.0,
+            "ratio_to_sgd": ms / sgd,
+            "peak_mem_mb": float("nan"),
+            "sampled_fraction": p,
+        }
+        for label, (ms, least, p) in rows.items()
+    ]
     return {"setup": setup, "results": results, "profiles": {}}
 
 
 def test_verdicts_compare_each_method_with_its_reference_and_bound():
-    report = synthetic_report({
-        "sgd": (10.0, 9.0, None), "sam": (20.0, 18.0, None),  # 2.00 <= 2.05: met
-        "vsam:window=5": (13.0, 9.5, 0.2),  # bound 1 + p + 0.05 = 1.25: 1.30 median, 1.06 min
-        "looksam": (13.5, 12.5, 0.2),  # bound 1 + 1/5 = 1.2: 1.35 median, 1.39 min, beyond 1.1 x 1.2
-        "pseudo_gd:micro_batch_size=32": (10.0, 10.0, None),
-        "reg_loss:micro_batch_size=32": (40.0, 40.0, None),  # exact by default: 4.0 > 3.5, not met
-        "reg_loss:micro_batch_size=32,hvp=fd": (22.0, 22.0, None),  # 2.2 <= 2.31: within 10%
-        DATA_LABEL: (0.2, 0.1, None),
-    })
+    report = synthetic_report(
+        {
+            "sgd": (10.0, 9.0, None),
+            "sam": (20.0, 18.0, None),  # 2.00 <= 2.05: met
+            "vsam:window=5": (13.0, 9.5, 0.2),  # bound 1 + p + 0.05 = 1.25: 1.30 median, 1.06 min
+            "looksam": (13.5, 12.5, 0.2),  # bound 1 + 1/5 = 1.2: 1.35 median, 1.39 min, beyond 1.1 x 1.2
+            "pseudo_gd:micro_batch_size=32": (10.0, 10.0, None),
+            "reg_loss:micro_batch_size=32": (40.0, 40.0, None),  # exact by default: 4.0 > 3.5, not met
+            "reg_loss:micro_batch_size=32,hvp=fd": (22.0, 22.0, None),  # 2.2 <= 2.31: within 10%
+            DATA_LABEL: (0.2, 0.1, None),
+        }
+    )
     got = {what: (measured, verdict) for what, measured, verdict in verdicts(report)}
     assert got["sam <= 2.05x sgd"] == ("2.00 / 2.00 (bound 2.05)", "met")
     assert got["vsam <= 1 + p + 0.05"][1] == "met by the minimum, not by the median"
@@ -128,8 +183,10 @@ def test_bench_times_one_hessian_vector_product_against_an_sgd_step(tmp_path):
     report = run_bench("tiny_cnn", (1, 28), 10, 8, [("sgd", {})], steps=1, warmup=1, rounds=1, hvp=True)
     labels = [r["label"] for r in report["results"]]
     assert labels == ["sgd", HVP_LABEL, DATA_LABEL]
-    assert [what for what, _, _ in verdicts(report)] == ["data < 5% of an sgd step",
-                                                          "one Hessian-vector product ~ 2x an sgd step"]
+    assert [what for what, _, _ in verdicts(report)] == [
+        "data < 5% of an sgd step",
+        "one Hessian-vector product ~ 2x an sgd step",
+    ]
     source = tmp_path / "b.json"
     source.write_text(json.dumps(report))
     assert " --hvp --json " in markdown_report(report, str(source))  # the command in the block reruns it

@@ -6,8 +6,22 @@ import pytest
 
 from gvr_lab.cli import build_parser, config_from_args, main
 
-TINY = ["train", "--dataset", "synthetic", "--model", "tiny_cnn", "--epochs", "1", "--batch-size", "64",
-        "--train-subset", "256", "--device", "cpu", "--no-progress"]
+TINY = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "tiny_cnn",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--train-subset",
+    "256",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def test_list(capsys):
@@ -21,8 +35,27 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: synthetic\nmodel: tiny_cnn\nepochs: 5\nlr: 0.1\nmethod: Vanilla\n")
     out_dir = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--epochs", "1", "--train-subset", "256", "--batch-size", "64",
-                 "--device", "cpu", "--no-progress", "--out-dir", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--epochs",
+                "1",
+                "--train-subset",
+                "256",
+                "--batch-size",
+                "64",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out-dir",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     import json
 
     stored = json.loads((out_dir / "config.json").read_text())
@@ -33,8 +66,12 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
 @pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     out_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "gvr_lab"] + TINY + ["--out-dir", str(out_dir)],
-                          capture_output=True, text=True, env={"GVR_LAB_OFFLINE": "1", "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "gvr_lab"] + TINY + ["--out-dir", str(out_dir)],
+        capture_output=True,
+        text=True,
+        env={"GVR_LAB_OFFLINE": "1", "PATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out_dir / "summary.json").is_file()
 

@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ray = pytest.importorskip("ray")
 
-BASE = dict(dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=64, lr=0.05, train_subset=512, device="cpu",
-            cutout=0.5)
+BASE = dict(
+    dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=64, lr=0.05, train_subset=512, device="cpu", cutout=0.5
+)
 COLUMNS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]
 
 

@@ -11,18 +11,31 @@ from gvr_lab.results import load_checkpoint
 # 1e-3 it turns inductor's reordered fp32 sums into weight differences of 3e-4 after 8 steps
 # (reg_loss) and of 6.6e-4 (gvr, with one thread per test worker), at 5e-2 into 1.5e-8 and 7e-7;
 # the larger step tests the compiled path, not fp32's fd noise.
-COMPILED = [("sgd", {}), ("sam", {}), ("gvr", {"penalty": "closed_form", "target": "fc"}),
-            ("gvr", {"penalty": "fd", "fd_eps": 0.05}),
-            ("reg_loss", {"hvp": "fd", "micro_batch_size": 16, "fd_eps": 0.05}),
-            ("vsam", {"warmup_epochs": 0, "window": 2, "blocks": 1})]
+COMPILED = [
+    ("sgd", {}),
+    ("sam", {}),
+    ("gvr", {"penalty": "closed_form", "target": "fc"}),
+    ("gvr", {"penalty": "fd", "fd_eps": 0.05}),
+    ("reg_loss", {"hvp": "fd", "micro_batch_size": 16, "fd_eps": 0.05}),
+    ("vsam", {"warmup_epochs": 0, "window": 2, "blocks": 1}),
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, args", COMPILED, ids=[f"{m}-{'-'.join(map(str, a.values()))}" for m, a in COMPILED])
 def test_compiled_training_equals_eager(tmp_path, method, args):
     torch._dynamo.reset()
-    base = dict(dataset="synthetic", model="tiny_cnn", method=method, method_args=args, epochs=2, batch_size=32,
-                train_subset=128, device="cpu", progress=False)
+    base = dict(
+        dataset="synthetic",
+        model="tiny_cnn",
+        method=method,
+        method_args=args,
+        epochs=2,
+        batch_size=32,
+        train_subset=128,
+        device="cpu",
+        progress=False,
+    )
     eager = train(Config(**base, out_dir=str(tmp_path / "eager")))
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = train(Config(**base, compile=True, out_dir=str(tmp_path / "compiled")))
@@ -35,11 +48,17 @@ def test_compiled_training_equals_eager(tmp_path, method, args):
         assert compiled.history[col].tolist() == pytest.approx(eager.history[col].tolist(), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("method, args, compilable", [
-    ("gvr", {"penalty": "exact"}, False), ("gvr", {"penalty": "fd"}, True),
-    ("gvr", {"penalty": "closed_form", "target": "fc"}, True), ("reg_loss", {}, False),
-    ("reg_loss", {"hvp": "fd"}, True), ("sam", {}, True),
-])
+@pytest.mark.parametrize(
+    "method, args, compilable",
+    [
+        ("gvr", {"penalty": "exact"}, False),
+        ("gvr", {"penalty": "fd"}, True),
+        ("gvr", {"penalty": "closed_form", "target": "fc"}, True),
+        ("reg_loss", {}, False),
+        ("reg_loss", {"hvp": "fd"}, True),
+        ("sam", {}, True),
+    ],
+)
 def test_only_double_backward_paths_opt_out_of_compile(method, args, compilable):
     model = create_model("tiny_cnn")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -28,20 +28,29 @@ from gvr_lab.methods import METHODS
 from gvr_lab.training import DeviceSettings, build, seed_epoch
 
 CPU = torch.device("cpu")
-SETTINGS = {"reference": DeviceSettings(CPU, None, channels_last=False, fused=False),
-            "fused": DeviceSettings(CPU, None, channels_last=False, fused=True),
-            "channels_last": DeviceSettings(CPU, None, channels_last=True, fused=False),
-            "cuda": DeviceSettings(CPU, torch.bfloat16, channels_last=True, fused=True)}
+SETTINGS = {
+    "reference": DeviceSettings(CPU, None, channels_last=False, fused=False),
+    "fused": DeviceSettings(CPU, None, channels_last=False, fused=True),
+    "channels_last": DeviceSettings(CPU, None, channels_last=True, fused=False),
+    "cuda": DeviceSettings(CPU, torch.bfloat16, channels_last=True, fused=True),
+}
 NORMS = "<norms log>"  # replaced by the fixture's path
 
 # Hyper-parameters that put every path of a method inside 3 epochs x 2 steps of 32 examples.
 TIER_HPARAMS = {
-    "pseudo_gd": {"micro_batch_size": 8}, "reg_loss": {"micro_batch_size": 8}, "fish_loss": {"micro_batch_size": 8},
-    "avg_jac_loss": {"micro_batch_size": 8}, "unit_jac_loss": {"micro_batch_size": 8},
-    "iter_graft": {"micro_batch_size": 8}, "ngd": {"micro_batch_size": 8},
+    "pseudo_gd": {"micro_batch_size": 8},
+    "reg_loss": {"micro_batch_size": 8},
+    "fish_loss": {"micro_batch_size": 8},
+    "avg_jac_loss": {"micro_batch_size": 8},
+    "unit_jac_loss": {"micro_batch_size": 8},
+    "iter_graft": {"micro_batch_size": 8},
+    "ngd": {"micro_batch_size": 8},
     "exter_graft": {"micro_batch_size": 8, "norms_path": NORMS},
-    "gvr": {"subset": 8}, "looksam": {"k": 2}, "vsam": {"warmup_epochs": 0, "window": 3, "blocks": 1},
-    "saf": {"start_epoch": 0, "lag": 1}, "mesa": {"start_epoch": 0},
+    "gvr": {"subset": 8},
+    "looksam": {"k": 2},
+    "vsam": {"warmup_epochs": 0, "window": 3, "blocks": 1},
+    "saf": {"start_epoch": 0, "lag": 1},
+    "mesa": {"start_epoch": 0},
 }
 
 
@@ -53,8 +62,10 @@ def variants():
         if "hvp" in cls.choices:
             out += [(name, {**base, "hvp": hvp}) for hvp in cls.choices["hvp"]]
         elif "penalty" in cls.choices:
-            out += [(name, {**base, "penalty": p, **({"target": "fc"} if p == "closed_form" else {})})
-                    for p in cls.choices["penalty"]]
+            out += [
+                (name, {**base, "penalty": p, **({"target": "fc"} if p == "closed_form" else {})})
+                for p in cls.choices["penalty"]
+            ]
         else:
             out.append((name, base))
     return out
@@ -64,8 +75,10 @@ VARIANTS = variants()
 IDS = [name + "".join(f"-{v}" for k, v in hp.items() if k in ("hvp", "penalty")) for name, hp in VARIANTS]
 # Every test of a variant runs on one worker, so its reference run is computed once (see `trained`);
 # the variants spread over the workers.
-TIER = [pytest.param(name, hp, case, id=case, marks=pytest.mark.xdist_group(f"cuda_config-{case}"))
-        for (name, hp), case in zip(VARIANTS, IDS)]
+TIER = [
+    pytest.param(name, hp, case, id=case, marks=pytest.mark.xdist_group(f"cuda_config-{case}"))
+    for (name, hp), case in zip(VARIANTS, IDS)
+]
 
 
 def test_the_tier_covers_every_registered_method():
@@ -76,15 +89,29 @@ def test_the_tier_covers_every_registered_method():
 def norms_log(tmp_path_factory):
     path = tmp_path_factory.mktemp("sgd_log")
     pd.DataFrame({"step": range(0, 40), "grad_norm": [1.0 + 0.01 * s for s in range(40)]}).to_parquet(
-        path / "steps.parquet")
+        path / "steps.parquet"
+    )
     return str(path)
 
 
 def config_of(name, hp, norms_log):
     hp = {k: norms_log if v == NORMS else v for k, v in hp.items()}
-    return Config(dataset="synthetic", model="tiny_cnn", model_args={"bn": True, "smooth": True}, method=name,
-                  method_args=hp, batch_size=32, train_subset=64, epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                  cutout=0.5, device="cpu", progress=False)
+    return Config(
+        dataset="synthetic",
+        model="tiny_cnn",
+        model_args={"bn": True, "smooth": True},
+        method=name,
+        method_args=hp,
+        batch_size=32,
+        train_subset=64,
+        epochs=3,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        cutout=0.5,
+        device="cpu",
+        progress=False,
+    )
 
 
 def train_steps(config, settings):
@@ -94,8 +121,11 @@ def train_steps(config, settings):
     misaligned = []
 
     def check_layout(opt, args, kwargs):
-        misaligned.extend((tuple(p.shape), p.grad.stride(), p.stride())
-                          for p in model.parameters() if p.grad is not None and p.grad.stride() != p.stride())
+        misaligned.extend(
+            (tuple(p.shape), p.grad.stride(), p.stride())
+            for p in model.parameters()
+            if p.grad is not None and p.grad.stride() != p.stride()
+        )
 
     optimizer.register_step_pre_hook(check_layout)
     flat = lambda: torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])  # noqa: E731
@@ -142,6 +172,8 @@ FUSED_TOL = 1e-5
 # exact); LookSAM 2.7e-4 (u normalizes a small difference of near-parallel gradients, which
 # amplifies rounding); fd quotients divide the rounding by h = fd_eps / ||v||: 2e-3.
 CHANNELS_LAST_TOL = {"default": 2e-4, "looksam": 2e-3, "fd": 1e-2}
+
+
 @pytest.mark.parametrize("name, hp, case", TIER)
 def test_fused_sgd_and_channels_last_change_rounding_only(name, hp, case, norms_log):
     """The layout factors one at a time, in fp32: any gradient handed to the fused optimizer in
@@ -171,6 +203,8 @@ BF16_TOL = {
     # selection; each swapped row changes the update by 1/16, compounded over 6 steps: 0.42
     "esam": 0.8,
 }
+
+
 @pytest.mark.parametrize("name, hp, case", TIER)
 def test_cuda_settings_train_every_method_close_to_fp32(name, hp, case, norms_log):
     reference = trained(case, name, hp, norms_log, "reference")
@@ -234,8 +268,9 @@ def test_on_a_gpu_every_method_trains_close_to_the_fp32_cpu_update(name, hp, cas
     assert gpu == DeviceSettings(torch.device("cuda"), torch.bfloat16, channels_last=True, fused=True)
     run = train_steps(config, gpu)
     assert all(torch.isfinite(torch.tensor(run[2]))) and run[3] == []
-    assert relative_update_error(trained(case, name, hp, norms_log, "reference"), run) <= \
-        BF16_TOL.get(case, BF16_TOL["default"])
+    assert relative_update_error(trained(case, name, hp, norms_log, "reference"), run) <= BF16_TOL.get(
+        case, BF16_TOL["default"]
+    )
 
 
 # ---------------------------------------------------------------------- finite differences under bf16
@@ -249,16 +284,21 @@ def penalty_update(name, hp, key, amp_dtype, batch):
         model = create_model("tiny_cnn", smooth=True)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         method = create_method(name, model, opt, amp_dtype=amp_dtype, **{**hp, key: value})
-        opt.register_step_pre_hook(lambda *_: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-                                   and None)
+        opt.register_step_pre_hook(
+            lambda *_, model=model: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])) and None
+        )
         torch.manual_seed(1)
         method.step(batch)
     return grads[0] - grads[1]
 
 
-FD_METHODS = [("gvr", {"subset": 16, "alpha": 0.1}, "alpha", "penalty"),
-              *[(name, {"micro_batch_size": 16, "lam": 0.1}, "lam", "hvp")
-                for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")]]
+FD_METHODS = [
+    ("gvr", {"subset": 16, "alpha": 0.1}, "alpha", "penalty"),
+    *[
+        (name, {"micro_batch_size": 16, "lam": 0.1}, "lam", "hvp")
+        for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")
+    ],
+]
 
 
 @pytest.mark.parametrize("name, hp, key, variant", FD_METHODS, ids=[m[0] for m in FD_METHODS])

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from gvr_lab.data import (Augment, DeviceLoader, cutout, dataset_info, load_dataset, random_crop, random_flip,
-                          split_indices, with_label_noise)
+from gvr_lab.data import (
+    Augment,
+    DeviceLoader,
+    cutout,
+    dataset_info,
+    load_dataset,
+    random_crop,
+    random_flip,
+    split_indices,
+    with_label_noise,
+)
 from gvr_lab.errors import UsageError
 
 
@@ -17,6 +26,7 @@ def gen(seed=0):
 
 def crop_offsets(out):
     """Recover per-sample (dy, dx) of a crop from channel 0 = column+1, channel 1 = row+1."""
+
     def offset(first_line):
         nonzero = (first_line > 0).int()
         first = nonzero.argmax(1)
@@ -35,7 +45,7 @@ def test_crop_is_a_translation_covering_all_offsets():
         counts = torch.bincount(d, minlength=9)
         assert len(counts) == 9 and counts.min() > n / 9 * 0.85 and counts.max() < n / 9 * 1.15
     # every sample is its own translation of the input
-    expect_cols = (torch.arange(32) + dx[:, None] - 4 + 1)
+    expect_cols = torch.arange(32) + dx[:, None] - 4 + 1
     expect_cols = torch.where((expect_cols >= 1) & (expect_cols <= 32), expect_cols, 0)
     assert torch.equal(out[:, 0, 16, :].long(), expect_cols)
 
@@ -66,8 +76,17 @@ def test_loader_views_independent_and_epoch_covers_each_index_once():
     train, _ = load_dataset("synthetic")
     info = dataset_info("synthetic")
     idx = torch.arange(0, 2048, 3)
-    loader = DeviceLoader(train, info, batch_size=100, device=torch.device("cpu"), indices=idx,
-                          augment=Augment(cutout_p=0.5), views=2, drop_last=False, seed=3)
+    loader = DeviceLoader(
+        train,
+        info,
+        batch_size=100,
+        device=torch.device("cpu"),
+        indices=idx,
+        augment=Augment(cutout_p=0.5),
+        views=2,
+        drop_last=False,
+        seed=3,
+    )
     batches = list(loader.epoch(0))
     seen = torch.cat([b.index for b in batches])
     assert torch.equal(seen.sort().values, idx)
@@ -90,8 +109,9 @@ def test_ranks_augment_their_slices_of_the_global_batch_as_one_process_does(worl
     info = dataset_info("synthetic")
     common = dict(batch_size=64, device=torch.device("cpu"), augment=Augment(cutout_p=0.5), views=2, seed=5)
     whole = list(DeviceLoader(train, info, **common).epoch(2))
-    ranks = [list(DeviceLoader(train, info, **common, rank=r, world_size=world_size).epoch(2))
-             for r in range(world_size)]
+    ranks = [
+        list(DeviceLoader(train, info, **common, rank=r, world_size=world_size).epoch(2)) for r in range(world_size)
+    ]
     assert len(whole) == len(ranks[0]) == 2048 // 64
     for i, batch in enumerate(whole):
         for field in ("x", "x2", "y", "index"):
@@ -144,8 +164,11 @@ def fake_fashion(folder, n=20, truncate_file=None, bad_label=False):
         labels = rng.integers(0, 10, n)
         if bad_label:
             labels[3] = 12
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)),
-                  truncate=100 if truncate_file == f"{prefix}-images" else 0)
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28)),
+            truncate=100 if truncate_file == f"{prefix}-images" else 0,
+        )
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
 
 
@@ -155,11 +178,13 @@ def test_fashion_mnist_from_data_dir(tmp_path):
     assert train.images.shape == (20, 1, 28, 28) and len(test.labels) == 20
 
 
-@pytest.mark.parametrize("problem, needle", [("truncate", "train-images-idx3-ubyte.gz"),
-                                             ("label", "labels-idx1-ubyte.gz")])
+@pytest.mark.parametrize(
+    "problem, needle", [("truncate", "train-images-idx3-ubyte.gz"), ("label", "labels-idx1-ubyte.gz")]
+)
 def test_bad_fashion_files_name_the_file(tmp_path, problem, needle):
-    fake_fashion(tmp_path, truncate_file="train-images" if problem == "truncate" else None,
-                 bad_label=problem == "label")
+    fake_fashion(
+        tmp_path, truncate_file="train-images" if problem == "truncate" else None, bad_label=problem == "label"
+    )
     with pytest.raises(UsageError, match=needle):
         load_dataset("fashion_mnist", tmp_path)
 
@@ -167,7 +192,12 @@ def test_bad_fashion_files_name_the_file(tmp_path, problem, needle):
 def write_cifar(root, name, n=30, corrupt=None):
     rng = np.random.default_rng(1)
     if name == "cifar10":
-        folder, files, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+        folder, files, key, classes = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            b"labels",
+            10,
+        )
     else:
         folder, files, key, classes = root / "cifar-100-python", ["train", "test"], b"fine_labels", 100
     folder.mkdir(parents=True)
@@ -212,7 +242,9 @@ def test_symmetric_label_noise_flips_exactly_the_fraction_of_training_rows_to_ot
     assert torch.equal(noisy.clean_labels, train.labels)
     assert int(flipped[rows].sum()) == round(0.4 * len(rows)) and not flipped[1::2].any()
     assert torch.equal(noisy.labels, with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=3).labels)
-    assert not torch.equal(noisy.labels, with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=4).labels)
+    assert not torch.equal(
+        noisy.labels, with_label_noise(train, rows, 0.4, "symmetric", "synthetic", 10, seed=4).labels
+    )
     # the new labels are spread over the other classes, none favoured
     counts = torch.bincount((noisy.labels - train.labels)[flipped] % 10, minlength=10)
     assert counts[0] == 0 and counts[1:].min() > 0.5 * counts[1:].float().mean()
@@ -234,7 +266,6 @@ def test_asymmetric_label_noise_follows_the_documented_mapping():
 @pytest.mark.slow
 def test_a_noisy_run_records_the_realized_fraction_and_evaluates_on_clean_labels(tiny_config):
     from gvr_lab import train
-
     from gvr_lab.distributed import World
     from gvr_lab.training import DeviceSettings, build
 

@@ -31,8 +31,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_parallel")]
 
 # BN-free (BN normalizes with per-rank statistics) and smooth: on ReLU / max-pool nets fd penalties
 # cross kinks, so two summation orders can route a gradient differently, which is not rounding.
-BASE = dict(dataset="synthetic", model="tiny_cnn", model_args={"smooth": True}, epochs=3, batch_size=64,
-            train_subset=512, cutout=0.5, log_every=2, device="cpu", progress=False)
+BASE = dict(
+    dataset="synthetic",
+    model="tiny_cnn",
+    model_args={"smooth": True},
+    epochs=3,
+    batch_size=64,
+    train_subset=512,
+    cutout=0.5,
+    log_every=2,
+    device="cpu",
+    progress=False,
+)
 MICRO = {"micro_batch_size": 16}
 SB_LOG = "<sb log>"  # exter_graft's norms_path: a one-process sgd run at batch 16, made by the fixture
 
@@ -57,8 +67,12 @@ CASES = [
     ("unit_jac_loss", "unit_jac_loss", MICRO, None),
     # grafting and NGD normalize the all-reduced g_B; iter_graft reads every rank's micro-batch norms
     ("iter_graft random_micro", "iter_graft", MICRO, MICRO),
-    ("iter_graft mean_micro", "iter_graft", {**MICRO, "norm_source": "mean_micro"},
-     {**MICRO, "norm_source": "mean_micro"}),
+    (
+        "iter_graft mean_micro",
+        "iter_graft",
+        {**MICRO, "norm_source": "mean_micro"},
+        {**MICRO, "norm_source": "mean_micro"},
+    ),
     ("ngd", "ngd", MICRO, MICRO),
     ("exter_graft", "exter_graft", {**MICRO, "norms_path": SB_LOG}, {**MICRO, "norms_path": SB_LOG}),
     # GVR's penalty uses a subset of each rank's own rows
@@ -73,8 +87,12 @@ CASES = [
     ("esam per rank", "esam", {}, None),
     ("esam sync_ascent", "esam", {"gamma": 1.0, "sync_ascent": True}, {"gamma": 1.0}),
     ("vsam per rank", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1}, None),
-    ("vsam sync_ascent", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1, "sync_ascent": True},
-     {"window": 4, "blocks": 2, "warmup_epochs": 1}),
+    (
+        "vsam sync_ascent",
+        "vsam",
+        {"window": 4, "blocks": 2, "warmup_epochs": 1, "sync_ascent": True},
+        {"window": 4, "blocks": 2, "warmup_epochs": 1},
+    ),
     # SAF's memory is merged across ranks, so every sample finds its past on whichever rank it lands
     ("saf", "saf", {"start_epoch": 0, "lag": 1}, {"start_epoch": 0, "lag": 1}),
     ("mesa", "mesa", {"start_epoch": 0}, {"start_epoch": 0}),
@@ -83,11 +101,18 @@ EQUIVALENT = [c for c in CASES if c[3] is not None]
 # Method state that every rank must hold alike (LookSAM's and vSAM's is per rank without sync_ascent).
 SHARED_STATE = ["looksam sync_ascent", "vsam sync_ascent", "saf", "mesa", "mesa bn"]
 # Per-rank state, stopped after 2 of 4 epochs and resumed on 2 ranks: (case, method, args, model_args)
-RESUMED = [("looksam per rank", "looksam", {"k": 3}, {}),
-           ("vsam per rank", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1}, {}),
-           ("mesa bn", "mesa", {"start_epoch": 0}, {"bn": True})]
-UPDATE_NORM = {"sam": "sam_grad_norm", "asam": "sam_grad_norm", "looksam": "sam_grad_norm", "esam": "sam_grad_norm",
-               "vsam": None}
+RESUMED = [
+    ("looksam per rank", "looksam", {"k": 3}, {}),
+    ("vsam per rank", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1}, {}),
+    ("mesa bn", "mesa", {"start_epoch": 0}, {"bn": True}),
+]
+UPDATE_NORM = {
+    "sam": "sam_grad_norm",
+    "asam": "sam_grad_norm",
+    "looksam": "sam_grad_norm",
+    "esam": "sam_grad_norm",
+    "vsam": None,
+}
 
 
 def test_the_cases_cover_every_registered_method():
@@ -106,25 +131,58 @@ def runs(tmp_path_factory):
     sb = train(Config(**{**BASE, "batch_size": 16, "epochs": 3}, method="sgd", out_dir=str(root / "sb")))
     cases = []
     for case, method, args, _ in CASES:
-        cases.append({"id": case, "runs": [dict(BASE, method=method, method_args=resolve(args, str(sb.run_dir)),
-                                                 out_dir=str(root / "two" / case))]})
+        cases.append(
+            {
+                "id": case,
+                "runs": [
+                    dict(
+                        BASE,
+                        method=method,
+                        method_args=resolve(args, str(sb.run_dir)),
+                        out_dir=str(root / "two" / case),
+                    )
+                ],
+            }
+        )
     for case, method, args, model_args in RESUMED:
         fields = dict(BASE, epochs=4, method=method, method_args=args, model_args={**BASE["model_args"], **model_args})
         cases.append({"id": f"{case} uninterrupted", "runs": [dict(fields, out_dir=str(root / "full" / case))]})
-        cases.append({"id": f"{case} resumed", "runs": [dict(fields, out_dir=str(root / "resumed" / case),
-                                                             stop_after=2),
-                                                        dict(fields, out_dir=str(root / "resumed" / case))]})
+        cases.append(
+            {
+                "id": f"{case} resumed",
+                "runs": [
+                    dict(fields, out_dir=str(root / "resumed" / case), stop_after=2),
+                    dict(fields, out_dir=str(root / "resumed" / case)),
+                ],
+            }
+        )
     (root / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "GVR_LAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("ddp_worker.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(root / "cases.json"), str(root / "ranks.pt")],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(root / "cases.json"),
+            str(root / "ranks.pt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = torch.load(root / "ranks.pt", weights_only=False)
-    one = {case: train(Config(**BASE, method=method, method_args=resolve(args, str(sb.run_dir)),
-                              out_dir=str(root / "one" / case)))
-           for case, method, _, args in EQUIVALENT}
+    one = {
+        case: train(
+            Config(**BASE, method=method, method_args=resolve(args, str(sb.run_dir)), out_dir=str(root / "one" / case))
+        )
+        for case, method, _, args in EQUIVALENT
+    }
     return ranks, root, one
 
 
@@ -164,8 +222,13 @@ def test_two_ranks_compute_what_one_process_does_with_the_whole_batch(runs, case
     assert two_steps["step"].tolist() == one_steps["step"].tolist()
     columns = ["loss", "acc"] + [c for c in [UPDATE_NORM.get(method, "grad_norm")] if c]
     for col in columns:
-        torch.testing.assert_close(torch.tensor(two_steps[col].values), torch.tensor(one_steps[col].values),
-                                   rtol=max(tol.values()), atol=max(tol.values()), msg=col)
+        torch.testing.assert_close(
+            torch.tensor(two_steps[col].values),
+            torch.tensor(one_steps[col].values),
+            rtol=max(tol.values()),
+            atol=max(tol.values()),
+            msg=col,
+        )
     if method == "saf":  # the term ran in the last epoch, with a past for every row on both ranks
         history = pd.read_parquet(root / "two" / case / "epochs.parquet")
         assert history["train_past_frac"].iloc[-1] == 1.0 and history["train_penalty"].iloc[-1] > 0

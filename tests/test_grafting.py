@@ -44,8 +44,12 @@ def flat(tensors):
 
 def micro_gradients(model, batch, m):
     params = list(model.parameters())
-    return torch.stack([flat(torch.autograd.grad(F.cross_entropy(model(batch.x[i:i + m]), batch.y[i:i + m]), params))
-                        for i in range(0, len(batch.y), m)])
+    return torch.stack(
+        [
+            flat(torch.autograd.grad(F.cross_entropy(model(batch.x[i : i + m]), batch.y[i : i + m]), params))
+            for i in range(0, len(batch.y), m)
+        ]
+    )
 
 
 def build(name, model, lr=0.3, **hp):
@@ -90,8 +94,9 @@ def test_iter_graft_random_micro_takes_one_micro_batch_norm():
 def test_iter_graft_mean_micro_takes_the_mean_norm():
     model, batch, lr = mlp(), data(), 0.3
     micro = micro_gradients(model, batch, 6)
-    delta, out = step(build("iter_graft", copy.deepcopy(model), lr=lr, micro_batch_size=6,
-                            norm_source="mean_micro"), batch)
+    delta, out = step(
+        build("iter_graft", copy.deepcopy(model), lr=lr, micro_batch_size=6, norm_source="mean_micro"), batch
+    )
     assert_along_minus(delta, micro.mean(0), lr * micro.norm(dim=1).mean())
     torch.testing.assert_close(out["micro_grad_sq"], micro.norm(dim=1).square().mean(), rtol=1e-12, atol=0)
 
@@ -175,12 +180,15 @@ def test_exter_graft_refuses_a_gap_in_the_log(tmp_path):
         method.step(data(n=16))
 
 
-@pytest.mark.parametrize("problem, needle", [
-    ("empty", "needs norms_path"),
-    ("missing", "no .*steps.parquet"),
-    ("column", "lacks the column 'grad_norm'"),
-    ("garbage", "not a readable parquet file"),
-])
+@pytest.mark.parametrize(
+    "problem, needle",
+    [
+        ("empty", "needs norms_path"),
+        ("missing", "no .*steps.parquet"),
+        ("column", "lacks the column 'grad_norm'"),
+        ("garbage", "not a readable parquet file"),
+    ],
+)
 def test_exter_graft_bad_logs(tmp_path, problem, needle):
     path = tmp_path / "run"
     if problem == "column":
@@ -220,14 +228,27 @@ def test_exter_graft_reads_an_sgd_runs_log(tiny_config, tmp_path):
     assert graft.summary["status"] == "completed"
     assert graft.steps["step"].tolist() == [0, 3, 6]  # each also logged by the sgd run
     sb = sgd.steps.set_index("step")["grad_norm"]
-    torch.testing.assert_close(torch.tensor(graft.steps["graft_norm"].values),
-                               torch.tensor(sb.loc[graft.steps["step"]].values), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(graft.steps["graft_norm"].values),
+        torch.tensor(sb.loc[graft.steps["step"]].values),
+        rtol=1e-6,
+        atol=0,
+    )
     with pytest.raises(UsageError, match=r"no grad_norm for step 33\b"):  # the log's last window: 30..32
-        train(tiny_config(out_dir=str(tmp_path / "longer"), method="exter_graft", method_args=graft_args,
-                          **{**plain, "epochs": 5}))
+        train(
+            tiny_config(
+                out_dir=str(tmp_path / "longer"), method="exter_graft", method_args=graft_args, **{**plain, "epochs": 5}
+            )
+        )
     with pytest.raises(UsageError, match=r"holds gradient norms of batches of 16, not of micro_batch_size=32"):
-        train(tiny_config(out_dir=str(tmp_path / "other_m"), method="exter_graft",
-                          method_args={**graft_args, "micro_batch_size": 32}, **plain))
+        train(
+            tiny_config(
+                out_dir=str(tmp_path / "other_m"),
+                method="exter_graft",
+                method_args={**graft_args, "micro_batch_size": 32},
+                **plain,
+            )
+        )
     summary = json.loads((sgd.run_dir / "summary.json").read_text())
     (sgd.run_dir / "summary.json").write_text(json.dumps({**summary, "world_size": 2}))
     with pytest.raises(UsageError, match=r"comes from a run on 2 data-parallel ranks; graft from a single-process"):

@@ -25,8 +25,7 @@ class MLP(nn.Module):
 
     def __init__(self, bn: bool = False, head_bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.fc_embed = nn.Sequential(nn.Flatten(), nn.Linear(48, 24), *([nn.BatchNorm1d(24)] if bn else []),
-                                      nn.Tanh())
+        self.fc_embed = nn.Sequential(nn.Flatten(), nn.Linear(48, 24), *([nn.BatchNorm1d(24)] if bn else []), nn.Tanh())
         self.conv5_x = nn.Sequential(nn.Linear(24, 24), nn.Tanh(), *([nn.Dropout(dropout)] if dropout else []))
         self.stage = nn.Sequential(nn.Linear(24, 16), nn.Tanh())
         self.fc = nn.Linear(16, CLASSES, bias=head_bias)
@@ -98,8 +97,15 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-PENALTY_TARGETS = [("closed_form", "fc"), ("exact", "fc"), ("exact", "last_stage"), ("exact", "all"),
-                   ("fd", "fc"), ("fd", "last_stage"), ("fd", "all")]
+PENALTY_TARGETS = [
+    ("closed_form", "fc"),
+    ("exact", "fc"),
+    ("exact", "last_stage"),
+    ("exact", "all"),
+    ("fd", "fc"),
+    ("fd", "last_stage"),
+    ("fd", "all"),
+]
 
 
 # ---------------------------------------------------------------------------------------------- formula
@@ -109,8 +115,9 @@ PENALTY_TARGETS = [("closed_form", "fc"), ("exact", "fc"), ("exact", "last_stage
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_update_and_metrics_match_the_formula(penalty, target, reduction):
     model, batch = make_model(), make_batch()
-    update, out, _, _ = run_step(model, batch, alpha=0.3, target=target, penalty=penalty, subset=SUBSET,
-                                 reduction=reduction)
+    update, out, _, _ = run_step(
+        model, batch, alpha=0.3, target=target, penalty=penalty, subset=SUBSET, reduction=reduction
+    )
     ref, penalty_ref, loss_a, loss_b = reference(model, batch, expected_rows(), 0.3, target, reduction)
     assert rel(update, ref) < 1e-10
     assert torch.allclose(out["penalty"], penalty_ref, rtol=1e-10, atol=0)
@@ -192,8 +199,11 @@ def test_a_model_without_last_stage_trains_with_targets_that_do_not_need_it():
         update, out, *_ = run_step(model, make_batch(), alpha=0.3, target=target, penalty=penalty)
         assert out["penalty"] > 0 and torch.isfinite(update).all()
     model = Plain().double()
-    with pytest.raises(UsageError, match=r"^method 'gvr' with target 'last_stage' and penalty 'exact' needs "
-                                         r"model.last_stage, which Plain lacks; use target 'all'"):
+    with pytest.raises(
+        UsageError,
+        match=r"^method 'gvr' with target 'last_stage' and penalty 'exact' needs "
+        r"model.last_stage, which Plain lacks; use target 'all'",
+    ):
         create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="last_stage")
     with pytest.raises(UsageError, match="needs model.forward_features, which Plain lacks"):
         create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="fc", penalty="closed_form")
@@ -255,6 +265,7 @@ def test_subset_is_shared_by_both_views_and_data_losses_use_all_rows(penalty):
     subset_passes = {"closed_form": 0, "exact": 1, "fd": 2}[penalty]
     expected = [batch.x[rows], batch.x2[rows]] * subset_passes + [batch.x, batch.x2]
     assert len(seen) == len(expected) and all(torch.equal(s, e) for s, e in zip(seen, expected))
+
     # The penalty is that of the shared rows; rows drawn independently per view give another value.
     def penalty_of(rows_a, rows_b):
         mixed = copy.deepcopy(model)
@@ -316,16 +327,29 @@ def test_target_is_chosen_by_module_not_by_name():
 
 def test_hyperparameters_validation_and_compilability():
     cls = method_class("gvr")
-    assert cls.views == 2 and cls.hparams == {"alpha": 0.01, "target": "last_stage", "subset": 32,
-                                               "reduction": "sum", "penalty": "exact", "fd_eps": 1e-3}
+    assert cls.views == 2 and cls.hparams == {
+        "alpha": 0.01,
+        "target": "last_stage",
+        "subset": 32,
+        "reduction": "sum",
+        "penalty": "exact",
+        "fd_eps": 1e-3,
+    }
     model = make_model()
     for penalty, target, compilable in [("closed_form", "fc", True), ("exact", "fc", False), ("fd", "all", True)]:
-        method = create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), penalty=penalty,
-                               target=target)
+        method = create_method(
+            "gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), penalty=penalty, target=target
+        )
         assert method.compilable is compilable
-    bad = [({"alpha": -0.1}, "alpha"), ({"subset": 0}, "subset"), ({"fd_eps": 0.0}, "fd_eps"),
-           ({"penalty": "closed_form"}, "needs target 'fc'"), ({"target": "head"}, "valid: fc, last_stage, all"),
-           ({"reduction": "max"}, "valid: sum, mean"), ({"penalty": "hvp"}, "valid: closed_form, exact, fd")]
+    bad = [
+        ({"alpha": -0.1}, "alpha"),
+        ({"subset": 0}, "subset"),
+        ({"fd_eps": 0.0}, "fd_eps"),
+        ({"penalty": "closed_form"}, "needs target 'fc'"),
+        ({"target": "head"}, "valid: fc, last_stage, all"),
+        ({"reduction": "max"}, "valid: sum, mean"),
+        ({"penalty": "hvp"}, "valid: closed_form, exact, fd"),
+    ]
     for hp, message in bad:
         with pytest.raises(UsageError, match=message):
             cls.resolve_hparams(hp)

@@ -73,7 +73,8 @@ def source_fn(name):
         return lambda logits, y: F.cross_entropy(logits, y)
     if name == "fish_loss":
         return lambda logits, y: F.cross_entropy(
-            logits, torch.multinomial(torch.softmax(logits.detach(), 1), 1).squeeze(1))
+            logits, torch.multinomial(torch.softmax(logits.detach(), 1), 1).squeeze(1)
+        )
     if name == "avg_jac_loss":
         return lambda logits, y: logits.sum(1).mean()
 
@@ -92,7 +93,7 @@ def reference(model, batch, m, lam=0.0, source=None, seed=7):
     k = batch.y.shape[0] // m
     total, pens, norms = 0, [], []
     for i in range(k):
-        x, y = batch.x[i * m:(i + 1) * m], batch.y[i * m:(i + 1) * m]
+        x, y = batch.x[i * m : (i + 1) * m], batch.y[i * m : (i + 1) * m]
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         norms.append(flat(torch.autograd.grad(loss, params, retain_graph=True)).norm())
@@ -147,9 +148,14 @@ def test_pseudo_gd_with_bn_is_ghost_bn():
     model, batch, m = mlp(bn=True), data(n=24), 6
     update, _, moved = run("pseudo_gd", model, batch, micro_batch_size=m)
     ghost = copy.deepcopy(model)
-    per_micro = [flat(torch.autograd.grad(F.cross_entropy(ghost(batch.x[i:i + m]), batch.y[i:i + m]),
-                                          list(ghost.parameters())))
-                 for i in range(0, 24, m)]
+    per_micro = [
+        flat(
+            torch.autograd.grad(
+                F.cross_entropy(ghost(batch.x[i : i + m]), batch.y[i : i + m]), list(ghost.parameters())
+            )
+        )
+        for i in range(0, 24, m)
+    ]
     torch.testing.assert_close(update, torch.stack(per_micro).mean(0), rtol=1e-10, atol=1e-13)
     whole = copy.deepcopy(model)
     full = flat(torch.autograd.grad(F.cross_entropy(whole(batch.x), batch.y), list(whole.parameters())))
@@ -275,8 +281,7 @@ def test_fd_replays_dropout_and_freezes_bn(name):
     assert rel(fd - plain, exact - plain) < 1e-4
     for moved in (moved_exact, moved_fd):
         for key in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(moved[1].state_dict()[key], moved_plain[1].state_dict()[key],
-                                       rtol=1e-12, atol=0)
+            torch.testing.assert_close(moved[1].state_dict()[key], moved_plain[1].state_dict()[key], rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------- what the penalties estimate
@@ -294,9 +299,12 @@ def test_fish_penalty_is_fisher_trace_over_m_in_expectation():
     traces = []
     for x in batch.x:
         log_p = torch.log_softmax(model(x[None]), 1)[0]
-        traces.append(sum(log_p[c].exp().detach()
-                          * flat(torch.autograd.grad(log_p[c], params, retain_graph=True)).square().sum()
-                          for c in range(C)))
+        traces.append(
+            sum(
+                log_p[c].exp().detach() * flat(torch.autograd.grad(log_p[c], params, retain_graph=True)).square().sum()
+                for c in range(C)
+            )
+        )
     expected = torch.stack(traces).mean() / m
     method = lr_zero("fish_loss", model, micro_batch_size=m, lam=0.1)
     torch.manual_seed(11)
@@ -315,9 +323,10 @@ def test_unit_jac_penalty_is_jacobian_frobenius_over_c_in_expectation():
     params = list(model.parameters())
     frob = []
     for i in range(0, 16, m):
-        mean_logits = model(batch.x[i:i + m]).mean(0)
-        frob.append(sum(flat(torch.autograd.grad(mean_logits[c], params, retain_graph=True)).square().sum()
-                        for c in range(C)))
+        mean_logits = model(batch.x[i : i + m]).mean(0)
+        frob.append(
+            sum(flat(torch.autograd.grad(mean_logits[c], params, retain_graph=True)).square().sum() for c in range(C))
+        )
     expected = torch.stack(frob).mean() / C
     method = lr_zero("unit_jac_loss", model, micro_batch_size=m, lam=0.1)
     torch.manual_seed(12)
@@ -327,7 +336,7 @@ def test_unit_jac_penalty_is_jacobian_frobenius_over_c_in_expectation():
 
 
 def test_avg_jac_is_c_times_unit_jac_at_the_uniform_direction(monkeypatch):
-    monkeypatch.setattr(UnitJacLoss, "draw", lambda self, logits: torch.full((C,), C ** -0.5))
+    monkeypatch.setattr(UnitJacLoss, "draw", lambda self, logits: torch.full((C,), C**-0.5))
     model, batch, lam = mlp(), data(n=24), 0.2
     aj, out_aj, _ = run("avg_jac_loss", model, batch, micro_batch_size=8, lam=lam)
     uj, out_uj, _ = run("unit_jac_loss", model, batch, micro_batch_size=8, lam=lam * C)
@@ -372,18 +381,26 @@ def test_hyperparameters_defaults_and_compilable():
         assert not create_method(name, model, opt).compilable
         assert create_method(name, model, opt, hvp="fd").compilable
     assert method_class("pseudo_gd").hparams == {"micro_batch_size": 128}
-    for alias, name in [("PseudoGD", "pseudo_gd"), ("regloss", "reg_loss"), ("FISHLOSS", "fish_loss"),
-                        ("AvgJacLoss", "avg_jac_loss"), ("unitjacloss", "unit_jac_loss")]:
+    for alias, name in [
+        ("PseudoGD", "pseudo_gd"),
+        ("regloss", "reg_loss"),
+        ("FISHLOSS", "fish_loss"),
+        ("AvgJacLoss", "avg_jac_loss"),
+        ("unitjacloss", "unit_jac_loss"),
+    ]:
         assert method_class(alias).name == name
 
 
-@pytest.mark.parametrize("hp, needle", [
-    ({"lam": -0.1}, "lam .* must be >= 0"),
-    ({"micro_batch_size": 0}, "micro_batch_size .* must be >= 1"),
-    ({"fd_eps": 0.0}, "fd_eps .* must be > 0"),
-    ({"hvp": "double"}, "unknown hvp .*valid: exact, fd"),
-    ({"lam": "big"}, "must be float"),
-])
+@pytest.mark.parametrize(
+    "hp, needle",
+    [
+        ({"lam": -0.1}, "lam .* must be >= 0"),
+        ({"micro_batch_size": 0}, "micro_batch_size .* must be >= 1"),
+        ({"fd_eps": 0.0}, "fd_eps .* must be > 0"),
+        ({"hvp": "double"}, "unknown hvp .*valid: exact, fd"),
+        ({"lam": "big"}, "must be float"),
+    ],
+)
 def test_bad_hyperparameters(hp, needle):
     model = mlp()
     with pytest.raises(UsageError, match=needle):
@@ -398,8 +415,13 @@ def test_unknown_hyperparameter_lists_valid_ones():
 
 def test_batch_size_must_be_a_multiple_of_the_micro_batch():
     with pytest.raises(UsageError, match="batch_size=100 is not a multiple of micro_batch_size=32"):
-        Config(dataset="synthetic", model="tiny_cnn", method="RegLoss", batch_size=100,
-               method_args={"micro_batch_size": 32})
+        Config(
+            dataset="synthetic",
+            model="tiny_cnn",
+            method="RegLoss",
+            batch_size=100,
+            method_args={"micro_batch_size": 32},
+        )
     model = mlp()
     method = create_method("pseudo_gd", model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=8)
     with pytest.raises(UsageError, match="batch_size=20 is not a multiple of micro_batch_size=8"):
@@ -413,8 +435,14 @@ def test_training_run_logs_the_diagnostics(tiny_config):
     from gvr_lab.training import DeviceSettings, build, seed_epoch
 
     torch.set_default_dtype(torch.float32)
-    config = tiny_config(method="reg_loss", method_args={"micro_batch_size": 16, "hvp": "fd", "lam": 0.01},
-                         momentum=0.0, weight_decay=0.0, schedule="constant", log_every=3)
+    config = tiny_config(
+        method="reg_loss",
+        method_args={"micro_batch_size": 16, "hvp": "fd", "lam": 0.01},
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        log_every=3,
+    )
     run_ = train(config)
     assert run_.summary["status"] == "completed"
     for col in ("loss", "penalty", "grad_norm", "micro_grad_norm", "micro_grad_sq"):
@@ -423,8 +451,12 @@ def test_training_run_logs_the_diagnostics(tiny_config):
     loader, _, model, _, _ = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
     seed_epoch(config.seed, 0)
     first = next(loader.epoch(0))
-    norms = torch.stack([flat(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))).norm()
-                         for x, y in zip(first.x.split(16), first.y.split(16))])
+    norms = torch.stack(
+        [
+            flat(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))).norm()
+            for x, y in zip(first.x.split(16), first.y.split(16))
+        ]
+    )
     row = run_.steps.iloc[0]
     assert row["step"] == 0
     assert row["micro_grad_norm"] == pytest.approx(float(norms.mean()), rel=1e-5)

@@ -24,8 +24,15 @@ from gvr_lab.lab import lab_command
 from gvr_lab.study import NOTEBOOKS, REPO
 
 CHROMIUM = next(filter(None, (shutil.which(name) for name in ("chromium", "chromium-browser"))), None)
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = REPO / "runs" / "browser"
 NOTEBOOK = "00_quickstart.py"
 
@@ -50,16 +57,22 @@ def lab(tmp_path):
     """This checkout's JupyterLab, its user settings in tmp_path (autosave off: the edited notebook
     must never be saved back; no news pop-up); yields (base url, token)."""
     settings = tmp_path / "settings"
-    for plugin, values in {"docmanager-extension/plugin": {"autosave": False},
-                           "apputils-extension/notification": {"fetchNews": "false"}}.items():
+    for plugin, values in {
+        "docmanager-extension/plugin": {"autosave": False},
+        "apputils-extension/notification": {"fetchNews": "false"},
+    }.items():
         path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     port, token = free_port(), "browser-test"
-    command, env = lab_command(["--no-browser", f"--port={port}", "--ServerApp.port_retries=0",
-                                f"--IdentityProvider.token={token}"])
-    env.update(JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    command, env = lab_command(
+        ["--no-browser", f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}"]
+    )
+    env.update(
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+    )
     log = (tmp_path / "lab.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -84,8 +97,11 @@ def lab(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: .ci/run installs Debian's chromium where "
-                    "apt-get and root are available (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed: .ci/run installs Debian's chromium where "
+    "apt-get and root are available (apt-get install chromium)",
+)
 def test_quickstart_in_jupyterlab_at_smoke(lab, tmp_path):
     from playwright.sync_api import sync_playwright  # the dev extra; a missing package is a setup error
 
@@ -95,8 +111,12 @@ def test_quickstart_in_jupyterlab_at_smoke(lab, tmp_path):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1500, "height": 1000})
+            str(tmp_path / "chromium"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1500, "height": 1000},
+        )
         page = browser.new_page()
         page.set_default_timeout(60_000)
         page.goto(f"{base}/lab?token={token}")
@@ -150,7 +170,9 @@ def test_quickstart_in_jupyterlab_at_smoke(lab, tmp_path):
     assert "Run(" not in training_text and training_images == 1
     study_line = next(o for o in outputs if o.startswith("quickstart · preset smoke")).strip()
     # this checkout's package, in the root's runs/, whatever the kernel's working directory (notebooks/)
-    assert "runs: runs/smoke/quickstart/" in study_line and study_line.endswith("figures: runs/smoke/figures/quickstart")
+    assert "runs: runs/smoke/quickstart/" in study_line and study_line.endswith(
+        "figures: runs/smoke/figures/quickstart"
+    )
     assert (REPO / "runs/smoke/figures/quickstart/accuracy.png").stat().st_mtime > started
     after = {"notebooks": snapshot(NOTEBOOKS), "figures": snapshot(REPO / "figures")}
     assert after == before, "JupyterLab or the notebook wrote under notebooks/ or figures/"

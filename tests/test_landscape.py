@@ -1,16 +1,25 @@
 """Curvature instruments against dense float64 references on small models."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from gvr_lab.landscape import (Objective, augmentation_variance, curvature, eigen_density, filter_normalized_direction,
-                               flat, gradient_noise, hutchinson_trace, interpolate, loss_slice, psf_bound_check,
-                               top_eigenvalues)
 from gvr_lab.errors import UsageError
+from gvr_lab.landscape import (
+    Objective,
+    augmentation_variance,
+    curvature,
+    eigen_density,
+    filter_normalized_direction,
+    flat,
+    gradient_noise,
+    hutchinson_trace,
+    interpolate,
+    loss_slice,
+    psf_bound_check,
+    top_eigenvalues,
+)
 from gvr_lab.models import create_model
 
 
@@ -50,7 +59,9 @@ def dense_hessian(objective):
 
     def loss_of(w):
         chunks = w.split([p.numel() for p in params])
-        named = dict(zip([n for n, p in objective.model.named_parameters()], [c.view_as(p) for c, p in zip(chunks, params)]))
+        named = dict(
+            zip([n for n, p in objective.model.named_parameters()], [c.view_as(p) for c, p in zip(chunks, params)])
+        )
         total = 0
         for x, y in objective.batches:
             logits = torch.func.functional_call(objective.model, named, (x,))
@@ -127,8 +138,16 @@ def test_gradient_noise_is_the_covariance_trace_of_micro_batch_gradients():
     objective = Objective(model, batches)
     got = gradient_noise(objective, micro_batch_size=6)
     x, y = batches[0]
-    grads = torch.stack([flat(torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 6]), y[i:i + 6]),
-                                                   list(model.parameters()))) for i in range(0, 24, 6)])
+    grads = torch.stack(
+        [
+            flat(
+                torch.autograd.grad(
+                    nn.functional.cross_entropy(model(x[i : i + 6]), y[i : i + 6]), list(model.parameters())
+                )
+            )
+            for i in range(0, 24, 6)
+        ]
+    )
     expected = float(((grads - grads.mean(0)) ** 2).sum() / 3)
     assert got["micro_batches"] == 4 and got["trace_cov"] == pytest.approx(expected, rel=1e-10)
     assert got["trace_cov_per_example"] == pytest.approx(6 * expected, rel=1e-10)
@@ -166,9 +185,14 @@ def test_psf_bound_check_measures_the_psf_and_the_batch_spectrum():
         params = list(model.parameters())
         model.eval()
         g = flat(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params))
-        shifted = torch.func.functional_call(model, {n: p + rho * d.view_as(p) / g.norm() for (n, p), d in
-                                                     zip(model.named_parameters(), g.split([p.numel() for p in params]))},
-                                             (x,))
+        shifted = torch.func.functional_call(
+            model,
+            {
+                n: p + rho * d.view_as(p) / g.norm()
+                for (n, p), d in zip(model.named_parameters(), g.split([p.numel() for p in params]))
+            },
+            (x,),
+        )
         g_s = flat(torch.autograd.grad(nn.functional.cross_entropy(shifted, y), params))
         assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-8)
     assert got["fraction_holding"] == np.mean([r["holds"] for r in got["batches"]])
@@ -185,8 +209,12 @@ def test_the_public_entry_measures_a_copy_in_the_asked_precision():
     exact = np.linalg.eigvalsh(dense_hessian(reference).numpy())[::-1][:2]
     np.testing.assert_allclose(out["top_eigenvalues"], exact, rtol=1e-6)
     assert out["hvps"] == out["eigenvalue_hvps"] + 10 and out["rows"] == 24 and out["dtype"] == "fp64"
-    for bad, needle in [(dict(k=0), "k must be >= 1"), (dict(trace_samples=1), "trace_samples must be >= 2"),
-                        (dict(dtype="bf16"), "unknown dtype 'bf16'"), (dict(bn="frozen"), "unknown bn mode")]:
+    for bad, needle in [
+        (dict(k=0), "k must be >= 1"),
+        (dict(trace_samples=1), "trace_samples must be >= 2"),
+        (dict(dtype="bf16"), "unknown dtype 'bf16'"),
+        (dict(bn="frozen"), "unknown bn mode"),
+    ]:
         with pytest.raises(UsageError, match=needle):
             curvature(model, batches, **bad)
 
@@ -201,8 +229,25 @@ def test_gvr_lab_curvature_measures_a_run_and_refuses_bad_input(tiny_config, tmp
     torch.set_default_dtype(torch.float32)
     sgd = train(tiny_config(out_dir=str(tmp_path / "sgd"), epochs=1, model_args={"bn": True}))
     sam = train(tiny_config(out_dir=str(tmp_path / "sam"), epochs=1, model_args={"bn": True}, method="sam"))
-    assert main(["curvature", str(sgd.run_dir), "--k", "2", "--trace-samples", "4", "--rows", "64", "--slice", "1d",
-                 "--toward", str(sam.run_dir)]) == 0
+    assert (
+        main(
+            [
+                "curvature",
+                str(sgd.run_dir),
+                "--k",
+                "2",
+                "--trace-samples",
+                "4",
+                "--rows",
+                "64",
+                "--slice",
+                "1d",
+                "--toward",
+                str(sam.run_dir),
+            ]
+        )
+        == 0
+    )
     out = json.loads((sgd.run_dir / "curvature.json").read_text())
     assert len(out["top_eigenvalues"]) == 2 and out["top_eigenvalues"][0] >= out["top_eigenvalues"][1]
     assert out["rows"] == 64 and out["bn"] == "eval" and out["hvps"] == out["eigenvalue_hvps"] + 4
@@ -210,9 +255,11 @@ def test_gvr_lab_curvature_measures_a_run_and_refuses_bad_input(tiny_config, tmp
     assert out["toward"]["loss"][5] == pytest.approx(out["loss"], rel=1e-6)  # t = 0: this run's weights
     assert "top eigenvalues" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
-    for argv, needle in [([str(tmp_path / "empty")], "is not a run directory"),
-                         ([str(sgd.run_dir), "--k", "0"], "k must be >= 1"),
-                         ([str(sgd.run_dir), "--checkpoint", str(tmp_path / "nope.pt")], "not found")]:
+    for argv, needle in [
+        ([str(tmp_path / "empty")], "is not a run directory"),
+        ([str(sgd.run_dir), "--k", "0"], "k must be >= 1"),
+        ([str(sgd.run_dir), "--checkpoint", str(tmp_path / "nope.pt")], "not found"),
+    ]:
         assert main(["curvature", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
@@ -231,8 +278,17 @@ def run_directory(tmp_path, name, scale=1.0, **fields):
     from gvr_lab.results import CHECKPOINT, CONFIG, save_checkpoint, write_json
     from gvr_lab.training import DeviceSettings, build_model
 
-    config = Config(**{"dataset": "synthetic", "model": "tiny_cnn", "train_subset": 64, "batch_size": 16,
-                       "device": "cpu", "out_dir": str(tmp_path / name), **fields})
+    config = Config(
+        **{
+            "dataset": "synthetic",
+            "model": "tiny_cnn",
+            "train_subset": 64,
+            "batch_size": 16,
+            "device": "cpu",
+            "out_dir": str(tmp_path / name),
+            **fields,
+        }
+    )
     info = dataset_info(config.dataset)
     model, _, _ = build_model(config, info.num_classes, info.channels, DeviceSettings.of(config, torch.device("cpu")))
     with torch.no_grad():
@@ -278,8 +334,10 @@ def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_p
     on_a = measured_objective(a, 32)
     _, model_b = load_run_model(b)
     model_a = on_a.model
-    halfway = {k: 0.5 * v + 0.5 * model_b.state_dict()[k] if v.is_floating_point() else v
-               for k, v in model_a.state_dict().items()}
+    halfway = {
+        k: 0.5 * v + 0.5 * model_b.state_dict()[k] if v.is_floating_point() else v
+        for k, v in model_a.state_dict().items()
+    }
     expected = [on_a.value()[0], None, Objective(model_b, on_a.batches).value()[0]]
     model_a.load_state_dict(halfway)
     expected[1] = on_a.value()[0]
@@ -319,10 +377,12 @@ def test_psf_check_run_uses_the_runs_rho_and_batch_size(tmp_path):
     params = list(model.parameters())
     model.eval()
     for i, row in enumerate(out["batches"]):  # the PSF of batch i, by its definition, at rho 0.07
-        part = (x[8 * i:8 * (i + 1)], y[8 * i:8 * (i + 1)])
+        part = (x[8 * i : 8 * (i + 1)], y[8 * i : 8 * (i + 1)])
         g = flat(torch.autograd.grad(nn.functional.cross_entropy(model(part[0]), part[1]), params))
-        moved = {n: p + 0.07 * d.view_as(p) / g.norm() for (n, p), d in
-                 zip(model.named_parameters(), g.split([p.numel() for p in params]))}
+        moved = {
+            n: p + 0.07 * d.view_as(p) / g.norm()
+            for (n, p), d in zip(model.named_parameters(), g.split([p.numel() for p in params]))
+        }
         logits = torch.func.functional_call(model, moved, (part[0],))
         g_s = flat(torch.autograd.grad(nn.functional.cross_entropy(logits, part[1]), params))
         assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-4)
@@ -349,8 +409,9 @@ def test_final_curvature_repeats_the_last_measurement_made_in_training(tiny_conf
     from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS
 
     torch.set_default_dtype(torch.float32)
-    run = train(tiny_config(steps=6, eval_every=3, curvature_every=1, train_subset=64, batch_size=16,
-                            model_args={"bn": True}))
+    run = train(
+        tiny_config(steps=6, eval_every=3, curvature_every=1, train_subset=64, batch_size=16, model_args={"bn": True})
+    )
     out = final_curvature(run.run_dir, rows=CURVATURE_ROWS, k=1, trace_samples=CURVATURE_PROBES)
     last = run.history.iloc[-1]
     assert out["rows"] == 64  # the run's training rows, all of them
@@ -372,14 +433,30 @@ def test_significant_digits_and_mean_ci_cells():
 
     from gvr_lab import plots
 
-    assert [plots.significant(v) for v in (238.4, 54.91, 7.523, 0.012345, 0.0, -3.14159)] == \
-        ["238", "54.9", "7.52", "0.0123", "0.00", "-3.14"]
-    frame = pd.DataFrame({"label": ["a"] * 3 + ["b"], "seed": [0, 1, 2, 0], "lambda_1": [1.0, 2.0, 3.0, 5.0],
-                          "test_acc": [0.5, 0.6, 0.7, 0.9]})
+    assert [plots.significant(v) for v in (238.4, 54.91, 7.523, 0.012345, 0.0, -3.14159)] == [
+        "238",
+        "54.9",
+        "7.52",
+        "0.0123",
+        "0.00",
+        "-3.14",
+    ]
+    frame = pd.DataFrame(
+        {
+            "label": ["a"] * 3 + ["b"],
+            "seed": [0, 1, 2, 0],
+            "lambda_1": [1.0, 2.0, 3.0, 5.0],
+            "test_acc": [0.5, 0.6, 0.7, 0.9],
+        }
+    )
     table = plots.mean_ci(frame, ["label"], ["lambda_1", "test_acc"])
     # t_{0.975, 2} = 4.303, sd 1: mean 2 +- 2.484; accuracies in percent: 60 +- 24.84
-    assert table.to_dict("list") == {"label": ["a", "b"], "λ1": ["2.00 [-0.48, 4.48]", "5.00"],
-                                     "test accuracy (%)": ["60.0 [35.2, 84.8]", "90.0"], "seeds": [3, 1]}
+    assert table.to_dict("list") == {
+        "label": ["a", "b"],
+        "λ1": ["2.00 [-0.48, 4.48]", "5.00"],
+        "test accuracy (%)": ["60.0 [35.2, 84.8]", "90.0"],
+        "seeds": [3, 1],
+    }
 
 
 def test_paired_difference_pairs_by_seed():
@@ -387,8 +464,13 @@ def test_paired_difference_pairs_by_seed():
 
     from gvr_lab import plots
 
-    frame = pd.DataFrame({"label": ["m"] * 3 + ["base"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
-                          "trace": [5.0, 7.0, 9.0, 4.0, 5.0, 6.0, 100.0]})  # seed 3 has no pair: left out
+    frame = pd.DataFrame(
+        {
+            "label": ["m"] * 3 + ["base"] * 4,
+            "seed": [0, 1, 2, 0, 1, 2, 3],
+            "trace": [5.0, 7.0, 9.0, 4.0, 5.0, 6.0, 100.0],
+        }
+    )  # seed 3 has no pair: left out
     got = plots.paired_difference(frame, "trace", {"m": "base"})
     assert got == {"m": "2.00 [-0.48, 4.48] vs base", "base": "—"}
 
@@ -398,16 +480,32 @@ def test_curvature_cost_per_epoch_in_steps_and_epochs_mode():
 
     from gvr_lab import plots
 
-    steps_mode = pd.DataFrame({"run_dir": "s", "step": [80, 160], "interval_time_s": [4.0, 4.0],
-                               "curvature_time_s": [8.0, 8.0], "steps_per_epoch": 64})
-    epochs_mode = pd.DataFrame({"run_dir": "e", "epoch": [0, 1, 2], "epoch_time_s": [2.0, 2.0, 2.0],
-                                "curvature_time_s": [np.nan, 5.0, np.nan], "steps_per_epoch": 10})
+    steps_mode = pd.DataFrame(
+        {
+            "run_dir": "s",
+            "step": [80, 160],
+            "interval_time_s": [4.0, 4.0],
+            "curvature_time_s": [8.0, 8.0],
+            "steps_per_epoch": 64,
+        }
+    )
+    epochs_mode = pd.DataFrame(
+        {
+            "run_dir": "e",
+            "epoch": [0, 1, 2],
+            "epoch_time_s": [2.0, 2.0, 2.0],
+            "curvature_time_s": [np.nan, 5.0, np.nan],
+            "steps_per_epoch": 10,
+        }
+    )
     cost = plots.curvature_cost(pd.concat([steps_mode, epochs_mode], ignore_index=True)).set_index("run_dir")
     # 8 s of training over 160 steps, 64 steps per epoch: 3.2 s; curvature 16 s over the same: 6.4 s
-    assert cost.loc["s", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch",
-                          "curvature_overhead_pct"]].tolist() == pytest.approx([2, 8.0, 3.2, 6.4, 200.0])
-    assert cost.loc["e", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch"]].tolist() == \
-        pytest.approx([1, 5.0, 2.0, 5.0 / 3])
+    assert cost.loc[
+        "s", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch", "curvature_overhead_pct"]
+    ].tolist() == pytest.approx([2, 8.0, 3.2, 6.4, 200.0])
+    assert cost.loc[
+        "e", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch"]
+    ].tolist() == pytest.approx([1, 5.0, 2.0, 5.0 / 3])
 
 
 def test_provenance_counts_the_steps_of_a_steps_mode_run():
@@ -415,9 +513,19 @@ def test_provenance_counts_the_steps_of_a_steps_mode_run():
 
     from gvr_lab import plots
 
-    rows = pd.DataFrame({"label": "SGD", "seed": 0, "dataset": "fashion_mnist", "model": "tiny_cnn",
-                         "train_subset": 8192, "steps_per_epoch": 64, "run_dir": "r", "epoch": [1, 2, 3],
-                         "step": [80, 160, 240]})
+    rows = pd.DataFrame(
+        {
+            "label": "SGD",
+            "seed": 0,
+            "dataset": "fashion_mnist",
+            "model": "tiny_cnn",
+            "train_subset": 8192,
+            "steps_per_epoch": 64,
+            "run_dir": "r",
+            "epoch": [1, 2, 3],
+            "step": [80, 160, 240],
+        }
+    )
     assert "3.75 epochs = 240 optimizer steps" in plots.provenance(rows, "cpu")
     whole = rows.assign(step=[64, 128, 256], epoch=[0, 1, 3])
     assert "4 epochs = 256 optimizer steps" in plots.provenance(whole, "cpu")
@@ -446,8 +554,16 @@ def test_vsam_share_after_warm_up_in_steps_and_epochs_mode():
 
     from gvr_lab import terms
 
-    steps_mode = pd.DataFrame({"method": "vsam", "arg_warmup_epochs": 1, "steps_per_epoch": 64, "epoch": [1, 2, 3],
-                               "step": [80, 160, 240], "train_sampled": [0.9, 0.1, 0.1]})
+    steps_mode = pd.DataFrame(
+        {
+            "method": "vsam",
+            "arg_warmup_epochs": 1,
+            "steps_per_epoch": 64,
+            "epoch": [1, 2, 3],
+            "step": [80, 160, 240],
+            "train_sampled": [0.9, 0.1, 0.1],
+        }
+    )
     # steps 1-80 hold the 64 warm-up steps (all SAM) and 72 - 64 = 8 sampled ones; then 8 and 8
     assert terms.vsam_share_after_warmup(steps_mode) == pytest.approx(24 / 176)
     assert terms.describe(steps_mode) == "37% of steps (14% after warm-up)"

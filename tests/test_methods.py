@@ -22,14 +22,19 @@ def float64():
 def norms_log(tmp_path):
     """A gradient-norm log as an sgd run writes it, for exter_graft."""
     pd.DataFrame({"step": list(range(100)), "grad_norm": [1.0 + 0.1 * i for i in range(100)]}).to_parquet(
-        tmp_path / "steps.parquet")
+        tmp_path / "steps.parquet"
+    )
     return str(tmp_path)
 
 
 # What puts a method's state to work within the epochs the tests below run: vSAM past its warm-up
 # with windows of 2 steps (reuse steps read the stored PSF), SAF's and MESA's terms from epoch 1 on.
-ACTIVE = {"vsam": {"warmup_epochs": 0, "window": 2, "blocks": 1}, "saf": {"start_epoch": 0, "lag": 1},
-          "mesa": {"start_epoch": 0}, "looksam": {"k": 3}}
+ACTIVE = {
+    "vsam": {"warmup_epochs": 0, "window": 2, "blocks": 1},
+    "saf": {"start_epoch": 0, "lag": 1},
+    "mesa": {"start_epoch": 0},
+    "looksam": {"k": 3},
+}
 
 
 def smoke_hparams(name, norms_log):
@@ -53,8 +58,12 @@ def make(name, norms_log, seed=0, **opt_args):
 def batch(seed, n=16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 28, 28, generator=g)
-    return Batch(x, torch.randint(0, 5, (n,), generator=g), torch.arange(seed * n, seed * n + n),
-                 x + 0.1 * torch.randn(n, 1, 28, 28, generator=g))
+    return Batch(
+        x,
+        torch.randint(0, 5, (n,), generator=g),
+        torch.arange(seed * n, seed * n + n),
+        x + 0.1 * torch.randn(n, 1, 28, 28, generator=g),
+    )
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -115,8 +124,13 @@ def test_state_dict_resume_continues_identically(name, norms_log):
 
 
 # The logged norm of the gradient the optimizer applies (vSAM logs ||g|| at w only).
-UPDATE_NORM = {"sam": "sam_grad_norm", "asam": "sam_grad_norm", "looksam": "sam_grad_norm",
-               "esam": "sam_grad_norm", "vsam": None}
+UPDATE_NORM = {
+    "sam": "sam_grad_norm",
+    "asam": "sam_grad_norm",
+    "looksam": "sam_grad_norm",
+    "esam": "sam_grad_norm",
+    "vsam": None,
+}
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -129,8 +143,16 @@ def test_the_logged_update_norm_is_that_of_the_gradient_the_optimizer_applies(na
         pytest.skip(f"{name} logs no norm of its update gradient")
     model, opt, method = make(name, norms_log, nesterov=True, foreach=True, weight_decay=0.0)
     applied = []
-    opt.register_step_pre_hook(lambda *_: applied.append(torch.linalg.vector_norm(
-        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))) and None)
+    opt.register_step_pre_hook(
+        lambda *_: (
+            applied.append(
+                torch.linalg.vector_norm(
+                    torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+                )
+            )
+            and None
+        )
+    )
     method.start_epoch(0)
     logged = [method.step(batch(s))[key] for s in (1, 2, 3)]  # from the 2nd step on, momentum is in play
     torch.testing.assert_close(torch.stack(logged), torch.stack(applied), rtol=1e-10, atol=0)
@@ -146,9 +168,17 @@ def test_unknown_hyperparameter_lists_valid_ones(name):
 
 
 def test_original_names_are_aliases():
-    originals = {"Vanilla": "sgd", "PseudoGD": "pseudo_gd", "RegLoss": "reg_loss", "FishLoss": "fish_loss",
-                 "AvgJacLoss": "avg_jac_loss", "UnitJacLoss": "unit_jac_loss", "IterGraft": "iter_graft",
-                 "ExterGraft": "exter_graft", "NGD": "ngd"}
+    originals = {
+        "Vanilla": "sgd",
+        "PseudoGD": "pseudo_gd",
+        "RegLoss": "reg_loss",
+        "FishLoss": "fish_loss",
+        "AvgJacLoss": "avg_jac_loss",
+        "UnitJacLoss": "unit_jac_loss",
+        "IterGraft": "iter_graft",
+        "ExterGraft": "exter_graft",
+        "NGD": "ngd",
+    }
     from gvr_lab.methods import method_class
 
     for original, canonical in originals.items():

@@ -29,9 +29,7 @@ def cached_model(name: str, in_channels: int) -> nn.Module:
     return create_model(name, num_classes=NUM_CLASSES, in_channels=in_channels)
 
 
-@pytest.mark.parametrize(
-    "name, in_channels, size", list(itertools.product(list_models(), (1, 3), (28, 32)))
-)
+@pytest.mark.parametrize("name, in_channels, size", list(itertools.product(list_models(), (1, 3), (28, 32))))
 def test_forward_backward_and_structure(name, in_channels, size):
     model = cached_model(name, in_channels)
     x = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(size))

@@ -11,8 +11,16 @@ from gvr_lab import train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
 from gvr_lab.runner import NotebookFailed, notebook_table, run_notebook
-from gvr_lab.study import (COMMITTED_PRESET, PATH_PARAMETERS, REPO, Study, notebook_paths, parameters_of, read_notebook,
-                           resolve)
+from gvr_lab.study import (
+    COMMITTED_PRESET,
+    PATH_PARAMETERS,
+    REPO,
+    Study,
+    notebook_paths,
+    parameters_of,
+    read_notebook,
+    resolve,
+)
 
 TINY = dict(dataset="synthetic", model="tiny_cnn", epochs=1, train_subset=256, batch_size=64, device="cpu")
 
@@ -42,8 +50,9 @@ def test_each_notebook_declares_its_presets_and_outputs(path):
 
 
 def test_readme_notebook_table_is_the_generated_one():
-    assert notebook_table() in (REPO / "README.md").read_text(), \
+    assert notebook_table() in (REPO / "README.md").read_text(), (
         "README's notebook table is not what `gvr-lab notebooks` prints: replace it with that output"
+    )
 
 
 def test_presets_decide_where_runs_and_figures_go():
@@ -69,7 +78,7 @@ def test_a_parameters_cell_must_begin_with_the_preset():
 
 # ---------------------------------------------------------------------- a toy notebook through the runner
 
-TOY = '''# %% tags=["parameters"]
+TOY = """# %% tags=["parameters"]
 preset: str = "cpu"  # smoke | cpu
 epochs: int = 1  # passes
 seeds: list = [0]  # seeds
@@ -85,7 +94,7 @@ study = gl.Study("toy", globals(), presets={{"smoke": {{"epochs": 2, "rate": 0.5
 
 # %%
 {body}
-'''
+"""
 
 
 def write_notebook(tmp_path, body='print("ok")', explicit=""):
@@ -122,8 +131,10 @@ def test_preset_values_yield_to_values_set_explicitly_even_when_equal_to_the_def
 
 
 def test_a_bad_grid_exits_2_before_anything_trains_or_is_kept(tmp_path, capsys):
-    body = (f"gl.train_grid({TINY!r}, [dict(method='sgd'), dict(method='sam'), dict(method='sgdd')], seeds, "
-            "study.runs_root)")
+    body = (
+        f"gl.train_grid({TINY!r}, [dict(method='sgd'), dict(method='sam'), dict(method='sgdd')], seeds, "
+        "study.runs_root)"
+    )
     nb = write_notebook(tmp_path, body)
     argv = ["run", str(nb), "-p", "runs_root", str(tmp_path / "train"), "--runs-root", str(tmp_path / "runs")]
     assert main(argv) == 2
@@ -152,17 +163,35 @@ def test_run_uses_this_python_and_prints_the_table_and_paths(tmp_path, capfd, mo
     # another checkout's kernel of the same name, first on the search path, must not be used
     stale = tmp_path / "stale" / "kernels" / "gvr_lab"
     stale.mkdir(parents=True)
-    (stale / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f",
-                                                            "{connection_file}"], "language": "python",
-                                                   "display_name": "stale"}))
+    (stale / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "language": "python",
+                "display_name": "stale",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "stale"))
-    body = (f"import sys\nprint('kernel python:', sys.executable)\n"
-            f"gl.train_grid({TINY!r}, [dict(method='sgd')], seeds, study.runs_root)\n"
-            "runs = study.load_runs()\n"
-            "study.save_table(plots.mean_std(runs, ['label'], ['test_acc']), 'table', 'Toy accuracy', runs)")
+    body = (
+        f"import sys\nprint('kernel python:', sys.executable)\n"
+        f"gl.train_grid({TINY!r}, [dict(method='sgd')], seeds, study.runs_root)\n"
+        "runs = study.load_runs()\n"
+        "study.save_table(plots.mean_std(runs, ['label'], ['test_acc']), 'table', 'Toy accuracy', runs)"
+    )
     nb = write_notebook(tmp_path, body)
-    argv = ["run", str(nb), "-p", "runs_root", str(tmp_path / "train"), "-p", "fig_root", str(tmp_path / "figs"),
-            "--runs-root", str(tmp_path / "runs")]
+    argv = [
+        "run",
+        str(nb),
+        "-p",
+        "runs_root",
+        str(tmp_path / "train"),
+        "-p",
+        "fig_root",
+        str(tmp_path / "figs"),
+        "--runs-root",
+        str(tmp_path / "runs"),
+    ]
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert "Toy accuracy. synthetic, 256 training images · tiny_cnn · 1 epoch = 4 optimizer steps" in out
@@ -224,9 +253,16 @@ def test_figures_refuse_runs_whose_term_never_acted(tmp_path, monkeypatch, capsy
 
     study = make_study(tmp_path, monkeypatch)
     saf = {"start_epoch": 0, "lag": 3}  # acts from epoch max(0, 3) + 1 = 4: never in 3 epochs (0, 1, 2)
-    train_grid({**TINY, "epochs": 3}, [dict(method="sgd"), dict(method="saf", method_args=saf),
-                                       dict(method="saf", method_args={"start_epoch": 0, "lag": 1}, label="saf lag 1")],
-               [0], study.runs_root)
+    train_grid(
+        {**TINY, "epochs": 3},
+        [
+            dict(method="sgd"),
+            dict(method="saf", method_args=saf),
+            dict(method="saf", method_args={"start_epoch": 0, "lag": 1}, label="saf lag 1"),
+        ],
+        [0],
+        study.runs_root,
+    )
     runs = study.load_runs()
     ax = plots.curves(runs, "epoch", "test_acc")
     with pytest.raises(UsageError, match="would show runs whose method's defining term never acted: saf-s0"):
@@ -248,8 +284,12 @@ def test_an_ablation_keeps_its_term_off_and_is_plotted(tmp_path, monkeypatch):
     from gvr_lab import plots
 
     study = make_study(tmp_path, monkeypatch, ablations=["no penalty"])
-    train_grid(TINY, [dict(method="gvr", method_args={"alpha": 0.0, "target": "fc", "penalty": "closed_form"},
-                           label="no penalty")], [0], study.runs_root)
+    train_grid(
+        TINY,
+        [dict(method="gvr", method_args={"alpha": 0.0, "target": "fc", "penalty": "closed_form"}, label="no penalty")],
+        [0],
+        study.runs_root,
+    )
     runs = study.load_runs()
     assert study.term_column(runs, pd.DataFrame({"label": ["no penalty"]}))["term on"].tolist() == ["off (ablation)"]
     study.save_figure(plots.curves(runs, "epoch", "test_acc").figure, "accuracy", runs)
@@ -264,8 +304,20 @@ def frame(methods_and_labels, seeds=(0,), epochs=3, values=None):
         for seed in seeds:
             for epoch in range(epochs):
                 acc = (values or {}).get(label, 0.5 + 0.1 * epoch + 0.01 * seed + 0.001 * len(label))
-                rows.append(dict(method=method, label=label, seed=seed, epoch=epoch, test_acc=acc, dataset="synthetic",
-                                 model="tiny_cnn", train_subset=256, steps_per_epoch=4, run_dir=f"{label}-{seed}"))
+                rows.append(
+                    dict(
+                        method=method,
+                        label=label,
+                        seed=seed,
+                        epoch=epoch,
+                        test_acc=acc,
+                        dataset="synthetic",
+                        model="tiny_cnn",
+                        train_subset=256,
+                        steps_per_epoch=4,
+                        run_dir=f"{label}-{seed}",
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -275,8 +327,11 @@ def test_curves_one_colour_per_method_percent_bands_and_hidden_twins():
     from gvr_lab import plots
 
     a = plots.curves(frame([("sgd", "SGD"), ("gvr", "GVR")], values={"SGD": 0.6, "GVR": 0.7}), "epoch", "test_acc")
-    b = plots.curves(frame([("sam", "sam"), ("sgd", "SB"), ("sgd", "SB twin")], values={"SB": 0.7, "SB twin": 0.7}),
-                     "epoch", "test_acc")
+    b = plots.curves(
+        frame([("sam", "sam"), ("sgd", "SB"), ("sgd", "SB twin")], values={"SB": 0.7, "SB twin": 0.7}),
+        "epoch",
+        "test_acc",
+    )
     colours = {line.get_label(): line.get_color() for ax in (a, b) for line in ax.get_lines()}
     assert colours["SGD"] == colours["SB"] == plots.method_color("sgd") != colours["GVR"]
     assert a.get_ylabel() == "test accuracy (%)" and max(a.get_lines()[0].get_ydata()) > 50
@@ -298,11 +353,15 @@ def test_provenance_names_what_a_figure_rests_on():
     from gvr_lab import plots
 
     one = plots.provenance(frame([("sgd", "SGD")]), "smoke")
-    assert one == ("synthetic, 256 training images · tiny_cnn · 3 epochs = 12 optimizer steps · seed 0; "
-                   "1 seed per curve: no band or error bar · preset smoke")
+    assert one == (
+        "synthetic, 256 training images · tiny_cnn · 3 epochs = 12 optimizer steps · seed 0; "
+        "1 seed per curve: no band or error bar · preset smoke"
+    )
     two = plots.provenance(frame([("sgd", "SGD")], seeds=(0, 1)), "cpu with epochs=5")
-    assert "seeds 0, 1; 2 seeds per curve: mean ± 1 std as band or bars (geometric on log axes) · preset cpu " \
-           "with epochs=5" in two
+    assert (
+        "seeds 0, 1; 2 seeds per curve: mean ± 1 std as band or bars (geometric on log axes) · preset cpu "
+        "with epochs=5" in two
+    )
     # a steps-mode run stops inside an epoch: its last row's step, not whole epochs
     stepped = frame([("sgd", "SGD")]).assign(step=lambda d: [1, 2, 10][: len(d)])
     assert "· tiny_cnn · 2.5 epochs = 10 optimizer steps ·" in plots.provenance(stepped, "smoke")
@@ -329,5 +388,7 @@ def test_the_notebook_table_states_measured_cost_or_says_not_measured():
     from gvr_lab.runner import timing
 
     assert timing(None) == "not measured"
-    assert timing({"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 5.0}) == \
-        "27 min of training, summed over its 17 runs"
+    assert (
+        timing({"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 5.0})
+        == "27 min of training, summed over its 17 runs"
+    )

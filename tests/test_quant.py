@@ -18,8 +18,16 @@ from gvr_lab.errors import UsageError
 from gvr_lab.methods import create_method, list_methods, method_class
 from gvr_lab.models import create_model, list_models
 from gvr_lab.quant import (
-    MIN_STEP, ActivationQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, lsq_quantize, quant_range,
-    quantize_layer, quantize_model, scale_grad,
+    MIN_STEP,
+    ActivationQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    WeightQuantizer,
+    lsq_quantize,
+    quant_range,
+    quantize_layer,
+    quantize_model,
+    scale_grad,
 )
 
 
@@ -251,8 +259,9 @@ def test_layer_gradient_scales(f64):
     # The same graph with both scales 1, via the module's own quantizer function.
     w_step = layer.weight_quant.step.detach().clone().requires_grad_()
     a_step = layer.input_quant.step.detach().clone().requires_grad_()
-    out = layer._conv_forward(lsq_quantize(x, a_step, 8, q_p, 1.0), lsq_quantize(layer.weight, w_step, 8, q_p, 1.0),
-                              layer.bias)
+    out = layer._conv_forward(
+        lsq_quantize(x, a_step, 8, q_p, 1.0), lsq_quantize(layer.weight, w_step, 8, q_p, 1.0), layer.bias
+    )
     gw1, ga1 = torch.autograd.grad(out.square().sum(), [w_step, a_step])
     assert torch.equal(gw, gw1 * layer.weight_quant.grad_scale)
     torch.testing.assert_close(ga, ga1 / math.sqrt(3 * 5 * 5 * q_p), rtol=1e-14, atol=0)
@@ -311,8 +320,9 @@ def test_activation_init_from_first_batch_and_sign_rule(f64):
         q_p = 7 if signed else 15
         assert bool(quantizer.initialized) and bool(quantizer.signed) == signed, name
         assert (quantizer.q_n, quantizer.q_p) == quant_range(4, signed)
-        torch.testing.assert_close(quantizer.step.detach(), 2 * inputs[name].abs().mean() / math.sqrt(q_p),
-                                   rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            quantizer.step.detach(), 2 * inputs[name].abs().mean() / math.sqrt(q_p), rtol=1e-14, atol=0
+        )
 
     steps = [p.detach().clone() for p in step_sizes(model)]
     model(10 * torch.randn(6, 3, 8, 8, generator=gen(7)))  # later batches do not re-initialize
@@ -462,7 +472,8 @@ def smoke_hparams(method: str, tmp_path) -> dict:
     hp = {k: v for k, v in (("micro_batch_size", 8), ("subset", 8)) if k in names}
     if "norms_path" in names:  # exter_graft reads the gradient norms an sgd run logged
         pd.DataFrame({"step": range(0, 100, 10), "grad_norm": [1.0 + i for i in range(10)]}).to_parquet(
-            tmp_path / "steps.parquet")
+            tmp_path / "steps.parquet"
+        )
         hp["norms_path"] = str(tmp_path)
     return hp
 
@@ -476,8 +487,12 @@ def test_every_method_steps_a_quantized_model(method, tmp_path):
     m = create_method(method, model, optimizer, **smoke_hparams(method, tmp_path))
     m.start_epoch(0)
     n = 16
-    batch = Batch(torch.randn(n, 3, 16, 16, generator=gen(14)), torch.randint(0, 10, (n,), generator=gen(15)),
-                  index=torch.arange(n), x2=torch.randn(n, 3, 16, 16, generator=gen(16)))
+    batch = Batch(
+        torch.randn(n, 3, 16, 16, generator=gen(14)),
+        torch.randint(0, 10, (n,), generator=gen(15)),
+        index=torch.arange(n),
+        x2=torch.randn(n, 3, 16, 16, generator=gen(16)),
+    )
     before = [p.detach().clone() for p in step_sizes(model)]
     out = m.step(batch)
     assert torch.isfinite(out["loss"])
@@ -518,9 +533,15 @@ def test_the_papers_8_bit_first_and_last_layers_from_config():
 
     config = Config(model="tiny_cnn", quant_bits=3, quant_first_last_bits=8, device="cpu")
     model, _, _ = build_model(config, 10, 1, DeviceSettings.of(config, torch.device("cpu")))
-    assert [model.block1[0].weight_quant.bits, model.block2[0].weight_quant.bits, model.fc.weight_quant.bits] == [8, 3, 8]
-    for bad, needle in [(dict(quant_first_last_bits=8), "needs quant_bits"),
-                        (dict(quant_bits=4, quant_first_last_bits=8, quant_first_last=True), "excludes quant_first_last"),
-                        (dict(quant_bits=4, quant_first_last_bits=1), "quant_first_last_bits must be an integer")]:
+    assert [model.block1[0].weight_quant.bits, model.block2[0].weight_quant.bits, model.fc.weight_quant.bits] == [
+        8,
+        3,
+        8,
+    ]
+    for bad, needle in [
+        (dict(quant_first_last_bits=8), "needs quant_bits"),
+        (dict(quant_bits=4, quant_first_last_bits=8, quant_first_last=True), "excludes quant_first_last"),
+        (dict(quant_bits=4, quant_first_last_bits=1), "quant_first_last_bits must be an integer"),
+    ]:
         with pytest.raises(UsageError, match=needle):
             Config(**bad)

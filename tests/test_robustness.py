@@ -66,14 +66,37 @@ def weights(run_dir):
 def test_a_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
     """Checkpoints hold the whole state, not a rank's: killed under 2 ranks, finished by 1 process,
     the run ends where an uninterrupted single-process run does (BN-free sgd, as above)."""
-    common = ["train", *TINY, "--train-subset", "2048", "--epochs", "8", "--batch-size", "64", "--no-augment",
-              "--out-dir"]
+    common = [
+        "train",
+        *TINY,
+        "--train-subset",
+        "2048",
+        "--epochs",
+        "8",
+        "--batch-size",
+        "64",
+        "--no-augment",
+        "--out-dir",
+    ]
     reference = cli(*common, str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "gvr_lab", *common, str(out)], env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "gvr_lab",
+            *common,
+            str(out),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     summary = out / "summary.json"
     deadline = time.time() + 120
     while time.time() < deadline and launcher.poll() is None:
@@ -106,8 +129,12 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     kills = []
     summary = out / "summary.json"
     while len(kills) < 5:  # each kill lands at a random moment within the first ~5/8 of the training time
-        proc = subprocess.Popen([sys.executable, "-m", "gvr_lab", *args, "--out-dir", str(out)], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gvr_lab", *args, "--out-dir", str(out)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         started = time.time()  # wait until this process has written its first summary: training is under way
         while proc.poll() is None and (not summary.exists() or summary.stat().st_mtime < started):
             time.sleep(0.05)
@@ -120,8 +147,9 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     final = cli(*args, "--out-dir", str(out))
     assert final.returncode == 0, final.stderr
     cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "epochs.parquet")[cols],
-                                  pd.read_parquet(tmp_path / "ref" / "epochs.parquet")[cols])
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "epochs.parquet")[cols], pd.read_parquet(tmp_path / "ref" / "epochs.parquet")[cols]
+    )
     assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(tmp_path / "ref").values()))
     assert not list(out.glob(".*.tmp"))
     # every process went on from the last checkpoint, none started over: the kills came later and later
@@ -162,8 +190,10 @@ def test_a_run_directory_in_use_exits_2_until_its_lock_is_released(tmp_path, cap
     args = ["train", *TINY, "--train-subset", "128", "--batch-size", "128", "--epochs", "1", "--out-dir", str(out)]
     with RunLock(out):
         assert main(args) == 2
-        assert capsys.readouterr().err == (f"gvr-lab: error: run directory {out} is in use by another training "
-                                           "process; wait for it to finish or choose another out_dir\n")
+        assert capsys.readouterr().err == (
+            f"gvr-lab: error: run directory {out} is in use by another training "
+            "process; wait for it to finish or choose another out_dir\n"
+        )
         assert [p.name for p in out.iterdir()] == [".lock"]  # refused before writing anything
     assert main(args) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
@@ -186,8 +216,9 @@ def test_divergence_stops_keeps_history_and_exits_nonzero(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_records_divergence_and_goes_on(tmp_path):
-    base = dict(dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, train_subset=256, device="cpu",
-                progress=False)
+    base = dict(
+        dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, train_subset=256, device="cpu", progress=False
+    )
     runs = train_grid(base, [dict(lr=1e6, label="too-hot"), dict(lr=0.05, label="fine")], [0], tmp_path)
     assert [r.summary["status"] for r in runs] == ["diverged", "completed"]
     again = train(Config(**base, lr=1e6, label="too-hot", seed=0, out_dir=str(tmp_path / "too-hot-s0")))

@@ -115,8 +115,7 @@ def test_saf_kl_matches_the_formula_and_its_gradient():
     expected = kl_reference(current, past, tau)
     torch.testing.assert_close(out["penalty"], expected, rtol=1e-12, atol=0)
     assert out["past_frac"] == 1.0
-    expected_grads = grads_at(reference, lambda m: F.cross_entropy(m(b.x), b.y)
-                              + lam * kl_reference(m(b.x), past, tau))
+    expected_grads = grads_at(reference, lambda m: F.cross_entropy(m(b.x), b.y) + lam * kl_reference(m(b.x), past, tau))
     for p, g in zip(model.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
@@ -164,8 +163,9 @@ def test_saf_ring_buffer_reads_the_logits_of_exactly_lag_epochs_ago():
         out = saf.step(b)
         torch.testing.assert_close(saf.memory[b.index, epoch % (lag + 1)], written[epoch], rtol=0, atol=0)
         if epoch > lag:
-            torch.testing.assert_close(out["penalty"], kl_reference(written[epoch], written[epoch - lag], tau),
-                                       rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                out["penalty"], kl_reference(written[epoch], written[epoch - lag], tau), rtol=1e-12, atol=0
+            )
         else:
             assert out["penalty"] == 0.0  # no epoch-(e - lag) logits exist yet
 
@@ -202,8 +202,9 @@ def round_trip(*states):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("name, hp", [("saf", dict(start_epoch=0, lag=2)),
-                                      ("mesa", dict(start_epoch=1, ema_decay=0.9))])
+@pytest.mark.parametrize(
+    "name, hp", [("saf", dict(start_epoch=0, lag=2)), ("mesa", dict(start_epoch=1, ema_decay=0.9))]
+)
 def test_resume_from_state_dict_continues_identically(name, hp):
     model, opt, method = build(name, lam=0.8, **hp)
     full = epochs_of_batches(method, 6, BATCHES)
@@ -233,7 +234,7 @@ def test_mesa_with_decay_zero_tracks_the_weights_and_its_kl_vanishes():
             for p, v in zip(model.parameters(), mesa.teacher.parameters()):
                 torch.testing.assert_close(v, p, rtol=0, atol=0)
             assert abs(float(out["penalty"])) < 1e-15
-            expected = grads_at(reference, lambda m: F.cross_entropy(m(b.x), b.y))
+            expected = grads_at(reference, lambda m, b=b: F.cross_entropy(m(b.x), b.y))
             for p, g in zip(model.parameters(), expected):
                 torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
@@ -245,8 +246,9 @@ def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
     forwards = {"student": 0, "teacher": 0}
     # The hooks count calls on these very modules, not on the deep copies made below.
     for key, module in (("student", model), ("teacher", mesa.teacher)):
-        module.register_forward_hook(lambda m, *_, key=key, module=module:
-                                     forwards.__setitem__(key, forwards[key] + (m is module)))
+        module.register_forward_hook(
+            lambda m, *_, key=key, module=module: forwards.__setitem__(key, forwards[key] + (m is module))
+        )
     for epoch in range(3):
         mesa.start_epoch(epoch)
         for b in BATCHES:
@@ -261,8 +263,12 @@ def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
             if epoch > 0:
                 expected = kl_reference(reference(b.x).detach(), target, tau)
                 torch.testing.assert_close(out["penalty"], expected, rtol=1e-12, atol=0)
-                grads = grads_at(reference, lambda m: F.cross_entropy(m(b.x), b.y)
-                                 + lam * kl_reference(m(b.x), target, tau))
+                grads = grads_at(
+                    reference,
+                    lambda m, b=b, target=target: (
+                        F.cross_entropy(m(b.x), b.y) + lam * kl_reference(m(b.x), target, tau)
+                    ),
+                )
                 for p, g in zip(model.parameters(), grads):
                     torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
             else:
@@ -313,13 +319,16 @@ def test_mesa_teacher_starts_from_the_lsq_step_sizes_the_student_initialized():
     assert 0 < float(out["penalty"]) < 1e-3  # measured 3.3e-4; with the teacher left at s = 1: 1.5e-3
 
 
-@pytest.mark.parametrize("name, hp, fragment", [
-    ("saf", dict(lam=-1.0), "lam for method 'saf' must be >= 0"),
-    ("saf", dict(tau=0.0), "tau for method 'saf' must be > 0"),
-    ("saf", dict(lag=0), "lag for method 'saf' must be >= 1"),
-    ("mesa", dict(ema_decay=1.5), "ema_decay for method 'mesa' must be in [0, 1]"),
-    ("mesa", dict(tau=-2.0), "tau for method 'mesa' must be > 0"),
-])
+@pytest.mark.parametrize(
+    "name, hp, fragment",
+    [
+        ("saf", dict(lam=-1.0), "lam for method 'saf' must be >= 0"),
+        ("saf", dict(tau=0.0), "tau for method 'saf' must be > 0"),
+        ("saf", dict(lag=0), "lag for method 'saf' must be >= 1"),
+        ("mesa", dict(ema_decay=1.5), "ema_decay for method 'mesa' must be in [0, 1]"),
+        ("mesa", dict(tau=-2.0), "tau for method 'mesa' must be > 0"),
+    ],
+)
 def test_bad_hyperparameters_raise_one_line(name, hp, fragment):
     model = mlp()
     with pytest.raises(UsageError) as info:

@@ -49,8 +49,11 @@ def sgd(model, lr=0.1, momentum=0.9, wd=1e-3, groups=False):
     """groups=True: first layer and the rest in two param groups with different weight decay."""
     params = list(model.parameters())
     if groups:
-        return torch.optim.SGD([{"params": params[:2], "weight_decay": wd},
-                                {"params": params[2:], "weight_decay": 3 * wd}], lr=lr, momentum=momentum)
+        return torch.optim.SGD(
+            [{"params": params[:2], "weight_decay": wd}, {"params": params[2:], "weight_decay": 3 * wd}],
+            lr=lr,
+            momentum=momentum,
+        )
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
 
@@ -139,10 +142,16 @@ def spd(n, seed=0):
 # ---------------------------------------------------------------------- SAM / ASAM
 
 
-@pytest.mark.parametrize("name, hp", [("sam", {"rho": 0.0}), ("asam", {"rho": 0.0}),
-                                      ("sam", {"rho": 0.0, "wd_in_perturbation": True, "m": 4}),
-                                      ("looksam", {"rho": 0.0, "k": 2}),
-                                      ("esam", {"rho": 0.0, "beta": 0.5, "gamma": 1.0})])
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("sam", {"rho": 0.0}),
+        ("asam", {"rho": 0.0}),
+        ("sam", {"rho": 0.0, "wd_in_perturbation": True, "m": 4}),
+        ("looksam", {"rho": 0.0, "k": 2}),
+        ("esam", {"rho": 0.0, "beta": 0.5, "gamma": 1.0}),
+    ],
+)
 def test_rho_zero_is_the_base_optimizer(name, hp):
     model, opt, method = build(name, **hp)
     ref_model, ref_opt, ref = build("sgd")
@@ -200,8 +209,9 @@ def test_batchnorm_running_stats_come_from_the_clean_pass_only():
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
-@pytest.mark.parametrize("name, hp", [("asam", {}), ("sam", {"m": 2}), ("looksam", {"k": 1}),
-                                      ("esam", {"beta": 1.0, "gamma": 0.5})])
+@pytest.mark.parametrize(
+    "name, hp", [("asam", {}), ("sam", {"m": 2}), ("looksam", {"k": 1}), ("esam", {"beta": 1.0, "gamma": 0.5})]
+)
 def test_every_variant_moves_running_stats_once_on_the_clean_batch(name, hp):
     model, opt, method = build(name, model=mlp(bn=True), rho=0.5, **hp)
     clean = copy.deepcopy(model)
@@ -229,7 +239,7 @@ def test_m_sharpness_averages_the_groups_own_sam_gradients():
     ref_model = copy.deepcopy(model)
     ref_opt = sgd(ref_model)
     b = batch(0)
-    halves = [reference_sam(ref_model, b.x[i:i + 4], b.y[i:i + 4], rho=0.2) for i in (0, 4)]
+    halves = [reference_sam(ref_model, b.x[i : i + 4], b.y[i : i + 4], rho=0.2) for i in (0, 4)]
     out = method.step(b)
     update = [(a + c) / 2 for a, c in zip(halves[0]["g_s"], halves[1]["g_s"])]
     for p, g in zip(model.parameters(), update):
@@ -269,8 +279,16 @@ def test_quadratic_update_gradient_is_a_times_shifted_point(rho, scale):
     torch.testing.assert_close(model.w.detach(), w0 - 0.1 * expected, **TOL)  # restored before the step
 
 
-@pytest.mark.parametrize("name, hp", [("sam", {}), ("asam", {}), ("sam", {"wd_in_perturbation": True}),
-                                      ("looksam", {"k": 1}), ("esam", {"beta": 1.0, "gamma": 0.5})])
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("sam", {}),
+        ("asam", {}),
+        ("sam", {"wd_in_perturbation": True}),
+        ("looksam", {"k": 1}),
+        ("esam", {"beta": 1.0, "gamma": 0.5}),
+    ],
+)
 def test_zero_gradient_gives_no_perturbation_and_no_nan(name, hp):
     w_star = torch.linspace(-1, 1, 4)
     model, method = quadratic_method(name, spd(4), w_star, w_star, **hp)
@@ -343,8 +361,9 @@ def test_weight_decay_in_perturbation_is_the_l2_loss_of_the_jax_reference(m):
     slices = [slice(0, 8)] if m is None else [slice(0, 4), slice(4, 8)]
     update = [torch.zeros_like(wi) for wi in w]
     for rows in slices:
-        r = reference_sam(ref_model, b.x[rows], b.y[rows], rho=0.3,
-                          direction_extra=[lam * wi for lam, wi in zip(lams, w)])
+        r = reference_sam(
+            ref_model, b.x[rows], b.y[rows], rho=0.3, direction_extra=[lam * wi for lam, wi in zip(lams, w)]
+        )
         for u, gs, lam, wi, e in zip(update, r["g_s"], lams, w, r["eps"]):
             u += (gs + lam * (wi + e)) / len(slices)
     method.step(b)
@@ -383,9 +402,19 @@ def test_bf16_autocast_step_is_close_to_fp32():
 
 
 def test_hyperparameter_ranges():
-    bad = [("sam", {"rho": -0.1}), ("asam", {"eta": -1.0}), ("sam", {"m": 0}), ("looksam", {"k": 0}),
-           ("looksam", {"alpha": -0.5}), ("looksam", {"rho": -1.0}), ("esam", {"beta": 0.0}),
-           ("esam", {"beta": 1.5}), ("esam", {"gamma": 0.0}), ("esam", {"gamma": 1.01}), ("esam", {"rho": -1.0})]
+    bad = [
+        ("sam", {"rho": -0.1}),
+        ("asam", {"eta": -1.0}),
+        ("sam", {"m": 0}),
+        ("looksam", {"k": 0}),
+        ("looksam", {"alpha": -0.5}),
+        ("looksam", {"rho": -1.0}),
+        ("esam", {"beta": 0.0}),
+        ("esam", {"beta": 1.5}),
+        ("esam", {"gamma": 0.0}),
+        ("esam", {"gamma": 1.01}),
+        ("esam", {"rho": -1.0}),
+    ]
     for name, hp in bad:
         with pytest.raises(UsageError, match=f"{next(iter(hp))} for method '{name}'"):
             method_class(name).resolve_hparams(hp)
@@ -510,7 +539,8 @@ def test_esam_sds_trains_on_the_samples_whose_loss_rises_most():
     w = [p.detach() for p in ref_model.parameters()]
     r = reference_sam(ref_model, b.x, b.y, rho=0.5)
     per_sample = lambda m, ws: F.cross_entropy(  # noqa: E731
-        functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ws)), (b.x,)), b.y, reduction="none")
+        functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ws)), (b.x,)), b.y, reduction="none"
+    )
     rise = per_sample(ref_model, [a + e for a, e in zip(w, r["eps"])]) - per_sample(ref_model, w)
     top = rise.argsort(descending=True)[:3]
     assert rise[top].min() > rise[rise.argsort(descending=True)[3]]  # no tie at the cut in this batch
@@ -573,11 +603,12 @@ def test_esam_with_no_tensor_kept_takes_a_finite_step():
 
 
 # (method, hyper-parameters on each of 2 ranks of 4 rows, those of the one-process run on all 8 rows)
-DATA_PARALLEL = [("sam", {"rho": 0.3}, {"rho": 0.3, "m": 4}),  # per-rank ascent: m-sharpness, m = 4
-                 ("sam", {"rho": 0.3, "sync_ascent": True}, {"rho": 0.3}),
-                 ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7, "sync_ascent": True},
-                  {"rho": 0.3, "k": 2, "alpha": 0.7}),
-                 ("esam", {"rho": 0.3, "gamma": 1.0, "sync_ascent": True}, {"rho": 0.3, "gamma": 1.0})]
+DATA_PARALLEL = [
+    ("sam", {"rho": 0.3}, {"rho": 0.3, "m": 4}),  # per-rank ascent: m-sharpness, m = 4
+    ("sam", {"rho": 0.3, "sync_ascent": True}, {"rho": 0.3}),
+    ("looksam", {"rho": 0.3, "k": 2, "alpha": 0.7, "sync_ascent": True}, {"rho": 0.3, "k": 2, "alpha": 0.7}),
+    ("esam", {"rho": 0.3, "gamma": 1.0, "sync_ascent": True}, {"rho": 0.3, "gamma": 1.0}),
+]
 
 
 def data_parallel_worker(rank, init_file, out_file):
@@ -596,7 +627,7 @@ def data_parallel_worker(rank, init_file, out_file):
         method.sync_grads, method.world = GradSync(opt, World(rank, 2)).now, World(rank, 2)
         for s in range(3):
             b = batch(s)
-            method.step(Batch(b.x[4 * rank:4 * rank + 4], b.y[4 * rank:4 * rank + 4]))
+            method.step(Batch(b.x[4 * rank : 4 * rank + 4], b.y[4 * rank : 4 * rank + 4]))
         results.append([p.detach() for p in model.parameters()])
     gathered = [None, None]
     dist.all_gather_object(gathered, results)
@@ -608,8 +639,9 @@ def data_parallel_worker(rank, init_file, out_file):
 def test_data_parallel_ascent_per_rank_and_synced(tmp_path):
     """2 ranks of 4 rows, float64: the ranks stay identical, per-rank SAM is one process with m = 4,
     and the sync_ascent variants are one process with all 8 rows."""
-    torch.multiprocessing.start_processes(data_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")),
-                                          nprocs=2, start_method="fork")  # spawn would re-import torch: slow
+    torch.multiprocessing.start_processes(
+        data_parallel_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, start_method="fork"
+    )  # spawn would re-import torch: slow
     rank0, rank1 = torch.load(tmp_path / "out.pt", weights_only=True)
     for (name, _, one_hp), mine, other in zip(DATA_PARALLEL, rank0, rank1):
         assert all(torch.equal(p, q) for p, q in zip(mine, other)), name

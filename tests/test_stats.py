@@ -33,19 +33,22 @@ def test_pairing_by_seed():
     assert c.ci_high - c.ci_low < 2
 
 
-@pytest.mark.parametrize("direction, low, high, margin, expected", [
-    ("greater", 0.1, 2.0, 0, "holds"),
-    ("greater", -2.0, -0.1, 0, "contradicted"),
-    ("greater", -0.1, 2.0, 0, "not resolved"),
-    ("less", -2.0, -0.1, 0, "holds"),
-    ("less", 0.1, 2.0, 0, "contradicted"),
-    ("less", -1.0, 1.0, 0, "not resolved"),
-    ("parity", -0.4, 0.3, 0.5, "holds"),
-    ("parity", 0.6, 1.0, 0.5, "contradicted"),
-    ("parity", -1.2, -0.7, 0.5, "contradicted"),
-    ("parity", -0.4, 0.9, 0.5, "not resolved"),
-    ("greater", math.nan, math.nan, 0, "not resolved"),
-])
+@pytest.mark.parametrize(
+    "direction, low, high, margin, expected",
+    [
+        ("greater", 0.1, 2.0, 0, "holds"),
+        ("greater", -2.0, -0.1, 0, "contradicted"),
+        ("greater", -0.1, 2.0, 0, "not resolved"),
+        ("less", -2.0, -0.1, 0, "holds"),
+        ("less", 0.1, 2.0, 0, "contradicted"),
+        ("less", -1.0, 1.0, 0, "not resolved"),
+        ("parity", -0.4, 0.3, 0.5, "holds"),
+        ("parity", 0.6, 1.0, 0.5, "contradicted"),
+        ("parity", -1.2, -0.7, 0.5, "contradicted"),
+        ("parity", -0.4, 0.9, 0.5, "not resolved"),
+        ("greater", math.nan, math.nan, 0, "not resolved"),
+    ],
+)
 def test_verdict_rules(direction, low, high, margin, expected):
     assert verdict(direction, low, high, margin) == expected
 
@@ -76,8 +79,13 @@ def test_claims_from_runs_pair_seeds_and_name_missing_arms():
 
     from gvr_lab.stats import by_seed, claims_table, seedwise
 
-    runs = pd.DataFrame({"label": ["SB", "SB", "LB", "LB", "GN", "GN"], "seed": [0, 1, 0, 1, 1, 0],
-                         "test_acc": [0.90, 0.92, 0.80, 0.84, 0.88, 0.87]})
+    runs = pd.DataFrame(
+        {
+            "label": ["SB", "SB", "LB", "LB", "GN", "GN"],
+            "seed": [0, 1, 0, 1, 1, 0],
+            "test_acc": [0.90, 0.92, 0.80, 0.84, 0.88, 0.87],
+        }
+    )
     sb, lb, gn = (by_seed(runs, label) for label in ("SB", "LB", "GN"))
     assert gn == {0: pytest.approx(87.0), 1: pytest.approx(88.0)}  # by seed, not by row order
     midpoint = seedwise(lambda a, b: (a + b) / 2, sb, lb)

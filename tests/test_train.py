@@ -14,8 +14,20 @@ from gvr_lab.results import load_checkpoint
 
 @pytest.mark.slow
 def test_short_fashion_mnist_run_learns(tmp_path):
-    run = train(Config(dataset="fashion_mnist", model="tiny_cnn", epochs=1, batch_size=64, lr=0.05,
-                       train_subset=6000, augment=False, device="cpu", progress=False, out_dir=str(tmp_path)))
+    run = train(
+        Config(
+            dataset="fashion_mnist",
+            model="tiny_cnn",
+            epochs=1,
+            batch_size=64,
+            lr=0.05,
+            train_subset=6000,
+            augment=False,
+            device="cpu",
+            progress=False,
+            out_dir=str(tmp_path),
+        )
+    )
     assert run.summary["status"] == "completed"
     assert run.summary["final_test_acc"] > 0.6  # chance is 0.1
     assert list(run.history.columns[:3]) == ["epoch", "lr", "epoch_time_s"]
@@ -26,8 +38,17 @@ def test_short_fashion_mnist_run_learns(tmp_path):
 @pytest.mark.slow
 def test_history_and_summary_contract(tiny_config):
     run = train(tiny_config(val_split=0.1, log_every=3))
-    for col in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr",
-                "epoch_time_s"):
+    for col in (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "epoch_time_s",
+    ):
         assert col in run.history.columns
     assert len(run.history) == 2 and run.history["test_acc"].between(0, 1).all()
     for key in ("final_test_acc", "best_test_acc", "wall_time_s", "status"):
@@ -145,16 +166,23 @@ def test_a_run_stopped_inside_an_epoch_resumes_as_if_uninterrupted(tiny_config, 
     part = train(tiny_config(out_dir=str(tmp_path / "part"), stop_after=2, **fields))  # stops at step 10
     assert part.summary["status"] == "stopped" and part.summary["steps_completed"] == 10
     resumed = train(tiny_config(out_dir=str(tmp_path / "part"), **fields))
-    pd.testing.assert_frame_equal(resumed.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]),
-                                  whole.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]))
+    pd.testing.assert_frame_equal(
+        resumed.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]),
+        whole.history.drop(columns=["interval_time_s", "images_per_s", "eval_time_s"]),
+    )
     for k, v in load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"].items():
         assert torch.equal(load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"][k], v), k
 
 
 @pytest.mark.slow
 def test_the_diagnostic_micro_batch_norm_is_logged_without_changing_training(tiny_config, tmp_path):
-    fields = dict(epochs=1, log_every=4, model_args={"dropout": 0.3, "bn": True}, method="pseudo_gd",
-                  method_args={"micro_batch_size": 32})
+    fields = dict(
+        epochs=1,
+        log_every=4,
+        model_args={"dropout": 0.3, "bn": True},
+        method="pseudo_gd",
+        method_args={"micro_batch_size": 32},
+    )
     plain = train(tiny_config(out_dir=str(tmp_path / "plain"), **fields))
     diag = train(tiny_config(out_dir=str(tmp_path / "diag"), diag_micro_batch=16, **fields))
     for k, v in load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"].items():
@@ -162,16 +190,27 @@ def test_the_diagnostic_micro_batch_norm_is_logged_without_changing_training(tin
     assert "diag_micro_grad_norm" not in plain.steps and diag.steps["diag_micro_grad_norm"].notna().all()
     # the first logged step by hand: the initial weights on the first batch, micro-batches of 16
     config = tiny_config(out_dir=str(tmp_path / "x"), diag_micro_batch=16, **fields)
-    loader, _, model, _, _ = training.build(config, training.DeviceSettings.of(config, torch.device("cpu")),
-                                            gvr_lab.distributed.World())
+    loader, _, model, _, _ = training.build(
+        config, training.DeviceSettings.of(config, torch.device("cpu")), gvr_lab.distributed.World()
+    )
     training.seed_epoch(config.seed, 0)
     first = next(loader.epoch(0))
     for module in model.modules():  # frozen statistics: batch norm normalizes by each micro-batch's
         if isinstance(module, torch.nn.BatchNorm2d):
             module.track_running_stats = False
-    norms = [torch.linalg.vector_norm(torch.cat([g.flatten() for g in torch.autograd.grad(
-        torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))]))
-        for x, y in zip(first.x.split(16), first.y.split(16))]
+    norms = [
+        torch.linalg.vector_norm(
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        torch.nn.functional.cross_entropy(model(x), y), list(model.parameters())
+                    )
+                ]
+            )
+        )
+        for x, y in zip(first.x.split(16), first.y.split(16))
+    ]
     assert diag.steps["diag_micro_grad_norm"].iloc[0] == pytest.approx(float(torch.stack(norms).mean()), rel=1e-5)
     with pytest.raises(UsageError, match="diag_micro_batch=128 exceeds batch_size=64"):
         tiny_config(diag_micro_batch=128)

@@ -65,8 +65,11 @@ def sam_reference_step(model, opt, b, rho):
 
 
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("setting", [dict(warmup_epochs=3), dict(warmup_epochs=0, window=1, blocks=1)],
-                         ids=["warm-up", "window=1 forces every step"])
+@pytest.mark.parametrize(
+    "setting",
+    [dict(warmup_epochs=3), dict(warmup_epochs=0, window=1, blocks=1)],
+    ids=["warm-up", "window=1 forces every step"],
+)
 def test_equals_sam_step_for_step(setting):
     model, opt, method = build(rho=0.05, **setting)
     ref_model = mlp(0)
@@ -166,16 +169,17 @@ def test_reuse_adds_decaying_psf_then_stops_and_first_window_has_no_sam_step():
         assert out["sampled"] == 0.0
         expected = w - lr * (a @ (w - model.w_star) + weight * psf)
         torch.testing.assert_close(model.w.detach(), expected, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(torch.as_tensor(out["psf_norm"]), torch.as_tensor(weight) * psf.norm(),
-                                   rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            torch.as_tensor(out["psf_norm"]), torch.as_tensor(weight) * psf.norm(), rtol=1e-10, atol=0
+        )
     assert weights[:9] == pytest.approx(BETA_SEQUENCE, rel=1e-12, abs=0)
     assert weights[9:] == [0.0, 0.0]
     # The window starting at c = K holds floor(b) = 1 SAM step; the decay restarts after it.
     outs = [method.step(batch(100 + i)) for i in range(window)]
     sampled = [o["sampled"] for o in outs]
     assert sum(sampled) == 1
-    after = [o["reuse_weight"] for o in outs[sampled.index(1.0) + 1:]]
-    assert after == pytest.approx(BETA_SEQUENCE[:len(after)], rel=1e-12, abs=0)
+    after = [o["reuse_weight"] for o in outs[sampled.index(1.0) + 1 :]]
+    assert after == pytest.approx(BETA_SEQUENCE[: len(after)], rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("beta", [0.6, 0.7, 0.9])
@@ -257,7 +261,7 @@ def test_quota_follows_synthetic_trends_within_bounds_and_each_window_meets_it()
     assert max(bs) == b_max and bs[-1] < b_max / 2  # reached the cap going up, came back down
     # Item 26: each complete window c = Kw .. Kw+K-1 (steps K w - 1 .. K w + K - 2) holds floor(b) SAM steps.
     for w in range(1, 16):
-        chunk = steps[w * window - 1: (w + 1) * window - 1]
+        chunk = steps[w * window - 1 : (w + 1) * window - 1]
         assert sum(s["sampled"] for s in chunk) == chunk[0]["quota"]
 
 
@@ -274,7 +278,7 @@ def test_every_complete_window_holds_floor_b_sam_steps(b):
         outs.append(method.step(batch(i)))
         assert forwards["n"] - before == 1 + outs[-1]["sampled"]  # two passes exactly on sampled steps
     for w in range(1, 6):
-        chunk = outs[w * window - 1: (w + 1) * window - 1]
+        chunk = outs[w * window - 1 : (w + 1) * window - 1]
         assert sum(o["sampled"] for o in chunk) == math.floor(b)
         assert all(o["quota"] == math.floor(b) for o in chunk)
     assert forwards["n"] == len(outs) + sum(o["sampled"] for o in outs)
@@ -290,8 +294,11 @@ class FixedDraw:
         return self.u
 
 
-@pytest.mark.parametrize("u, positions", [(0.0, [7, 8, 9]), (0.999, [0, 1, 2])],
-                         ids=["U never fires: forced at the window end", "U always fires: first steps"])
+@pytest.mark.parametrize(
+    "u, positions",
+    [(0.0, [7, 8, 9]), (0.999, [0, 1, 2])],
+    ids=["U never fires: forced at the window end", "U always fires: first steps"],
+)
 def test_random_and_forced_sampling_positions(u, positions):
     window = 10
     model, opt, method = build(warmup_epochs=0, window=window, blocks=2, a_r=0.0, a_v=0.0)
@@ -299,7 +306,7 @@ def test_random_and_forced_sampling_positions(u, positions):
     method.b, method.rng = 3.5, FixedDraw(u)
     outs = [method.step(batch(i)) for i in range(4 * window - 1)]
     for w in range(1, 4):  # c = K w + k is step K w - 1 + k
-        chunk = outs[w * window - 1: (w + 1) * window - 1]
+        chunk = outs[w * window - 1 : (w + 1) * window - 1]
         assert [k for k, o in enumerate(chunk) if o["sampled"]] == positions
 
 
@@ -362,16 +369,19 @@ def test_resume_from_state_dict_mid_window_continues_identically():
             torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("hp, fragment", [
-    (dict(rho=-0.1), "rho must be >= 0"),
-    (dict(window=0), "window must be >= 1"),
-    (dict(window=50, blocks=7), "blocks must be >= 1 and divide window=50"),
-    (dict(p_max=0.0), "p_max must be in (0, 1]"),
-    (dict(p_max=1.5), "p_max must be in (0, 1]"),
-    (dict(beta=1.0), "beta must be in [0, 1)"),
-    (dict(last_n=0), "last_n must be >= 1"),
-    (dict(warmup_epochs=-1), "warmup_epochs must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "hp, fragment",
+    [
+        (dict(rho=-0.1), "rho must be >= 0"),
+        (dict(window=0), "window must be >= 1"),
+        (dict(window=50, blocks=7), "blocks must be >= 1 and divide window=50"),
+        (dict(p_max=0.0), "p_max must be in (0, 1]"),
+        (dict(p_max=1.5), "p_max must be in (0, 1]"),
+        (dict(beta=1.0), "beta must be in [0, 1)"),
+        (dict(last_n=0), "last_n must be >= 1"),
+        (dict(warmup_epochs=-1), "warmup_epochs must be >= 0"),
+    ],
+)
 def test_bad_hyperparameters_raise_one_line(hp, fragment):
     model = mlp()
     with pytest.raises(UsageError) as info:
@@ -381,8 +391,17 @@ def test_bad_hyperparameters_raise_one_line(hp, fragment):
 
 def test_defaults():
     model, opt, method = build()
-    assert (method.rho, method.window, method.blocks, method.p_max, method.a_r, method.a_v, method.beta,
-            method.last_n, method.warmup_epochs) == (0.05, 50, 5, 0.8, 0.13, 0.13, 0.7, 10, 3)
+    assert (
+        method.rho,
+        method.window,
+        method.blocks,
+        method.p_max,
+        method.a_r,
+        method.a_v,
+        method.beta,
+        method.last_n,
+        method.warmup_epochs,
+    ) == (0.05, 50, 5, 0.8, 0.13, 0.13, 0.7, 10, 3)
     assert method.b_max == 40
 
 

@@ -38,9 +38,13 @@ from ..data import Batch
 from ..distributed import World, average_
 from ..errors import UsageError, check_choice, coerce
 
-
-BOUNDS = {">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1,
-          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+BOUNDS = {
+    ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
 
 
 class HParams(dict):
@@ -89,8 +93,15 @@ class Method(abc.ABC):
     # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
     world: World = World()
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 label_smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, **hparams):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        label_smoothing: float = 0.0,
+        amp_dtype: torch.dtype | None = None,
+        **hparams,
+    ):
         self.hp = HParams(self.resolve_hparams(hparams))
         self.model, self.optimizer = model, optimizer
         self.label_smoothing, self.amp_dtype = label_smoothing, amp_dtype
@@ -122,8 +133,9 @@ class Method(abc.ABC):
         resolved = dict(cls.hparams)
         for key, value in given.items():
             default = cls.hparams[key]
-            resolved[key] = coerce(value, None if default is None else type(default),
-                                   f"hyperparameter {key!r} of method {cls.name!r}")
+            resolved[key] = coerce(
+                value, None if default is None else type(default), f"hyperparameter {key!r} of method {cls.name!r}"
+            )
             if key in cls.choices:
                 check_choice(f"{key} for method {cls.name!r}", resolved[key], cls.choices[key])
         for key, bound in cls.bounds.items():
@@ -158,8 +170,11 @@ class Method(abc.ABC):
         self.amp_dtype = None
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         device_type = self.params[0].device.type
-        off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-            else contextlib.nullcontext()  # a device without autocast (meta) computes in its own dtype
+        off = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )  # a device without autocast (meta) computes in its own dtype
         try:
             with off:
                 yield
@@ -213,7 +228,7 @@ class Method(abc.ABC):
         norms = []
         with frozen_bn_stats(self.model), replayed_rng(state, x.device):
             for start in range(0, len(y) - m + 1, m):
-                loss = self.loss(self.forward(x[start:start + m]), y[start:start + m])
+                loss = self.loss(self.forward(x[start : start + m]), y[start : start + m])
                 norms.append(global_norm(grad(loss, self.params)))
         return torch.stack(norms).mean()
 
@@ -290,8 +305,15 @@ class Method(abc.ABC):
         loss = self.loss(logits, y)
         return CleanPass(logits, loss, grad(loss, params) if params else [], rng)
 
-    def perturbed_pass(self, x: torch.Tensor, y: torch.Tensor, eps: list[torch.Tensor], rng: tuple,
-                       params: list[torch.Tensor] | None = None, weight: float = 1.0) -> torch.Tensor:
+    def perturbed_pass(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: list[torch.Tensor],
+        rng: tuple,
+        params: list[torch.Tensor] | None = None,
+        weight: float = 1.0,
+    ) -> torch.Tensor:
         """Pass 2: the mean loss at w + eps (`moved`) with the dropout masks of the pass that
         started at `rng`; weight times its gradient accumulates into .grad (where the data-parallel
         all-reduce will find it). Returns the loss, detached."""
@@ -370,8 +392,7 @@ def replayed_rng(state: tuple, device: torch.device):
 
 
 def tracks_bn_stats(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in model.modules())
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -382,8 +403,9 @@ def frozen_bn_stats(model: torch.nn.Module):
     advance once per step, on the clean pass. With track_running_stats off, training-mode BN
     receives no buffers, so nothing (not even num_batches_tracked) changes.
     """
-    layers = [m for m in model.modules()
-              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     for m in layers:
         m.track_running_stats = False
     try:
@@ -403,8 +425,10 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Add a method under its name and aliases (case-insensitive); a name already taken is refused."""
     for key in (cls.name, *cls.aliases):
         if key.lower() in ALIASES:
-            raise ValueError(f"method name {key!r} of {cls.__name__} is already registered "
-                             f"(by {METHODS[ALIASES[key.lower()]].__name__})")
+            raise ValueError(
+                f"method name {key!r} of {cls.__name__} is already registered "
+                f"(by {METHODS[ALIASES[key.lower()]].__name__})"
+            )
     for key in (cls.name, *cls.aliases):
         ALIASES[key.lower()] = cls.name
     METHODS[cls.name] = cls

@@ -67,8 +67,10 @@ def selected_count(gamma: float, batch_size: int) -> int:
 class ESAM(Method):
     name = "esam"
     hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "sync_ascent": False}
-    reference = ("Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
-                 "(official: one fewer), BN stats only on the clean pass, xi 1e-12")
+    reference = (
+        "Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
+        "(official: one fewer), BN stats only on the clean pass, xi 1e-12"
+    )
     passes = "2 (SWP/SDS reduce the second)"
     bounds = {"rho": ">= 0", "beta": "in (0, 1]", "gamma": "in (0, 1]"}
 
@@ -109,7 +111,13 @@ class ESAM(Method):
             sharpness = sharp.mean()
         sam_grad_norm = self.update_norm()
         self.optimizer.step()
-        return self.metrics(first.logits, y, first.loss, grad_norm=grad_norm, sam_grad_norm=sam_grad_norm,
-                            selected=torch.full((), count / size, device=x.device),
-                            perturbed=torch.full((), len(kept) / len(self.params), device=x.device),
-                            sharpness=sharpness)
+        return self.metrics(
+            first.logits,
+            y,
+            first.loss,
+            grad_norm=grad_norm,
+            sam_grad_norm=sam_grad_norm,
+            selected=torch.full((), count / size, device=x.device),
+            perturbed=torch.full((), len(kept) / len(self.params), device=x.device),
+            sharpness=sharpness,
+        )

@@ -81,9 +81,11 @@ class NormalizedMethod(MicroBatchMethod):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
         if any(g.get("momentum", 0) or g.get("weight_decay", 0) for g in optimizer.param_groups):
-            warnings.warn(f"method {self.name!r} sets the step length itself and assumes momentum 0 and "
-                          "weight_decay 0 (Novack et al.); with either, ||delta theta|| is not what it grafts",
-                          stacklevel=3)
+            warnings.warn(
+                f"method {self.name!r} sets the step length itself and assumes momentum 0 and "
+                "weight_decay 0 (Novack et al.); with either, ||delta theta|| is not what it grafts",
+                stacklevel=3,
+            )
 
     @abc.abstractmethod
     def step_length(self, lb_norm: torch.Tensor, micro_norms: torch.Tensor) -> dict:
@@ -105,8 +107,9 @@ class NormalizedMethod(MicroBatchMethod):
         set_grads(self.params, direction)
         grad_norm = self.update_norm()  # .grad is the global direction already: no second all-reduce
         self.optimizer.step()
-        return self.metrics(lb.logits, batch.y, lb.loss, grad_norm=grad_norm, lb_grad_norm=lb_norm,
-                            **extra, **lb.diagnostics())
+        return self.metrics(
+            lb.logits, batch.y, lb.loss, grad_norm=grad_norm, lb_grad_norm=lb_norm, **extra, **lb.diagnostics()
+        )
 
     def denominator(self, lb_norm: torch.Tensor) -> torch.Tensor:
         # A zero g_B gives a zero step rather than 0/0.
@@ -120,8 +123,10 @@ class IterGraft(NormalizedMethod):
     hparams = {"micro_batch_size": 128, "norm_source": "random_micro"}
     choices = {"norm_source": ("random_micro", "mean_micro")}
     uses_micro_norms = True
-    reference = (f"{NOVACK} IterGraft ({RECONSTRUCTED}; norm source unverified: random_micro or mean_micro); "
-                 "assumes momentum 0, wd 0")
+    reference = (
+        f"{NOVACK} IterGraft ({RECONSTRUCTED}; norm source unverified: random_micro or mean_micro); "
+        "assumes momentum 0, wd 0"
+    )
 
     def step_length(self, lb_norm, micro_norms):
         if self.hp.norm_source == "mean_micro":
@@ -157,18 +162,23 @@ class NormLog:
         path = Path(norms_path)
         file = path / "steps.parquet" if path.is_dir() else path
         if not file.is_file():
-            raise UsageError(f"norms_path {norms_path!r} for method 'exter_graft': no {file}; give the run "
-                             "directory of an earlier sgd run (it holds steps.parquet) or that file")
+            raise UsageError(
+                f"norms_path {norms_path!r} for method 'exter_graft': no {file}; give the run "
+                "directory of an earlier sgd run (it holds steps.parquet) or that file"
+            )
         self.check_origin(file, micro_batch_size)
         try:
             table = pd.read_parquet(file)
         except Exception as e:  # pyarrow raises a variety of types for a file that is not parquet
-            raise UsageError(f"norms log {file} for method 'exter_graft' is not a readable parquet file "
-                             f"({type(e).__name__})") from None
+            raise UsageError(
+                f"norms log {file} for method 'exter_graft' is not a readable parquet file ({type(e).__name__})"
+            ) from None
         missing = sorted({"step", "grad_norm"} - set(table.columns))
         if missing:
-            raise UsageError(f"norms log {file} for method 'exter_graft' lacks the column {missing[0]!r}; "
-                             "it needs 'step' and 'grad_norm' (an sgd run's steps.parquet has both)")
+            raise UsageError(
+                f"norms log {file} for method 'exter_graft' lacks the column {missing[0]!r}; "
+                "it needs 'step' and 'grad_norm' (an sgd run's steps.parquet has both)"
+            )
         table = table[["step", "grad_norm"]].dropna().drop_duplicates("step", keep="last").sort_values("step")
         if len(table) == 0:
             raise UsageError(f"norms log {file} for method 'exter_graft' holds no logged grad_norm")
@@ -185,14 +195,18 @@ class NormLog:
         if summary.is_file():
             world = json.loads(summary.read_text()).get("world_size", 1)
             if world != 1:
-                raise UsageError(f"norms log {file} for method 'exter_graft' comes from a run on {world} "
-                                 "data-parallel ranks; graft from a single-process sgd run")
+                raise UsageError(
+                    f"norms log {file} for method 'exter_graft' comes from a run on {world} "
+                    "data-parallel ranks; graft from a single-process sgd run"
+                )
         if config.is_file():
             batch = json.loads(config.read_text()).get("batch_size")
             if batch is not None and batch != micro_batch_size:
-                raise UsageError(f"norms log {file} for method 'exter_graft' holds gradient norms of batches of "
-                                 f"{batch}, not of micro_batch_size={micro_batch_size}; graft from an sgd run with "
-                                 f"batch_size {micro_batch_size}")
+                raise UsageError(
+                    f"norms log {file} for method 'exter_graft' holds gradient norms of batches of "
+                    f"{batch}, not of micro_batch_size={micro_batch_size}; graft from an sgd run with "
+                    f"batch_size {micro_batch_size}"
+                )
 
     def _stride(self, file: Path) -> int:
         config = file.parent / "config.json"
@@ -202,8 +216,10 @@ class NormLog:
                 return log_every
         gaps = collections.Counter(b - a for a, b in zip(self.steps, self.steps[1:]))
         if not gaps:
-            raise UsageError(f"norms log {self.file} for method 'exter_graft' has a single logged step and no "
-                             "config.json next to it, so its logging stride is unknown")
+            raise UsageError(
+                f"norms log {self.file} for method 'exter_graft' has a single logged step and no "
+                "config.json next to it, so its logging stride is unknown"
+            )
         top = max(gaps.values())
         return max(gap for gap, count in gaps.items() if count == top)
 
@@ -212,9 +228,11 @@ class NormLog:
         j = bisect.bisect_right(self.steps, t) - 1
         if j < 0 or t - self.steps[j] >= self.stride:
             have = f"steps {self.steps[0]}..{self.steps[-1]} every {self.stride}"
-            raise UsageError(f"norms log {self.file} has no grad_norm for step {t} (exter_graft reads the "
-                             f"latest logged step <= t within one stride; the log has {have}): use a log of a "
-                             "run at least as long as this one")
+            raise UsageError(
+                f"norms log {self.file} has no grad_norm for step {t} (exter_graft reads the "
+                f"latest logged step <= t within one stride; the log has {have}): use a log of a "
+                "run at least as long as this one"
+            )
         return j
 
 
@@ -223,15 +241,19 @@ class ExterGraft(NormalizedMethod):
     name = "exter_graft"
     aliases = ("ExterGraft",)
     hparams = {"micro_batch_size": 128, "norms_path": ""}
-    reference = (f"{NOVACK} ExterGraft ({RECONSTRUCTED}); norms from our sgd run's steps.parquet, "
-                 "step-aligned; assumes momentum 0, wd 0")
+    reference = (
+        f"{NOVACK} ExterGraft ({RECONSTRUCTED}); norms from our sgd run's steps.parquet, "
+        "step-aligned; assumes momentum 0, wd 0"
+    )
 
     @classmethod
     def validate(cls, hp: dict) -> None:
         super().validate(hp)
         if not hp["norms_path"]:
-            raise UsageError("method 'exter_graft' needs norms_path: the run directory of an earlier sgd run "
-                             "(or its steps.parquet), whose logged grad_norm sets the step length")
+            raise UsageError(
+                "method 'exter_graft' needs norms_path: the run directory of an earlier sgd run "
+                "(or its steps.parquet), whose logged grad_norm sets the step length"
+            )
         NormLog(hp["norms_path"], hp["micro_batch_size"])
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):

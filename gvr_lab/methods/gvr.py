@@ -90,24 +90,35 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (Method, frozen_bn_stats, global_norm, grad, register_method, replayed_rng, rng_state, set_grads,
-                   upcast)
-
+from .base import (
+    Method,
+    frozen_bn_stats,
+    global_norm,
+    grad,
+    register_method,
+    replayed_rng,
+    rng_state,
+    set_grads,
+    upcast,
+)
 
 TARGETS = ("fc", "last_stage", "all")
 
 
-def target_parameters(model: torch.nn.Module, target: str, needs: tuple[str, ...] = (),
-                      who: str = "") -> list[torch.Tensor]:
+def target_parameters(
+    model: torch.nn.Module, target: str, needs: tuple[str, ...] = (), who: str = ""
+) -> list[torch.Tensor]:
     """The parameters of a GVR target set: `fc`, `last_stage` and `fc`, or the whole model. A model
     without the modules the target names (or the other attributes in `needs`) is refused in one
     line, which starts with `who` (what asked for the target)."""
     modules = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[target]
     missing = [name for name in [*modules, *needs] if not hasattr(model, name)]
     if missing:
-        raise UsageError(f"{who or f'target {target!r}'} needs model.{missing[0]}, which {type(model).__name__} "
-                         "lacks; use target 'all' (any model) or give the model "
-                         + " and ".join(f"'{m}'" for m in [*modules, *needs]))
+        raise UsageError(
+            f"{who or f'target {target!r}'} needs model.{missing[0]}, which {type(model).__name__} "
+            "lacks; use target 'all' (any model) or give the model "
+            + " and ".join(f"'{m}'" for m in [*modules, *needs])
+        )
     return [p for m in ([getattr(model, name) for name in modules] or [model]) for p in m.parameters()]
 
 
@@ -115,12 +126,19 @@ def target_parameters(model: torch.nn.Module, target: str, needs: tuple[str, ...
 class GVR(Method):
     name = "gvr"
     views = 2
-    hparams = {"alpha": 0.01, "target": "last_stage", "subset": 32, "reduction": "sum", "penalty": "exact",
-               "fd_eps": 1e-3}
-    choices = {"target": TARGETS, "reduction": ("sum", "mean"),
-               "penalty": ("closed_form", "exact", "fd")}
-    reference = ("Habibu-Ahmad 2025 (GVR repo code: last stage + fc target, summed view losses, shared "
-                 "subset, double backward); BN stats updated on the clean pass, not a post-step forward")
+    hparams = {
+        "alpha": 0.01,
+        "target": "last_stage",
+        "subset": 32,
+        "reduction": "sum",
+        "penalty": "exact",
+        "fd_eps": 1e-3,
+    }
+    choices = {"target": TARGETS, "reduction": ("sum", "mean"), "penalty": ("closed_form", "exact", "fd")}
+    reference = (
+        "Habibu-Ahmad 2025 (GVR repo code: last stage + fc target, summed view losses, shared "
+        "subset, double backward); BN stats updated on the clean pass, not a post-step forward"
+    )
     double_backward = {"penalty": "exact"}
     passes = "closed_form: 2 views (= SGD on 2B); exact: + double backward on the subset; fd: + 4 subset passes"
 
@@ -129,8 +147,10 @@ class GVR(Method):
     @classmethod
     def validate(cls, hp: dict) -> None:
         if hp["penalty"] == "closed_form" and hp["target"] != "fc":
-            raise UsageError(f"penalty 'closed_form' of method 'gvr' needs target 'fc', got {hp['target']!r}; "
-                             "use penalty 'exact' or 'fd' for it")
+            raise UsageError(
+                f"penalty 'closed_form' of method 'gvr' needs target 'fc', got {hp['target']!r}; "
+                "use penalty 'exact' or 'fd' for it"
+            )
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
@@ -153,8 +173,15 @@ class GVR(Method):
         logits_a, loss_a, loss_b, penalty = run(batch, rows)
         grad_norm = self.update_norm()
         self.optimizer.step()
-        return self.metrics(logits_a, batch.y, loss_a, loss2=loss_b, penalty=penalty,
-                            grad_diff_norm=penalty.detach().sqrt(), grad_norm=grad_norm)
+        return self.metrics(
+            logits_a,
+            batch.y,
+            loss_a,
+            loss2=loss_b,
+            penalty=penalty,
+            grad_diff_norm=penalty.detach().sqrt(),
+            grad_norm=grad_norm,
+        )
 
     def _data_loss(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
         return loss_a + loss_b if self.hp.reduction == "sum" else (loss_a + loss_b) / 2
@@ -217,8 +244,9 @@ class GVR(Method):
         (self._data_loss(loss_a, loss_b) + self.hp.alpha * penalty).backward()
         return logits_a, loss_a, loss_b, penalty
 
-    def _fc_penalty(self, h_a: torch.Tensor, z_a: torch.Tensor, h_b: torch.Tensor, z_b: torch.Tensor,
-                    y: torch.Tensor) -> torch.Tensor:
+    def _fc_penalty(
+        self, h_a: torch.Tensor, z_a: torch.Tensor, h_b: torch.Tensor, z_b: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """||grad_fc L^a_S - grad_fc L^b_S||^2 of `self.loss` from the head's inputs and outputs."""
         z_a, z_b, h_a, h_b = upcast(z_a), upcast(z_b), upcast(h_a), upcast(h_b)
         s, num_classes = z_a.shape

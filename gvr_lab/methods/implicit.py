@@ -157,8 +157,10 @@ class MicroBatchMethod(Method):
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
         m = hp["micro_batch_size"]
         if batch_size % m:
-            raise UsageError(f"batch_size={batch_size} is not a multiple of micro_batch_size={m} for method "
-                             f"{cls.name!r}; use a batch_size that is k * {m}")
+            raise UsageError(
+                f"batch_size={batch_size} is not a multiple of micro_batch_size={m} for method "
+                f"{cls.name!r}; use a batch_size that is k * {m}"
+            )
 
     def micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.check_batch_size({"micro_batch_size": self.hp.micro_batch_size}, batch.y.shape[0])
@@ -186,9 +188,12 @@ class MicroBatchMethod(Method):
             norms.append(r.data_grad_norm)
             penalties.append(r.penalty)
         return LargeBatch(
-            acc, torch.cat(logits), torch.stack(losses).mean(),
+            acc,
+            torch.cat(logits),
+            torch.stack(losses).mean(),
             None if any(n is None for n in norms) else torch.stack(norms),
-            None if any(p is None for p in penalties) else torch.stack(penalties).mean())
+            None if any(p is None for p in penalties) else torch.stack(penalties).mean(),
+        )
 
     def step(self, batch: Batch) -> dict:
         lb = self.large_batch_gradient(batch)
@@ -268,8 +273,9 @@ class PenaltyMethod(MicroBatchMethod):
         total = torch._foreach_sub(moved, g_src)
         torch._foreach_mul_(total, 2 * self.hp.lam / h)
         torch._foreach_add_(total, g_data)
-        return MicroResult(total, logits.detach(), loss.detach(), global_norm(g_data) if self.diagnose else None,
-                           penalty)
+        return MicroResult(
+            total, logits.detach(), loss.detach(), global_norm(g_data) if self.diagnose else None, penalty
+        )
 
 
 @register_method
@@ -292,8 +298,10 @@ class FishLoss(PenaltyMethod):
 
     name = "fish_loss"
     aliases = ("FishLoss",)
-    reference = (f"{NOVACK} FishLoss (FT, after Jastrzebski et al. 2021); no label smoothing in the penalty; "
-                 "batch_size must be a multiple of m")
+    reference = (
+        f"{NOVACK} FishLoss (FT, after Jastrzebski et al. 2021); no label smoothing in the penalty; "
+        "batch_size must be a multiple of m"
+    )
 
     def draw(self, logits):
         return torch.multinomial(torch.softmax(upcast(logits.detach()), dim=1), 1).squeeze(1)

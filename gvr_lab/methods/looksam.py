@@ -50,8 +50,10 @@ PARALLEL_TOL = 1e-5  # ||g_v|| / ||g_S|| at or below this counts as g_S parallel
 class LookSAM(Method):
     name = "looksam"
     hparams = {"rho": 0.05, "k": 5, "alpha": 0.7, "sync_ascent": False}
-    reference = ("Liu et al. CVPR 2022 (no official code): global decomposition as MarlonBecker/MSAM, SAM at "
-                 "t % k == 0 from t = 0, g_S parallel to g -> plain SGD")
+    reference = (
+        "Liu et al. CVPR 2022 (no official code): global decomposition as MarlonBecker/MSAM, SAM at "
+        "t % k == 0 from t = 0, g_S parallel to g -> plain SGD"
+    )
     passes = "1 + 1/k"
     bounds = {"rho": ">= 0", "k": ">= 1", "alpha": ">= 0"}
 
@@ -84,8 +86,15 @@ class LookSAM(Method):
                 set_grads(self.params, g)
         update_norm = self.update_norm()
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss, grad_norm=g_norm, sam_grad_norm=update_norm,
-                            sampled=torch.full((), float(refresh), device=loss.device), **extra)
+        return self.metrics(
+            logits,
+            batch.y,
+            loss,
+            grad_norm=g_norm,
+            sam_grad_norm=update_norm,
+            sampled=torch.full((), float(refresh), device=loss.device),
+            **extra,
+        )
 
     @torch.no_grad()
     def orthogonal_direction(self, g: list[torch.Tensor], g_s: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -79,8 +79,9 @@ from ..quant import adopt_activation_init
 from .base import Method, register_method, upcast
 
 
-def softened_kl(logits: torch.Tensor, target_logits: torch.Tensor, tau: float,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+def softened_kl(
+    logits: torch.Tensor, target_logits: torch.Tensor, tau: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """tau^2 (1/B) sum_i w_i KL(softmax(target_i / tau) || softmax(logits_i / tau)); w_i = 1 by default."""
     log_q = F.log_softmax(upcast(logits) / tau, dim=1)
     log_p = F.log_softmax(upcast(target_logits) / tau, dim=1)
@@ -112,8 +113,10 @@ class OutputTrajectoryMethod(Method):
 class SAF(OutputTrajectoryMethod):
     name = "saf"
     hparams = {"lam": 0.3, "tau": 5.0, "start_epoch": 5, "lag": 3}
-    reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
-                 "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)")
+    reference = (
+        "Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
+        "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)"
+    )
     bounds = {**OutputTrajectoryMethod.bounds, "lag": ">= 1"}
 
     def __init__(self, model, optimizer, **kw):
@@ -195,8 +198,13 @@ class SAF(OutputTrajectoryMethod):
         return self.metrics(logits, batch.y, loss, grad_norm=grad_norm, **extra)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "max_index": self.max_index, "rows": self.rows, "memory": self.memory,
-                "stamp": self.stamp}
+        return {
+            "epoch": self.epoch,
+            "max_index": self.max_index,
+            "rows": self.rows,
+            "memory": self.memory,
+            "stamp": self.stamp,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("epoch", "max_index", "rows", "memory", "stamp"):
@@ -207,8 +215,10 @@ class SAF(OutputTrajectoryMethod):
 class MESA(OutputTrajectoryMethod):
     name = "mesa"
     hparams = {"lam": 0.8, "tau": 5.0, "start_epoch": 5, "ema_decay": 0.9998}
-    reference = ("Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
-                 "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies")
+    reference = (
+        "Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
+        "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies"
+    )
     passes = "1 + a no-grad teacher forward"
 
     bounds = {**OutputTrajectoryMethod.bounds, "ema_decay": "in [0, 1]"}
@@ -247,8 +257,11 @@ class MESA(OutputTrajectoryMethod):
     @torch.no_grad()
     def update_teacher(self) -> None:
         """v <- d v + (1 - d) w over parameters and floating-point buffers; other buffers copied."""
-        pairs = list(zip([*self.teacher.parameters(), *self.teacher.buffers()],
-                         [*self.model.parameters(), *self.model.buffers()]))
+        pairs = list(
+            zip(
+                [*self.teacher.parameters(), *self.teacher.buffers()], [*self.model.parameters(), *self.model.buffers()]
+            )
+        )
         floats = [(v, w) for v, w in pairs if v.is_floating_point()]
         others = [(v, w) for v, w in pairs if not v.is_floating_point()]
         if floats:

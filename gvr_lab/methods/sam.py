@@ -75,8 +75,7 @@ import contextlib
 import torch
 
 from ..errors import UsageError
-from .base import (CleanPass, Method, frozen_bn_stats, global_norm, grads_of, register_method, set_grads,
-                   tracks_bn_stats)
+from .base import CleanPass, Method, frozen_bn_stats, global_norm, grads_of, register_method, set_grads, tracks_bn_stats
 
 XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
 
@@ -104,10 +103,18 @@ def sam_gradient(method: Method, x: torch.Tensor, y: torch.Tensor) -> tuple[Clea
 @register_method
 class SAM(Method):
     name = "sam"
-    hparams = {"rho": 0.05, "adaptive": False, "m": None, "wd_in_perturbation": False, "eta": 0.01,
-               "sync_ascent": False}
-    reference = ("Foret et al. ICLR 2021 (davda54/sam step without closure); BN stats from the clean pass, "
-                 "same dropout masks in both passes; adaptive=True is ASAM with the official bias handling")
+    hparams = {
+        "rho": 0.05,
+        "adaptive": False,
+        "m": None,
+        "wd_in_perturbation": False,
+        "eta": 0.01,
+        "sync_ascent": False,
+    }
+    reference = (
+        "Foret et al. ICLR 2021 (davda54/sam step without closure); BN stats from the clean pass, "
+        "same dropout masks in both passes; adaptive=True is ASAM with the official bias handling"
+    )
     passes = "2"
     bounds = {"rho": ">= 0", "eta": ">= 0"}
 
@@ -117,8 +124,10 @@ class SAM(Method):
         if m is not None and (m != int(m) or m < 1):
             raise UsageError(f"m for method {cls.name!r} must be a positive integer or None, got {m}")
         if m is not None and hp["sync_ascent"]:
-            raise UsageError(f"method {cls.name!r}: m-sharpness groups perturb per group and sync_ascent "
-                             "perturbs with the all-rank gradient; set one of m, sync_ascent")
+            raise UsageError(
+                f"method {cls.name!r}: m-sharpness groups perturb per group and sync_ascent "
+                "perturbs with the all-rank gradient; set one of m, sync_ascent"
+            )
 
     @classmethod
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
@@ -199,13 +208,21 @@ class SAM(Method):
         sam_grad_norm = self.update_norm()
         self.optimizer.step()
         logits = torch.cat(logits) if groups > 1 else logits[0]
-        return self.metrics(logits, batch.y, torch.stack(losses).mean(), grad_norm=g_norm if groups == 1 else
-                            global_norm(g_mean), sam_grad_norm=sam_grad_norm, sharpness=torch.stack(sharpness).mean())
+        return self.metrics(
+            logits,
+            batch.y,
+            torch.stack(losses).mean(),
+            grad_norm=g_norm if groups == 1 else global_norm(g_mean),
+            sam_grad_norm=sam_grad_norm,
+            sharpness=torch.stack(sharpness).mean(),
+        )
 
 
 @register_method
 class ASAM(SAM):
     name = "asam"
     hparams = {**SAM.hparams, "rho": 0.5, "adaptive": True}
-    reference = ("Kwon et al. ICML 2021 (SamsungLabs/ASAM: T_w = |w| + eta on 'weight' tensors only); "
-                 "rho 0.5 as its CIFAR-10 README; the sam step otherwise")
+    reference = (
+        "Kwon et al. ICML 2021 (SamsungLabs/ASAM: T_w = |w| + eta on 'weight' tensors only); "
+        "rho 0.5 as its CIFAR-10 README; the sam step otherwise"
+    )

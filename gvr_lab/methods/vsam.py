@@ -123,10 +123,22 @@ def next_quota(b: float, d_ratio: float, d_disp: float, a_r: float, a_v: float, 
 @register_method
 class VSAM(Method):
     name = "vsam"
-    hparams = {"rho": 0.05, "window": 50, "blocks": 5, "p_max": 0.8, "a_r": 0.13, "a_v": 0.13, "beta": 0.7,
-               "last_n": 10, "warmup_epochs": 3, "sync_ascent": False}
-    reference = ("Deng et al. arXiv 2403.08821, after the official code ajiaaa/vSAM: SAM steps sampled per window "
-                 "from PSF-ratio and dispersion trends, beta^j PSF reuse; seeded sampling, NaN trends count as 0")
+    hparams = {
+        "rho": 0.05,
+        "window": 50,
+        "blocks": 5,
+        "p_max": 0.8,
+        "a_r": 0.13,
+        "a_v": 0.13,
+        "beta": 0.7,
+        "last_n": 10,
+        "warmup_epochs": 3,
+        "sync_ascent": False,
+    }
+    reference = (
+        "Deng et al. arXiv 2403.08821, after the official code ajiaaa/vSAM: SAM steps sampled per window "
+        "from PSF-ratio and dispersion trends, beta^j PSF reuse; seeded sampling, NaN trends count as 0"
+    )
     passes = "1 + p (p = sampled fraction)"
 
     @classmethod
@@ -134,8 +146,10 @@ class VSAM(Method):
         problems = [
             (hp["rho"] < 0, f"rho must be >= 0, got {hp['rho']}"),
             (hp["window"] < 1, f"window must be >= 1, got {hp['window']}"),
-            (hp["blocks"] < 1 or hp["window"] % hp["blocks"],
-             f"blocks must be >= 1 and divide window={hp['window']}, got {hp['blocks']}"),
+            (
+                hp["blocks"] < 1 or hp["window"] % hp["blocks"],
+                f"blocks must be >= 1 and divide window={hp['window']}, got {hp['blocks']}",
+            ),
             (not 0 < hp["p_max"] <= 1, f"p_max must be in (0, 1], got {hp['p_max']}"),
             (not 0 <= hp["beta"] < 1, f"beta must be in [0, 1), got {hp['beta']}"),
             (hp["last_n"] < 1, f"last_n must be >= 1, got {hp['last_n']}"),
@@ -178,8 +192,9 @@ class VSAM(Method):
             self.b = next_quota(self.b, d_ratio, d_disp, self.hp.a_r, self.hp.a_v, self.b_max)
             self.q, self.n_s = self.b / self.hp.window, 0
         quota = int(self.b)
-        sample = ((self.n_s < quota and self.rng.random() >= 1 - self.q)
-                  or self.hp.window - self.c % self.hp.window <= quota - self.n_s)
+        sample = (
+            self.n_s < quota and self.rng.random() >= 1 - self.q
+        ) or self.hp.window - self.c % self.hp.window <= quota - self.n_s
         if sample:
             out = self.sam_step(batch)
             self.n_s += 1
@@ -196,14 +211,23 @@ class VSAM(Method):
         self.record(first.grads)
         self.reuses = 0
         self.optimizer.step()
-        return self.metrics(first.logits, batch.y, first.loss, sampled=1.0, psf_norm=self.psf_norm,
-                            grad_norm=grad_norm, quota=int(self.b), b=self.b, reuse_weight=0.0)
+        return self.metrics(
+            first.logits,
+            batch.y,
+            first.loss,
+            sampled=1.0,
+            psf_norm=self.psf_norm,
+            grad_norm=grad_norm,
+            quota=int(self.b),
+            b=self.b,
+            reuse_weight=0.0,
+        )
 
     def record(self, g: list[torch.Tensor]) -> None:
         """Append ||PSF||_N, ||PSF||_N / ||g||_N and the sorted-chunk dispersion of P to the rings."""
-        psf_tail = global_norm(self.psf[-self.hp.last_n:])
+        psf_tail = global_norm(self.psf[-self.hp.last_n :])
         self.rings[0, self.ptr] = psf_tail
-        self.rings[1, self.ptr] = psf_tail / global_norm(g[-self.hp.last_n:])
+        self.rings[1, self.ptr] = psf_tail / global_norm(g[-self.hp.last_n :])
         if self.hp.window > self.hp.blocks:
             chunks = torch.sort(self.rings[0]).values.view(self.hp.blocks, -1)
             self.rings[2, self.ptr] = chunks.var(dim=1).mean()
@@ -218,25 +242,47 @@ class VSAM(Method):
         weight, added_norm = 0.0, 0.0
         if self.reuses < MAX_REUSE:
             self.reuses += 1
-            weight = self.hp.beta ** self.reuses
+            weight = self.hp.beta**self.reuses
             added_norm = self.psf_norm * weight
             torch._foreach_add_(g, self.psf, alpha=weight)
             set_grads(self.params, g)
         self.optimizer.step()
-        return self.metrics(logits, batch.y, loss, sampled=0.0, psf_norm=added_norm, grad_norm=grad_norm,
-                            quota=int(self.b), b=self.b, reuse_weight=weight)
+        return self.metrics(
+            logits,
+            batch.y,
+            loss,
+            sampled=0.0,
+            psf_norm=added_norm,
+            grad_norm=grad_norm,
+            quota=int(self.b),
+            b=self.b,
+            reuse_weight=weight,
+        )
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "b": self.b, "q": self.q, "n_s": self.n_s, "c": self.c,
-                "reuses": self.reuses, "psf": self.psf, "psf_norm": self.psf_norm,
-                "rings": self.rings, "ptr": self.ptr, "rng": self.rng.getstate()}
+        return {
+            "epoch": self.epoch,
+            "b": self.b,
+            "q": self.q,
+            "n_s": self.n_s,
+            "c": self.c,
+            "reuses": self.reuses,
+            "psf": self.psf,
+            "psf_norm": self.psf_norm,
+            "rings": self.rings,
+            "ptr": self.ptr,
+            "rng": self.rng.getstate(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "reuse_scale" in state:  # a checkpoint from before the integer count: beta^j, 0 before any SAM step
             scale = state["reuse_scale"]
-            state = {**state, "reuses": round(math.log(scale, self.hp.beta)) if 0 < scale and 0 < self.hp.beta else MAX_REUSE}
+            state = {
+                **state,
+                "reuses": round(math.log(scale, self.hp.beta)) if 0 < scale and 0 < self.hp.beta else MAX_REUSE,
+            }
         for key in ("epoch", "b", "q", "n_s", "c", "reuses", "ptr"):
             setattr(self, key, state[key])
         # Copies, so that a method loaded from another's live state does not share its rings.
