@@ -126,7 +126,7 @@ def cmd_docs(args) -> int:
 def cmd_curvature(args) -> int:
     from pathlib import Path
 
-    from .landscape import measure_run
+    from .measure import measure_run
     from .results import write_json
 
     slice_dims = {"none": 0, "1d": 1, "2d": 2}[args.slice]

@@ -41,7 +41,7 @@ from .data import (
 )
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
-from .landscape import curvature, evaluation_batches
+from .landscape import curvature
 from .methods import create_method, method_class
 from .methods.base import rng_state
 from .models import create_model, list_models
@@ -356,6 +356,29 @@ def build(config: Config, settings: DeviceSettings, world: World):
             **common,
         )
     return train_loader, eval_loaders, model, optimizer, method
+
+
+def evaluation_batches(
+    config, rows: int, device: torch.device, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`rows` examples of the run's training rows, drawn with `seed` (the same whenever the run is
+    measured), normalized and not augmented, in batches of the run's eval_batch_size."""
+    info = dataset_info(config.dataset)
+    train_split, _ = load_dataset(config.dataset, config.data_dir or None)
+    train_idx, _ = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    if rows < 1:
+        raise UsageError(f"rows must be >= 1, got {rows}")
+    pick = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:rows]]
+    loader = DeviceLoader(
+        train_split,
+        info,
+        batch_size=config.eval_batch_size,
+        device=device,
+        indices=pick.sort().values,
+        shuffle=False,
+        drop_last=False,
+    )
+    return [(b.x, b.y) for b in loader.epoch(0)]
 
 
 def check_run_dir(run_dir: Path, config: Config) -> dict | None:

@@ -80,7 +80,7 @@ import pandas as pd
 import torch
 
 import gvr_lab as gl
-from gvr_lab import landscape, plots
+from gvr_lab import measure, plots
 from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS, resolve_device
 
 study = gl.Study(
@@ -232,7 +232,7 @@ where = resolve_device(device)
 final = plots.ordered(plots.with_best(runs), "label", order)
 measured = pd.DataFrame(
     [
-        landscape.final_curvature(run_dir, rows, top_k, trace_probes, noise_micro_batch, device=where)
+        measure.final_curvature(run_dir, rows, top_k, trace_probes, noise_micro_batch, device=where)
         for run_dir in final["run_dir"]
     ]
 )
@@ -278,7 +278,7 @@ pairs = final.pivot(index="seed", columns="label", values="run_dir")
 lines = pd.concat(
     [
         pd.DataFrame(
-            landscape.interpolate_runs(
+            measure.interpolate_runs(
                 pairs.at[s, "SGD"], pairs.at[s, "SAM"], rows, np.linspace(0, 1, interp_points), device=where
             )
         ).assign(seed=s)
@@ -297,7 +297,7 @@ study.save_figure(axes[0].figure, "interpolation", runs[runs["label"].isin(["SGD
 
 # %%
 sliced = {
-    f"{label}, seed {slice_seed}": landscape.slice_run(pairs.at[slice_seed, label], rows, slice_points, device=where)
+    f"{label}, seed {slice_seed}": measure.slice_run(pairs.at[slice_seed, label], rows, slice_points, device=where)
     for label in ("SGD", "SAM")
 }
 fig = plots.loss_contours(sliced)
@@ -316,9 +316,7 @@ study.save_figure(fig, "slices", runs[runs["run_dir"].isin(pairs.loc[slice_seed,
 # %%
 checks = pd.concat(
     [
-        pd.DataFrame(landscape.psf_check_run(run_dir, psf_batches, device=where)["batches"]).assign(
-            seed=s, method="vsam"
-        )
+        pd.DataFrame(measure.psf_check_run(run_dir, psf_batches, device=where)["batches"]).assign(seed=s, method="vsam")
         for s, run_dir in pairs["vSAM"].items()
     ]
 )

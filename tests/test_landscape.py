@@ -302,14 +302,15 @@ def run_directory(tmp_path, name, scale=1.0, **fields):
 
 
 def measured_objective(run_dir, rows):
-    from gvr_lab.landscape import evaluation_batches, load_run_model
+    from gvr_lab.measure import load_run_model
+    from gvr_lab.training import evaluation_batches
 
     config, model = load_run_model(run_dir)
     return Objective(model, evaluation_batches(config, rows, torch.device("cpu")))
 
 
 def test_final_curvature_measures_the_checkpoint_on_the_runs_rows(tmp_path):
-    from gvr_lab.landscape import final_curvature
+    from gvr_lab.measure import final_curvature
 
     torch.set_default_dtype(torch.float32)
     run = run_directory(tmp_path, "bn", scale=1.3, model_args={"bn": True})
@@ -325,7 +326,7 @@ def test_final_curvature_measures_the_checkpoint_on_the_runs_rows(tmp_path):
 
 
 def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_path):
-    from gvr_lab.landscape import interpolate_runs, load_run_model
+    from gvr_lab.measure import interpolate_runs, load_run_model
 
     torch.set_default_dtype(torch.float32)
     a = run_directory(tmp_path, "a", model_args={"bn": True})
@@ -349,7 +350,7 @@ def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_p
 
 
 def test_slice_run_is_centred_on_the_weights_with_seeded_directions(tmp_path):
-    from gvr_lab.landscape import load_run_model, slice_run
+    from gvr_lab.measure import load_run_model, slice_run
 
     torch.set_default_dtype(torch.float32)
     run = run_directory(tmp_path, "run", scale=1.2)
@@ -367,7 +368,8 @@ def test_slice_run_is_centred_on_the_weights_with_seeded_directions(tmp_path):
 
 
 def test_psf_check_run_uses_the_runs_rho_and_batch_size(tmp_path):
-    from gvr_lab.landscape import evaluation_batches, load_run_model, psf_check_run
+    from gvr_lab.measure import load_run_model, psf_check_run
+    from gvr_lab.training import evaluation_batches
 
     torch.set_default_dtype(torch.float32)
     run = run_directory(tmp_path, "vsam", method="vsam", method_args={"rho": 0.07}, batch_size=8)
@@ -404,7 +406,7 @@ def test_final_curvature_repeats_the_last_measurement_made_in_training(tiny_conf
     is the training loop's last one (same rows, Lanczos start and probes), and the cost columns are
     the history's times per epoch."""
     from gvr_lab import plots, train
-    from gvr_lab.landscape import final_curvature
+    from gvr_lab.measure import final_curvature
     from gvr_lab.results import load_runs
     from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS
 
