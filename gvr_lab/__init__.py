@@ -1,5 +1,11 @@
 """gvr_lab: gradient-based regularizers (GVR, Novack et al.'s implicit-regularization suite, the SAM
-family) on one device-resident training loop. See README.md."""
+family) on one device-resident training loop. See README.md.
+
+The names of the layers above the training loop (grids, studies) load on first use: they pull in
+matplotlib and seaborn (2 s), which `gvr-lab train` and a script that trains one run never need.
+"""
+
+import importlib
 
 from .cluster import RayOptions
 from .data import Batch, list_datasets
@@ -8,7 +14,16 @@ from .landscape import curvature
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
 from .results import load_runs
-from .training import Config, GridRuns, Run, grid_configs, train, train_configs, train_grid
+from .training import Config, Run, train
+
+# name -> the module of this package that defines it, imported when the name is first used
+LAZY = {
+    "GridRuns": "grid",
+    "grid_configs": "grid",
+    "train_configs": "grid",
+    "train_grid": "grid",
+    "Study": "study",
+}
 
 __all__ = [
     "Batch",
@@ -35,9 +50,6 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Study is for notebooks and pulls in matplotlib, which the command line's training should not load.
-    if name == "Study":
-        from .study import Study
-
-        return Study
+    if name in LAZY:
+        return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gvr_lab' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
+from .landscape import Objective
 from .methods import METHODS as METHOD_NAMES
 from .methods import method_class
 from .results import write_atomic
@@ -71,8 +72,6 @@ class HessianVectorProduct:
     (gvr_lab.landscape), timed like a method's step."""
 
     def __init__(self, model: torch.nn.Module):
-        from .landscape import Objective
-
         self.model, self.objective = model, Objective
         self.v = [torch.randn_like(p) for p in model.parameters()]
 

@@ -253,23 +253,23 @@ def parse_params(pairs: list[list[str]]) -> dict:
 
 
 def executor_environment(args):
-    """The grid executor a notebook's kernel uses, as environment variables (cluster.ENVIRONMENT);
+    """The grid executor a notebook's kernel uses, as environment variables (grid.ENVIRONMENT);
     checked here so a bad choice or a missing Ray is one line before the notebook starts."""
-    from . import cluster
+    from . import cluster, grid
 
     options = None
     if args.executor == "ray":
         options = cluster.RayOptions(address=args.ray_address, run_cpus=args.run_cpus, run_gpus=args.run_gpus)
     elif args.ray_address or args.run_cpus != 1.0 or args.run_gpus != 0.0:
         raise UsageError("--ray-address, --run-cpus and --run-gpus need --executor ray")
-    executor, options = cluster.resolve_executor(args.executor, options)
+    executor, options = grid.resolve_executor(args.executor, options)
     if executor == "ray":
         # a bad address is one line now, not a failed cell later; the local instance this starts
         # lives as long as this command, and the kernel's grids join it at its address
         ray = cluster.connect(options)
         address = options.address or ray.get_runtime_context().gcs_address
-        return cluster.executor_environment(executor, dataclasses.replace(options, address=address))
-    return {cluster.ENVIRONMENT["executor"]: "sequential"}
+        options = dataclasses.replace(options, address=address)
+    return grid.executor_environment(executor, options)
 
 
 def cmd_run(args) -> int:

@@ -20,17 +20,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from .errors import UsageError, check_choice
+import torch
 
-EXECUTORS = ("sequential", "ray")
-# What `gvr-lab run --executor ...` hands to the notebook's kernel: train_grid reads these when it is
-# not given an executor, so the notebooks themselves need no executor parameter.
-ENVIRONMENT = {
-    "executor": "GVR_LAB_EXECUTOR",
-    "address": "GVR_LAB_RAY_ADDRESS",
-    "run_cpus": "GVR_LAB_RUN_CPUS",
-    "run_gpus": "GVR_LAB_RUN_GPUS",
-}
+from .errors import UsageError
+from .training import Config, train
 
 
 @dataclass(frozen=True)
@@ -48,41 +41,6 @@ class RayOptions:
             )
         if self.run_gpus > 1 and self.run_gpus != int(self.run_gpus):
             raise UsageError(f"run_gpus above 1 must be a whole number, got {self.run_gpus}")
-
-
-def resolve_executor(executor: str | None, options: RayOptions | None) -> tuple[str, RayOptions | None]:
-    """The executor and Ray options a grid runs with: the arguments, else what `gvr-lab run
-    --executor` put in the environment, else sequential."""
-    env = os.environ
-    if executor is None:
-        executor = env.get(ENVIRONMENT["executor"]) or "sequential"
-    check_choice("executor", executor, EXECUTORS)
-    if executor == "sequential":
-        if options is not None:
-            raise UsageError('ray options given for the sequential executor: pass executor="ray"')
-        return executor, None
-    if options is None:
-        try:
-            options = RayOptions(
-                address=env.get(ENVIRONMENT["address"]) or None,
-                run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 1.0),
-                run_gpus=float(env.get(ENVIRONMENT["run_gpus"]) or 0.0),
-            )
-        except ValueError as e:
-            raise UsageError(f"bad Ray resources in the environment: {e}") from None
-    import_ray()  # a missing extra is one line before anything is submitted
-    return executor, options
-
-
-def executor_environment(executor: str, options: RayOptions) -> dict[str, str]:
-    """The environment variables that make a notebook kernel's grids run this way."""
-    values = {
-        "executor": executor,
-        "address": options.address or "",
-        "run_cpus": str(options.run_cpus),
-        "run_gpus": str(options.run_gpus),
-    }
-    return {ENVIRONMENT[k]: v for k, v in values.items()}
 
 
 def import_ray():
@@ -126,10 +84,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def train_remote(fields: dict, threads: int) -> dict:
     """One run, in a Ray worker: train (or resume, or return) it; its summary comes back."""
-    import torch
-
-    from .training import Config, train
-
     torch.set_num_threads(threads)
     return train(Config(**fields)).summary
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from . import cluster
+from .grid import grid_configs, train_configs
+
 METHODS = ("sgd", "gvr", "sam", "vsam")
 
 
@@ -28,9 +31,6 @@ def grid_variants(runs: int) -> tuple[list[dict], list[int]]:
 
 
 def run_grid_bench(runs: int, base: dict, run_cpus: float) -> dict:
-    from . import cluster
-    from .training import grid_configs, train_configs
-
     variants, seeds = grid_variants(runs)
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,9 +25,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.ticker import MaxNLocator
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .results import write_atomic
+from .stats import mean_ci as interval
+from .stats import paired_differences
 
 # Fixed per method, not drawn from a cycle, so a method keeps its colour whichever others share the figure.
 METHOD_COLORS = {
@@ -414,8 +417,6 @@ def plain_log_ticks(ax, axes: str = "y") -> None:
     """Tick labels of log axes as plain numbers (0.4, 30), not powers of ten (4 x 10^-1, 3 x 10^1):
     every tick (1 to 9 times a power of ten) on an axis spanning less than a factor 3, 1, 2, 3 and
     5 times a power of ten up to two decades, powers of ten alone beyond, where more would crowd."""
-    from matplotlib.ticker import FuncFormatter
-
     for name in axes:
         axis = getattr(ax, f"{name}axis")
 
@@ -447,7 +448,6 @@ def mean_ci(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3
     """One row per group: 'mean [low, high]' of each metric over the rows (seeds) of the group, the
     Student t interval of the mean (stats.mean_ci; the mean alone with one seed), accuracies in
     percent; and the number of seeds."""
-    from .stats import mean_ci as interval
 
     def cell(s: pd.Series) -> str:
         scale = 100.0 if is_accuracy(s.name) else 1.0
@@ -467,8 +467,6 @@ def paired_difference(
     minus the value of its baseline group (baselines: group -> baseline group) on the same seed, with
     the Student t interval of that mean; '—' for a group without a baseline. A seed only one of the
     two groups has is left out."""
-    from .stats import mean_ci as interval
-    from .stats import paired_differences
 
     def values(group):
         rows = df[df[by] == group]
@@ -529,8 +527,6 @@ def loss_contours(slices: dict, levels: int = 16):
     """Side-by-side filled contours of 2-D loss slices ({panel title: slice_run's output}) on the
     same log-spaced levels from the lowest to the highest loss of all panels, so equal colours mean
     equal loss in every panel; the trained weights (0, 0) marked."""
-    from matplotlib.colors import LogNorm
-
     low = min(float(np.min(s["loss"])) for s in slices.values())
     high = max(float(np.max(s["loss"])) for s in slices.values())
     shared = np.geomspace(low, high, levels)

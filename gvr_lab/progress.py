@@ -14,6 +14,11 @@ import json
 import sys
 import time
 
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .plots import LINESTYLES, legend_outside, method_color
+
 
 def in_kernel() -> bool:
     """True inside a Jupyter kernel (JupyterLab, papermill), where outputs can be displayed and updated."""
@@ -150,10 +155,6 @@ class LiveReport(TextReport):
 
     def draw(self):
         from IPython.display import Image
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-
-        from .plots import LINESTYLES, legend_outside, method_color
 
         fig = Figure(figsize=(6.5, 3))
         ax = fig.add_subplot()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
-from .study import REPO, Declaration, Resolved, digest, read_notebook, resolve
+from .study import REPO, Declaration, Resolved, digest, notebook_paths, read_notebook, resolve
 
 TIMINGS = "timings.json"  # beside figures/README.md: each notebook's measured cost, for README's table
 
@@ -217,8 +217,6 @@ def execution_record(run_dir: Path) -> dict:
 
 def notebook_table() -> str:
     """README's notebook table, from the notebooks' own declarations."""
-    from .study import notebook_paths
-
     timings_file = REPO / "figures" / TIMINGS
     timings = read_json(timings_file) if timings_file.is_file() else {}
     rows = [

@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import plots, terms
@@ -337,8 +338,6 @@ class Study:
     def save_figure(self, fig, stem: str, frame: pd.DataFrame, spread: str = "") -> None:
         """Stamp `fig` with the provenance of the runs in `frame` (`spread`: what its bars are, when
         not the mean ± std of curves), save it as stem.png and .pdf, show it."""
-        import matplotlib.pyplot as plt
-
         self.check_output(stem)
         never = set(terms.never_active(self.load_runs(), self.declaration.ablations)) & set(frame["run_dir"])
         if never:

@@ -21,12 +21,13 @@ import hashlib
 import json
 import math
 import time
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import results
 from .data import (
@@ -42,7 +43,7 @@ from .data import (
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .landscape import curvature
-from .methods import create_method, method_class
+from .methods import Method, create_method, method_class
 from .methods.base import rng_state
 from .models import create_model, list_models
 from .quant import check_bits, quantize_model
@@ -309,7 +310,18 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     return model, optimizer, method
 
 
-def build(config: Config, settings: DeviceSettings, world: World):
+@dataclass
+class Parts:
+    """What `build` makes of a Config: the data loaders, the model, its optimizer and the method."""
+
+    train_loader: DeviceLoader
+    eval_loaders: dict  # split name ("test", "val") -> its loader
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    method: Method
+
+
+def build(config: Config, settings: DeviceSettings, world: World) -> Parts:
     """Data loaders, model, optimizer and method for a Config."""
     info = dataset_info(config.dataset)
     train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
@@ -326,8 +338,7 @@ def build(config: Config, settings: DeviceSettings, world: World):
         )
     model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
-    device = settings.device
-    common = dict(device=device, channels_last=settings.channels_last)
+    common = dict(device=settings.device, channels_last=settings.channels_last)
     train_loader = DeviceLoader(
         train_split,
         info,
@@ -340,22 +351,11 @@ def build(config: Config, settings: DeviceSettings, world: World):
         world_size=world.size,
         **common,
     )
-    eval_loaders = {
-        "test": DeviceLoader(
-            test_split, info, batch_size=config.eval_batch_size, shuffle=False, drop_last=False, **common
-        )
-    }
+    evaluation = dict(batch_size=config.eval_batch_size, shuffle=False, drop_last=False, **common)
+    eval_loaders = {"test": DeviceLoader(test_split, info, **evaluation)}
     if len(val_idx):
-        eval_loaders["val"] = DeviceLoader(
-            train_split,
-            info,
-            batch_size=config.eval_batch_size,
-            indices=val_idx,
-            shuffle=False,
-            drop_last=False,
-            **common,
-        )
-    return train_loader, eval_loaders, model, optimizer, method
+        eval_loaders["val"] = DeviceLoader(train_split, info, indices=val_idx, **evaluation)
+    return Parts(train_loader, eval_loaders, model, optimizer, method)
 
 
 def evaluation_batches(
@@ -426,7 +426,111 @@ def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict)
     return summary
 
 
-# ---------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------- the loop, phase by phase
+#
+# train: build, then run_loop under the run's lock. run_loop: resume, then until the last step
+# (or stop_after evaluations) train_interval -> evaluation_row -> divergence -> checkpoint; finish.
+
+
+class CurvatureHook:
+    """Config.curvature_every: every N evaluations, the Hessian's top eigenvalue and trace of the
+    training loss on CURVATURE_ROWS seeded training rows (landscape.curvature, CURVATURE_PROBES
+    probes), with what it took. An evaluation hook: called on rank 0 with the evaluation's row, the
+    model and the evaluation's number (1-based), it returns the columns it adds."""
+
+    def __init__(self, config: Config, device: torch.device):
+        self.config, self.device, self.batches = config, device, None
+
+    def __call__(self, row: dict, model: torch.nn.Module, evaluation: int) -> dict:
+        if evaluation % self.config.curvature_every:
+            return {}
+        self.batches = self.batches or evaluation_batches(self.config, CURVATURE_ROWS, self.device)
+        measured = curvature(model, self.batches, k=1, trace_samples=CURVATURE_PROBES)
+        model.train()
+        return {
+            "hessian_top": measured["top_eigenvalues"][0],
+            "hessian_trace": measured["trace"],
+            "curvature_time_s": measured["seconds"],
+        }
+
+
+def evaluation_hooks(config: Config, device: torch.device) -> list:
+    return [CurvatureHook(config, device)] if config.curvature_every else []
+
+
+@dataclass
+class Context:
+    """What one call of the loop holds fixed."""
+
+    config: Config
+    run_dir: Path
+    world: World
+    settings: DeviceSettings
+    parts: Parts
+    hooks: list  # evaluation hooks (CurvatureHook): row, model, evaluation number -> extra columns
+    started: float = 0.0  # perf_counter when this call began training
+
+    @property
+    def device(self) -> torch.device:
+        return self.settings.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.parts.train_loader)
+
+    @property
+    def total(self) -> int:
+        return total_steps(self.config, self.steps_per_epoch)
+
+    def facts(self) -> dict:
+        """What summary.json says about the run besides its results."""
+        loader = self.parts.train_loader
+        return {
+            "num_params": sum(p.numel() for p in self.parts.model.parameters()),
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world.size,
+            "total_steps": self.total,
+            # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
+            "dropped_per_epoch": len(loader.labels) % self.config.batch_size,
+            "label_noise_realized": loader.noisy_fraction,
+        }
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: a checkpoint holds it, and a resumed run starts from it."""
+
+    done: int = 0  # optimizer steps taken
+    history: list = field(default_factory=list)  # one row per evaluation
+    steps: list = field(default_factory=list)  # the logged steps' metrics
+    wall_before: float = 0.0  # seconds trained by earlier calls (a resumed run)
+    resume_rng: tuple | None = None  # torch's RNG where a steps-mode run stopped inside an epoch
+    batches: Iterator | None = None  # the current epoch's batches; None: an epoch starts (or resumes) next
+
+
+@dataclass
+class Interval:
+    """The steps since the previous evaluation: their metrics summed on the device (no host sync
+    until the evaluation), the logged steps' metrics, each step's loss for the divergence check,
+    and where the interval ended."""
+
+    started: float
+    sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    logged: list = field(default_factory=list)  # (step, epoch, lr, metrics averaged over ranks)
+    losses: list = field(default_factory=list)
+    epoch: int = 0
+    lr: float = 0.0
+    epoch_ends: bool = False
+
+    def add(self, out: dict, device: torch.device) -> None:
+        self.losses.append(out["loss"])
+        for k, v in out.items():
+            previous = self.sums.get(k)
+            self.sums[k] = torch.as_tensor(v, dtype=torch.float32, device=device) if previous is None else previous + v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
 
 def train(config: Config, on_evaluation=None) -> Run:
@@ -451,11 +555,12 @@ def train(config: Config, on_evaluation=None) -> Run:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     parts = build(config, settings, world)  # reads the data: bad input fails before any write
+    hooks = evaluation_hooks(config, device)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with results.RunLock(run_dir):
-            return run_loop(config, run_dir, world, device, settings.amp_dtype, *parts, on_evaluation=on_evaluation)
-    run_loop(config, run_dir, world, device, settings.amp_dtype, *parts)
+            return run_loop(config, run_dir, world, settings, parts, hooks, on_evaluation)
+    run_loop(config, run_dir, world, settings, parts, hooks)
     return None
 
 
@@ -463,277 +568,210 @@ def run_loop(
     config: Config,
     run_dir: Path,
     world: World,
-    device: torch.device,
-    amp_dtype,
-    train_loader: DeviceLoader,
-    eval_loaders: dict,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    method,
+    settings: DeviceSettings,
+    parts: Parts,
+    hooks: list = (),
     on_evaluation=None,
 ) -> Run | None:
     """Steps until the run's last (or `stop_after` evaluations in this call). An evaluation closes
     each epoch (epochs mode) or every `eval_every` steps and the last (steps mode): it writes the
     history row of the steps since the previous one, the logged steps and a checkpoint, and hands
     the row to `on_evaluation`."""
-
-    def write(path_name: str, rows):
-        if world.main:
-            results.write_parquet(run_dir / path_name, rows)
-
-    def write_summary(status: str, wall: float, **more):
-        if world.main:
-            results.write_json(
-                run_dir / results.SUMMARY, summarize(history, status, wall, {**extra, "steps_completed": done, **more})
-            )
-
+    ctx = Context(config, run_dir, world, settings, parts, list(hooks))
     if world.main:
         results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
-    steps_per_epoch = len(train_loader)
-    history, steps, done, wall_before, resume_rng = [], [], 0, 0.0, None
-    if (run_dir / results.CHECKPOINT).is_file():
-        ckpt = results.load_checkpoint(run_dir / results.CHECKPOINT, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # Each rank its own method state (LookSAM's direction, vSAM's PSF are per rank); under
-        # another world size, rank r takes that of the old rank r mod the old world size.
-        per_rank = ckpt.get("method_ranks") or [ckpt["method"]]
-        method.load_state_dict(per_rank[world.rank % len(per_rank)])
-        history, steps, wall_before = ckpt["history"], ckpt["steps"], ckpt["wall_time_s"]
-        done = ckpt.get("step", ckpt["epoch"] * steps_per_epoch)
-        resume_rng = ckpt.get("rng")  # torch's RNG mid-epoch (steps mode); at an epoch's start it is reseeded
-
-    total = total_steps(config, steps_per_epoch)
-    extra = {
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "device": str(device),
-        "torch": torch.__version__,
-        "steps_per_epoch": steps_per_epoch,
-        "world_size": world.size,
-        "total_steps": total,
-        # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
-        "dropped_per_epoch": len(train_loader.labels) % config.batch_size,
-        "label_noise_realized": train_loader.noisy_fraction,
-    }
-    write_summary("running", wall_before)
-    status, t_start, diverged = "completed", time.perf_counter(), {}
-    bar = make_progress(config, done, total) if world.main else None
-    curvature_rows = None
-    model.train()
-    evaluations_left, batches = config.stop_after or math.inf, None
-    sums, counts, logged, losses, t0 = {}, {}, [], [], time.perf_counter()
-    while done < total and evaluations_left > 0:
-        epoch, i = divmod(done, steps_per_epoch)
-        if batches is None:  # an epoch starts, or a resumed run goes on inside one
-            if i == 0:
-                seed_epoch(config.seed, epoch)
-            else:
-                set_rng_state(resume_rng, device)
-            method.start_epoch(epoch)
-            batches = train_loader.epoch(epoch)
-            for _ in range(i):  # the batches already trained on (the loader draws them again, in order)
-                next(batches)
-        batch = next(batches)
-        lr = lr_at(config, epoch, i, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        method.diagnose = i % config.log_every == 0
-        diagnostic = (
-            method.micro_batch_gradient_norm(batch, config.diag_micro_batch)
-            if method.diagnose and config.diag_micro_batch
-            else None
-        )
-        out = method.step(batch)
-        if diagnostic is not None:
-            out["diag_micro_grad_norm"] = diagnostic
-        losses.append(out["loss"])
-        for k, v in out.items():
-            sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float32, device=device)
-            counts[k] = counts.get(k, 0) + 1
-        if method.diagnose:  # the global batch's values: averaged over the ranks
-            logged.append((done, epoch, lr, rank_mean(out, world, device)))
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
-        if bar is not None:
-            bar.update()
-        done += 1
-        epoch_ends = i == steps_per_epoch - 1
-        if epoch_ends:
-            method.end_epoch(epoch)
-            batches = None
-        if not (
-            done == total
-            or (config.eval_every and done % config.eval_every == 0)
-            or (epoch_ends and not config.eval_every)
-        ):
-            continue
-
-        # ------------------------------------------------------------------ an evaluation
-        means = reduce_means({k: (v / counts[k]).item() for k, v in sums.items()}, world)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        steps.extend(
-            {"step": s, "epoch": e, "lr": lr_, **{k: float(v) for k, v in o.items()}} for s, e, lr_, o in logged
-        )
-        if config.steps:
-            row = {"step": done, "epoch": epoch, "lr": lr, "interval_time_s": elapsed}
-        else:
-            row = {"epoch": epoch, "lr": lr_at(config, epoch, 0, steps_per_epoch), "epoch_time_s": elapsed}
-        row["images_per_s"] = len(losses) * config.batch_size / elapsed
-        row.update({f"train_{k}": v for k, v in means.items()})
-        average_buffers(model, world)
-        t_eval = time.perf_counter()
-        if world.main:
-            for split, loader in eval_loaders.items():
-                row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, amp_dtype).items()})
-        row["eval_time_s"] = time.perf_counter() - t_eval
-        if config.curvature_every and (len(history) + 1) % config.curvature_every == 0 and world.main:
-            curvature_rows = curvature_rows or evaluation_batches(config, CURVATURE_ROWS, device)
-            measured = curvature(model, curvature_rows, k=1, trace_samples=CURVATURE_PROBES)
-            row.update(
-                hessian_top=measured["top_eigenvalues"][0],
-                hessian_trace=measured["trace"],
-                curvature_time_s=measured["seconds"],
-            )
-            model.train()
-        history.append(row)
+    state = resume(ctx)
+    write_summary(ctx, state, "running", state.wall_before)
+    ctx.started = time.perf_counter()
+    bar = make_progress(config, state.done, ctx.total) if world.main else None
+    status, diverged, evaluations_left = "completed", {}, config.stop_after or math.inf
+    parts.model.train()
+    while state.done < ctx.total and evaluations_left > 0:
+        interval = train_interval(ctx, state, bar)
+        row = evaluation_row(ctx, state, interval)
         if bar is not None:
             bar.write(format_row(row))
         if on_evaluation is not None:
             on_evaluation(row)
-        interval = torch.stack(losses)
-        bad = (~torch.isfinite(interval)).nonzero()
-        if len(bad) or not all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
+        diverged = divergence(state, interval, row)
+        if diverged:
             status = "diverged"
-            j = int(bad[0]) if len(bad) else len(losses) - 1
-            diverged = {
-                "diverged_step": done - len(losses) + j,
-                "diverged_value": float(interval[j]) if len(bad) else row.get("test_loss", float("nan")),
-            }
             break
-        wall = wall_before + time.perf_counter() - t_start
-        write(results.EPOCHS, history)
-        write(results.STEPS, steps)
-        method_ranks = gather_to_main(method.state_dict(), world)
-        if world.main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "method": method.state_dict(),
-                "method_ranks": method_ranks,
-                "epoch": done // steps_per_epoch,
-                "step": done,
-                "rng": None if epoch_ends else rng_state(device),
-                "history": history,
-                "steps": steps,
-                "wall_time_s": wall,
-            }
-            results.save_checkpoint(run_dir / results.CHECKPOINT, state)
-            if len(history) in config.keep_checkpoints:
-                results.save_checkpoint(run_dir / f"checkpoint-{len(history)}.pt", state)
-        write_summary("running", wall)
+        checkpoint(ctx, state, interval)
         evaluations_left -= 1
-        sums, counts, logged, losses, t0 = {}, {}, [], [], time.perf_counter()
     if bar is not None:
         bar.close()
-    if status == "completed" and done < total:
+    return finish(ctx, state, status, diverged)
+
+
+def resume(ctx: Context) -> LoopState:
+    """The state of the run's last checkpoint, loaded into model, optimizer and method; a new state
+    for a run without one."""
+    path = ctx.run_dir / results.CHECKPOINT
+    if not path.is_file():
+        return LoopState()
+    saved = results.load_checkpoint(path, map_location=ctx.device)
+    ctx.parts.model.load_state_dict(saved["model"])
+    ctx.parts.optimizer.load_state_dict(saved["optimizer"])
+    # Each rank its own method state (LookSAM's direction, vSAM's PSF are per rank); under
+    # another world size, rank r takes that of the old rank r mod the old world size.
+    per_rank = saved.get("method_ranks") or [saved["method"]]
+    ctx.parts.method.load_state_dict(per_rank[ctx.world.rank % len(per_rank)])
+    return LoopState(
+        done=saved.get("step", saved["epoch"] * ctx.steps_per_epoch),
+        history=saved["history"],
+        steps=saved["steps"],
+        wall_before=saved["wall_time_s"],
+        resume_rng=saved.get("rng"),  # torch's RNG mid-epoch (steps mode); at an epoch's start it is reseeded
+    )
+
+
+def start_epoch(ctx: Context, state: LoopState, epoch: int, step_in_epoch: int) -> None:
+    """An epoch starts (the RNG reseeded from seed and epoch), or a resumed run goes on inside one
+    (the RNG put back, the batches already trained on drawn again, in order)."""
+    if step_in_epoch == 0:
+        seed_epoch(ctx.config.seed, epoch)
+    else:
+        set_rng_state(state.resume_rng, ctx.device)
+    ctx.parts.method.start_epoch(epoch)
+    state.batches = ctx.parts.train_loader.epoch(epoch)
+    for _ in range(step_in_epoch):
+        next(state.batches)
+
+
+def train_interval(ctx: Context, state: LoopState, bar) -> Interval:
+    """Optimizer steps until an evaluation is due: at an epoch's end (epochs mode), every
+    `eval_every` steps (steps mode), and at the last step."""
+    config, method = ctx.config, ctx.parts.method
+    interval = Interval(started=time.perf_counter())
+    while True:
+        epoch, i = divmod(state.done, ctx.steps_per_epoch)
+        if state.batches is None:
+            start_epoch(ctx, state, epoch, i)
+        batch = next(state.batches)
+        lr = lr_at(config, epoch, i, ctx.steps_per_epoch)
+        for group in ctx.parts.optimizer.param_groups:
+            group["lr"] = lr
+        method.diagnose = i % config.log_every == 0
+        diagnostic = None
+        if method.diagnose and config.diag_micro_batch:
+            diagnostic = method.micro_batch_gradient_norm(batch, config.diag_micro_batch)
+        out = method.step(batch)
+        if diagnostic is not None:
+            out["diag_micro_grad_norm"] = diagnostic
+        interval.add(out, ctx.device)
+        if method.diagnose:  # the global batch's values: averaged over the ranks
+            interval.logged.append((state.done, epoch, lr, rank_mean(out, ctx.world, ctx.device)))
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
+        if bar is not None:
+            bar.update()
+        state.done += 1
+        interval.epoch, interval.lr, interval.epoch_ends = epoch, lr, i == ctx.steps_per_epoch - 1
+        if interval.epoch_ends:
+            method.end_epoch(epoch)
+            state.batches = None
+        every = config.eval_every
+        if state.done == ctx.total or (every and state.done % every == 0) or (interval.epoch_ends and not every):
+            return interval
+
+
+def evaluation_row(ctx: Context, state: LoopState, interval: Interval) -> dict:
+    """The history row of an interval, appended to the history: the training metrics' means (the
+    interval's one host sync), its time, each evaluation split's loss and accuracy, and what the
+    evaluation hooks add; the interval's logged steps join the state's."""
+    config, model = ctx.config, ctx.parts.model
+    means = reduce_means({k: (v / interval.counts[k]).item() for k, v in interval.sums.items()}, ctx.world)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    elapsed = time.perf_counter() - interval.started
+    state.steps.extend(
+        {"step": s, "epoch": e, "lr": lr, **{k: float(v) for k, v in out.items()}} for s, e, lr, out in interval.logged
+    )
+    if config.steps:
+        row = {"step": state.done, "epoch": interval.epoch, "lr": interval.lr, "interval_time_s": elapsed}
+    else:
+        first_lr = lr_at(config, interval.epoch, 0, ctx.steps_per_epoch)
+        row = {"epoch": interval.epoch, "lr": first_lr, "epoch_time_s": elapsed}
+    row["images_per_s"] = len(interval.losses) * config.batch_size / elapsed
+    row.update({f"train_{k}": v for k, v in means.items()})
+    average_buffers(model, ctx.world)
+    t_eval = time.perf_counter()
+    if ctx.world.main:
+        for split, loader in ctx.parts.eval_loaders.items():
+            row.update({f"{split}_{k}": v for k, v in evaluate(model, loader, ctx.settings.amp_dtype).items()})
+    row["eval_time_s"] = time.perf_counter() - t_eval
+    if ctx.world.main:
+        for hook in ctx.hooks:
+            row.update(hook(row, model, len(state.history) + 1))
+    state.history.append(row)
+    return row
+
+
+def divergence(state: LoopState, interval: Interval, row: dict) -> dict:
+    """Where the run diverged ({} if it did not): the first non-finite training loss of the
+    interval, else (a non-finite evaluation loss) the interval's last step."""
+    losses = torch.stack(interval.losses)
+    bad = (~torch.isfinite(losses)).nonzero()
+    if not len(bad) and all(math.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
+        return {}
+    j = int(bad[0]) if len(bad) else len(losses) - 1
+    value = float(losses[j]) if len(bad) else row.get("test_loss", float("nan"))
+    return {"diverged_step": state.done - len(losses) + j, "diverged_value": value}
+
+
+def checkpoint(ctx: Context, state: LoopState, interval: Interval) -> None:
+    """The history, the logged steps, the checkpoint (and a kept copy when keep_checkpoints names
+    this evaluation) and the summary, each written atomically by rank 0."""
+    wall = state.wall_before + time.perf_counter() - ctx.started
+    write_metrics(ctx, state)
+    parts = ctx.parts
+    method_ranks = gather_to_main(parts.method.state_dict(), ctx.world)  # a collective: every rank
+    if ctx.world.main:
+        saved = {
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "method": parts.method.state_dict(),
+            "method_ranks": method_ranks,
+            "epoch": state.done // ctx.steps_per_epoch,
+            "step": state.done,
+            "rng": None if interval.epoch_ends else rng_state(ctx.device),
+            "history": state.history,
+            "steps": state.steps,
+            "wall_time_s": wall,
+        }
+        results.save_checkpoint(ctx.run_dir / results.CHECKPOINT, saved)
+        if len(state.history) in ctx.config.keep_checkpoints:
+            results.save_checkpoint(ctx.run_dir / f"checkpoint-{len(state.history)}.pt", saved)
+    write_summary(ctx, state, "running", wall)
+
+
+def finish(ctx: Context, state: LoopState, status: str, diverged: dict) -> Run | None:
+    """The final summary: completed, stopped (by stop_after) or diverged (its history kept up to
+    the failure; the last checkpoint stays the last good one). The run, on rank 0."""
+    if status == "completed" and state.done < ctx.total:
         status = "stopped"
-    if status == "diverged":  # keep the history up to the failure; the last checkpoint stays the last good one
-        write(results.EPOCHS, history)
-        write(results.STEPS, steps)
-    write_summary(status, wall_before + time.perf_counter() - t_start, **diverged)
-    return load_run(run_dir, config) if world.main else None
+    if status == "diverged":
+        write_metrics(ctx, state)
+    write_summary(ctx, state, status, state.wall_before + time.perf_counter() - ctx.started, **diverged)
+    return load_run(ctx.run_dir, ctx.config) if ctx.world.main else None
 
 
-class GridRuns(list):
-    """The runs of a grid in grid order, as a list; its repr is one line, so a notebook cell that ends
-    with a grid shows a summary, not every run's history."""
-
-    def __repr__(self) -> str:
-        statuses = Counter(run.summary.get("status", "?") for run in self)
-        folders = {str(run.run_dir.parent) for run in self}
-        where = f" in {folders.pop()}" if len(folders) == 1 else ""
-        return f"<{len(self)} runs{where}: {', '.join(f'{n} {s}' for s, n in statuses.items())}>"
+def write_metrics(ctx: Context, state: LoopState) -> None:
+    if ctx.world.main:
+        results.write_parquet(ctx.run_dir / results.EPOCHS, state.history)
+        results.write_parquet(ctx.run_dir / results.STEPS, state.steps)
 
 
-def grid_configs(
-    base: dict, variants: list[dict], seeds: list[int], runs_dir, check_run_dirs: bool = True
-) -> list[Config]:
-    """The Config of every variant (a dict of Config fields, with a "label") for every seed, with
-    out_dir runs_dir/<label>-s<seed>, all checked before any trains: a bad field, method or
-    hyper-parameter anywhere, two variants with one label, or (unless check_run_dirs is False, for a
-    grid built with a stand-in value to be checked early) a run directory that holds another run
-    raises a UsageError naming the variant."""
-    configs, owners = [], {}
-    for variant in variants:
-        name = variant.get("label") or variant.get("method") or base.get("method", "sgd")
-        for seed in seeds:
-            out_dir = str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")
-            if out_dir in owners:
-                raise UsageError(
-                    f"grid variants {owners[out_dir]!r} and {name!r} share the run directory {out_dir}: "
-                    "give them different labels"
-                )
-            owners[out_dir] = name
-            # progress off: the grid reports its own (train_configs)
-            fields = {**base, **variant, "label": name, "seed": seed, "out_dir": out_dir, "progress": False}
-            try:
-                config = Config.from_dict(fields)
-                if check_run_dirs:
-                    check_run_dir(Path(out_dir), config)
-            except UsageError as e:
-                raise UsageError(f"grid variant {name!r}, seed {seed}: {e}") from None
-            configs.append(config)
-    return configs
-
-
-def train_configs(configs: list[Config], executor: str | None = None, ray=None) -> GridRuns:
-    """Train (or resume, or return the finished) run of each Config and return them in order. A
-    diverged run is recorded as such and the grid goes on.
-
-    executor "sequential": one run after the other in this process, progress live in a notebook and
-    printed elsewhere (progress.py). executor "ray": every run a Ray task (cluster.py; `ray` is a
-    cluster.RayOptions: address, CPUs and GPUs per run), progress read from the run directories.
-    None: what `gvr-lab run --executor` set for this notebook, else sequential."""
-    from . import cluster
-
-    executor, options = cluster.resolve_executor(executor, ray)
-    if executor == "ray":
-        from .progress import GridStatus
-
-        where = options.address or "a local Ray instance"
-        cluster.run_grid(configs, options, GridStatus(configs, where))
-        return GridRuns(load_run(c.run_dir(), c) for c in configs)
-    from .progress import grid_report
-
-    report = grid_report(len(configs))
-    runs = GridRuns()
-    for index, config in enumerate(configs):
-        report.start(index, config)
-        run = train(config, on_evaluation=report.evaluation)
-        if run is not None:  # None on data-parallel ranks other than 0
-            report.finish(run)
-            runs.append(run)
-    return runs
-
-
-def train_grid(
-    base: dict, variants: list[dict], seeds: list[int], runs_dir, executor: str | None = None, ray=None
-) -> GridRuns:
-    """grid_configs then train_configs: every Config (and the executor) is checked before the first
-    run trains or is submitted."""
-    from . import cluster
-
-    cluster.resolve_executor(executor, ray)
-    return train_configs(grid_configs(base, variants, seeds, runs_dir), executor, ray)
+def write_summary(ctx: Context, state: LoopState, status: str, wall: float, **more) -> None:
+    if ctx.world.main:
+        facts = {**ctx.facts(), "steps_completed": state.done, **more}
+        results.write_json(ctx.run_dir / results.SUMMARY, summarize(state.history, status, wall, facts))
 
 
 def make_progress(config: Config, initial: int, total: int):
     if not config.progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, initial=initial, desc=f"{config.method} {config.model}", unit="step", leave=False, mininterval=1.0
     )

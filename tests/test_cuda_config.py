@@ -117,7 +117,8 @@ def config_of(name, hp, norms_log):
 def train_steps(config, settings):
     """The loop's own pieces, run for config.epochs: (initial, final) flat weights, losses, and
     the (parameter shape, grad strides, parameter strides) of every misaligned gradient."""
-    train_loader, _, model, optimizer, method = build(config, settings, World())
+    parts = build(config, settings, World())
+    train_loader, model, optimizer, method = parts.train_loader, parts.model, parts.optimizer, parts.method
     misaligned = []
 
     def check_layout(opt, args, kwargs):

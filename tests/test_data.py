@@ -270,7 +270,8 @@ def test_a_noisy_run_records_the_realized_fraction_and_evaluates_on_clean_labels
     from gvr_lab.training import DeviceSettings, build
 
     config = tiny_config(label_noise=0.25, epochs=1, val_split=128)
-    train_loader, evals, *_ = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
+    parts = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
+    train_loader, evals = parts.train_loader, parts.eval_loaders
     clean, clean_test = load_dataset("synthetic")
     assert torch.equal(evals["test"].labels, clean_test.labels)
     assert torch.equal(evals["val"].labels, clean.labels[evals["val"].index])

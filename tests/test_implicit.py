@@ -448,7 +448,8 @@ def test_training_run_logs_the_diagnostics(tiny_config):
     for col in ("loss", "penalty", "grad_norm", "micro_grad_norm", "micro_grad_sq"):
         assert run_.steps[col].notna().all() and (run_.steps[col] >= 0).all(), col
     # The first logged row, by hand: the run's initial weights on its first batch, micro-batch by micro-batch.
-    loader, _, model, _, _ = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
+    parts = build(config, DeviceSettings.of(config, torch.device("cpu")), World())
+    loader, model = parts.train_loader, parts.model
     seed_epoch(config.seed, 0)
     first = next(loader.epoch(0))
     norms = torch.stack(

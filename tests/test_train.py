@@ -190,9 +190,8 @@ def test_the_diagnostic_micro_batch_norm_is_logged_without_changing_training(tin
     assert "diag_micro_grad_norm" not in plain.steps and diag.steps["diag_micro_grad_norm"].notna().all()
     # the first logged step by hand: the initial weights on the first batch, micro-batches of 16
     config = tiny_config(out_dir=str(tmp_path / "x"), diag_micro_batch=16, **fields)
-    loader, _, model, _, _ = training.build(
-        config, training.DeviceSettings.of(config, torch.device("cpu")), gvr_lab.distributed.World()
-    )
+    parts = training.build(config, training.DeviceSettings.of(config, torch.device("cpu")), gvr_lab.distributed.World())
+    loader, model = parts.train_loader, parts.model
     training.seed_epoch(config.seed, 0)
     first = next(loader.epoch(0))
     for module in model.modules():  # frozen statistics: batch norm normalizes by each micro-batch's

@@ -2,7 +2,9 @@
 
 import importlib
 import pkgutil
+import sys
 
+from .. import quant
 from .base import METHODS, Method, create_method, list_methods, method_class, register_method
 
 for _module in pkgutil.iter_modules(__path__):
@@ -39,10 +41,6 @@ def markdown_table() -> str:
 def method_notes() -> str:
     """docs/methods.md: the method table, then each family's module docstring (formula, reference,
     every deviation and its reason), the one place those notes are written."""
-    import sys
-
-    from .. import quant
-
     modules = sorted(
         {sys.modules[cls.__module__] for cls in METHODS.values()},
         key=lambda m: (
