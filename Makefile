@@ -9,12 +9,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gvr_lab-installed
 DATA_STAMP := $(VENV)/.gvr_lab-data
 
-BENCH_METHODS ?= sgd pseudo_gd:micro_batch_size=32 reg_loss:micro_batch_size=32 reg_loss:micro_batch_size=32,hvp=fd \
-  fish_loss:micro_batch_size=32 fish_loss:micro_batch_size=32,hvp=fd avg_jac_loss:micro_batch_size=32 \
-  avg_jac_loss:micro_batch_size=32,hvp=fd unit_jac_loss:micro_batch_size=32 unit_jac_loss:micro_batch_size=32,hvp=fd \
-  iter_graft:micro_batch_size=32 ngd:micro_batch_size=32 gvr:penalty=closed_form,target=fc gvr gvr:penalty=fd \
-  sam asam looksam esam saf mesa vsam:window=5,blocks=1,warmup_epochs=0
-
 .PHONY: setup venv demo test test-fast lint fmt lab figures bench clean
 
 setup: $(STAMP) $(DATA_STAMP)
@@ -75,10 +69,11 @@ fmt: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# CPU benchmark of every method on the Fashion-MNIST shape (BENCHMARKS.md's table); it has the GPU commands too.
+# CPU benchmark of every method's benchmark rows (Method.bench_rows) on the Fashion-MNIST shape
+# (BENCHMARKS.md's table); BENCHMARKS.md has the GPU commands too.
 bench: setup
 	$(VENV)/bin/gvr-lab bench --model small_cnn --shape 1x28 --batch-size 128 --rounds 9 --steps 4 --warmup 2 \
-	  --hvp --json benchmarks/cpu-small_cnn.json --into BENCHMARKS.md --methods $(BENCH_METHODS)
+	  --hvp --json benchmarks/cpu-small_cnn.json --into BENCHMARKS.md --methods all
 
 # JupyterLab on notebooks/ with this checkout's kernel; extra flags: make lab LAB_ARGS="--port 9999"
 LAB_ARGS ?=

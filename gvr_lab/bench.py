@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
 from .landscape import Objective
 from .methods import METHODS as METHOD_NAMES
-from .methods import method_class
+from .methods import in_table_order, method_class
+from .methods.base import TWO_VIEW_SGD, SpeedTarget
 from .results import write_atomic
 from .training import Config, DeviceSettings, build_model
 
@@ -82,9 +84,6 @@ class HessianVectorProduct:
         self.objective(self.model, [(batch.x, batch.y)]).hvp(self.v)
         self.model.train()
         return {}
-
-
-TWO_VIEW_SGD_LABEL = "sgd on both views (2B images)"
 
 
 def bench_loader(
@@ -191,7 +190,7 @@ def run_bench(
     if any(e["method"].views == 2 for e in entries):
         # Two-view methods (gvr) pass 2B images per step: their fair reference is sgd on both views.
         both = Batch(torch.cat([batch.x, batch.x2]), torch.cat([batch.y, batch.y]), torch.cat([batch.index] * 2))
-        entries.append(make_entry("sgd", {}, TWO_VIEW_SGD_LABEL, both))
+        entries.append(make_entry("sgd", {}, TWO_VIEW_SGD, both))
     if hvp:
         entry = make_entry("sgd", {}, HVP_LABEL, batch)
         entry["method"] = HessianVectorProduct(entry["method"].model)
@@ -311,34 +310,44 @@ def write_report(report: dict, path: str) -> None:
 
 # ---------------------------------------------------------------------- BENCHMARKS.md, written by the tool
 
-# Speed targets (ours; set for a GPU): the median time of a method's row against its fair
-# reference's, at most `bound` (a number, or a function of the row's hyper-parameters and sampled
-# fraction p). A row is picked by method name and the hyper-parameters it must have.
-TARGETS = [
-    ("sam <= 2.05x sgd", ("sam", {}), ("sgd", {}), 2.05),
-    ("vsam <= 1 + p + 0.05", ("vsam", {}), ("sgd", {}), lambda hp, p: 1 + p + 0.05),
-    ("looksam ~ 1 + 1/k", ("looksam", {}), ("sgd", {}), lambda hp, p: 1 + 1 / hp.get("k", 5)),
-    ("gvr closed_form <= 1.05x sgd on both views", ("gvr", {"penalty": "closed_form"}), (TWO_VIEW_SGD_LABEL, {}), 1.05),
-    ("reg_loss fd <= 2.1x pseudo_gd", ("reg_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
-    ("fish_loss fd <= 2.1x pseudo_gd", ("fish_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
-    ("avg_jac_loss fd <= 2.1x pseudo_gd", ("avg_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
-    ("unit_jac_loss fd <= 2.1x pseudo_gd", ("unit_jac_loss", {"hvp": "fd"}), ("pseudo_gd", {}), 2.1),
-    *[
-        (f"{name} exact <= 3.5x pseudo_gd", (name, {"hvp": "exact"}), ("pseudo_gd", {}), 3.5)
-        for name in ("reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss")
-    ],
-    ("data < 5% of an sgd step", (DATA_LABEL, {}), ("sgd", {}), 0.05),
-    ("one Hessian-vector product ~ 2x an sgd step", (HVP_LABEL, {}), ("sgd", {}), 2.0),
-]
+# Speed targets (ours; set for a GPU) of rows that are no method's: the loader and the curvature
+# instruments' unit. A method's own are in its class (Method.speed_targets).
+OTHER_TARGETS = (
+    SpeedTarget("data < 5% of an sgd step", {}, "sgd", 0.05),
+    SpeedTarget("one Hessian-vector product ~ 2x an sgd step", {}, "sgd", 2.0),
+)
+
+
+def targets() -> list[tuple[str, tuple[str, dict], tuple[str, dict], object]]:
+    """(what, the row's (name, hyper-parameters), its reference row's, bound) of every speed target:
+    every registered method's, in the method table's order, then the loader's and the HVP's."""
+    out = [
+        (t.what, (cls.name, t.hparams), (t.reference, {}), t.bound)
+        for cls in in_table_order()
+        for t in cls.speed_targets
+    ]
+    for target, label in zip(OTHER_TARGETS, (DATA_LABEL, HVP_LABEL)):
+        out.append((target.what, (label, {}), (target.reference, {}), target.bound))
+    return out
+
+
+def all_bench_rows() -> list[tuple[str, dict]]:
+    """`--methods all`: every registered method's benchmark rows (Method.bench_rows), in the method
+    table's order."""
+    return [(cls.name, dict(hp)) for cls in in_table_order() for hp in cls.bench_rows]
+
+
 # A CPU's kernels and noise differ from the GPU the targets were set for: there a target counts as
 # met within this factor.
 CPU_SLACK = 1.1
 
 
 def label_spec(label: str) -> tuple[str, dict]:
-    """'reg_loss:hvp=fd,micro_batch_size=32' -> ('reg_loss', {'hvp': 'fd', 'micro_batch_size': '32'})."""
+    """'reg_loss:hvp=fd,micro_batch_size=32' -> ('reg_loss', {'hvp': 'fd', 'micro_batch_size': 32}),
+    the values typed as YAML reads them."""
     name, _, args = label.partition(":")
-    return name, dict(item.split("=", 1) for item in filter(None, args.split(",")))
+    pairs = (item.split("=", 1) for item in filter(None, args.split(",")))
+    return name, {key: yaml.safe_load(value) for key, value in pairs}
 
 
 def find_row(rows: list[dict], spec: tuple[str, dict]) -> dict | None:
@@ -359,12 +368,13 @@ def verdicts(report: dict) -> list[tuple[str, str, str]]:
     were measured."""
     cpu = report["setup"]["device"] == "cpu"
     out = []
-    for what, spec, reference_spec, bound in TARGETS:
+    for what, spec, reference_spec, bound in targets():
         row, reference = find_row(report["results"], spec), find_row(report["results"], reference_spec)
         if row is None or reference is None:
             continue
         if callable(bound):
-            bound = bound(label_spec(row["label"])[1], row["sampled_fraction"] or 0.0)
+            name, hp = label_spec(row["label"])
+            bound = bound(method_class(name).resolve_hparams(hp), row["sampled_fraction"] or 0.0)
         median = row["ms_per_step"] / reference["ms_per_step"]
         least = row["ms_min"] / reference["ms_min"]
         if median <= bound:
@@ -382,7 +392,7 @@ def verdicts(report: dict) -> list[tuple[str, str, str]]:
 def markdown_report(report: dict, source: str) -> str:
     """The block BENCHMARKS.md holds for a bench JSON: setup, command, table, verdicts."""
     s = report["setup"]
-    specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD_LABEL, HVP_LABEL)]
+    specs = [r["label"] for r in report["results"] if r["label"] not in (DATA_LABEL, TWO_VIEW_SGD, HVP_LABEL)]
     command = (
         f"gvr-lab bench --model {s['model']} --shape {s['shape']} --batch-size {s['batch_size']} "
         f"--device {s['device']} --precision {s['precision']}{' --compile' if s['compile'] else ''} "

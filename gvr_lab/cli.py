@@ -181,7 +181,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench, write_markdown_block, write_report
+    from .bench import all_bench_rows, format_table, run_bench, write_markdown_block, write_report
 
     if args.into and not args.json:
         raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
@@ -193,7 +193,7 @@ def cmd_bench(args) -> int:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     device = resolve_device(args.device)
-    methods = [parse_method_spec(spec) for spec in args.methods]
+    methods = all_bench_rows() if args.methods == ["all"] else [parse_method_spec(spec) for spec in args.methods]
     report = run_bench(
         args.model,
         (int(channels), int(size)),
@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["sgd"],
         metavar="NAME[:K=V,...]",
-        help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc",
+        help="methods with optional hyperparameters, e.g. gvr:penalty=closed_form,target=fc; 'all': every "
+        "registered method's benchmark rows (Method.bench_rows)",
     )
     b.add_argument("--device", default="auto")
     b.add_argument(

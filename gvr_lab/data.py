@@ -11,6 +11,9 @@ Datasets: `fashion_mnist` (the offline default), `cifar10`, `cifar100` (torchvis
 format) and `synthetic` (deterministic, for tests and smoke runs). Files are looked up in
 $GVR_LAB_DATA, ./data and Debian's /usr/share/datasets, then downloaded through torchvision when
 online; set GVR_LAB_OFFLINE=1 to never try.
+
+A dataset is registered as a model is: `@register_dataset(DatasetInfo(...))` on the function that
+loads its (train, test) splits as uint8 tensors (docs/adding_a_dataset.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import gzip
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +44,40 @@ class Batch:
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What the loop needs to know of a dataset: classes, image shape, and the per-channel mean
+    and std (of [0, 1] pixel values) it normalizes with."""
+
     name: str
     num_classes: int
     channels: int
-    size: int
+    size: int  # images are size x size
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
-DATASETS = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
-    # The GVR code's constants; Novack's differ in the 4th digit.
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "synthetic": DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,): what the model is trained (or evaluated) on
+    clean_labels: torch.Tensor | None = None  # the true labels where `labels` carry label noise
+
+
+Loader = Callable[..., tuple[Split, Split]]  # data_dir (a folder searched first, or None) -> (train, test)
+DATASETS: dict[str, tuple[DatasetInfo, Loader]] = {}
+
+
+def register_dataset(info: DatasetInfo) -> Callable[[Loader], Loader]:
+    """Register the decorated loader under info.name; a taken name is refused."""
+
+    def register(load: Loader) -> Loader:
+        if info.name in DATASETS:
+            raise ValueError(f"dataset {info.name!r} is already registered")
+        if info.channels not in (1, 3) or len(info.mean) != info.channels or len(info.std) != info.channels:
+            raise ValueError(f"dataset {info.name!r}: 1 or 3 channels, with a mean and a std per channel")
+        DATASETS[info.name] = (info, load)
+        return load
+
+    return register
 
 
 def list_datasets() -> list[str]:
@@ -63,14 +86,7 @@ def list_datasets() -> list[str]:
 
 def dataset_info(name: str) -> DatasetInfo:
     check_choice("dataset", name, list_datasets())
-    return DATASETS[name]
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,): what the model is trained (or evaluated) on
-    clean_labels: torch.Tensor | None = None  # the true labels where `labels` carry label noise
+    return DATASETS[name][0]
 
 
 # --------------------------------------------------------------------------- locating files
@@ -133,6 +149,7 @@ def read_idx(path: Path, expect_dims: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
+@register_dataset(DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)))
 def load_fashion_mnist(data_dir=None) -> tuple[Split, Split]:
     folder = find_fashion_dir(data_dir)
     if folder is None:
@@ -194,10 +211,21 @@ def load_cifar(name: str, data_dir=None) -> tuple[Split, Split]:
             " (or set GVR_LAB_DATA)"
         )
         folder = download_with_torchvision(tv_name, data_dir, hint) / folder_name
-    num_classes = DATASETS[name].num_classes
+    num_classes = dataset_info(name).num_classes
     return tuple(
         read_cifar_files([folder / f for f in files], label_key, num_classes) for files in (train_files, test_files)
     )
+
+
+# The GVR code's constants; Novack's differ in the 4th digit.
+@register_dataset(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)))
+def load_cifar10(data_dir=None) -> tuple[Split, Split]:
+    return load_cifar("cifar10", data_dir)
+
+
+@register_dataset(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)))
+def load_cifar100(data_dir=None) -> tuple[Split, Split]:
+    return load_cifar("cifar100", data_dir)
 
 
 def read_cifar_files(paths: list[Path], label_key: bytes, num_classes: int) -> Split:
@@ -237,7 +265,8 @@ def download_with_torchvision(tv_name: str, data_dir, hint: str | None = None) -
 # --------------------------------------------------------------------------- synthetic
 
 
-def make_synthetic() -> tuple[Split, Split]:
+@register_dataset(DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+def make_synthetic(data_dir=None) -> tuple[Split, Split]:
     """Ten classes of smooth random 3x32x32 templates plus per-image noise, 2048 training and 512
     test images: learnable, deterministic."""
     g = torch.Generator().manual_seed(0)
@@ -252,13 +281,17 @@ def make_synthetic() -> tuple[Split, Split]:
 
 
 def load_dataset(name: str, data_dir=None) -> tuple[Split, Split]:
-    """(train, test) splits of a dataset as uint8 CPU tensors."""
-    dataset_info(name)
-    if name == "synthetic":
-        return make_synthetic()
-    if name == "fashion_mnist":
-        return load_fashion_mnist(data_dir)
-    return load_cifar(name, data_dir)
+    """(train, test) splits of a registered dataset as uint8 CPU tensors, checked against its info."""
+    info = dataset_info(name)
+    train, test = DATASETS[name][1](data_dir)
+    for split, part in ((train, "train"), (test, "test")):
+        shape = tuple(split.images.shape[1:])
+        if split.images.dtype != torch.uint8 or shape != (info.channels, info.size, info.size):
+            raise UsageError(
+                f"dataset {name!r}: its {part} images are {split.images.dtype} {shape}, its info says uint8 "
+                f"{(info.channels, info.size, info.size)}"
+            )
+    return train, test
 
 
 # --------------------------------------------------------------------------- splits

@@ -28,30 +28,13 @@ import seaborn as sns
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .methods import METHODS
 from .results import write_atomic
 from .stats import mean_ci as interval
 from .stats import paired_differences
 
-# Fixed per method, not drawn from a cycle, so a method keeps its colour whichever others share the figure.
-METHOD_COLORS = {
-    "sgd": "#3b3b3b",
-    "pseudo_gd": "#9a9a9a",
-    "gvr": "#0173b2",
-    "sam": "#de8f05",
-    "asam": "#a6761d",
-    "looksam": "#029e73",
-    "esam": "#d55e00",
-    "saf": "#cc78bc",
-    "mesa": "#f0a6d8",
-    "vsam": "#56b4e9",
-    "reg_loss": "#1b9e77",
-    "fish_loss": "#7570b3",
-    "avg_jac_loss": "#e7298a",
-    "unit_jac_loss": "#66a61e",
-    "iter_graft": "#e6ab02",
-    "exter_graft": "#8c564b",
-    "ngd": "#17becf",
-}
+# A method's colour is its class's (Method.color), fixed, not drawn from a cycle, so a method keeps its
+# colour whichever others share the figure; one without draws from this palette by its name.
 OTHER_COLORS = sns.color_palette("tab20", 20).as_hex()  # methods added later, by name
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
@@ -76,8 +59,9 @@ LABELS = {
 
 
 def method_color(method: str) -> str:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    registered = METHODS.get(method)
+    if registered is not None and registered.color:
+        return registered.color
     return OTHER_COLORS[sum(map(ord, method)) % len(OTHER_COLORS)]
 
 

@@ -35,7 +35,7 @@ model: str = "small_cnn"  # see gvr_lab.list_models()
 methods: list = ["sgd", "sam", "looksam", "esam", "saf", "vsam"]  # compared methods
 method_args: dict = {
     "vsam": {"warmup_epochs": 1, "window": 10, "blocks": 2},
-    "saf": {"start_epoch": 0, "lag": 1},
+    "saf": {"kl_start_epoch": 0, "lag": 1},
 }  # per method
 epochs: int = 4  # passes over the training set
 batch_size: int = 128  # examples per step
@@ -64,7 +64,7 @@ study = gl.Study(
             "batch_size": 64,
             "method_args": {
                 "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
-                "saf": {"start_epoch": 0, "lag": 1},
+                "saf": {"kl_start_epoch": 0, "lag": 1},
             },
             "device": "cpu",
         },
@@ -77,7 +77,7 @@ study = gl.Study(
             "batch_size": 256,
             "lr": 0.1,
             "seeds": [0, 1],
-            "method_args": {"vsam": {"warmup_epochs": 3}, "saf": {"start_epoch": 3}},
+            "method_args": {"vsam": {"warmup_epochs": 3}, "saf": {"kl_start_epoch": 3}},
         },
         "paper": {
             "dataset": "cifar100",

@@ -49,8 +49,8 @@ TIER_HPARAMS = {
     "gvr": {"subset": 8},
     "looksam": {"k": 2},
     "vsam": {"warmup_epochs": 0, "window": 3, "blocks": 1},
-    "saf": {"start_epoch": 0, "lag": 1},
-    "mesa": {"start_epoch": 0},
+    "saf": {"kl_start_epoch": 0, "lag": 1},
+    "mesa": {"kl_start_epoch": 0},
 }
 
 

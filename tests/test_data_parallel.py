@@ -94,8 +94,8 @@ CASES = [
         {"window": 4, "blocks": 2, "warmup_epochs": 1},
     ),
     # SAF's memory is merged across ranks, so every sample finds its past on whichever rank it lands
-    ("saf", "saf", {"start_epoch": 0, "lag": 1}, {"start_epoch": 0, "lag": 1}),
-    ("mesa", "mesa", {"start_epoch": 0}, {"start_epoch": 0}),
+    ("saf", "saf", {"kl_start_epoch": 0, "lag": 1}, {"kl_start_epoch": 0, "lag": 1}),
+    ("mesa", "mesa", {"kl_start_epoch": 0}, {"kl_start_epoch": 0}),
 ]
 EQUIVALENT = [c for c in CASES if c[3] is not None]
 # Method state that every rank must hold alike (LookSAM's and vSAM's is per rank without sync_ascent).
@@ -104,7 +104,7 @@ SHARED_STATE = ["looksam sync_ascent", "vsam sync_ascent", "saf", "mesa", "mesa 
 RESUMED = [
     ("looksam per rank", "looksam", {"k": 3}, {}),
     ("vsam per rank", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1}, {}),
-    ("mesa bn", "mesa", {"start_epoch": 0}, {"bn": True}),
+    ("mesa bn", "mesa", {"kl_start_epoch": 0}, {"bn": True}),
 ]
 UPDATE_NORM = {
     "sam": "sam_grad_norm",

@@ -549,27 +549,3 @@ def test_loss_contours_share_their_levels_across_panels():
     assert levels[0][0] == pytest.approx(0.5) and levels[0][-1] == pytest.approx(9.0)  # both panels' range
     assert [ax.get_title() for ax in fig.axes[:2]] == ["flat", "sharp"]
     plt.close(fig)
-
-
-def test_vsam_share_after_warm_up_in_steps_and_epochs_mode():
-    import pandas as pd
-
-    from gvr_lab import terms
-
-    steps_mode = pd.DataFrame(
-        {
-            "method": "vsam",
-            "arg_warmup_epochs": 1,
-            "steps_per_epoch": 64,
-            "epoch": [1, 2, 3],
-            "step": [80, 160, 240],
-            "train_sampled": [0.9, 0.1, 0.1],
-        }
-    )
-    # steps 1-80 hold the 64 warm-up steps (all SAM) and 72 - 64 = 8 sampled ones; then 8 and 8
-    assert terms.vsam_share_after_warmup(steps_mode) == pytest.approx(24 / 176)
-    assert terms.describe(steps_mode) == "37% of steps (14% after warm-up)"
-    epochs_mode = steps_mode.drop(columns="step").assign(epoch=[0, 1, 2], train_sampled=[1.0, 0.2, 0.1])
-    assert terms.describe(epochs_mode) == "43% of steps (15% after warm-up)"
-    inside = steps_mode.assign(step=[20, 40, 64], train_sampled=1.0)
-    assert terms.vsam_share_after_warmup(inside) is None and terms.describe(inside) == "100% of steps"

@@ -31,8 +31,8 @@ def norms_log(tmp_path):
 # with windows of 2 steps (reuse steps read the stored PSF), SAF's and MESA's terms from epoch 1 on.
 ACTIVE = {
     "vsam": {"warmup_epochs": 0, "window": 2, "blocks": 1},
-    "saf": {"start_epoch": 0, "lag": 1},
-    "mesa": {"start_epoch": 0},
+    "saf": {"kl_start_epoch": 0, "lag": 1},
+    "mesa": {"kl_start_epoch": 0},
     "looksam": {"k": 3},
 }
 

@@ -252,13 +252,13 @@ def test_figures_refuse_runs_whose_term_never_acted(tmp_path, monkeypatch, capsy
     from gvr_lab import plots
 
     study = make_study(tmp_path, monkeypatch)
-    saf = {"start_epoch": 0, "lag": 3}  # acts from epoch max(0, 3) + 1 = 4: never in 3 epochs (0, 1, 2)
+    saf = {"kl_start_epoch": 0, "lag": 3}  # acts from epoch max(0, 3) + 1 = 4: never in 3 epochs (0, 1, 2)
     train_grid(
         {**TINY, "epochs": 3},
         [
             dict(method="sgd"),
             dict(method="saf", method_args=saf),
-            dict(method="saf", method_args={"start_epoch": 0, "lag": 1}, label="saf lag 1"),
+            dict(method="saf", method_args={"kl_start_epoch": 0, "lag": 1}, label="saf lag 1"),
         ],
         [0],
         study.runs_root,

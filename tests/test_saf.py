@@ -67,7 +67,7 @@ BATCHES = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]
 
 
 def test_saf_with_lam_zero_is_sgd():
-    model, opt, saf = build(lam=0.0, start_epoch=0, lag=1)
+    model, opt, saf = build(lam=0.0, kl_start_epoch=0, lag=1)
     sgd_model, sgd_opt, sgd = build("sgd")
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
@@ -83,7 +83,7 @@ def test_saf_with_lam_zero_is_sgd():
 
 
 def test_saf_term_is_inactive_up_to_start_epoch():
-    model, opt, saf = build(lam=1.0, start_epoch=2, lag=1)
+    model, opt, saf = build(lam=1.0, kl_start_epoch=2, lag=1)
     sgd_model, sgd_opt, sgd = build("sgd")
     for epoch in range(4):
         saf.start_epoch(epoch)
@@ -97,7 +97,7 @@ def test_saf_term_is_inactive_up_to_start_epoch():
 
 def test_saf_kl_matches_the_formula_and_its_gradient():
     lam, tau = 0.7, 3.0
-    model, opt, saf = build(lam=lam, tau=tau, start_epoch=0, lag=1)
+    model, opt, saf = build(lam=lam, tau=tau, kl_start_epoch=0, lag=1)
     saf.start_epoch(0)
     saf.step(batch(BATCHES[0]))  # epoch 0: indices are discovered, nothing is stored
     saf.start_epoch(1)
@@ -121,7 +121,7 @@ def test_saf_kl_matches_the_formula_and_its_gradient():
 
 
 def test_saf_term_and_its_gradient_vanish_when_the_logits_equal_the_stored_ones():
-    model, opt, saf = build(lam=1.0, start_epoch=0, lag=1, lr=0.0)  # lr 0: the weights never move
+    model, opt, saf = build(lam=1.0, kl_start_epoch=0, lag=1, lr=0.0)  # lr 0: the weights never move
     epochs_of_batches(saf, 2, BATCHES)
     saf.start_epoch(2)
     b = batch(BATCHES[1])
@@ -132,7 +132,7 @@ def test_saf_term_and_its_gradient_vanish_when_the_logits_equal_the_stored_ones(
 
 
 def test_saf_memory_is_indexed_by_dataset_index_not_by_row():
-    model, opt, saf = build(lam=1.0, start_epoch=0, lag=1)
+    model, opt, saf = build(lam=1.0, kl_start_epoch=0, lag=1)
     epochs_of_batches(saf, 1, BATCHES)
     saf.start_epoch(1)
     b = batch([11, 3, 14, 6])
@@ -151,7 +151,7 @@ def test_saf_memory_is_indexed_by_dataset_index_not_by_row():
 
 def test_saf_ring_buffer_reads_the_logits_of_exactly_lag_epochs_ago():
     lag, tau = 2, 2.0
-    model, opt, saf = build(lam=0.5, tau=tau, start_epoch=0, lag=lag)
+    model, opt, saf = build(lam=0.5, tau=tau, kl_start_epoch=0, lag=lag)
     epochs_of_batches(saf, 1, BATCHES)
     index = [4, 9, 1]
     written = {}
@@ -172,7 +172,7 @@ def test_saf_ring_buffer_reads_the_logits_of_exactly_lag_epochs_ago():
 
 def test_saf_memory_grows_to_new_indices_and_rows_without_a_past_count_zero():
     lag, tau = 1, 4.0
-    model, opt, saf = build(lam=1.0, tau=tau, start_epoch=0, lag=lag)
+    model, opt, saf = build(lam=1.0, tau=tau, kl_start_epoch=0, lag=lag)
     epochs_of_batches(saf, 1, [[0, 1, 2, 3]])
     saf.start_epoch(1)
     assert saf.memory is None  # grown lazily, at the first step of the epoch
@@ -203,7 +203,7 @@ def round_trip(*states):
 
 
 @pytest.mark.parametrize(
-    "name, hp", [("saf", dict(start_epoch=0, lag=2)), ("mesa", dict(start_epoch=1, ema_decay=0.9))]
+    "name, hp", [("saf", dict(kl_start_epoch=0, lag=2)), ("mesa", dict(kl_start_epoch=1, ema_decay=0.9))]
 )
 def test_resume_from_state_dict_continues_identically(name, hp):
     model, opt, method = build(name, lam=0.8, **hp)
@@ -224,7 +224,7 @@ def test_resume_from_state_dict_continues_identically(name, hp):
 
 
 def test_mesa_with_decay_zero_tracks_the_weights_and_its_kl_vanishes():
-    model, opt, mesa = build("mesa", lam=1.0, start_epoch=0, ema_decay=0.0)
+    model, opt, mesa = build("mesa", lam=1.0, kl_start_epoch=0, ema_decay=0.0)
     for epoch in range(3):
         mesa.start_epoch(epoch)
         for b in BATCHES:
@@ -241,7 +241,7 @@ def test_mesa_with_decay_zero_tracks_the_weights_and_its_kl_vanishes():
 
 def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
     decay, lam, tau = 0.6, 0.5, 3.0
-    model, opt, mesa = build("mesa", lam=lam, tau=tau, start_epoch=0, ema_decay=decay)
+    model, opt, mesa = build("mesa", lam=lam, tau=tau, kl_start_epoch=0, ema_decay=decay)
     teacher = [p.detach().clone() for p in model.parameters()]
     forwards = {"student": 0, "teacher": 0}
     # The hooks count calls on these very modules, not on the deep copies made below.
@@ -282,7 +282,7 @@ def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
 
 def test_mesa_teacher_uses_running_bn_statistics():
     tau = 2.0
-    model, opt, mesa = build("mesa", bn=True, lam=1.0, tau=tau, start_epoch=0, ema_decay=0.0)
+    model, opt, mesa = build("mesa", bn=True, lam=1.0, tau=tau, kl_start_epoch=0, ema_decay=0.0)
     mesa.start_epoch(0)
     mesa.step(batch(BATCHES[0]))
     torch.testing.assert_close(mesa.teacher[1].running_mean, model[1].running_mean, rtol=0, atol=0)
@@ -305,7 +305,7 @@ def test_mesa_teacher_starts_from_the_lsq_step_sizes_the_student_initialized():
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, C))
     quantize_model(model, 3)  # the middle layer: weights and its (unsigned) input quantized
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mesa = create_method("mesa", model, opt, lam=1.0, start_epoch=0, ema_decay=0.99)
+    mesa = create_method("mesa", model, opt, lam=1.0, kl_start_epoch=0, ema_decay=0.99)
     quantizers = lambda net: [m for m in net.modules() if isinstance(m, ActivationQuantizer)]  # noqa: E731
     mesa.start_epoch(0)
     mesa.step(batch(BATCHES[0]))

@@ -16,13 +16,19 @@ for _module in pkgutil.iter_modules(__path__):
 TABLE_ORDER = ("sgd", "implicit", "grafting", "gvr", "sam", "looksam", "esam", "saf", "vsam")
 
 
-def markdown_table() -> str:
-    """README's method table, from the registry: name (aliases), reference and deviations,
-    hyper-parameters with defaults, forward-backward passes per step."""
+def in_table_order() -> list[type[Method]]:
+    """The registered methods, family by family in TABLE_ORDER (registration order within one)."""
 
     def family(cls):
         module = cls.__module__.rsplit(".", 1)[-1]
         return TABLE_ORDER.index(module) if module in TABLE_ORDER else len(TABLE_ORDER)
+
+    return sorted(METHODS.values(), key=family)
+
+
+def markdown_table() -> str:
+    """README's method table, from the registry: name (aliases), reference and deviations,
+    hyper-parameters with defaults, forward-backward passes per step."""
 
     def cell(text: str) -> str:  # a | inside a cell (|w|, ||g||) would end it
         return text.replace("|", "\\|")
@@ -31,7 +37,7 @@ def markdown_table() -> str:
         "| method | reference and known deviations | hyperparameters (defaults) | passes per step |",
         "|---|---|---|---|",
     ]
-    for cls in sorted(METHODS.values(), key=family):  # stable: registration order within a family
+    for cls in in_table_order():
         aliases = "".join(f" (`{a}`)" for a in cls.aliases)
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.hparams.items()) or "none"
         rows.append(f"| `{cls.name}`{aliases} | {cell(cls.reference)} | {cell(hp)} | {cell(cls.passes)} |")
@@ -41,14 +47,7 @@ def markdown_table() -> str:
 def method_notes() -> str:
     """docs/methods.md: the method table, then each family's module docstring (formula, reference,
     every deviation and its reason), the one place those notes are written."""
-    modules = sorted(
-        {sys.modules[cls.__module__] for cls in METHODS.values()},
-        key=lambda m: (
-            TABLE_ORDER.index(m.__name__.rsplit(".", 1)[-1])
-            if m.__name__.rsplit(".", 1)[-1] in TABLE_ORDER
-            else len(TABLE_ORDER)
-        ),
-    )
+    modules = list(dict.fromkeys(sys.modules[cls.__module__] for cls in in_table_order()))
     parts = [
         "# Methods",
         "",
@@ -66,6 +65,7 @@ def method_notes() -> str:
 
 
 __all__ = [
+    "in_table_order",
     "METHODS",
     "Method",
     "create_method",

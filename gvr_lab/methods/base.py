@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -55,6 +56,24 @@ class HParams(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+# The row a two-view method's step time is read against in `gvr-lab bench`: plain sgd stepping on
+# both views at once (2B images), the same images a two-view method computes with.
+TWO_VIEW_SGD = "sgd on both views (2B images)"
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """A method's speed goal for `gvr-lab bench`: the median time of its benchmark row with these
+    hyper-parameters (the rest at their defaults) at most `bound` times that of the `reference` row
+    (a method name, timed at its first benchmark row, or TWO_VIEW_SGD). `bound` is a number or a
+    function of the row's resolved hyper-parameters and its measured two-pass fraction p."""
+
+    what: str  # as BENCHMARKS.md names it: "sam <= 2.05x sgd"
+    hparams: dict
+    reference: str
+    bound: float | Callable[[dict, float], float]
 
 
 @dataclass
@@ -85,6 +104,18 @@ class Method(abc.ABC):
     # AOTAutograd refuses (see `compilable`).
     double_backward: ClassVar[dict[str, Any]] = {}
     views: int = 1
+    # What the method's defining term is, in a few words ("" for a method without one, such as
+    # sgd or grafting): figures refuse runs where it never acted (term_share).
+    term: ClassVar[str] = ""
+    # The hyper-parameter whose value > 0 switches the term on at every step (alpha, lam, rho); a
+    # method whose term acts on some steps only overrides term_share instead.
+    term_weight: ClassVar[str] = ""
+    # The method's colour in every figure (hex); "" draws one from its name.
+    color: ClassVar[str] = ""
+    # `gvr-lab bench --methods all`: the hyper-parameters of each row timed for this method (none:
+    # not benchmarked, e.g. it needs a file), and the speed goals read against them.
+    bench_rows: ClassVar[tuple[dict, ...]] = ({},)
+    speed_targets: ClassVar[tuple[SpeedTarget, ...]] = ()
     # Set by the loop before each step: True on steps whose metrics are logged. Diagnostics that
     # cost extra work (norms of the update gradient, per-micro-batch data-gradient norms) are
     # computed only then; the loop averages each metric over the steps that returned it.
@@ -143,6 +174,21 @@ class Method(abc.ABC):
                 raise UsageError(f"{key} for method {cls.name!r} must be {bound}, got {resolved[key]}")
         cls.validate(resolved)
         return resolved
+
+    @classmethod
+    def term_share(cls, rows) -> float | None:
+        """The fraction of a run's training steps on which the defining term entered the update,
+        from the run's load_runs() rows (one per evaluation, config columns as arg_<name>); None
+        for a method without such a term. By default the term acts at every step when its weight
+        is > 0."""
+        if not cls.term:
+            return None
+        return float(rows[f"arg_{cls.term_weight}"].iloc[0] > 0)
+
+    @classmethod
+    def term_note(cls, rows) -> str:
+        """What a table adds after the share of steps (vSAM: its share after the warm-up)."""
+        return ""
 
     @classmethod
     def validate(cls, hp: dict) -> None:
@@ -422,7 +468,15 @@ ALIASES: dict[str, str] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Add a method under its name and aliases (case-insensitive); a name already taken is refused."""
+    """Add a method under its name and aliases (case-insensitive). Refused: a name already taken,
+    and a hyper-parameter named like an attribute or method of the class, which `method.<name>`
+    would read instead of the hyper-parameter (a method reads its own as self.hp.<name>)."""
+    shadowed = sorted(set(cls.hparams) & set(dir(cls)))
+    if shadowed:
+        raise ValueError(
+            f"method {cls.name!r} ({cls.__name__}): hyper-parameter {shadowed[0]!r} has the name of an attribute "
+            f"of the method class ({type(getattr(cls, shadowed[0])).__name__}); rename the hyper-parameter"
+        )
     for key in (cls.name, *cls.aliases):
         if key.lower() in ALIASES:
             raise ValueError(

@@ -73,6 +73,7 @@ class ESAM(Method):
     )
     passes = "2 (SWP/SDS reduce the second)"
     bounds = {"rho": ">= 0", "beta": "in (0, 1]", "gamma": "in (0, 1]"}
+    term, term_weight, color = "ESAM ascent", "rho", "#d55e00"
 
     def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""

@@ -127,6 +127,7 @@ class IterGraft(NormalizedMethod):
         f"{NOVACK} IterGraft ({RECONSTRUCTED}; norm source unverified: random_micro or mean_micro); "
         "assumes momentum 0, wd 0"
     )
+    color = "#e6ab02"
 
     def step_length(self, lb_norm, micro_norms):
         if self.hp.norm_source == "mean_micro":
@@ -142,6 +143,7 @@ class NGD(NormalizedMethod):
     aliases = ("NGD",)
     hparams = {"micro_batch_size": 128, "eps": 1e-12}
     reference = f"{NOVACK} NGD ({RECONSTRUCTED}); eps guards ||g_B||; assumes momentum 0, wd 0"
+    color = "#17becf"
 
     bounds = {**NormalizedMethod.bounds, "eps": ">= 0"}
 
@@ -245,6 +247,8 @@ class ExterGraft(NormalizedMethod):
         f"{NOVACK} ExterGraft ({RECONSTRUCTED}); norms from our sgd run's steps.parquet, "
         "step-aligned; assumes momentum 0, wd 0"
     )
+    color = "#8c564b"
+    bench_rows = ()  # it reads an earlier run's norms file
 
     @classmethod
     def validate(cls, hp: dict) -> None:

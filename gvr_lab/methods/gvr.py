@@ -91,7 +91,9 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..errors import UsageError
 from .base import (
+    TWO_VIEW_SGD,
     Method,
+    SpeedTarget,
     frozen_bn_stats,
     global_norm,
     grad,
@@ -143,6 +145,11 @@ class GVR(Method):
     passes = "closed_form: 2 views (= SGD on 2B); exact: + double backward on the subset; fd: + 4 subset passes"
 
     bounds = {"alpha": ">= 0", "subset": ">= 1", "fd_eps": "> 0"}
+    term, term_weight, color = "gradient-variance penalty", "alpha", "#0173b2"
+    bench_rows = ({"penalty": "closed_form", "target": "fc"}, {}, {"penalty": "fd"})
+    speed_targets = (
+        SpeedTarget("gvr closed_form <= 1.05x sgd on both views", {"penalty": "closed_form"}, TWO_VIEW_SGD, 1.05),
+    )
 
     @classmethod
     def validate(cls, hp: dict) -> None:

@@ -102,7 +102,17 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import Method, global_norm, grad, register_method, replayed_rng, rng_state, set_grads, upcast
+from .base import (
+    Method,
+    SpeedTarget,
+    global_norm,
+    grad,
+    register_method,
+    replayed_rng,
+    rng_state,
+    set_grads,
+    upcast,
+)
 
 NOVACK = "Novack et al. 2023 (arXiv 2211.15853)"
 
@@ -152,6 +162,8 @@ class MicroBatchMethod(Method):
     # True where the step itself reads the micro-batch norms (IterGraft); else they are diagnostics.
     uses_micro_norms = False
     bounds = {"micro_batch_size": ">= 1"}
+    # four micro-batches of the benchmark's batch of 128
+    bench_rows = ({"micro_batch_size": 32},)
 
     @classmethod
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
@@ -211,9 +223,18 @@ class PseudoGD(MicroBatchMethod):
     name = "pseudo_gd"
     aliases = ("PseudoGD",)
     reference = f"{NOVACK} PseudoGD; BN = ghost BN of size m; batch_size must be a multiple of m"
+    color = "#9a9a9a"
 
 
 # ---------------------------------------------------------------------- penalties
+
+
+def penalty_targets(name: str) -> tuple[SpeedTarget, ...]:
+    """A penalty's speed goals: against the large-batch gradient of the same micro-batches."""
+    return (
+        SpeedTarget(f"{name} fd <= 2.1x pseudo_gd", {"hvp": "fd"}, "pseudo_gd", 2.1),
+        SpeedTarget(f"{name} exact <= 3.5x pseudo_gd", {"hvp": "exact"}, "pseudo_gd", 3.5),
+    )
 
 
 class PenaltyMethod(MicroBatchMethod):
@@ -226,6 +247,8 @@ class PenaltyMethod(MicroBatchMethod):
     bounds = {**MicroBatchMethod.bounds, "lam": ">= 0", "fd_eps": "> 0"}
     # True when s_i is the data loss itself, whose gradient then serves as both.
     source_is_loss = False
+    term_weight = "lam"
+    bench_rows = ({"micro_batch_size": 32}, {"micro_batch_size": 32, "hvp": "fd"})
 
     def draw(self, logits: torch.Tensor):
         """The randomness of s_i (sampled labels, a direction), drawn once per micro-batch."""
@@ -287,6 +310,7 @@ class RegLoss(PenaltyMethod):
     reference = f"{NOVACK} RegLoss (GN); batch_size must be a multiple of m; hvp='fd' is our addition"
     passes = "exact: ~3 (double backward), fd: 2"
     source_is_loss = True
+    term, color, speed_targets = "gradient-norm penalty", "#1b9e77", penalty_targets(name)
 
     def source(self, logits, y, draw):
         return self.loss(logits, y)
@@ -302,6 +326,7 @@ class FishLoss(PenaltyMethod):
         f"{NOVACK} FishLoss (FT, after Jastrzebski et al. 2021); no label smoothing in the penalty; "
         "batch_size must be a multiple of m"
     )
+    term, color, speed_targets = "Fisher-trace penalty", "#7570b3", penalty_targets(name)
 
     def draw(self, logits):
         return torch.multinomial(torch.softmax(upcast(logits.detach()), dim=1), 1).squeeze(1)
@@ -317,6 +342,7 @@ class AvgJacLoss(PenaltyMethod):
     name = "avg_jac_loss"
     aliases = ("AvgJacLoss",)
     reference = f"{NOVACK} AvgJacLoss (AJ, after Lee et al. 2022); batch_size must be a multiple of m"
+    term, color, speed_targets = "average-Jacobian penalty", "#e7298a", penalty_targets(name)
 
     def source(self, logits, y, draw):
         return upcast(logits).sum(1).mean()
@@ -329,6 +355,7 @@ class UnitJacLoss(PenaltyMethod):
     name = "unit_jac_loss"
     aliases = ("UnitJacLoss",)
     reference = f"{NOVACK} UnitJacLoss (UJ); u fresh per micro-batch; batch_size must be a multiple of m"
+    term, color, speed_targets = "unit-Jacobian penalty", "#66a61e", penalty_targets(name)
 
     def draw(self, logits):
         z = torch.randn(logits.shape[1], device=logits.device, dtype=upcast(logits).dtype)

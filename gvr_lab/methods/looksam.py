@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, global_dot, global_norm, grads_of, register_method, set_grads
+from .base import Method, SpeedTarget, global_dot, global_norm, grads_of, register_method, set_grads
 from .sam import sam_gradient
 
 PARALLEL_TOL = 1e-5  # ||g_v|| / ||g_S|| at or below this counts as g_S parallel to g
@@ -56,6 +56,8 @@ class LookSAM(Method):
     )
     passes = "1 + 1/k"
     bounds = {"rho": ">= 0", "k": ">= 1", "alpha": ">= 0"}
+    term, term_weight, color = "SAM direction (refreshed every k steps)", "rho", "#029e73"
+    speed_targets = (SpeedTarget("looksam ~ 1 + 1/k", {}, "sgd", lambda hp, p: 1 + 1 / hp["k"]),)
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)

@@ -21,10 +21,11 @@ MESA: t_i = f_v(x_i) on the current batch, from an exponential moving average of
 v <- d v + (1 - d) w after every optimizer step (d = `ema_decay`), computed by one extra no-grad
 forward (about 15% more compute in the paper).
 
-The term applies at epochs e > start_epoch (the code's strict `kl_start_epoch < epoch`); SAF's also
-needs stored logits of epoch e - lag, so it starts at max(start_epoch, lag) + 1 (see below).
+The term applies at epochs e > kl_start_epoch (the code's strict `kl_start_epoch < epoch`, whose
+name the hyper-parameter keeps); SAF's also needs stored logits of epoch e - lag, so it starts at
+max(kl_start_epoch, lag) + 1 (see below).
 
-Defaults: tau = 5, start_epoch = 5 (paper section 4.1 and code); lam = 0.3 for SAF and 0.8 for MESA
+Defaults: tau = 5, kl_start_epoch = 5 (paper section 4.1 and code); lam = 0.3 for SAF and 0.8 for MESA
 (paper section 4.1; the code's defaults are 0.16 and 0.3); lag = 3 (paper and code; the ImageNet
 run.sh uses 2); ema_decay = 0.9998 (the code's timm ModelEmaV2 default; the paper says d in (0.9, 1)).
 
@@ -40,8 +41,8 @@ scratch row that is never read. Each slot carries the epoch that wrote it, and a
 only if its slot was written exactly `lag` epochs ago; other rows contribute 0 to the batch mean.
 
 Deviations from the official code, and why:
-* SAF's term starts at epoch max(start_epoch, lag) + 1: the code starts it at start_epoch + 1 and,
-  when start_epoch < lag, reads never-written zero slots (uniform targets) for the first epochs, and
+* SAF's term starts at epoch max(kl_start_epoch, lag) + 1: the code starts it at kl_start_epoch + 1
+  and, when kl_start_epoch < lag, reads never-written zero slots (uniform targets) for the first epochs, and
   reads epoch-0 logits, which are not stored here. Identical for the defaults (first at epoch 6,
   reading epoch 3).
 * A row whose slot was not written `lag` epochs ago (left out by drop_last then, or first seen
@@ -92,7 +93,7 @@ def softened_kl(
 
 
 class OutputTrajectoryMethod(Method):
-    """What SAF and MESA share: a softened KL to past outputs, on from epoch start_epoch + 1."""
+    """What SAF and MESA share: a softened KL to past outputs, on from epoch kl_start_epoch + 1."""
 
     bounds = {"lam": ">= 0", "tau": "> 0"}
 
@@ -100,10 +101,16 @@ class OutputTrajectoryMethod(Method):
         super().__init__(model, optimizer, **kw)
         self.epoch = 0
 
+    @classmethod
+    def term_share(cls, rows) -> float:
+        """The term is on or off for a whole epoch, and logs a penalty of 0 while off: the share of
+        the run's evaluations (epochs) whose mean penalty is > 0."""
+        return float((rows["train_penalty"].fillna(0) > 0).mean())
+
     @property
     def kl_start(self) -> int:
         """The term applies at epochs > this (the code's strict `kl_start_epoch < epoch`)."""
-        return self.hp.start_epoch
+        return self.hp.kl_start_epoch
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,12 +119,13 @@ class OutputTrajectoryMethod(Method):
 @register_method
 class SAF(OutputTrajectoryMethod):
     name = "saf"
-    hparams = {"lam": 0.3, "tau": 5.0, "start_epoch": 5, "lag": 3}
+    hparams = {"lam": 0.3, "tau": 5.0, "kl_start_epoch": 5, "lag": 3}
     reference = (
         "Du et al. NeurIPS 2022 (AngusDujw/SAF): KL to each sample's logits of `lag` epochs ago; memory on "
-        "the device grown per epoch, rows without that past count 0, starts after max(start_epoch, lag)"
+        "the device grown per epoch, rows without that past count 0, starts after max(kl_start_epoch, lag)"
     )
     bounds = {**OutputTrajectoryMethod.bounds, "lag": ">= 1"}
+    term, color = "KL to logits of `lag` epochs ago", "#cc78bc"
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
@@ -214,7 +222,7 @@ class SAF(OutputTrajectoryMethod):
 @register_method
 class MESA(OutputTrajectoryMethod):
     name = "mesa"
-    hparams = {"lam": 0.8, "tau": 5.0, "start_epoch": 5, "ema_decay": 0.9998}
+    hparams = {"lam": 0.8, "tau": 5.0, "kl_start_epoch": 5, "ema_decay": 0.9998}
     reference = (
         "Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
         "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies"
@@ -222,6 +230,7 @@ class MESA(OutputTrajectoryMethod):
     passes = "1 + a no-grad teacher forward"
 
     bounds = {**OutputTrajectoryMethod.bounds, "ema_decay": "in [0, 1]"}
+    term, color = "KL to the EMA teacher", "#f0a6d8"
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)

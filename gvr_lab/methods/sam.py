@@ -75,7 +75,17 @@ import contextlib
 import torch
 
 from ..errors import UsageError
-from .base import CleanPass, Method, frozen_bn_stats, global_norm, grads_of, register_method, set_grads, tracks_bn_stats
+from .base import (
+    CleanPass,
+    Method,
+    SpeedTarget,
+    frozen_bn_stats,
+    global_norm,
+    grads_of,
+    register_method,
+    set_grads,
+    tracks_bn_stats,
+)
 
 XI = 1e-12  # added to the norm in eps: a zero gradient gives a zero perturbation, not NaN
 
@@ -117,6 +127,8 @@ class SAM(Method):
     )
     passes = "2"
     bounds = {"rho": ">= 0", "eta": ">= 0"}
+    term, term_weight, color = "SAM ascent", "rho", "#de8f05"
+    speed_targets = (SpeedTarget("sam <= 2.05x sgd", {}, "sgd", 2.05),)
 
     @classmethod
     def validate(cls, hp: dict) -> None:
@@ -226,3 +238,5 @@ class ASAM(SAM):
         "Kwon et al. ICML 2021 (SamsungLabs/ASAM: T_w = |w| + eta on 'weight' tensors only); "
         "rho 0.5 as its CIFAR-10 README; the sam step otherwise"
     )
+    term, color = "ASAM ascent", "#a6761d"
+    speed_targets = ()

@@ -13,6 +13,7 @@ class SGD(Method):
     name = "sgd"
     aliases = ("vanilla",)
     reference = "Robbins & Monro 1951; the small-batch baseline (Vanilla) of Novack et al. 2023"
+    color = "#3b3b3b"
 
     def step(self, batch):
         self.zero_grad()

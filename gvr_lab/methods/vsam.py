@@ -97,7 +97,7 @@ import random
 import torch
 
 from ..errors import UsageError
-from .base import Method, clone_all, global_norm, grads_of, register_method, set_grads
+from .base import Method, SpeedTarget, clone_all, global_norm, grads_of, register_method, set_grads
 from .sam import sam_gradient
 
 MAX_REUSE = 6  # PSF_last serves at most this many reuse steps after its SAM step (j = 1..6)
@@ -140,6 +140,38 @@ class VSAM(Method):
         "from PSF-ratio and dispersion trends, beta^j PSF reuse; seeded sampling, NaN trends count as 0"
     )
     passes = "1 + p (p = sampled fraction)"
+    term, color = "SAM steps, sampled per window after the warm-up", "#56b4e9"
+    bench_rows = ({"window": 5, "blocks": 1, "warmup_epochs": 0},)  # several windows in a short benchmark
+    speed_targets = (SpeedTarget("vsam <= 1 + p + 0.05", {}, "sgd", lambda hp, p: 1 + p + 0.05),)
+
+    @classmethod
+    def term_share(cls, rows) -> float:
+        """The share of SAM (two-pass) steps: `sampled` is 1.0 on them, and a history row holds its
+        mean over the steps since the previous evaluation."""
+        return float(rows["train_sampled"].mean())
+
+    @classmethod
+    def term_note(cls, rows) -> str:
+        after = cls.share_after_warmup(rows)
+        return "" if after is None else f"{100 * after:.0f}% after warm-up"
+
+    @classmethod
+    def share_after_warmup(cls, rows) -> float | None:
+        """The share of SAM steps after the warm-up, where the sampling acts (None if the run never
+        left it). A history row holds the mean of `sampled` since the previous evaluation: over an
+        epoch, or in steps mode (Config.steps) over the steps up to `step`, an interval that can
+        straddle the warm-up's end; every warm-up step is a SAM step, so the warm-up's part of such
+        an interval is known."""
+        warmup = rows["arg_warmup_epochs"].iloc[0]
+        if "step" not in rows.columns or rows["step"].isna().any():
+            after = rows[rows["epoch"] >= warmup]
+            return after["train_sampled"].mean() if len(after) else None
+        ends = rows["step"].astype(int)
+        warmup_steps = min(warmup * int(rows["steps_per_epoch"].iloc[0]), ends.iloc[-1])
+        if warmup_steps == ends.iloc[-1]:
+            return None
+        sam_steps = (rows["train_sampled"] * (ends - ends.shift(fill_value=0))).sum() - warmup_steps
+        return sam_steps / (ends.iloc[-1] - warmup_steps)
 
     @classmethod
     def validate(cls, hp: dict) -> None:
