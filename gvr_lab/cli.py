@@ -113,14 +113,33 @@ def cmd_list(args) -> int:
 
 
 def cmd_docs(args) -> int:
-    from pathlib import Path
-
+    """docs/methods.md from the registry and the method docstrings, and README's generated tables
+    (methods, notebooks) refreshed in place: what to run after adding a method or a notebook."""
     from .results import write_atomic
+    from .runner import notebook_table
 
-    path = Path(args.out)
-    write_atomic(path, method_notes().encode())
-    print(f"wrote {path}")
+    notes = Path(args.out)
+    write_atomic(notes, method_notes().encode())
+    print(f"wrote {notes}")
+    readme = Path(args.readme)
+    if not readme.is_file():
+        raise UsageError(f"{readme} not found: run gvr-lab docs in the project's root, or pass --readme")
+    text = readme.read_text()
+    for table in (markdown_table(), notebook_table()):
+        text = replace_table(text, table, readme)
+    write_atomic(readme, text.encode())
+    print(f"refreshed the method and notebook tables of {readme}")
     return 0
+
+
+def replace_table(text: str, table: str, where) -> str:
+    """`text` with the markdown table that begins with `table`'s header line replaced by `table`."""
+    lines, header = text.split("\n"), table.splitlines()[0]
+    if header not in lines:
+        raise UsageError(f"{where} has no table beginning {header[:60]!r}...: put one where it belongs")
+    start = lines.index(header)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[:start] + table.rstrip("\n").split("\n") + lines[end:])
 
 
 def cmd_curvature(args) -> int:
@@ -383,8 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--device", default="auto")
     cv.add_argument("--out", help="instead of RUN_DIR/curvature.json")
     cv.set_defaults(func=cmd_curvature)
-    dc = sub.add_parser("docs", help="write docs/methods.md from the registry and the method docstrings")
+    dc = sub.add_parser(
+        "docs", help="write docs/methods.md from the registry and method docstrings; refresh README's tables"
+    )
     dc.add_argument("--out", default="docs/methods.md")
+    dc.add_argument("--readme", default="README.md", help="whose method and notebook tables to refresh")
     dc.set_defaults(func=cmd_docs)
     p = sub.add_parser("train", help="one training run into its run directory (rerun to resume)")
     p.add_argument("--config", metavar="FILE.yaml", help="Config fields as YAML; flags override them")

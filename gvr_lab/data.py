@@ -154,14 +154,19 @@ def load_fashion_mnist(data_dir=None) -> tuple[Split, Split]:
     folder = find_fashion_dir(data_dir)
     if folder is None:
         folder = download_with_torchvision("FashionMNIST", data_dir) / "FashionMNIST" / "raw"
-    splits = []
-    for part in ("train", "test"):
-        img_file, lbl_file = (idx_path(folder, f) for f in FASHION_FILES[part])
-        images, labels = read_idx(img_file, 3), read_idx(lbl_file, 1)
-        if images.shape[1:] != (28, 28):
-            raise UsageError(f"corrupt dataset file {img_file}: images are {images.shape[1:]}, not 28x28")
-        splits.append(checked_split(images[:, None], labels, 10, img_file, lbl_file))
-    return splits[0], splits[1]
+    return tuple(idx_split(folder, *FASHION_FILES[part], num_classes=10, size=28) for part in ("train", "test"))
+
+
+def idx_split(folder: Path, images_stem: str, labels_stem: str, num_classes: int, size: int) -> Split:
+    """A split from an idx pair (MNIST's format; the file plain or .gz): images (N, size, size) as
+    one channel, labels (N,), both checked."""
+    img_file, lbl_file = idx_path(folder, images_stem), idx_path(folder, labels_stem)
+    if img_file is None or lbl_file is None:
+        raise UsageError(f"{folder} lacks {images_stem} or {labels_stem} (plain or .gz)")
+    images, labels = read_idx(img_file, 3), read_idx(lbl_file, 1)
+    if images.shape[1:] != (size, size):
+        raise UsageError(f"corrupt dataset file {img_file}: images are {images.shape[1:]}, not {size}x{size}")
+    return checked_split(images[:, None], labels, num_classes, img_file, lbl_file)
 
 
 def checked_split(images: np.ndarray, labels: np.ndarray, num_classes: int, img_file, lbl_file) -> Split:
