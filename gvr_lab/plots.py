@@ -12,13 +12,17 @@ What every figure shares, so none overstates its evidence:
 * sparse series (a metric logged only on some steps) drawn as points, never as lines across gaps;
   a curve identical to another one, which would hide under it, is named in the legend.
 One way to save (PNG for reading, byte-stable PDF for papers, each written atomically), one way to
-write tables (markdown and LaTeX from the same frame).
+write tables (markdown and LaTeX from the same cell text, the LaTeX escaped so that pdflatex compiles
+it: save_table), one way to write a mean with its confidence interval ('mean [low, high]' or
+'mean ± half-width': interval_text).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import textwrap
+import unicodedata
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -28,6 +32,7 @@ import seaborn as sns
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .errors import UsageError, check_choice
 from .methods import METHODS
 from .results import write_atomic
 from .stats import mean_ci as interval
@@ -307,15 +312,184 @@ def with_best(runs: pd.DataFrame) -> pd.DataFrame:
     return final.assign(best_test_acc=runs.groupby("run_dir")["test_acc"].transform("max").loc[final.index])
 
 
-def save_table(table: pd.DataFrame, stem, caption: str = "") -> list[Path]:
-    """Write stem.md and stem.tex from the same frame."""
+# ---------------------------------------------------------------------- tables (markdown and LaTeX)
+
+# The first line of every .tex that save_table writes: tells them from files written some other way.
+TABLE_MARK = "% written by gvr_lab.plots.save_table"
+# What the .tex needs around it (documented in its header): \input in the body of a document with this preamble.
+LATEX_PREAMBLE = (
+    r"\documentclass{article}",
+    r"\usepackage[T1]{fontenc}",
+    r"\usepackage[utf8]{inputenc}",
+    r"\usepackage{booktabs}",
+)
+# Characters LaTeX reads as commands; < and > because T1 fonts turn << and >> into guillemets.
+LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "%": r"\%",
+    "_": r"\_",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+}
+# The unicode our tables and captions use, and its neighbours, as LaTeX that needs nothing beyond LATEX_PREAMBLE.
+LATEX_UNICODE = {
+    "±": r"$\pm$",
+    "−": r"$-$",
+    "×": r"$\times$",
+    "÷": r"$\div$",
+    "·": r"$\cdot$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "≈": r"$\approx$",
+    "≠": r"$\neq$",
+    "∞": r"$\infty$",
+    "→": r"$\rightarrow$",
+    "←": r"$\leftarrow$",
+    "‖": r"$\|$",
+    "µ": r"$\mu$",
+    "—": r"\textemdash{}",
+    "–": r"\textendash{}",
+    "…": r"\dots{}",
+    "\u00a0": "~",
+    "‘": r"\textquoteleft{}",
+    "’": r"\textquoteright{}",
+    "“": r"\textquotedblleft{}",
+    "”": r"\textquotedblright{}",
+    **{
+        letter: rf"$\{name}$"
+        for letter, name in zip(
+            "αβγδεζηθικλμνξπρστυφχψωΓΔΘΛΞΠΣΥΦΨΩ",
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho sigma tau upsilon phi "
+            "chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Upsilon Phi Psi Omega".split(),
+        )
+    },
+}
+NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
+def latex_text(text: str, where: str) -> str:
+    """`text` as LaTeX that pdflatex compiles in LATEX_PREAMBLE: the characters LaTeX reads as commands
+    escaped, the unicode of LATEX_UNICODE mapped, Latin-1 letters (é, ö, ß; which T1 fonts have) kept,
+    line breaks and tabs as spaces. Any other character is a UsageError naming it and `where` it is."""
+    out = []
+    for char in text:
+        if char in LATEX_ESCAPES:
+            out.append(LATEX_ESCAPES[char])
+        elif " " <= char <= "~" or "\u00c0" <= char <= "\u00ff" and char not in "×÷":
+            out.append(char)
+        elif char in "\t\n\r":
+            out.append(" ")
+        elif char in LATEX_UNICODE:
+            out.append(LATEX_UNICODE[char])
+        else:
+            raise UsageError(
+                f"{where} holds {char!r} (U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}), which save_table "
+                f"cannot write as LaTeX; valid: ASCII, Latin-1 letters and {' '.join(sorted(LATEX_UNICODE))}"
+            )
+    return "".join(out)
+
+
+def column_decimals(values, digits: int = 3) -> int:
+    """Decimals of a column of floats: the fewest that write every value exactly (2 for values rounded
+    to 2 decimals, 0 for whole numbers), but never more than give its smallest nonzero magnitude
+    `digits` significant digits (as `significant` does)."""
+    finite = [v for v in values if np.isfinite(v)]
+    nonzero = [abs(v) for v in finite if v != 0]
+    most = significant_decimals(min(nonzero), digits) if nonzero else 0
+    return next((d for d in range(most) if all(float(f"{v:.{d}f}") == v for v in finite)), most)
+
+
+def table_text(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """`table` with every cell as the text both of save_table's files show: floats at one number of
+    decimals per column (column_decimals), ints as ints, strings as they are, a missing value (NaN,
+    None) as an empty cell."""
+
+    def is_float(cell) -> bool:
+        return isinstance(cell, (float, np.floating))
+
+    def text(cell, decimals: int) -> str:
+        if is_float(cell):
+            return "" if np.isnan(cell) else f"{cell:.{decimals}f}"
+        if cell is None or cell is pd.NA or cell is pd.NaT:
+            return ""
+        return str(cell)
+
+    columns = {}
+    for position in range(table.shape[1]):
+        cells = table.iloc[:, position].tolist()
+        decimals = column_decimals([c for c in cells if is_float(c)], digits)
+        columns[position] = [text(c, decimals) for c in cells]
+    out = pd.DataFrame(columns, index=table.index)
+    out.columns = table.columns
+    return out
+
+
+def save_table(table: pd.DataFrame, stem, caption: str = "", digits: int = 3) -> list[Path]:
+    r"""Write stem.md and stem.tex from the same frame, both with the same cell text (table_text:
+    a float column at one number of decimals, the fewest that show its values exactly but at most
+    those giving its smallest nonzero value `digits` significant digits; ints as ints; a missing value as an
+    empty cell). Columns whose every cell is a number are right-aligned, the others left-aligned.
+
+    The markdown is the caption, a blank line and `to_markdown`'s table of that text, unescaped.
+    The LaTeX is a booktabs `table` float, caption above the tabular, that pdflatex compiles when it
+    is input in the body of a document with this preamble (LATEX_PREAMBLE; its header comment
+    repeats it):
+        \documentclass{article}
+        \usepackage[T1]{fontenc}
+        \usepackage[utf8]{inputenc}
+        \usepackage{booktabs}
+    Every cell, column name and the caption is escaped (% _ & # $ { } ~ ^ \ < >: latex_text), its
+    unicode mapped to LaTeX (LATEX_UNICODE: ± − × · ≥ ≤ → ‖ … — – Greek letters, non-breaking space,
+    ...) and its Latin-1 letters (é, ß), which the T1 fonts have, kept; a character with none of
+    these is a one-line UsageError naming it and its cell, and neither file is written. The .tex's
+    first line is TABLE_MARK, which tells the files written here from those written otherwise."""
+    if table.shape[1] == 0:
+        raise UsageError("save_table needs a table with at least one column")
+    text = table_text(table, digits)
+    columns = [text.iloc[:, k].tolist() for k in range(text.shape[1])]
+    numeric = [any(cells) and all(NUMBER.fullmatch(v) for v in cells if v) for cells in columns]
+    rows = [
+        [latex_text(v, f"cell table.loc[{i!r}, {c!r}]") for c, v in zip(text.columns, values)]
+        for i, values in zip(text.index, text.itertuples(index=False))
+    ]
+    header = [latex_text(str(c), f"column name {c!r}") for c in text.columns]
+
+    def line(cells: list[str]) -> str:
+        # after \\, \toprule or \midrule, LaTeX would read a leading [ or * as their optional argument
+        first = "{}" + cells[0] if cells[0][:1] in ("[", "*") else cells[0]
+        return " & ".join([first, *cells[1:]]) + r" \\"
+
+    tex = [
+        TABLE_MARK,
+        r"% For pdflatex: \input it in the body of a document whose preamble has",
+        *(f"%   {command}" for command in LATEX_PREAMBLE),
+        r"\begin{table}",
+        r"\centering",
+        *([rf"\caption{{{latex_text(caption, 'the caption')}}}"] if caption else []),
+        rf"\begin{{tabular}}{{{''.join('r' if n else 'l' for n in numeric)}}}",
+        r"\toprule",
+        line(header),
+        r"\midrule",
+        *map(line, rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    markdown = text.to_markdown(
+        index=False, disable_numparse=True, colalign=["right" if n else "left" for n in numeric]
+    )
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    md = (f"{caption}\n\n" if caption else "") + table.to_markdown(index=False) + "\n"
-    tex = table.style.hide(axis="index").to_latex(hrules=True, caption=caption or None)
     paths = [stem.with_suffix(".md"), stem.with_suffix(".tex")]
-    write_atomic(paths[0], md.encode())
-    write_atomic(paths[1], tex.encode())
+    write_atomic(paths[0], ((f"{caption}\n\n" if caption else "") + markdown + "\n").encode())
+    write_atomic(paths[1], ("\n".join(tex) + "\n").encode())
     return paths
 
 
@@ -390,11 +564,16 @@ LABELS.update(
 )
 
 
+def significant_decimals(value: float, digits: int = 3) -> int:
+    """The decimals that give `value` `digits` significant digits (digits - 1 for 0 and non-finite values)."""
+    if value == 0 or not np.isfinite(value):
+        return digits - 1
+    return max(0, digits - 1 - int(np.floor(np.log10(abs(value)))))
+
+
 def significant(value: float, digits: int = 3) -> str:
     """`value` with `digits` significant digits, in fixed notation (no exponent): 238, 54.9, 7.52, 0.0123."""
-    if value == 0 or not np.isfinite(value):
-        return f"{value:.{digits - 1}f}"
-    return f"{value:.{max(0, digits - 1 - int(np.floor(np.log10(abs(value)))))}f}"
+    return f"{value:.{significant_decimals(value, digits)}f}"
 
 
 def plain_log_ticks(ax, axes: str = "y") -> None:
@@ -420,22 +599,45 @@ def plain_log_ticks(ax, axes: str = "y") -> None:
         )
 
 
-def interval_text(mean: float, low: float, high: float, digits: int = 3) -> str:
-    """'mean [low, high]', the mean to `digits` significant digits and the bounds to its decimals;
-    the mean alone when there is no interval (NaN bounds)."""
+# How a table writes a mean with its confidence interval: "mean [low, high]" or "mean ± half-width".
+CI_FORMS = ("bounds", "half_width")
+
+
+def interval_text(mean: float, low: float, high: float, digits: int = 3, ci_form: str = "bounds") -> str:
+    """'mean [low, high]' (ci_form "bounds") or 'mean ± half-width' (ci_form "half_width", for an
+    interval symmetric about the mean, as Student t's is; an asymmetric one is a UsageError), the
+    mean to `digits` significant digits and the rest to its decimals; the mean alone when there is
+    no interval (NaN bounds)."""
+    check_choice("ci_form", ci_form, CI_FORMS)
     text = significant(mean, digits)
     decimals = len(text.partition(".")[2])
-    return text if np.isnan(low) else f"{text} [{low:.{decimals}f}, {high:.{decimals}f}]"
+    if np.isnan(low):
+        return text
+    if ci_form == "bounds":
+        return f"{text} [{low:.{decimals}f}, {high:.{decimals}f}]"
+    scale = max(abs(mean), abs(low), abs(high))
+    if not np.isclose(mean - low, high - mean, rtol=1e-9, atol=1e-12 * scale):
+        raise UsageError(
+            f"the interval [{low:g}, {high:g}] is not symmetric about its mean {mean:g}: write it with ci_form 'bounds'"
+        )
+    return f"{text} ± {(high - low) / 2:.{decimals}f}"
 
 
-def mean_ci(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3, level: float = 0.95) -> pd.DataFrame:
-    """One row per group: 'mean [low, high]' of each metric over the rows (seeds) of the group, the
-    Student t interval of the mean (stats.mean_ci; the mean alone with one seed), accuracies in
-    percent; and the number of seeds."""
+def mean_ci(
+    df: pd.DataFrame,
+    by: list[str],
+    metrics: list[str],
+    digits: int = 3,
+    level: float = 0.95,
+    ci_form: str = "bounds",
+) -> pd.DataFrame:
+    """One row per group: 'mean [low, high]' (or 'mean ± half-width', ci_form "half_width": see
+    interval_text) of each metric over the rows (seeds) of the group, the Student t interval of the
+    mean (stats.mean_ci; the mean alone with one seed), accuracies in percent; and the number of seeds."""
 
     def cell(s: pd.Series) -> str:
         scale = 100.0 if is_accuracy(s.name) else 1.0
-        return interval_text(*interval(s.dropna().to_numpy(float) * scale, level), digits)
+        return interval_text(*interval(s.dropna().to_numpy(float) * scale, level), digits, ci_form)
 
     grouped = df.groupby(by, sort=False)
     table = grouped[metrics].agg(cell)
@@ -445,12 +647,18 @@ def mean_ci(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3
 
 
 def paired_difference(
-    df: pd.DataFrame, metric: str, baselines: dict, by: str = "label", digits: int = 3, level: float = 0.95
+    df: pd.DataFrame,
+    metric: str,
+    baselines: dict,
+    by: str = "label",
+    digits: int = 3,
+    level: float = 0.95,
+    ci_form: str = "bounds",
 ) -> dict:
     """{group: 'd [low, high] vs baseline'} for each `by` group of `df`: the mean over seeds of metric
     minus the value of its baseline group (baselines: group -> baseline group) on the same seed, with
-    the Student t interval of that mean; '—' for a group without a baseline. A seed only one of the
-    two groups has is left out."""
+    the Student t interval of that mean ('d ± half-width vs baseline' with ci_form "half_width", see
+    interval_text); '—' for a group without a baseline. A seed only one of the two groups has is left out."""
 
     def values(group):
         rows = df[df[by] == group]
@@ -460,7 +668,7 @@ def paired_difference(
         if group not in baselines:
             return "—"
         _, method, baseline = paired_differences(values(group), values(baselines[group]))
-        return f"{interval_text(*interval(method - baseline, level), digits)} vs {baselines[group]}"
+        return f"{interval_text(*interval(method - baseline, level), digits, ci_form)} vs {baselines[group]}"
 
     return {group: cell(group) for group in df[by].drop_duplicates()}
 
