@@ -324,8 +324,8 @@ class AssessedClaim:
 
 
 def t_test_p(d: np.ndarray, null: float, alternative: str) -> float:
-    """The one-sample t test of mean d against `null` (p NaN under 2 values; sd 0 in the module
-    docstring). alternative: "two-sided", "greater" (H1: mean > null) or "less"."""
+    """p of the one-sample t test of mean d against `null`; alternative: "two-sided", "greater"
+    (H1: mean > null) or "less". NaN under 2 values; for sd 0 see the module docstring."""
     n = len(d)
     if n < 2:
         return math.nan
@@ -625,27 +625,26 @@ def select(
         runs = runs[runs[group].isin(among)]
     rank = {s: i for i, s in enumerate(among if among is not None else sorted(settings, key=str))}
     best = best_evaluations(runs, by)
-    chosen_from = best if selection_seeds is None else best[best["seed"].isin(selection_seeds)]
 
     rows = []
-    for key, candidates in runs.groupby(per_columns or (lambda _: 0), sort=False):
-        scored = chosen_from[chosen_from["run_dir"].isin(set(candidates["run_dir"]))]
+    for key, candidates in runs.groupby(per_columns or (lambda _: 0), sort=False):  # one group when per is None
+        where = dict(zip(per_columns, key if isinstance(key, tuple) else (key,)))
+        here = best[best["run_dir"].isin(set(candidates["run_dir"]))]
+        scored = here if selection_seeds is None else here[here["seed"].isin(selection_seeds)]
         if scored.empty:
-            where = f" for {dict(zip(per_columns, key if isinstance(key, tuple) else (key,)))}" if per_columns else ""
             raise UsageError(
-                f"select: no run{where} has {by} on the selection seeds "
+                f"select: no run{f' for {where}' if where else ''} has {by} on the selection seeds "
                 f"({'all' if selection_seeds is None else selection_seeds}); train with val_split > 0"
             )
         scores = {s: math.fsum(v) / len(v) for s, v in scored.groupby(group, sort=False)[by]}
         chosen = min(scores, key=lambda s: (-scores[s], rank[s]))
-        runs_of_chosen = best[best[group] == chosen]
-        reporting = (
-            runs_of_chosen if selection_seeds is None else runs_of_chosen[~runs_of_chosen["seed"].isin(selection_seeds)]
-        )
+        reporting = here[here[group] == chosen]
+        if selection_seeds is not None:
+            reporting = reporting[~reporting["seed"].isin(selection_seeds)]
         test_by_seed = {int(s): float(a) for s, a in sorted(zip(reporting["seed"], reporting["test_acc"]))}
         rows.append(
             {
-                **dict(zip(per_columns, key if isinstance(key, tuple) else (key,))),
+                **where,
                 group: chosen,
                 f"selection_{by}": scores[chosen],
                 "selection_seeds": sorted(int(s) for s in scored.loc[scored[group] == chosen, "seed"]),

@@ -463,6 +463,19 @@ def test_select_chooses_on_mean_validation_and_reports_test_on_the_other_seeds()
     assert list(overall["label"]) == ["SAM rho=0.05"] and "method" not in overall
 
 
+def test_select_by_a_setting_that_several_methods_share():
+    from gvr_lab.stats import select
+
+    runs = hand_built_runs()
+    strength = {"SAM rho=0.01": "low", "SAM rho=0.05": "mid", "SAM rho=0.1": "high", "SGD lr=0.05": "low"}
+    runs["strength"] = runs["label"].map(strength).fillna("mid")  # SGD lr=0.1 is sgd's "mid"
+    chosen = select(runs, group="strength", selection_seeds=[0, 1]).set_index("method")
+    assert chosen["strength"].tolist() == ["mid", "mid"]
+    # each method reports its own runs of the chosen setting, never the other method's
+    assert chosen.loc["sam", "test_by_seed"] == pytest.approx({2: 0.77, 3: 0.78})
+    assert chosen.loc["sgd", "test_by_seed"] == pytest.approx({2: 0.64, 3: 0.65})
+
+
 def test_select_breaks_ties_the_documented_way_and_names_what_is_missing():
     import pandas as pd
 
@@ -516,3 +529,28 @@ def test_load_runs_reads_each_run_at_its_best_validation_evaluation(tmp_path):
     assert "selected_test_acc" not in load_runs(tmp_path, steps=True)
     chosen = select(runs)
     assert chosen.loc[0, "label"] == "with val" and chosen.loc[0, "test_by_seed"] == {0: 0.66}
+
+
+def test_assessed_claims_draw_in_the_forest_plot_like_comparisons():
+    import matplotlib.pyplot as plt
+
+    from gvr_lab import plots
+    from gvr_lab.stats import assess_claims
+
+    tested = assess_claims(
+        [
+            (claim("gap"), differences(NULL)),
+            (claim("recovered", premise="gap"), differences(SIGNIFICANT)),
+            (claim("same", test="equivalence", direction="parity", margin=0.5), differences(NULL)),
+        ]
+    )
+    fig = plots.forest({"points": tested})
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "claim same (n=5)",
+        "claim recovered (n=5)",
+        "claim gap (n=5)",
+    ]
+    hollow = [line for line in ax.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and hollow[0].get_xdata()[0] == pytest.approx(np.mean(SIGNIFICANT))  # premise failed
+    plt.close(fig)
