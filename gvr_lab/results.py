@@ -16,6 +16,7 @@ import fcntl
 import glob
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -162,11 +163,24 @@ def flat_config(config: dict) -> dict:
     return out
 
 
+def best_evaluations(evaluations: pd.DataFrame, by: str = "val_acc") -> pd.DataFrame:
+    """Each run's evaluation with the highest `by`, the earliest (by epoch, then step) among equal
+    values: one row per run_dir of an evaluation table, runs without a value of `by` left out."""
+    if by not in evaluations:
+        return evaluations.iloc[0:0]
+    rated = evaluations[evaluations[by].notna()].reset_index(drop=True)
+    rated = rated.sort_values([c for c in ("epoch", "step") if c in rated], kind="stable")
+    return rated.loc[rated.groupby("run_dir", sort=False)[by].idxmax()]
+
+
 def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
     """Tidy table of many runs: one row per (run, epoch) with the config as columns.
 
     With steps=True, one row per logged step instead. Runs without metrics yet are skipped.
-    Besides the config, each row carries the run's `status` and `steps_per_epoch` (summary.json).
+    Besides the config, each row carries the run's `status` and `steps_per_epoch` (summary.json),
+    and (one row per evaluation only) `selected_test_acc`: the run's test accuracy at its
+    best-validation evaluation (`best_evaluations`), NaN for a run without val_acc; the value a
+    setting chosen on validation reports (stats.select).
     """
     frames = []
     for run_dir in run_dirs(paths_or_glob):
@@ -181,5 +195,8 @@ def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
         df["run_dir"] = str(run_dir)
         df["status"] = summary.get("status", "unknown")
         df["steps_per_epoch"] = summary.get("steps_per_epoch", 0)
+        if not steps:
+            best = best_evaluations(df)
+            df["selected_test_acc"] = float(best["test_acc"].iloc[0]) if len(best) else math.nan
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
