@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .data import list_datasets
+from .data import markdown_table as dataset_table
 from .errors import UsageError, check_choice
 from .methods import METHODS, list_methods, markdown_table, method_class, method_notes
 from .models import list_models
@@ -125,10 +126,10 @@ def cmd_docs(args) -> int:
     if not readme.is_file():
         raise UsageError(f"{readme} not found: run gvr-lab docs in the project's root, or pass --readme")
     text = readme.read_text()
-    for table in (markdown_table(), notebook_table()):
+    for table in (markdown_table(), dataset_table(), notebook_table()):
         text = replace_table(text, table, readme)
     write_atomic(readme, text.encode())
-    print(f"refreshed the method and notebook tables of {readme}")
+    print(f"refreshed the method, dataset and notebook tables of {readme}")
     return 0
 
 

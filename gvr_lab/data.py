@@ -84,6 +84,17 @@ def list_datasets() -> list[str]:
     return sorted(DATASETS)
 
 
+def markdown_table() -> str:
+    """README's dataset table, from the registry: name, classes, image shape, and the first
+    paragraph of its loader's docstring (what it is, where it is looked up)."""
+    rows = ["| dataset | classes | images | what, and where it is looked up |", "|---|---|---|---|"]
+    for name in list_datasets():
+        info, load = DATASETS[name]
+        what = " ".join((load.__doc__ or "").strip().split("\n\n")[0].split())
+        rows.append(f"| `{name}` | {info.num_classes} | {info.channels}x{info.size}x{info.size} | {what} |")
+    return "\n".join(rows)
+
+
 def dataset_info(name: str) -> DatasetInfo:
     check_choice("dataset", name, list_datasets())
     return DATASETS[name][0]
@@ -151,6 +162,9 @@ def read_idx(path: Path, expect_dims: int) -> np.ndarray:
 
 @register_dataset(DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)))
 def load_fashion_mnist(data_dir=None) -> tuple[Split, Split]:
+    """Fashion-MNIST (Xiao et al. 2017), 60k/10k, the offline default: its idx files from
+    `$GVR_LAB_DATA`, `./data` or `/usr/share/datasets/fashion-mnist` (Debian's package), else
+    torchvision's download."""
     folder = find_fashion_dir(data_dir)
     if folder is None:
         folder = download_with_torchvision("FashionMNIST", data_dir) / "FashionMNIST" / "raw"
@@ -225,11 +239,16 @@ def load_cifar(name: str, data_dir=None) -> tuple[Split, Split]:
 # The GVR code's constants; Novack's differ in the 4th digit.
 @register_dataset(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)))
 def load_cifar10(data_dir=None) -> tuple[Split, Split]:
+    """CIFAR-10 (Krizhevsky 2009), 50k/10k, torchvision's on-disk format (`cifar-10-batches-py/`)
+    from `$GVR_LAB_DATA` or `./data`, else torchvision's download; offline, exits 2 saying where
+    to put the files."""
     return load_cifar("cifar10", data_dir)
 
 
 @register_dataset(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)))
 def load_cifar100(data_dir=None) -> tuple[Split, Split]:
+    """CIFAR-100 (Krizhevsky 2009), 50k/10k, fine labels, torchvision's on-disk format
+    (`cifar-100-python/`), found or downloaded as CIFAR-10."""
     return load_cifar("cifar100", data_dir)
 
 
@@ -272,8 +291,8 @@ def download_with_torchvision(tv_name: str, data_dir, hint: str | None = None) -
 
 @register_dataset(DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
 def make_synthetic(data_dir=None) -> tuple[Split, Split]:
-    """Ten classes of smooth random 3x32x32 templates plus per-image noise, 2048 training and 512
-    test images: learnable, deterministic."""
+    """Ten classes of smooth random templates plus per-image noise, 2048/512 images, generated:
+    learnable, deterministic, for tests and smoke runs."""
     g = torch.Generator().manual_seed(0)
     templates = torch.nn.functional.interpolate(torch.randn(10, 3, 8, 8, generator=g), size=32, mode="bilinear")
 

@@ -29,7 +29,9 @@ Deviations from the official code, all deliberate:
   On a selection (gamma < 1) it draws fresh masks, as the official code does in every pass:
   dropout draws masks for a tensor's shape, so the selected rows cannot be given the masks they
   had in pass 1, and replaying the RNG would hand them the masks of rows 0..n-1 instead.
-- The mask is drawn at the start of each step rather than after the previous update; same law.
+- The mask is drawn at the start of each step; the official code draws it after each update, so
+  its very first step perturbs every tensor, where this one draws a mask there too. From the second
+  step on both draw one mask per step from the same law.
 
 Mixed precision: under bf16 autocast s_i is a difference of two bf16-computed losses (2.4% off
 fp32's at one step on a smooth conv net, 30 of the 32 selected rows the same): the selection near
