@@ -64,3 +64,17 @@ def fast_tests_neither_train_nor_start_torch_processes(request, monkeypatch):
         popen_init(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", checked_popen_init)
+
+
+@pytest.fixture
+def method_registry():
+    """The method registry as it is, put back after the test: a test may register methods of its own
+    (docs' examples, a module outside the package), seen by every module that reads the registry."""
+    from gvr_lab.methods import base
+
+    methods, aliases = dict(base.METHODS), dict(base.ALIASES)
+    yield base.METHODS
+    base.METHODS.clear()
+    base.METHODS.update(methods)
+    base.ALIASES.clear()
+    base.ALIASES.update(aliases)

@@ -215,11 +215,9 @@ def test_a_taken_name_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_hyperparameters_cannot_shadow_the_contract(name, norms_log):
-    """Hyper-parameters live in method.hp: one named like a part of the contract (SAF's and MESA's
-    start_epoch) leaves that part alone, and reads as an attribute only where nothing else has the name."""
+    """Hyper-parameters live in method.hp and, since no name of the contract may be one (register_method
+    refuses it), every one also reads as an attribute."""
     _, _, method = make(name, norms_log)
     assert callable(method.start_epoch) and callable(method.step)
     for key, value in method.hp.items():
-        assert method.hp[key] == value
-        if not hasattr(type(method), key):
-            assert getattr(method, key) == value
+        assert getattr(method, key) == method.hp[key] == value

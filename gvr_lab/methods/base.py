@@ -123,6 +123,13 @@ class Method(abc.ABC):
     # The data-parallel group, set by the loop under torchrun: one process by default. Methods
     # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
     world: World = World()
+    # Set by __init__ (declared here so that register_method sees their names too).
+    hp: HParams
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    label_smoothing: float
+    amp_dtype: torch.dtype | None
 
     def __init__(
         self,
@@ -471,11 +478,12 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Add a method under its name and aliases (case-insensitive). Refused: a name already taken,
     and a hyper-parameter named like an attribute or method of the class, which `method.<name>`
     would read instead of the hyper-parameter (a method reads its own as self.hp.<name>)."""
-    shadowed = sorted(set(cls.hparams) & set(dir(cls)))
+    attributes = set(dir(cls)).union(*(vars(k).get("__annotations__", {}) for k in cls.__mro__))
+    shadowed = sorted(set(cls.hparams) & attributes)
     if shadowed:
         raise ValueError(
             f"method {cls.name!r} ({cls.__name__}): hyper-parameter {shadowed[0]!r} has the name of an attribute "
-            f"of the method class ({type(getattr(cls, shadowed[0])).__name__}); rename the hyper-parameter"
+            "of the method; rename the hyper-parameter"
         )
     for key in (cls.name, *cls.aliases):
         if key.lower() in ALIASES:
