@@ -214,6 +214,7 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     device = resolve_device(args.device)
     methods = all_bench_rows() if args.methods == ["all"] else [parse_method_spec(spec) for spec in args.methods]
+    timing = ("precision", "compile", "steps", "warmup", "rounds", "profile", "cuda_settings", "hvp")
     report = run_bench(
         args.model,
         (int(channels), int(size)),
@@ -221,14 +222,7 @@ def cmd_bench(args) -> int:
         args.batch_size,
         methods,
         device=str(device),
-        precision=args.precision,
-        compile=args.compile,
-        steps=args.steps,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        profile=args.profile,
-        cuda_settings=args.cuda_settings,
-        hvp=args.hvp,
+        **{name: getattr(args, name) for name in timing},
     )
     print(format_table(report))
     if args.json:

@@ -483,14 +483,9 @@ def measured(claim: Claim, values, alpha: float, protocol_sha256: str) -> Assess
     seeds, m, b = paired_values(values, claim.id)
     d = m - b
     p, low, high, level = claim_test(claim.test, claim.direction, claim.margin, d, alpha)
+    definition = {k: getattr(claim, k) for k in ("id", "statement", "family", "test", "direction", "margin", "metric")}
     return AssessedClaim(
-        id=claim.id,
-        statement=claim.statement,
-        family=claim.family,
-        test=claim.test,
-        direction=claim.direction,
-        margin=claim.margin,
-        metric=claim.metric,
+        **definition,
         n=len(d),
         diff_mean=float(d.mean()) if len(d) else math.nan,
         ci_low=float(low),

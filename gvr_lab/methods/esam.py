@@ -69,12 +69,12 @@ def selected_count(gamma: float, batch_size: int) -> int:
 class ESAM(Method):
     name = "esam"
     hparams = {"rho": 0.05, "beta": 0.6, "gamma": 0.5, "sync_ascent": False}
+    bounds = {"rho": ">= 0", "beta": "in (0, 1]", "gamma": "in (0, 1]"}
+    passes = "2 (SWP/SDS reduce the second)"
     reference = (
         "Du et al. ICLR 2022 (dydjw9/Efficient_SAM: per-tensor SWP, SDS); ceil(gamma*B) samples "
         "(official: one fewer), BN stats only on the clean pass, xi 1e-12"
     )
-    passes = "2 (SWP/SDS reduce the second)"
-    bounds = {"rho": ">= 0", "beta": "in (0, 1]", "gamma": "in (0, 1]"}
     term, term_weight, color = "ESAM ascent", "rho", "#d55e00"
 
     def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -102,17 +102,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
-from .base import (
-    Method,
-    SpeedTarget,
-    global_norm,
-    grad,
-    register_method,
-    replayed_rng,
-    rng_state,
-    set_grads,
-    upcast,
-)
+from .base import Method, SpeedTarget, global_norm, grad, register_method, replayed_rng, rng_state, set_grads, upcast
 
 NOVACK = "Novack et al. 2023 (arXiv 2211.15853)"
 
@@ -354,8 +344,8 @@ class UnitJacLoss(PenaltyMethod):
 
     name = "unit_jac_loss"
     aliases = ("UnitJacLoss",)
-    reference = f"{NOVACK} UnitJacLoss (UJ); u fresh per micro-batch; batch_size must be a multiple of m"
     term, color, speed_targets = "unit-Jacobian penalty", "#66a61e", penalty_targets(name)
+    reference = f"{NOVACK} UnitJacLoss (UJ); u fresh per micro-batch; batch_size must be a multiple of m"
 
     def draw(self, logits):
         z = torch.randn(logits.shape[1], device=logits.device, dtype=upcast(logits).dtype)

@@ -223,13 +223,12 @@ class SAF(OutputTrajectoryMethod):
 class MESA(OutputTrajectoryMethod):
     name = "mesa"
     hparams = {"lam": 0.8, "tau": 5.0, "kl_start_epoch": 5, "ema_decay": 0.9998}
+    bounds = {**OutputTrajectoryMethod.bounds, "ema_decay": "in [0, 1]"}
+    passes = "1 + a no-grad teacher forward"
     reference = (
         "Du et al. NeurIPS 2022 (AngusDujw/SAF MESA_train.py): KL to an EMA teacher in eval mode "
         "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies"
     )
-    passes = "1 + a no-grad teacher forward"
-
-    bounds = {**OutputTrajectoryMethod.bounds, "ema_decay": "in [0, 1]"}
     term, color = "KL to the EMA teacher", "#f0a6d8"
 
     def __init__(self, model, optimizer, **kw):
