@@ -9,7 +9,6 @@ import pytest
 from gvr_lab.bench import (
     DATA_LABEL,
     HVP_LABEL,
-    TWO_VIEW_SGD_LABEL,
     block_markers,
     format_table,
     markdown_report,
@@ -19,6 +18,7 @@ from gvr_lab.bench import (
 )
 from gvr_lab.cli import main
 from gvr_lab.grid_bench import grid_markdown
+from gvr_lab.methods.base import TWO_VIEW_SGD
 
 SMOKE = [
     "bench",
@@ -54,7 +54,7 @@ def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys)
     rows = {r["label"].split(":")[0]: r for r in report["results"]}
     # sgd added first; gvr's reference (sgd on its 2B images) after the methods; the loader alone
     # last, its ratio the data share of an sgd step
-    assert list(rows) == ["sgd", "sam", "looksam", "saf", "vsam", "gvr", "reg_loss", TWO_VIEW_SGD_LABEL, DATA_LABEL]
+    assert list(rows) == ["sgd", "sam", "looksam", "saf", "vsam", "gvr", "reg_loss", TWO_VIEW_SGD, DATA_LABEL]
     for r in report["results"]:
         assert r["ms_per_step"] > 0 and r["ms_min"] <= r["ms_per_step"]
         assert r["images_per_s"] == pytest.approx(1000 * 16 / r["ms_per_step"])
