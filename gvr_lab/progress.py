@@ -213,6 +213,7 @@ class GridStatus:
         self.printed_at, self.printed_counts = 0.0, None
         self.kernel = in_kernel()
         self.handle = None
+        self.errors: list[tuple[int, BaseException]] = []
 
     def label(self, index: int) -> str:
         config = self.configs[index]
@@ -265,6 +266,7 @@ class GridStatus:
         self.announce(index)
 
     def failed(self, index: int, error: BaseException) -> None:
+        self.errors.append((index, error))
         self.state[index] = "failed"
         lines = str(error).strip().splitlines()
         self.detail[index] = f"failed: {lines[-1] if lines else type(error).__name__}"
@@ -276,7 +278,15 @@ class GridStatus:
         self.show(force=True)
 
     def close(self) -> None:
+        """The last status; then, if runs failed, the first failure raised (the grid went on)."""
         self.show(force=True)
+        if self.errors:
+            index, error = self.errors[0]
+            lines = str(error).strip().splitlines()
+            raise RuntimeError(
+                f"{len(self.errors)} run(s) of the grid failed; first: {self.configs[index].label} seed "
+                f"{self.configs[index].seed}: {lines[-1] if lines else type(error).__name__}"
+            )
 
     def lines(self) -> list[str]:
         out = [self.header()]
