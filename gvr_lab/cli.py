@@ -274,8 +274,12 @@ def executor_environment(args):
     options = None
     if args.executor == "ray":
         options = cluster.RayOptions(address=args.ray_address, run_cpus=args.run_cpus, run_gpus=args.run_gpus)
-    elif args.ray_address or args.run_cpus != 1.0 or args.run_gpus != 0.0:
+    elif args.ray_address or args.run_cpus or args.run_gpus:
         raise UsageError("--ray-address, --run-cpus and --run-gpus need --executor ray")
+    if args.workers and args.executor not in (None, "processes"):
+        raise UsageError("--workers is the processes executor's pool size: it needs --executor processes")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     executor, options = grid.resolve_executor(args.executor, options)
     if executor == "ray":
         # a bad address is one line now, not a failed cell later; the local instance this starts
@@ -283,7 +287,7 @@ def executor_environment(args):
         ray = cluster.connect(options)
         address = options.address or ray.get_runtime_context().gcs_address
         options = dataclasses.replace(options, address=address)
-    return grid.executor_environment(executor, options)
+    return grid.executor_environment(executor, options, args.workers)
 
 
 def cmd_run(args) -> int:
@@ -366,14 +370,20 @@ def cmd_notebooks(args) -> int:
 def add_executor_flags(parser) -> None:
     parser.add_argument(
         "--executor",
-        choices=["sequential", "ray"],
-        default="sequential",
-        help="how the notebook's grids run: one run after another, or as Ray tasks in parallel",
+        choices=["processes", "sequential", "ray"],
+        default=None,
+        help="how the notebook's grids run: in a pool of worker processes on this machine (the default without "
+        "CUDA), one run after another in the kernel (the default with CUDA), or as Ray tasks",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes executor: runs at once (0: cores / threads per run)"
     )
     parser.add_argument(
         "--ray-address", help="a Ray cluster (auto or HOST:PORT); default: a local instance on this machine's cores"
     )
-    parser.add_argument("--run-cpus", type=float, default=1.0, help="CPUs per run under Ray (its torch threads)")
+    parser.add_argument(
+        "--run-cpus", type=float, default=0.0, help="CPUs each run asks Ray for (0: its torch threads, Config.threads)"
+    )
     parser.add_argument("--run-gpus", type=float, default=0.0, help="GPUs per run under Ray (0.25: four per GPU)")
 
 
@@ -459,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--cuda-settings",
         action="store_true",
-        help="the CUDA configuration on any device: fused SGD, channels_last, bf16 under auto",
+        help="the CUDA configuration on any device: fused SGD, bf16 under auto",
     )
     b.add_argument("--compile", action="store_true", help="torch.compile the model where the method allows it")
     b.add_argument("--steps", type=int, default=5, help="steps per timed round")

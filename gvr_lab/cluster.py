@@ -1,7 +1,8 @@
 """Many runs on many workers: a grid's runs as Ray tasks, on this machine or a cluster.
 
 Each run is one Ray task with its own resource request (`run_cpus`, `run_gpus`): fractional GPUs
-pack several small runs on one GPU; a CPU run sets its torch threads to its CPU share. The run
+pack several small runs on one GPU; a run sets its own torch threads (Config.threads), and asks for as
+many CPUs unless `run_cpus` says otherwise. The run
 directory stays the unit of truth, as in a sequential grid: a task trains (or resumes, or returns)
 its run through `gvr_lab.train`, so a task whose worker dies or whose node is lost is retried by
 Ray and resumes from the run's last checkpoint, and a finished run is not trained again. The
@@ -15,12 +16,9 @@ the ray executor.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import socket
 from dataclasses import dataclass
-
-import torch
 
 from .errors import UsageError
 from .training import Config, train
@@ -29,14 +27,14 @@ from .training import Config, train
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # None: a local instance on this machine's cores; "auto" or HOST:PORT: a cluster
-    run_cpus: float = 1.0  # CPUs each run asks for; its torch threads
+    run_cpus: float = 0.0  # CPUs each run asks for; 0: its Config.threads
     run_gpus: float = 0.0  # GPUs each run asks for; 0.25 packs four runs on one GPU
     max_retries: int = 3  # a task whose worker or node dies is run again this many times
 
     def __post_init__(self):
-        if self.run_cpus <= 0 or self.run_gpus < 0 or self.max_retries < 0:
+        if self.run_cpus < 0 or self.run_gpus < 0 or self.max_retries < 0:
             raise UsageError(
-                f"ray resources must be run_cpus > 0, run_gpus >= 0, max_retries >= 0, got "
+                f"ray resources must be run_cpus >= 0, run_gpus >= 0, max_retries >= 0, got "
                 f"{self.run_cpus}, {self.run_gpus}, {self.max_retries}"
             )
         if self.run_gpus > 1 and self.run_gpus != int(self.run_gpus):
@@ -82,9 +80,8 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UsageError(f"cannot reach a Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
-def train_remote(fields: dict, threads: int) -> dict:
+def train_remote(fields: dict) -> dict:
     """One run, in a Ray worker: train (or resume, or return) it; its summary comes back."""
-    torch.set_num_threads(threads)
     return train(Config(**fields)).summary
 
 
@@ -94,12 +91,14 @@ def run_grid(configs: list, options: RayOptions, report) -> list[dict]:
     that raises (the run's own error, not a lost worker: those are retried) fails its run only: the
     grid goes on, and the first failure is raised at the end."""
     ray = connect(options)
-    remote = ray.remote(
-        num_cpus=options.run_cpus, num_gpus=options.run_gpus, max_retries=options.max_retries, retry_exceptions=False
-    )(train_remote)
-    threads = max(1, math.floor(options.run_cpus))
+    remote = ray.remote(num_gpus=options.run_gpus, max_retries=options.max_retries, retry_exceptions=False)(
+        train_remote
+    )
     report.submitted()
-    pending = {remote.remote(dataclasses.asdict(c), threads): i for i, c in enumerate(configs)}
+    pending = {
+        remote.options(num_cpus=options.run_cpus or c.threads).remote(dataclasses.asdict(c)): i
+        for i, c in enumerate(configs)
+    }
     summaries: list[dict | None] = [None] * len(configs)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)

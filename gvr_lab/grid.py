@@ -84,7 +84,7 @@ def resolve_executor(executor: str | None, options: cluster.RayOptions | None) -
         try:
             options = cluster.RayOptions(
                 address=env.get(ENVIRONMENT["address"]) or None,
-                run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 1.0),
+                run_cpus=float(env.get(ENVIRONMENT["run_cpus"]) or 0.0),
                 run_gpus=float(env.get(ENVIRONMENT["run_gpus"]) or 0.0),
             )
         except ValueError as e:

@@ -44,6 +44,10 @@ NOTEBOOKS = REPO / "notebooks"
 PRESETS = ("smoke", "cpu", "gpu", "paper")  # the vocabulary; each notebook declares those it has
 COMMITTED_PRESET = "cpu"  # figures/ holds this preset's figures and tables
 PATH_PARAMETERS = ("runs_root", "fig_root")
+# Part of every runs root's digest: raised when a run's identity gains a field its old runs lacked
+# (training.FIELDS_NEW_IN_BEHAVIOUR), so a study's new runs go to a folder of their own instead of
+# meeting runs that are now other runs.
+RUNS_FORMAT = {"runs_format": 2}
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ def resolve(decl: Declaration, explicit: dict) -> Resolved:
     values = {k: v for k, v in params.items() if k not in PATH_PARAMETERS}
     changed = {k: v for k, v in values.items() if k != "preset" and v != base[k]}
     variant = preset + (f"-{digest(changed)}" if changed else "")
-    runs_root = REPO / (params.get("runs_root") or f"runs/{preset}/{decl.name}/{digest(values)}")
+    runs_root = REPO / (params.get("runs_root") or f"runs/{preset}/{decl.name}/{digest({**values, **RUNS_FORMAT})}")
     fig_root = REPO / (params.get("fig_root") or default_fig_root(variant))
     return Resolved(params, changed, variant, runs_root, fig_root)
 

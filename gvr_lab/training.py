@@ -16,6 +16,7 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,9 +52,14 @@ from .quant import check_bits, quantize_model
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 CURVATURE_ROWS, CURVATURE_PROBES = 512, 20  # what curvature_every measures
 PRECISIONS = ("auto", "fp32", "bf16")
+CHANNELS_LAST = ("auto", "true", "false")
 FINAL_STATUSES = ("completed", "diverged")  # "running" and "stopped" (by stop_after) runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
 NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after")
+# Fields added to Config whose value in a run recorded before them was not their default: such a
+# run computed with other values, so it is another run (check_run_dir), never reused under them.
+# (A field added with the behaviour of its default is absent from here: the old run had it.)
+FIELDS_NEW_IN_BEHAVIOUR = ("threads", "channels_last")
 
 
 @dataclass
@@ -86,10 +92,18 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    # The CUDA configuration on any device: fused SGD, channels_last model and batches, and bf16
-    # autocast under precision "auto". CUDA always gets it; on a CPU it reproduces a GPU run's
-    # numerics (tests use it to prove every method right in the configuration users train in).
+    # The CUDA configuration on any device: fused SGD and bf16 autocast under precision "auto".
+    # CUDA always gets it; on a CPU it reproduces a GPU run's numerics (tests use it to prove every
+    # method right in the configuration users train in).
     cuda_settings: bool = False
+    # Model and batches in NHWC: auto = on for a model with convolutions, on the CPU as on CUDA,
+    # where it was measured faster (1.5x forward and backward on the CPU); true | false. The value
+    # it resolved to is in summary.json.
+    channels_last: str = "auto"
+    # torch threads of the run, set before it builds anything whichever executor runs it: part of
+    # the run's identity, since sums over other thread counts round differently. One thread per run
+    # and as many runs as cores is the fastest use of a CPU for grids of small runs.
+    threads: int = 1
     compile: bool = False  # torch.compile the model when the method allows it
     quant_bits: int = 0  # LSQ quantization-aware training bit width (2-16); 0 = full precision
     quant_first_last: bool = False  # also quantize the first layer and fc (LSQ keeps them full precision)
@@ -112,16 +126,19 @@ class Config:
     label: str = ""  # a name for plots and tables (e.g. "LB+GN"); does not change the run
 
     def __post_init__(self):
+        if isinstance(self.channels_last, bool):  # the API's True and False mean "true" and "false"
+            self.channels_last = str(self.channels_last).lower()
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(getattr(self, f.name), TYPE_NAMES[f.type], f"config field {f.name!r}"))
         check_choice("dataset", self.dataset, list_datasets())
         check_choice("model", self.model, list_models())
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("channels_last", self.channels_last, CHANNELS_LAST)
         check_choice("label_noise_kind", self.label_noise_kind, NOISE_KINDS)
         if not 0 <= self.label_noise < 1:
             raise UsageError(f"label_noise must be in [0, 1), got {self.label_noise}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "threads"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -269,7 +286,17 @@ class DeviceSettings:
     def of(cls, config: Config, device: torch.device) -> DeviceSettings:
         cuda = device.type == "cuda" or config.cuda_settings
         bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
-        return cls(device, torch.bfloat16 if bf16 else None, channels_last=cuda, fused=cuda)
+        channels_last = config.channels_last == "true" or (config.channels_last == "auto" and convolutional(config))
+        return cls(device, torch.bfloat16 if bf16 else None, channels_last=channels_last, fused=cuda)
+
+
+def convolutional(config: Config) -> bool:
+    """Whether the Config's model has 2-D convolutions: built on the meta device, which allocates
+    nothing, and looked at."""
+    info = dataset_info(config.dataset)
+    with torch.device("meta"):
+        model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 def build_model(config: Config, num_classes: int, channels: int, settings: DeviceSettings, world: World = World()):
@@ -390,14 +417,16 @@ def check_run_dir(run_dir: Path, config: Config) -> dict | None:
         return None
     stored = results.read_json(path)
     new = config.identity()
-    # a field added to Config after the run was made is absent there: the run had its default
-    defaults = Config().identity()
+    # a field added to Config after the run was made is absent there: the run had its default,
+    # unless the field came with a behaviour the old runs did not have (FIELDS_NEW_IN_BEHAVIOUR)
+    defaults = {k: v for k, v in Config().identity().items() if k not in FIELDS_NEW_IN_BEHAVIOUR}
     changed = sorted(k for k in new if k not in NON_IDENTITY_FIELDS and stored.get(k, defaults.get(k)) != new[k])
     if changed:
         k = changed[0]
+        there = repr(stored[k]) if k in stored else "absent, from before the field existed"
         raise UsageError(
-            f"run directory {run_dir} holds a different run ({k}: {stored.get(k)!r} there, "
-            f"{new[k]!r} now); choose another out_dir"
+            f"run directory {run_dir} holds a different run ({k}: {there} there, {new[k]!r} now); "
+            "choose another out_dir"
         )
     return stored
 
@@ -495,6 +524,8 @@ class Context:
             # an epoch's last len % batch_size examples of the shuffled order (others each epoch) are not trained on
             "dropped_per_epoch": len(loader.labels) % self.config.batch_size,
             "label_noise_realized": loader.noisy_fraction,
+            "channels_last": self.settings.channels_last,
+            "threads": torch.get_num_threads(),
         }
 
 
@@ -546,6 +577,23 @@ def train(config: Config, on_evaluation=None) -> Run:
         if done.summary.get("status") in FINAL_STATUSES:
             return done
 
+    with torch_threads(config.threads):
+        return train_here(config, run_dir, on_evaluation)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads for the block, put back after (a notebook's kernel keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_here(config: Config, run_dir: Path, on_evaluation) -> Run | None:
+    """train's work in this process, with the run's threads set."""
     device = resolve_device(config.device)
     world = init_world(device.type)
     if world.active and device.type == "cuda":

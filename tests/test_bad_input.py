@@ -227,7 +227,7 @@ BAD = [
     (
         "unknown executor (api)",
         lambda: train_grid({}, [{}], [0], "runs", executor="dask"),
-        r"unknown executor 'dask'; valid: sequential, ray",
+        r"unknown executor 'dask'; valid: processes, sequential, ray",
     ),
     ("bench-grid without runs", ["bench-grid", "--runs", "0"], r"--runs must be positive"),
     # the benchmark

@@ -153,7 +153,17 @@ def trained(case, name, hp, norms_log, settings):
 def test_cuda_settings_are_what_cuda_gets():
     assert DeviceSettings.of(Config(cuda_settings=True), CPU) == SETTINGS["cuda"]
     assert DeviceSettings.of(Config(cuda_settings=True, precision="fp32"), CPU).amp_dtype is None
-    assert DeviceSettings.of(Config(), CPU) == SETTINGS["reference"]
+    assert DeviceSettings.of(Config(channels_last="false"), CPU) == SETTINGS["reference"]
+
+
+def test_channels_last_is_on_for_convolutional_models_unless_switched_off():
+    """auto: on for a model with convolutions, on the CPU as on CUDA; independent of cuda_settings."""
+    assert DeviceSettings.of(Config(), CPU) == SETTINGS["channels_last"]
+    assert DeviceSettings.of(Config(channels_last=False), CPU) == SETTINGS["reference"]
+    assert DeviceSettings.of(Config(cuda_settings=True, channels_last="false"), CPU).channels_last is False
+    assert DeviceSettings.of(Config(dataset="synthetic", model="small_cnn", channels_last=True), CPU).channels_last
+    with pytest.raises(ValueError, match="unknown channels_last 'yes'; valid: auto, true, false"):
+        Config(channels_last="yes")
 
 
 def relative_update_error(reference, other):

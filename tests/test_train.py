@@ -237,5 +237,17 @@ def test_a_run_made_before_a_config_field_existed_is_still_this_run(tmp_path):
     older = {k: v for k, v in config.identity().items() if k not in ("curvature_every", "keep_checkpoints")}
     (tmp_path / "run" / "config.json").write_text(json.dumps(older))
     assert training.check_run_dir(tmp_path / "run", config) == older  # absent there = its default
-    with pytest.raises(UsageError, match=r"holds a different run \(curvature_every: None there, 2 now\)"):
+    with pytest.raises(UsageError, match=r"holds a different run \(curvature_every: absent, from before the field"):
         training.check_run_dir(tmp_path / "run", Config(out_dir=str(tmp_path / "run"), epochs=1, curvature_every=2))
+
+
+def test_a_run_made_before_threads_and_channels_last_existed_is_another_run(tmp_path):
+    """It ran with other thread counts and memory layouts than their defaults: retrained, never reused."""
+    config = Config(out_dir=str(tmp_path / "run"), epochs=1)
+    (tmp_path / "run").mkdir()
+    for absent in ("threads", "channels_last"):
+        older = {k: v for k, v in config.identity().items() if k != absent}
+        (tmp_path / "run" / "config.json").write_text(json.dumps(older))
+        with pytest.raises(UsageError, match=rf"holds a different run \({absent}: absent, from before the field"):
+            training.check_run_dir(tmp_path / "run", config)
+    assert config.identity()["threads"] == 1 and config.identity()["channels_last"] == "auto"
