@@ -1,0 +1,136 @@
+"""One configuration, one history, whichever executor trains it (gvr_lab/grid.py): the same grid in
+this process, in a pool of worker processes and under Ray; what a worker cannot rebuild trains
+here, saying why; a worker that dies is replaced and its run resumes."""
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gvr_lab import grid_configs, train_configs
+from gvr_lab.cluster import RayOptions
+from gvr_lab.grid import default_workers, worker_modules
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+BASE = dict(
+    dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=64, lr=0.05, train_subset=512, device="cpu", cutout=0.5
+)
+COLUMNS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]
+VARIANTS = [dict(method="sgd"), dict(method="sam")]
+
+
+def same_histories(runs_a, runs_b) -> None:
+    assert [(r.config.label, r.config.seed) for r in runs_a] == [(r.config.label, r.config.seed) for r in runs_b]
+    for a, b in zip(runs_a, runs_b):
+        assert a.summary["status"] == b.summary["status"] == "completed"
+        assert a.summary["threads"] == b.summary["threads"] == 1
+        pd.testing.assert_frame_equal(a.history[COLUMNS], b.history[COLUMNS])
+
+
+def test_a_grid_gives_identical_histories_sequentially_in_the_pool_and_under_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    sequential = train_configs(grid_configs(BASE, VARIANTS, [0, 1], tmp_path / "seq"), executor="sequential")
+    pooled = train_configs(grid_configs(BASE, VARIANTS, [0, 1], tmp_path / "pool"), executor="processes", workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        under_ray = train_configs(
+            grid_configs(BASE, VARIANTS, [0, 1], tmp_path / "ray"), executor="ray", ray=RayOptions()
+        )
+    finally:
+        ray.shutdown()
+    same_histories(sequential, pooled)
+    same_histories(sequential, under_ray)
+    assert len({r.summary["final_test_acc"] for r in sequential}) > 1  # four runs, not one run four times
+
+
+def test_the_pool_size_is_the_cores_over_the_threads_per_run():
+    configs = grid_configs(BASE, VARIANTS, [0], "unused", check_run_dirs=False)
+    assert default_workers(configs) == os.cpu_count()
+    configs[0].threads = 2
+    assert default_workers(configs) == max(1, os.cpu_count() // 2)
+
+
+OUTSIDE = '''"""A method of a module on the path: the pool's workers import it."""
+
+from gvr_lab.methods import register_method
+from gvr_lab.methods.sgd import SGD
+
+
+@register_method
+class PooledSGD(SGD):
+    name, aliases = "pooled_sgd", ()
+'''
+
+
+def test_a_method_of_a_module_trains_in_the_pool_and_one_of_a_notebook_cell_here(
+    tmp_path, monkeypatch, method_registry, capsys
+):
+    (tmp_path / "pooled_methods.py").write_text(OUTSIDE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("pooled_methods")
+    try:
+        configs = grid_configs(BASE, [dict(method="pooled_sgd")], [0], tmp_path / "module")
+        assert worker_modules(configs) == (["pooled_methods"], "")
+        [run] = train_configs(configs, executor="processes", workers=1)
+        assert run.summary["status"] == "completed" and "trains in this process" not in capsys.readouterr().out
+    finally:
+        sys.modules.pop("pooled_methods", None)
+
+    class CellSGD(method_registry["sgd"]):
+        name, aliases = "cell_sgd", ()
+
+    CellSGD.__module__ = "__main__"  # what a class defined in a notebook's cell has
+    method_registry["cell_sgd"] = CellSGD
+    __import__("gvr_lab.methods.base").methods.base.ALIASES["cell_sgd"] = "cell_sgd"
+    [run] = train_configs(grid_configs(BASE, [dict(method="cell_sgd")], [0], tmp_path / "cell"), executor="processes")
+    out = capsys.readouterr().out
+    assert run.summary["status"] == "completed"
+    assert (
+        "the grid trains in this process, one run after another: method 'cell_sgd' is defined in the notebook's" in out
+    )
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The process that has the run's .lock open: the worker training it."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_worker_is_replaced_and_its_run_resumes_to_the_uninterrupted_end(tmp_path):
+    long = dict(BASE, epochs=6, train_subset=2048)
+    [config] = grid_configs(long, [dict(method="sgd")], [0], tmp_path / "pool")
+    killed = []
+
+    def kill_after_the_second_epoch():
+        summary = config.run_dir() / "summary.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if summary.is_file() and '"epochs_completed": 2' in summary.read_text():
+                pid = lock_holder(config.run_dir() / ".lock")
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_the_second_epoch)
+    killer.start()
+    [run] = train_configs([config], executor="processes", workers=1)
+    killer.join()
+    assert killed, "the worker was never killed"
+    [whole] = train_configs(grid_configs(long, [dict(method="sgd")], [0], tmp_path / "seq"), executor="sequential")
+    assert run.summary["status"] == "completed"
+    pd.testing.assert_frame_equal(run.history[COLUMNS], whole.history[COLUMNS])
