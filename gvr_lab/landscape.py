@@ -6,18 +6,44 @@ training set (the same rows whenever a run is measured), the model in a stated m
 
     L(w) = (1/N) sum_j CE(f_w(x_j), y_j)
 
+over the parameters w with requires_grad=True (frozen ones are constants of L).
+
 * bn="eval" (default): batch norm normalizes with its running statistics and dropout is off, so
   L is a deterministic function of w, the one the trained model computes at test time.
 * bn="train": batch norm uses each evaluation batch's own statistics (running statistics left
   alone), dropout still off: the loss the optimizer's steps see, up to dropout.
 
+Either way every module's train/eval mode is put back after each pass (`Objective`).
+
+The rows (`as_batches`): one (x, y) batch (a tuple or list of two tensors), a gvr_lab.Batch, a list
+of either, or any other iterable of them (a torch DataLoader, a generator), read once up to `rows`
+rows: every row of a batch or a list when rows is None, the first ITERABLE_ROWS (1000) rows of an
+iterable, which may be endless. Anything else is refused in one line.
+
 Instruments, each from Hessian-vector products H v by double backward (fp32 or fp64, never bf16:
 a product of second derivatives in 8 significant bits is noise):
 
-* `top_eigenvalues`: the k largest eigenvalues of H by Lanczos with full reorthogonalization,
-  stopped when every wanted Ritz pair's residual |beta_m s_m| is below tol * |theta| (or at
-  `max_iter`); exact to rounding when the iteration reaches the dimension. Cost: one H v per
-  iteration.
+* `top_eigenvalues`: the k largest eigenvalues of H, repeated ones as often as they repeat, by
+  Lanczos with full reorthogonalization, restarted with locking. Single-vector Lanczos sees one
+  direction of each eigenspace (its Krylov space holds one vector per distinct eigenvalue), so a
+  double top eigenvalue shows up once, and on a Hessian with few distinct eigenvalues the
+  iteration stops early on an invariant subspace. Every converged Ritz pair is locked, and the
+  next round starts Lanczos from a new random vector orthogonal to all locked vectors, on H
+  deflated against them (as PyHessian deflates its power iteration), until a round's largest Ritz
+  value is no larger than the k-th locked one: nothing above it is left in the complement. A
+  round stops when its wanted Ritz pairs' residual estimates |beta_m s_mi| fall below tol times
+  the largest |Ritz value| seen (an estimate of ||H||), at an invariant subspace, or after
+  `max_iter` steps. Each returned pair then gets its residual ||H v - lambda v||, measured with one
+  more H v per vector (the Ritz estimate is of the deflated operator, not of H), and `converged`:
+  residual <= max(tol, sqrt(machine epsilon)) * ||H|| estimate, which puts lambda within that of
+  an eigenvalue of H. Restarting rather than a block Lanczos keeps one H v per step (the unit of
+  the SLQ density and the trace), needs no block size to guess (a multiplicity of any order is
+  found, a copy per round), and its last round proves the list complete. Cost: one round for
+  k = 1 (the largest Ritz value of a random start is lambda_max, multiplicity aside), at least
+  two for k >= 2 (the second checks the complement), at most k + 1; max_iter H v per round, plus
+  k.
+* `extreme_eigenvalues`: (smallest, largest, converged) from one Lanczos run, stopped when both
+  ends' residual estimates are below tol * ||H||; `converged` says whether they were.
 * `hutchinson_trace`: tr H = E[z^T H z] over Rademacher z, with its standard error
   sd(z^T H z) / sqrt(probes). Cost: one H v per probe.
 * `eigen_density`: stochastic Lanczos quadrature (Ghorbani et al. 2019, as PyHessian): per probe,
@@ -41,27 +67,122 @@ a product of second derivatives in 8 significant bits is noise):
   norm against rho times that batch's largest |eigenvalue|, and the fraction of batches where
   the bound holds.
 
+Scale-invariant sharpness. lambda_max and tr H change when a ReLU network's layer is multiplied by
+c and the next one by 1/c, which leaves the function alone (Dinh et al., ICML 2017); these two do
+not:
+
+* `adaptive_sharpness`: the worst-case adaptive sharpness of Kwon et al. (ASAM, ICML 2021) in the
+  elementwise form of Andriushchenko et al. ("A modern look at the relationship between sharpness
+  and generalization", ICML 2023), with the l2 ball, on the whole measured subset at once:
+      S_rho(w) = max over ||eps / |w| ||_2 <= rho of L(w + eps) - L(w)
+  (|w| elementwise, without ASAM's offset eta: a weight equal to 0 cannot move). In scaled
+  coordinates u = eps / |w| it is estimated by projected gradient ascent on the ball ||u|| <= rho:
+  the start is the ASAM step
+  u = rho g_u / ||g_u||, g_u = |w| * grad L (a seeded random direction when g_u = 0), then `steps`
+  steps u <- P(u + h g_u / ||g_u||), P the projection onto the ball, h = rho at first and halved
+  whenever a step does not raise L (the step is then not taken). Every iterate lies in the ball, and
+  so does u = 0, so the value, L at the best of them minus L(w), is a lower bound of S_rho (and
+  >= 0). Cost: steps + 2 gradients. On L = 0.5 w^T A w + b^T w it is the trust-region problem
+  max_{||u|| <= rho} g_u^T u + 0.5 u^T D A D u, D = diag(|w|), which at a minimum (b = -A w) is
+  0.5 rho^2 lambda_max(D A D); there the steps are a shifted power iteration on D A D, the
+  value's relative error shrinking by about ((1 + lambda_2 / lambda_1) / 2)^2 per step.
+* `filter_normalized_curvature`: the mean over n filter-normalized directions d (Li et al. 2018,
+  `filter_normalized_direction`, seeds seed .. seed + n - 1) of d^T H d, the second derivative of
+  the 1-D slice L(w + a d) at a = 0, with its standard error over the directions. Cost: one H v
+  per direction.
+
 `gvr_lab.curvature(model, data, ...)` (this module's `curvature`) runs the eigenvalues and the trace
-(and the density when asked) and returns a plain dict. This module knows models and batches only;
-gvr_lab/measure.py applies it to run directories (`gvr-lab curvature RUN_DIR`, the curvature study).
+(and the density, and the two sharpness measures, when asked) on a copy of the model in the asked
+precision and returns a plain dict. This module knows models and batches only; gvr_lab/measure.py
+applies it to run directories (`gvr-lab curvature RUN_DIR`, the curvature study).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import Batch
 from .errors import UsageError, check_choice
 from .methods.base import frozen_bn_stats, grad
 
 BN_MODES = ("eval", "train")
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+# ---------------------------------------------------------------------- the rows
+
+ITERABLE_ROWS = 1000  # rows read from an iterable of batches when `rows` is not given
+
+ACCEPTED = (
+    "data must be an (x, y) batch of two tensors, a gvr_lab.Batch, a list of them, "
+    "or an iterable of them such as a DataLoader"
+)
+
+
+def described(thing) -> str:
+    """What a refused argument was, in a few words."""
+    if isinstance(thing, torch.Tensor):
+        return f"a tensor of shape {tuple(thing.shape)}"
+    if isinstance(thing, (list, tuple)):
+        kinds = sorted({type(item).__name__ for item in thing})
+        return f"a {type(thing).__name__} of {len(thing)} items ({', '.join(kinds) or 'empty'})"
+    name = type(thing).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
+
+
+def as_pair(thing) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, y) of a Batch or of a tuple or list of two tensors; None for anything else."""
+    if isinstance(thing, Batch):
+        x, y = thing.x, thing.y
+    elif isinstance(thing, (list, tuple)) and len(thing) == 2 and all(isinstance(t, torch.Tensor) for t in thing):
+        x, y = thing
+    else:
+        return None
+    if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+        raise UsageError(
+            f"an (x, y) batch needs one label per input row, got x of shape {tuple(x.shape)} "
+            f"and y of shape {tuple(y.shape)}"
+        )
+    return x, y
+
+
+def as_batches(data, rows: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches of `data`, in order, cut after `rows` rows: all rows of a batch or a
+    list when rows is None, the first ITERABLE_ROWS of any other iterable (which is read once)."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise UsageError(f"rows must be a positive int or None, got {rows!r}")
+    single = as_pair(data)
+    if single is not None:
+        items, bound = [single], rows
+    elif isinstance(data, (list, tuple)):
+        items, bound = data, rows
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, dict, torch.Tensor)):
+        items, bound = data, rows or ITERABLE_ROWS
+    else:
+        raise UsageError(f"{ACCEPTED}; got {described(data)}")
+    batches, count = [], 0
+    for i, item in enumerate(items):
+        pair = as_pair(item)
+        if pair is None:
+            raise UsageError(f"{ACCEPTED}; got {described(data)} whose item {i} is {described(item)}")
+        x, y = pair
+        if bound is not None:
+            x, y = x[: bound - count], y[: bound - count]
+        batches.append((x, y))
+        count += len(y)
+        if bound is not None and count >= bound:
+            break
+    if count == 0:
+        raise UsageError(f"{ACCEPTED}; got {described(data)} holding no rows")
+    return batches
 
 
 # ---------------------------------------------------------------------- the loss on a fixed subset
@@ -69,26 +190,37 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 @dataclass
 class Objective:
-    """L(w) on fixed batches, and its derivatives, for a model in a stated mode."""
+    """L(w) on fixed batches, and its derivatives, for a model in a stated mode. `batches` takes
+    any form `as_batches` does (and holds the list of (x, y) pairs afterwards), on the model's
+    device and in its dtype; `rows` bounds them."""
 
     model: torch.nn.Module
-    batches: list[tuple[torch.Tensor, torch.Tensor]]  # on the model's device, in the model's dtype
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
     bn: str = "eval"
+    rows: int | None = None
 
     def __post_init__(self):
         check_choice("bn mode", self.bn, BN_MODES)
+        self.batches = as_batches(self.batches, self.rows)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.count = sum(len(y) for _, y in self.batches)
 
+    @contextlib.contextmanager
     def _mode(self):
         """Dropout off always; batch norm in eval mode, or in train mode with its running
-        statistics left alone."""
+        statistics left alone; every module's mode put back afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         if self.bn == "train":
             for m in self.model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.train()
-        return frozen_bn_stats(self.model)
+        try:
+            with frozen_bn_stats(self.model):
+                yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def batch_losses(self):
         """(loss of a batch weighted by its share of the rows, logits, labels), batch by batch."""
@@ -106,12 +238,17 @@ class Objective:
             correct += int((logits.argmax(1) == y).sum())
         return loss, correct / self.count
 
-    def gradient(self) -> list[torch.Tensor]:
-        total = None
+    def loss_and_gradient(self) -> tuple[float, list[torch.Tensor]]:
+        """(L, its gradient) at the current weights, from one pass."""
+        loss, total = 0.0, None
         for part, _, _ in self.batch_losses():
             g = grad(part, self.params)
+            loss += float(part.detach())
             total = g if total is None else torch._foreach_add(total, g)
-        return total
+        return loss, total
+
+    def gradient(self) -> list[torch.Tensor]:
+        return self.loss_and_gradient()[1]
 
     def hvp(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         """H v by double backward, batch by batch (one graph alive at a time)."""
@@ -122,6 +259,10 @@ class Objective:
             total = hv if total is None else torch._foreach_add(total, hv)
         return total
 
+    def quadratic_form(self, v: list[torch.Tensor]) -> float:
+        """v^T H v."""
+        return float(sum((a * b).sum() for a, b in zip(v, self.hvp(v))))
+
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
@@ -131,52 +272,167 @@ def unflat(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]
     return [part.view_as(t) for part, t in zip(vector.split([t.numel() for t in like]), like)]
 
 
+@contextlib.contextmanager
+def weights_restored(params: list[torch.Tensor]):
+    """Yields copies of the weights `params` hold; the block may move them, they are put back by
+    copy on exit."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+
+
 # ---------------------------------------------------------------------- eigenvalues, trace, density
 
 
-def lanczos(objective: Objective, steps: int, start: torch.Tensor, tol: float = 0.0, wanted: int = 0):
-    """Lanczos with full reorthogonalization from `start`: (alphas, betas) of the tridiagonal
-    matrix. With tol > 0 it stops once the `wanted` largest Ritz values have converged."""
+def orthogonalized(w: torch.Tensor, against: list[torch.Tensor]) -> torch.Tensor:
+    """w less its components along the orthonormal vectors `against`; twice is enough (Kahan)."""
+    w = w.clone()
+    for _ in range(2):
+        for q in against:
+            w -= (w @ q) * q
+    return w
+
+
+@dataclass
+class Krylov:
+    """A Lanczos run: the tridiagonal matrix (alphas, betas), its orthonormal basis, the norm of the
+    last residual (beta_m), and whether the run stopped on an invariant subspace."""
+
+    alphas: list[float]
+    betas: list[float]
+    basis: list[torch.Tensor]
+    beta: float
+    invariant: bool
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Ritz values ascending, eigenvectors of the tridiagonal matrix, residual estimates
+        |beta_m s_mi|)."""
+        theta, s = np.linalg.eigh(tridiagonal(self.alphas, self.betas))
+        return theta, s, np.abs(self.beta * s[-1])
+
+    def vector(self, s: np.ndarray) -> torch.Tensor:
+        """The Ritz vector sum_j s_j q_j."""
+        return sum(float(c) * q for c, q in zip(s, self.basis))
+
+
+def lanczos(
+    objective: Objective,
+    steps: int,
+    start: torch.Tensor,
+    tol: float = 0.0,
+    top: int = 0,
+    bottom: int = 0,
+    locked: list[torch.Tensor] = (),
+    scale: float = 0.0,
+) -> Krylov:
+    """Lanczos with full reorthogonalization from `start`, on H deflated against the orthonormal
+    vectors `locked` (every basis vector is kept orthogonal to them). It stops after `steps` steps,
+    on an invariant subspace (beta_m <= 100 eps ||H||), or, with tol > 0, once the `top` largest
+    and `bottom` smallest Ritz pairs have residual estimates <= tol * ||H||, ||H|| estimated by
+    the largest of `scale` and the |Ritz values|."""
     params = objective.params
-    basis = [start / start.norm()]
+    eps = torch.finfo(start.dtype).eps
+    first = orthogonalized(start, locked)
+    basis = [first / first.norm()]
     alphas, betas = [], []
     for j in range(steps):
         w = flat(objective.hvp(unflat(basis[-1], params)))
         alphas.append(float(w @ basis[-1]))
         w = w - alphas[-1] * basis[-1] - (betas[-1] * basis[-2] if betas else 0)
-        for q in basis:  # full reorthogonalization, twice is enough (Kahan)
-            w -= (w @ q) * q
-        for q in basis:
-            w -= (w @ q) * q
+        w = orthogonalized(w, [*locked, *basis])
         beta = float(w.norm())
-        if tol and wanted and j + 1 >= wanted:
-            theta, s = np.linalg.eigh(tridiagonal(alphas, betas))
-            residual = np.abs(beta * s[-1, -wanted:])
-            if np.all(residual <= tol * np.maximum(np.abs(theta[-wanted:]), 1e-300)):
-                break
-        if beta <= 1e-14 * max(1.0, abs(alphas[-1])) or j + 1 == steps:  # an invariant subspace: exact
-            break
+        run = Krylov(alphas, betas, basis, beta, False)
+        theta, _, estimate = run.ritz()
+        norm = max(scale, float(np.abs(theta).max()))
+        run.invariant = beta <= 100 * eps * norm
+        ends = np.concatenate([estimate[: min(bottom, len(theta))], estimate[len(theta) - min(top, len(theta)) :]])
+        settled = tol > 0 and len(theta) >= max(top, bottom) and bool(np.all(ends <= tol * norm))
+        if run.invariant or settled or j + 1 == steps:
+            return run
         betas.append(beta)
         basis.append(w / beta)
-    return alphas, betas[: len(alphas) - 1]
 
 
 def tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
     return np.diag(alphas) + np.diag(betas[: len(alphas) - 1], 1) + np.diag(betas[: len(alphas) - 1], -1)
 
 
+def random_vector(objective: Objective, generator: torch.Generator) -> torch.Tensor:
+    """N(0, I) over the flattened parameters, drawn on the CPU (the same on every device)."""
+    reference = objective.params[0]
+    dim = sum(p.numel() for p in objective.params)
+    return torch.randn(dim, generator=generator, dtype=reference.dtype).to(reference.device)
+
+
+@dataclass
+class Eigenpairs:
+    """The k largest eigenvalues of H, largest first, repeated ones as often as they repeat."""
+
+    values: list[float]
+    residuals: list[float]  # ||H v - lambda v|| for the unit Ritz vector v, measured with one H v
+    converged: list[bool]  # residual <= max(tol, sqrt(eps)) * ||H|| estimate
+    complete: bool  # a last round, orthogonal to every vector found, saw nothing above values[-1]
+    rounds: int
+
+    @property
+    def all_converged(self) -> bool:
+        return self.complete and all(self.converged)
+
+
 def top_eigenvalues(
     objective: Objective, k: int = 3, max_iter: int = 100, tol: float = 1e-10, seed: int = 0
-) -> list[float]:
-    """The k largest eigenvalues of the Hessian of L, largest first."""
+) -> Eigenpairs:
+    """The k largest eigenvalues of the Hessian of L with their multiplicities, residuals and
+    convergence, by Lanczos restarted with locking (see the module docstring)."""
+    dim = sum(p.numel() for p in objective.params)
     if k < 1:
         raise UsageError(f"k must be >= 1, got {k}")
-    dim = sum(p.numel() for p in objective.params)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    start = torch.randn(dim, generator=g, dtype=objective.params[0].dtype).to(objective.params[0].device)
-    alphas, betas = lanczos(objective, min(max_iter, dim), start, tol, min(k, dim))
-    theta = np.linalg.eigvalsh(tridiagonal(alphas, betas))
-    return [float(t) for t in theta[::-1][:k]]
+    if k > dim:
+        raise UsageError(f"k={k} asks for more eigenvalues than the Hessian has: it is over {dim} parameters")
+    if max_iter < k or not tol > 0:
+        raise UsageError(f"top_eigenvalues needs max_iter >= k and tol > 0, got max_iter={max_iter}, tol={tol}")
+    accuracy = max(tol, math.sqrt(torch.finfo(objective.params[0].dtype).eps))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    found, unconverged = [], []  # (value, unit vector); the found ones are locked
+    scale, complete, rounds = 0.0, False, 0
+    while not complete and rounds <= k and len(found) < dim:
+        start = random_vector(objective, generator)
+        wanted = k if not found else max(1, k - len(found))
+        locked = [v for _, v in found]
+        run = lanczos(objective, min(max_iter, dim - len(found)), start, tol, wanted, 0, locked, scale)
+        rounds += 1
+        theta, s, estimate = run.ritz()
+        scale = max(scale, float(np.abs(theta).max()))
+        settled = (estimate <= tol * scale) | run.invariant
+        if len(found) >= k and settled[-1]:
+            kth = sorted((value for value, _ in found), reverse=True)[k - 1]
+            if theta[-1] <= kth + accuracy * scale:  # the complement holds nothing above the k-th found
+                complete = True
+                break
+        new = []
+        for i in reversed(range(len(theta))):
+            if not settled[i] or len(new) == k:
+                break
+            new.append((float(theta[i]), run.vector(s[:, i])))
+        if not new:  # not even the round's largest Ritz pair converged in max_iter steps
+            unconverged = [(float(theta[i]), run.vector(s[:, i])) for i in reversed(range(len(theta)))][:k]
+            break
+        found += new
+        if k == 1:  # a first round's largest Ritz value is lambda_max
+            complete = True
+    pairs = sorted(found + unconverged, key=lambda pair: -pair[0])[:k]
+    residuals = [float((flat(objective.hvp(unflat(v, objective.params))) - value * v).norm()) for value, v in pairs]
+    return Eigenpairs(
+        values=[value for value, _ in pairs],
+        residuals=residuals,
+        converged=[r <= accuracy * scale for r in residuals],
+        complete=(complete or len(found) == dim) and not unconverged,
+        rounds=rounds,
+    )
 
 
 def hutchinson_trace(objective: Objective, probes: int = 100, seed: int = 0) -> tuple[float, float]:
@@ -185,7 +441,7 @@ def hutchinson_trace(objective: Objective, probes: int = 100, seed: int = 0) -> 
     values = []
     for _ in range(probes):
         z = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p) for p in objective.params]
-        values.append(float(sum((a * b).sum() for a, b in zip(z, objective.hvp(z)))))
+        values.append(objective.quadratic_form(z))
     values = np.array(values)
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(probes)) if probes > 1 else math.nan
 
@@ -197,11 +453,25 @@ def eigen_density(objective: Objective, probes: int = 4, steps: int = 40, seed: 
     nodes, weights = [], []
     for _ in range(probes):
         start = (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).to(objective.params[0])
-        alphas, betas = lanczos(objective, min(steps, dim), start)
-        theta, s = np.linalg.eigh(tridiagonal(alphas, betas))
+        theta, s, _ = lanczos(objective, min(steps, dim), start).ritz()
         nodes.append(theta.tolist())
         weights.append((s[0] ** 2).tolist())
     return {"nodes": nodes, "weights": weights}
+
+
+def extreme_eigenvalues(
+    objective: Objective, max_iter: int = 100, tol: float = 1e-8, seed: int = 0
+) -> tuple[float, float, bool]:
+    """(smallest, largest, converged): the extreme eigenvalues of the Hessian of L from one Lanczos
+    run (a random start sees every distinct eigenvalue, so multiplicities do not matter here),
+    stopped once both ends' residual estimates are <= tol * ||H||; converged says whether both
+    were, or the run ended on an invariant subspace, by then."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dim = sum(p.numel() for p in objective.params)
+    run = lanczos(objective, min(max_iter, dim), random_vector(objective, g), tol, 1, 1)
+    theta, _, estimate = run.ritz()
+    settled = run.invariant or bool(max(estimate[0], estimate[-1]) <= tol * np.abs(theta).max())
+    return float(theta[0]), float(theta[-1]), settled
 
 
 # ---------------------------------------------------------------------- gradient noise
@@ -257,17 +527,13 @@ def loss_slice(objective: Objective, directions: list[list[torch.Tensor]], grid:
     """L and the accuracy at w + a d (one direction) or w + a d1 + b d2 (two), a and b on `grid`;
     the weights are put back afterwards."""
     params = list(objective.model.parameters())
-    saved = [p.detach().clone() for p in params]
     shape = [len(grid)] * len(directions)
     loss, acc = np.zeros(shape), np.zeros(shape)
-    try:
+    with weights_restored(params) as saved:
         for index in np.ndindex(*shape):
             for p, w, *ds in zip(params, saved, *directions):
                 p.copy_(w + sum(grid[i] * d for i, d in zip(index, ds)))
             loss[index], acc[index] = objective.value()
-    finally:
-        for p, w in zip(params, saved):
-            p.copy_(w)
     return {"grid": list(grid), "loss": loss.tolist(), "acc": acc.tolist()}
 
 
@@ -292,16 +558,75 @@ def interpolate(objective: Objective, state_a: dict, state_b: dict, ts: list[flo
     return {"t": list(ts), "loss": loss, "acc": acc}
 
 
-def extreme_eigenvalues(
-    objective: Objective, max_iter: int = 100, tol: float = 1e-8, seed: int = 0
-) -> tuple[float, float]:
-    """(smallest, largest) eigenvalue of the Hessian of L, from one Lanczos run."""
-    dim = sum(p.numel() for p in objective.params)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    start = torch.randn(dim, generator=g, dtype=objective.params[0].dtype).to(objective.params[0].device)
-    alphas, betas = lanczos(objective, min(max_iter, dim), start, tol, 1)
-    theta = np.linalg.eigvalsh(tridiagonal(alphas, betas))
-    return float(theta[0]), float(theta[-1])
+# ---------------------------------------------------------------------- scale-invariant sharpness
+
+
+def adaptive_sharpness(objective: Objective, rho: float = 0.1, steps: int = 10, seed: int = 0) -> dict:
+    """A lower bound of max over ||eps / |w| ||_2 <= rho of L(w + eps) - L(w), by projected gradient
+    ascent in the scaled coordinates u = eps / |w| (the start, the steps and the step size are in
+    the module docstring); the weights are put back afterwards."""
+    if not rho > 0 or steps < 0:
+        raise UsageError(f"adaptive sharpness needs rho > 0 and steps >= 0, got rho={rho}, steps={steps}")
+    params = objective.params
+    with weights_restored(params) as w:
+        size = [t.abs() for t in w]
+
+        def scaled_gradient(g):
+            g_u = torch._foreach_mul(g, size)
+            return g_u, float(flat(g_u).norm())
+
+        def at(u):
+            with torch.no_grad():
+                for p, t, s, part in zip(params, w, size, u):
+                    p.copy_(t + s * part)
+            return objective.loss_and_gradient()
+
+        base, g = objective.loss_and_gradient()
+        g_u, norm = scaled_gradient(g)
+        if norm == 0:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            g_u = [
+                torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) * (s > 0) for t, s in zip(w, size)
+            ]
+            norm = float(flat(g_u).norm())
+        best, gradients = base, 1
+        if norm > 0:  # else every weight is 0: nothing can move
+            u = [rho / norm * t for t in g_u]
+            best, g = at(u)
+            h, gradients = rho, 2
+            for _ in range(steps):
+                g_u, norm = scaled_gradient(g)
+                if norm == 0:
+                    break
+                moved = [a + h / norm * b for a, b in zip(u, g_u)]
+                length = float(flat(moved).norm())
+                if length > rho:
+                    moved = [rho / length * t for t in moved]
+                loss, moved_g = at(moved)
+                gradients += 1
+                if loss > best:
+                    u, best, g = moved, loss, moved_g
+                else:
+                    h /= 2
+    return {"rho": rho, "sharpness": max(best, base) - base, "steps": steps, "gradients": gradients}
+
+
+def filter_normalized_curvature(objective: Objective, directions: int = 10, seed: int = 0) -> dict:
+    """The mean over `directions` filter-normalized directions d (seeds seed, seed + 1, ...) of
+    d^T H d, the second derivative of L(w + a d) at a = 0, with its standard error."""
+    if directions < 2:
+        raise UsageError(f"filter-normalized curvature needs directions >= 2 (a standard error), got {directions}")
+    trainable = [p.requires_grad for p in objective.model.parameters()]
+    values = []
+    for i in range(directions):
+        d = filter_normalized_direction(objective.model, seed + i)
+        values.append(objective.quadratic_form([t for t, keep in zip(d, trainable) if keep]))
+    return {
+        "directions": directions,
+        "curvature": float(np.mean(values)),
+        "se": float(np.std(values, ddof=1) / math.sqrt(directions)),
+        "values": values,
+    }
 
 
 # ---------------------------------------------------------------------- what the methods act on
@@ -334,28 +659,22 @@ def augmentation_variance(
     }
 
 
-def psf_bound_check(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rho: float, bn: str = "eval"
-) -> dict:
-    """vSAM's Lemma 1 on each batch: ||PSF|| = ||g(w + rho g/||g||) - g(w)|| against rho times the
-    batch Hessian's largest |eigenvalue|, and the fraction of batches where it holds."""
+def psf_bound_check(model: torch.nn.Module, batches, rho: float, bn: str = "eval") -> dict:
+    """vSAM's Lemma 1 on each batch of `batches` (any form `as_batches` takes): ||PSF|| =
+    ||g(w + rho g/||g||) - g(w)|| against rho times the batch Hessian's largest |eigenvalue| (with
+    whether both ends of its spectrum converged), and the fraction of batches where it holds."""
     rows = []
-    for x, y in batches:
+    for x, y in as_batches(batches):
         objective = Objective(model, [(x, y)], bn)
         g = objective.gradient()
         scale = rho / float(flat(g).norm())
-        with torch.no_grad():
-            for p, gi in zip(objective.params, g):
-                p.add_(gi, alpha=scale)
-        try:
-            psf = float((flat(objective.gradient()) - flat(g)).norm())
-        finally:
+        with weights_restored(objective.params):
             with torch.no_grad():
-                for p, gi in zip(objective.params, g):
-                    p.sub_(gi, alpha=scale)
-        low, high = extreme_eigenvalues(objective)
+                torch._foreach_add_(objective.params, g, alpha=scale)
+            psf = float((flat(objective.gradient()) - flat(g)).norm())
+        low, high, converged = extreme_eigenvalues(objective)
         bound = rho * max(abs(low), abs(high))
-        rows.append({"psf_norm": psf, "bound": bound, "holds": psf <= bound})
+        rows.append({"psf_norm": psf, "bound": bound, "holds": psf <= bound, "converged": converged})
     return {"rho": rho, "batches": rows, "fraction_holding": float(np.mean([r["holds"] for r in rows]))}
 
 
@@ -371,17 +690,37 @@ def curvature(
     bn: str = "eval",
     dtype: str = "fp32",
     seed: int = 0,
+    rows: int | None = None,
+    sharpness: bool = False,
+    rho: float = 0.1,
+    sharpness_steps: int = 20,
+    directions: int = 10,
 ) -> dict:
-    """The top-k Hessian eigenvalues and the Hutchinson trace of the training loss of `model` on
-    `data` (a list of (x, y) batches), with what they cost: a plain, JSON-ready dict. The model is
-    measured on a copy in `dtype` (fp32 or fp64), so the caller's model is left as it was."""
+    """The top-k Hessian eigenvalues (with their residuals and convergence) and the Hutchinson
+    trace of the training loss of `model` on `data` (any form `as_batches` takes, at most `rows`
+    rows), with what they cost: a plain, JSON-ready dict. density=True adds the SLQ density;
+    sharpness=True the adaptive sharpness at `rho` (`sharpness_steps` ascent steps; the ball's
+    radius has no value right for every model: compare runs at one rho) and the filter-normalized
+    curvature over `directions` directions.
+
+    The model is measured on a copy in `dtype` (fp32 or fp64), the batches moved to its device:
+    the caller's model (weights, modes, requires_grad, buffers, .grad) is left as it was."""
     check_choice("dtype", dtype, tuple(DTYPES))
     if k < 1:
         raise UsageError(f"k must be >= 1, got {k}")
     if trace_samples < 2:
         raise UsageError(f"trace_samples must be >= 2 (a standard error needs two), got {trace_samples}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError("the model has no parameter with requires_grad=True: its loss has no Hessian to measure")
+    batches = as_batches(data, rows)
     measured = copy.deepcopy(model).to(DTYPES[dtype])
-    batches = [(x.to(DTYPES[dtype]), y) for x, y in data]
+    for p in measured.parameters():
+        p.grad = None  # the copy's .grad would only hold memory: the instruments use autograd.grad
+    device = trainable[0].device
+    batches = [
+        (x.to(device, DTYPES[dtype]) if x.is_floating_point() else x.to(device), y.to(device)) for x, y in batches
+    ]
     objective = Objective(measured, batches, bn)
     calls = {"hvp": 0}
     hvp = objective.hvp
@@ -394,11 +733,24 @@ def curvature(
     started = time.perf_counter()
     out = {"bn": bn, "dtype": dtype, "rows": objective.count, "parameters": sum(p.numel() for p in objective.params)}
     out["loss"], out["acc"] = objective.value()
-    out["top_eigenvalues"] = top_eigenvalues(objective, k, seed=seed)
+    eigen = top_eigenvalues(objective, k, seed=seed)
+    out["top_eigenvalues"], out["residuals"], out["converged"] = eigen.values, eigen.residuals, eigen.converged
+    out["all_converged"], out["lanczos_rounds"] = eigen.all_converged, eigen.rounds
     out["eigenvalue_hvps"] = calls["hvp"]
     out["trace"], out["trace_se"] = hutchinson_trace(objective, trace_samples, seed=seed)
     out["trace_samples"] = trace_samples
     if density:
         out["density"] = eigen_density(objective, seed=seed)
+    if sharpness:
+        adaptive = adaptive_sharpness(objective, rho, sharpness_steps, seed)
+        fn = filter_normalized_curvature(objective, directions, seed)
+        out.update(
+            adaptive_sharpness=adaptive["sharpness"],
+            adaptive_sharpness_rho=rho,
+            adaptive_sharpness_gradients=adaptive["gradients"],
+            fn_curvature=fn["curvature"],
+            fn_curvature_se=fn["se"],
+            fn_curvature_directions=directions,
+        )
     out["hvps"], out["seconds"] = calls["hvp"], time.perf_counter() - started
     return out

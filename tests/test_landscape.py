@@ -5,12 +5,18 @@ import pytest
 import torch
 from torch import nn
 
+from gvr_lab import Batch
 from gvr_lab.errors import UsageError
 from gvr_lab.landscape import (
+    ITERABLE_ROWS,
     Objective,
+    adaptive_sharpness,
+    as_batches,
     augmentation_variance,
     curvature,
     eigen_density,
+    extreme_eigenvalues,
+    filter_normalized_curvature,
     filter_normalized_direction,
     flat,
     gradient_noise,
@@ -80,7 +86,8 @@ def test_top_eigenvalues_equal_the_dense_hessians(name, build, shape):
     objective = Objective(build(), data(shape, batches=3 if name == "mlp" else 1))  # sums over batches too
     exact = np.linalg.eigvalsh(dense_hessian(objective).numpy())[::-1][:3]
     got = top_eigenvalues(objective, k=3, max_iter=400, tol=1e-12)
-    np.testing.assert_allclose(got, exact, rtol=1e-8)
+    np.testing.assert_allclose(got.values, exact, rtol=1e-8)
+    assert got.all_converged and max(got.residuals) < 1e-8 * exact[0]
 
 
 @pytest.mark.parametrize("name, build, shape", CASES, ids=[c[0] for c in CASES])
@@ -194,7 +201,7 @@ def test_psf_bound_check_measures_the_psf_and_the_batch_spectrum():
             (x,),
         )
         g_s = flat(torch.autograd.grad(nn.functional.cross_entropy(shifted, y), params))
-        assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-8)
+        assert row["psf_norm"] == pytest.approx(float((g_s - g).norm()), rel=1e-8) and row["converged"]
     assert got["fraction_holding"] == np.mean([r["holds"] for r in got["batches"]])
 
 
@@ -217,6 +224,282 @@ def test_the_public_entry_measures_a_copy_in_the_asked_precision():
     ]:
         with pytest.raises(UsageError, match=needle):
             curvature(model, batches, **bad)
+
+
+# ---------------------------------------------------------------------- repeated eigenvalues, accepted rows
+
+
+def linear_softmax_at_zero(inputs, classes, bias=True):
+    """A linear softmax model at W = 0: every row's probabilities are uniform, so the Hessian is
+    E[x x^T] (x with a 1 appended for the bias) times I/C - 1 1^T/C^2, whose nonzero eigenvalues
+    come twice for 3 classes."""
+    model = nn.Linear(inputs, classes, bias=bias)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def random_rows(n=30, inputs=4, classes=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, inputs, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def triple_rows():
+    """30 rows along the axes, e1, e2, e3 eight times each and e4 / 2 six times: E[x x^T] =
+    diag(4/15, 4/15, 4/15, 1/20), and with 2 classes the Hessian's top three eigenvalues are 2/15
+    three times, then 1/40 and four zeros; from one start Lanczos sees {2/15, 1/40, 0} and stops."""
+    x = torch.cat([torch.eye(4)[:3].repeat(8, 1), 0.5 * torch.eye(4)[3:].repeat(6, 1)])
+    return x, torch.arange(30) % 2
+
+
+TRIPLE = [
+    ("double", lambda: linear_softmax_at_zero(4, 3), random_rows),
+    ("triple", lambda: linear_softmax_at_zero(4, 2, bias=False), triple_rows),
+]
+
+
+@pytest.mark.parametrize("name, build, rows", TRIPLE, ids=[c[0] for c in TRIPLE])
+def test_repeated_top_eigenvalues_are_found_with_their_multiplicity(name, build, rows):
+    model, (x, y) = build(), rows()
+    exact = np.linalg.eigvalsh(dense_hessian(Objective(model, (x, y))).numpy())[::-1][:3]
+    assert exact[0] - exact[1] < 1e-12 and (name == "double" or exact[0] - exact[2] < 1e-12)  # the cases hold
+    out = curvature(model, (x, y), k=3, trace_samples=2, dtype="fp64")
+    np.testing.assert_allclose(out["top_eigenvalues"], exact, rtol=0, atol=1e-6)
+    assert out["converged"] == [True] * 3 and out["all_converged"] and max(out["residuals"]) < 1e-10
+    assert out["lanczos_rounds"] >= 3  # one copy of a repeated eigenvalue per restart
+    if name == "triple":
+        assert exact == pytest.approx([2 / 15] * 3, rel=1e-12)
+        # five values: 2/15 three times, 1/40 and a true 0, every pair converged
+        five = top_eigenvalues(Objective(model, (x, y)), k=5)
+        assert five.values == pytest.approx([2 / 15] * 3 + [1 / 40, 0.0], abs=1e-12) and five.all_converged
+
+
+def test_a_round_that_runs_out_of_steps_says_so():
+    objective = Objective(mlp(), data((5,)))
+    spectrum = np.linalg.eigvalsh(dense_hessian(objective).numpy())
+    norm = np.abs(spectrum).max()
+    short = top_eigenvalues(objective, k=2, max_iter=3)
+    assert not short.all_converged and not short.complete and max(short.residuals) > 1e-6 * norm
+    # converged means residual <= sqrt(eps) times an estimate of ||H|| that is at most ||H||
+    assert all(not c for c, r in zip(short.converged, short.residuals) if r > np.sqrt(2.3e-16) * norm)
+    assert not extreme_eigenvalues(objective, max_iter=3)[2]
+    low, high, settled = extreme_eigenvalues(objective)
+    assert settled and (low, high) == pytest.approx((spectrum[0], spectrum[-1]), rel=1e-6)
+
+
+def loader(x, y, batch_size):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_every_accepted_form_of_the_same_rows_gives_the_same_eigenvalues():
+    model = linear_softmax_at_zero(4, 3)
+    x, y = random_rows(45)
+    first = (x[:30], y[:30])
+    thirds = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 30, 10)]
+    forms = {
+        "tuple": (first, None),
+        "list of two tensors": (list(first), None),
+        "Batch": (Batch(*first), None),
+        "list of batches": (thirds, None),
+        "list of Batches": ([Batch(*b) for b in thirds], None),
+        "DataLoader": (loader(*first, batch_size=7), None),
+        "DataLoader cut by rows": (loader(x, y, batch_size=7), 30),
+        "generator cut by rows": (((x[i : i + 4], y[i : i + 4]) for i in range(0, 45, 4)), 30),
+        "tuple cut by rows": ((x, y), 30),
+    }
+    reference = curvature(model, first, k=3, trace_samples=2, dtype="fp64")["top_eigenvalues"]
+    for name, (form, rows) in forms.items():
+        out = curvature(model, form, k=3, trace_samples=2, dtype="fp64", rows=rows)
+        assert out["rows"] == 30, name
+        np.testing.assert_allclose(out["top_eigenvalues"], reference, rtol=1e-10, err_msg=name)
+    big = 2 * ITERABLE_ROWS
+    endless = loader(torch.zeros(big, 4), torch.zeros(big, dtype=torch.long), 64)
+    assert sum(len(b) for _, b in as_batches(endless)) == ITERABLE_ROWS  # an iterable's default bound
+    assert sum(len(b) for _, b in as_batches([(torch.zeros(big, 4), torch.zeros(big))])) == big  # a list's: all
+
+
+def test_anything_else_is_refused_in_one_line():
+    model = linear_softmax_at_zero(4, 3)
+    x, y = random_rows()
+    accepted = "data must be an (x, y) batch of two tensors, a gvr_lab.Batch, a list of them, or an iterable of them"
+    frozen = linear_softmax_at_zero(4, 3).requires_grad_(False)
+    for who, bad, kwargs, needle in [
+        (model, x, {}, f"{accepted} such as a DataLoader; got a tensor of shape (30, 4)"),
+        (model, (x, y, y), {}, "; got a tuple of 3 items (Tensor)"),
+        (model, {"x": x, "y": y}, {}, "; got a dict"),
+        (model, 3, {}, "; got an int"),
+        (model, [(x, y), x], {}, "; got a list of 2 items (Tensor, tuple) whose item 1 is a tensor of shape (30, 4)"),
+        (model, [], {}, "; got a list of 0 items (empty) holding no rows"),
+        (
+            model,
+            (x, y[:5]),
+            {},
+            "an (x, y) batch needs one label per input row, got x of shape (30, 4) and y of shape (5,)",
+        ),
+        (model, (x, y), dict(k=16), "k=16 asks for more eigenvalues than the Hessian has: it is over 15 parameters"),
+        (model, (x, y), dict(rows=0), "rows must be a positive int or None, got 0"),
+        (model, (x, y), dict(sharpness=True, rho=0.0), "adaptive sharpness needs rho > 0 and steps >= 0, got rho=0.0"),
+        (frozen, (x, y), {}, "the model has no parameter with requires_grad=True: its loss has no Hessian to measure"),
+    ]:
+        with pytest.raises(UsageError) as caught:
+            curvature(who, bad, **kwargs)
+        message = str(caught.value)
+        assert "\n" not in message and needle in message, message
+        assert message.startswith(accepted) == needle.startswith(("; ", accepted)), message
+
+
+def test_the_callers_model_is_left_exactly_as_it_was():
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)
+    )
+    x, y = (t.float() if t.is_floating_point() else t for t in data((1, 12, 12), batches=1)[0])
+    model(x)  # running statistics that are not the initial ones, num_batches_tracked 1
+    model[0].bias.requires_grad_(False)
+    model[1].weight.requires_grad_(False)
+    model[5].weight.grad = torch.randn_like(model[5].weight)
+    model[0].weight.grad = torch.randn_like(model[0].weight)
+    model[3].eval()  # modes that differ between modules
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    for bn in ("train", "eval"):
+        out = curvature(model, (x, y), k=2, trace_samples=2, density=True, bn=bn, dtype="fp64", sharpness=True)
+        assert out["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+        assert model.state_dict()["1.num_batches_tracked"] == 1
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        for before, p in zip(grads, model.parameters()):
+            assert (p.grad is None) if before is None else torch.equal(before, p.grad)
+    # the instruments on an Objective move the weights and the modes only inside their passes
+    objective = Objective(model, (x, y), "train")
+    top_eigenvalues(objective, k=1)
+    adaptive_sharpness(objective, rho=0.1, steps=2)
+    loss_slice(objective, [filter_normalized_direction(model)], [0.5])
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+# ---------------------------------------------------------------------- scale-invariant sharpness
+
+
+class Weights(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.weight = nn.Parameter(w.clone())
+
+
+class Quadratic(Objective):
+    """L(w) = 0.5 w^T A w + b^T w over the flattened weights of `model`, through Objective's own
+    value, gradient and H v (its batch_losses yields that loss for one placeholder row)."""
+
+    def __init__(self, model, A, b):
+        super().__init__(model, (torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)))
+        self.A, self.b = A, b
+
+    def batch_losses(self):
+        w = flat(self.params)
+        yield 0.5 * w @ (self.A @ w) + self.b @ w, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+
+
+def trust_region_maximum(c, M, rho):
+    """max over ||u|| <= rho of c^T u + 0.5 u^T M u for symmetric M and c not orthogonal to M's top
+    eigenvector: u = (mu I - M)^{-1} c with mu > lambda_max(M) and ||u|| = rho (the secular
+    equation, solved by bisection: ||u(mu)|| falls from infinity to 0 on (lambda_max, infinity))."""
+    lam, Q = np.linalg.eigh(M)
+    ct = Q.T @ c
+    low, high = lam[-1], lam[-1] + np.linalg.norm(c) / rho
+    for _ in range(200):
+        mu = (low + high) / 2
+        low, high = (mu, high) if np.linalg.norm(ct / (mu - lam)) > rho else (low, mu)
+    u = Q @ (ct / (mu - lam))
+    assert np.linalg.norm(u) == pytest.approx(rho, rel=1e-10)
+    return c @ u + 0.5 * u @ M @ u
+
+
+def quadratic_case(seed, at_minimum):
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(12, 12, generator=g)
+    A = R @ R.T / 12 + 0.1 * torch.eye(12)
+    w = torch.randn(3, 4, generator=g)
+    b = -A @ w.flatten() if at_minimum else torch.randn(12, generator=g)
+    return Quadratic(Weights(w), A, b), A.numpy(), b.numpy(), w.flatten().numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_sharpness_on_a_quadratic_is_the_trust_region_maximum(seed):
+    objective, A, b, w = quadratic_case(seed, at_minimum=False)
+    D = np.abs(w)
+    c, M = D * (A @ w + b), D[:, None] * A * D[None, :]  # L(w + D u) - L(w) = c^T u + 0.5 u^T M u
+    for rho in (0.05, 0.5):
+        exact = trust_region_maximum(c, M, rho)
+        few, many = (adaptive_sharpness(objective, rho, steps)["sharpness"] for steps in (2, 40))
+        assert few <= exact * (1 + 1e-12) and many <= exact * (1 + 1e-12)  # feasible points: lower bounds
+        assert many == pytest.approx(exact, rel=1e-9)
+    before = [p.detach().clone() for p in objective.params]
+    assert adaptive_sharpness(objective, 0.1, 3)["gradients"] == 5
+    assert torch.equal(before[0], objective.params[0])
+
+
+def test_adaptive_sharpness_at_a_quadratics_minimum_is_half_rho_squared_lambda_max():
+    for seed in (0, 1):
+        objective, A, _, w = quadratic_case(seed, at_minimum=True)
+        D = np.abs(w)
+        top = np.linalg.eigvalsh(D[:, None] * A * D[None, :])[-1]
+        for rho in (0.05, 0.5):
+            # a shifted power iteration on D A D here, slow where lambda_2 / lambda_1 is near 1 (0.81 for seed 1)
+            got = adaptive_sharpness(objective, rho, steps=200)["sharpness"]
+            assert got == pytest.approx(0.5 * rho**2 * top, rel=1e-9)
+            assert adaptive_sharpness(objective, rho, steps=3)["sharpness"] <= 0.5 * rho**2 * top * (1 + 1e-9)
+
+
+def test_filter_normalized_curvature_is_the_mean_of_d_a_d():
+    objective, A, _, _ = quadratic_case(0, at_minimum=False)
+    got = filter_normalized_curvature(objective, directions=4, seed=7)
+    ds = [flat(filter_normalized_direction(objective.model, 7 + i)).numpy() for i in range(4)]
+    expected = [d @ A @ d for d in ds]
+    assert got["values"] == pytest.approx(expected, rel=1e-12)
+    assert got["curvature"] == pytest.approx(np.mean(expected), rel=1e-12)
+    assert got["se"] == pytest.approx(np.std(expected, ddof=1) / 2, rel=1e-10)
+    network = Objective(mlp(), data((5,)))  # a network: d^T H d against the dense Hessian
+    H = dense_hessian(network).numpy()
+    d = flat(filter_normalized_direction(network.model, 3)).numpy()
+    assert filter_normalized_curvature(network, 2, seed=3)["values"][0] == pytest.approx(d @ H @ d, rel=1e-10)
+
+
+def test_both_sharpness_measures_ignore_a_relu_networks_layer_rescaling_which_moves_lambda_max():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    rescaled = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    rescaled.load_state_dict(net.state_dict())
+    with torch.no_grad():  # relu(c z) = c relu(z): the same function
+        rescaled[0].weight.mul_(4.0), rescaled[0].bias.mul_(4.0), rescaled[2].weight.div_(4.0)
+    batches = data((5,), batches=1)
+    one, two = (curvature(m, batches, k=1, trace_samples=2, dtype="fp64", sharpness=True) for m in (net, rescaled))
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-12)
+    assert one["adaptive_sharpness"] == pytest.approx(two["adaptive_sharpness"], rel=1e-9)
+    assert one["fn_curvature"] == pytest.approx(two["fn_curvature"], rel=1e-9)
+    assert abs(one["top_eigenvalues"][0] / two["top_eigenvalues"][0] - 1) > 0.5  # lambda_max is not invariant
+
+
+def test_curvature_reports_the_sharpness_measures_only_when_asked():
+    model = mlp()
+    batches = data((5,), batches=2)
+    plain = curvature(model, batches, k=1, trace_samples=3, dtype="fp64")
+    assert "adaptive_sharpness" not in plain and "fn_curvature" not in plain
+    out = curvature(model, batches, k=1, trace_samples=3, dtype="fp64", sharpness=True, rho=0.2, directions=3)
+    objective = Objective(mlp(), batches)
+    assert out["adaptive_sharpness"] == pytest.approx(adaptive_sharpness(objective, 0.2, 20)["sharpness"], rel=1e-9)
+    fn = filter_normalized_curvature(objective, 3)
+    assert (out["fn_curvature"], out["fn_curvature_se"]) == pytest.approx((fn["curvature"], fn["se"]), rel=1e-9)
+    assert out["adaptive_sharpness_rho"] == 0.2 and out["adaptive_sharpness_gradients"] == 22
+    assert out["adaptive_sharpness"] > 0 and out["fn_curvature_directions"] == 3
+    assert out["hvps"] == out["eigenvalue_hvps"] + 3 + 3  # probes and directions, one H v each
 
 
 @pytest.mark.slow
@@ -316,7 +599,7 @@ def test_final_curvature_measures_the_checkpoint_on_the_runs_rows(tmp_path):
     run = run_directory(tmp_path, "bn", scale=1.3, model_args={"bn": True})
     out = final_curvature(run, rows=16, k=2, trace_samples=5, micro_batch_size=4)
     objective = measured_objective(run, 16)
-    assert [out["lambda_1"], out["lambda_2"]] == pytest.approx(top_eigenvalues(objective, k=2), rel=1e-5)
+    assert [out["lambda_1"], out["lambda_2"]] == pytest.approx(top_eigenvalues(objective, k=2).values, rel=1e-5)
     assert (out["trace"], out["trace_se"]) == pytest.approx(hutchinson_trace(objective, probes=5), rel=1e-5)
     noise = gradient_noise(objective, 4)
     assert out["noise_trace_cov"] == pytest.approx(noise["trace_cov"], rel=1e-6) and noise["micro_batches"] == 4
