@@ -113,6 +113,7 @@ import torch.nn.functional as F
 from .data import Batch
 from .errors import UsageError, check_choice
 from .methods.base import frozen_bn_stats, grad
+from .methods.gvr import target_parameters
 
 BN_MODES = ("eval", "train")
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -640,8 +641,6 @@ def augmentation_variance(
 ) -> dict:
     """GVR's quantity: 0.5 mean over pairs of ||grad_T L^a_S - grad_T L^b_S||^2, for (x_a, x_b, y)
     subsets S seen through two independently augmented views, T the target's parameters."""
-    from .methods.gvr import target_parameters
-
     wanted = {id(p) for p in target_parameters(model, target)}
     halves = []
     for x_a, x_b, y in views:
