@@ -673,6 +673,19 @@ def paired_difference(
     return {group: cell(group) for group in df[by].drop_duplicates()}
 
 
+def trained(rows: pd.DataFrame) -> tuple[int, float]:
+    """(optimizer steps, training seconds without evaluation) of one run's load_runs() rows, in
+    steps mode, in epochs mode, and in runs recorded before rows carried interval_time_s (one
+    row per epoch then)."""
+    per_epoch = int(rows["steps_per_epoch"].iloc[0])
+    if "step" in rows.columns and rows["step"].notna().all():
+        return int(rows["step"].max()), float(rows["interval_time_s"].sum())
+    steps = (int(rows["epoch"].max()) + 1) * per_epoch
+    if "interval_time_s" in rows.columns and rows["interval_time_s"].notna().all():
+        return steps, float(rows["interval_time_s"].sum())
+    return steps, float(rows["epoch_time_s"].sum())
+
+
 def curvature_cost(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run of a load_runs() table trained with Config.curvature_every: seconds per curvature
     measurement, training seconds per epoch (evaluation excluded) and the curvature seconds the run
@@ -681,10 +694,7 @@ def curvature_cost(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run_dir, r in runs.groupby("run_dir", sort=False):
         per_epoch = int(r["steps_per_epoch"].iloc[0])
-        if "step" in r.columns and r["step"].notna().all():
-            steps, train = int(r["step"].max()), r["interval_time_s"].sum()
-        else:
-            steps, train = len(r) * per_epoch, r["epoch_time_s"].sum()
+        steps, train = trained(r)
         measured = r["curvature_time_s"].dropna() if "curvature_time_s" in r.columns else pd.Series(dtype=float)
         train_per_epoch, curvature_per_epoch = train / steps * per_epoch, measured.sum() / steps * per_epoch
         rows.append(

@@ -72,9 +72,11 @@ class Config:
     method_args: dict = field(default_factory=dict)  # the method's hyper-parameters
     model_args: dict = field(default_factory=dict)  # extra keywords for create_model (e.g. bn=False)
     epochs: int = 3
-    # Train exactly this many optimizer steps instead of `epochs` (0: epochs), evaluating every
-    # `eval_every` steps (0: at each epoch's end) and at the last: Novack et al.'s equal-steps protocol.
+    # Train exactly this many optimizer steps instead of `epochs` (0: epochs): Novack et al.'s
+    # equal-steps protocol.
     steps: int = 0
+    # Evaluate (and checkpoint) every this many steps in steps mode, epochs in epochs mode, and at
+    # the last; 0: at every epoch's end. A run of a few seconds spends most of it evaluating otherwise.
     eval_every: int = 0
     batch_size: int = 128  # examples per update (per view)
     lr: float = 0.05  # peak learning rate
@@ -162,8 +164,6 @@ class Config:
             raise UsageError("cutout must be <= 1, label_smoothing and momentum < 1")
         if self.diag_micro_batch > self.batch_size:
             raise UsageError(f"diag_micro_batch={self.diag_micro_batch} exceeds batch_size={self.batch_size}")
-        if self.eval_every and not self.steps:
-            raise UsageError("eval_every needs steps (in epochs mode the run evaluates after every epoch)")
         if any(not isinstance(n, int) or n < 1 for n in self.keep_checkpoints):
             raise UsageError(f"keep_checkpoints must list evaluation numbers >= 1, got {self.keep_checkpoints}")
         if self.nesterov and self.momentum == 0:
@@ -441,7 +441,8 @@ def load_run(run_dir: Path, config: Config) -> Run:
 
 
 def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict) -> dict:
-    summary = {"status": status, "wall_time_s": wall_time_s, "epochs_completed": len(history), **extra}
+    summary = {"status": status, "wall_time_s": wall_time_s, "evaluations": len(history), **extra}
+    summary["epochs_completed"] = extra["steps_completed"] // extra["steps_per_epoch"]
     if history:
         best = max(history, key=lambda r: r.get("val_acc", r["test_acc"]))
         summary.update(
@@ -622,7 +623,8 @@ def run_loop(
     on_evaluation=None,
 ) -> Run | None:
     """Steps until the run's last (or `stop_after` evaluations in this call). An evaluation closes
-    each epoch (epochs mode) or every `eval_every` steps and the last (steps mode): it writes the
+    each epoch (or every `eval_every` epochs) in epochs mode, every `eval_every` steps (or each
+    epoch) in steps mode, and the last step: it writes the
     history row of the steps since the previous one, the logged steps and a checkpoint, and hands
     the row to `on_evaluation`."""
     ctx = Context(config, run_dir, world, settings, parts, list(hooks))
@@ -688,8 +690,7 @@ def start_epoch(ctx: Context, state: LoopState, epoch: int, step_in_epoch: int) 
 
 
 def train_interval(ctx: Context, state: LoopState, bar) -> Interval:
-    """Optimizer steps until an evaluation is due: at an epoch's end (epochs mode), every
-    `eval_every` steps (steps mode), and at the last step."""
+    """Optimizer steps until an evaluation is due (evaluation_due) or the last step."""
     config, method = ctx.config, ctx.parts.method
     interval = Interval(started=time.perf_counter())
     while True:
@@ -719,9 +720,16 @@ def train_interval(ctx: Context, state: LoopState, bar) -> Interval:
         if interval.epoch_ends:
             method.end_epoch(epoch)
             state.batches = None
-        every = config.eval_every
-        if state.done == ctx.total or (every and state.done % every == 0) or (interval.epoch_ends and not every):
+        if state.done == ctx.total or evaluation_due(config, state.done, epoch, interval.epoch_ends):
             return interval
+
+
+def evaluation_due(config: Config, done: int, epoch: int, epoch_ends: bool) -> bool:
+    """Whether the step just taken closes an evaluation interval (the run's last step always does)."""
+    if config.steps and config.eval_every:
+        return done % config.eval_every == 0
+    every_epochs = 1 if config.steps else max(1, config.eval_every)
+    return epoch_ends and (epoch + 1) % every_epochs == 0
 
 
 def evaluation_row(ctx: Context, state: LoopState, interval: Interval) -> dict:
@@ -738,9 +746,10 @@ def evaluation_row(ctx: Context, state: LoopState, interval: Interval) -> dict:
     )
     if config.steps:
         row = {"step": state.done, "epoch": interval.epoch, "lr": interval.lr, "interval_time_s": elapsed}
-    else:
+    else:  # an interval of whole epochs: the time per epoch and the interval's
         first_lr = lr_at(config, interval.epoch, 0, ctx.steps_per_epoch)
-        row = {"epoch": interval.epoch, "lr": first_lr, "epoch_time_s": elapsed}
+        epochs = len(interval.losses) / ctx.steps_per_epoch
+        row = {"epoch": interval.epoch, "lr": first_lr, "epoch_time_s": elapsed / epochs, "interval_time_s": elapsed}
     row["images_per_s"] = len(interval.losses) * config.batch_size / elapsed
     row.update({f"train_{k}": v for k, v in means.items()})
     average_buffers(model, ctx.world)

@@ -153,8 +153,6 @@ def test_steps_mode_trains_exactly_n_steps_and_evaluates_on_its_grid(tiny_config
     assert run.summary["dropped_per_epoch"] == 0 and run.summary["status"] == "completed"
     # cosine over the 13 steps: the last step's lr is that of t = 12/13
     assert run.steps["lr"].iloc[-1] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * 12 / 13)))
-    with pytest.raises(UsageError, match="eval_every needs steps"):
-        tiny_config(eval_every=5)
 
 
 @pytest.mark.slow
@@ -251,3 +249,16 @@ def test_a_run_made_before_threads_and_channels_last_existed_is_another_run(tmp_
         with pytest.raises(UsageError, match=rf"holds a different run \({absent}: absent, from before the field"):
             training.check_run_dir(tmp_path / "run", config)
     assert config.identity()["threads"] == 1 and config.identity()["channels_last"] == "auto"
+
+
+@pytest.mark.slow
+def test_eval_every_in_epochs_mode_evaluates_every_n_epochs_and_the_last(tiny_config):
+    run = train(tiny_config(epochs=5, eval_every=2))
+    assert run.history["epoch"].tolist() == [1, 3, 4]
+    assert run.history["interval_time_s"].sum() == pytest.approx(
+        (run.history["epoch_time_s"] * [2, 2, 1]).sum(), rel=1e-9
+    )
+    assert run.summary["evaluations"] == 3 and run.summary["epochs_completed"] == 5
+    whole = train(tiny_config(epochs=5, out_dir=str(pathlib.Path(run.run_dir).parent / "every")))
+    final = ["train_loss", "test_acc", "test_loss"]
+    assert run.history[final].iloc[-1].tolist() == whole.history[final].iloc[-1].tolist()
