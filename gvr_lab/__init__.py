@@ -1,8 +1,9 @@
 """gvr_lab: gradient-based regularizers (GVR, Novack et al.'s implicit-regularization suite, the SAM
 family) on one device-resident training loop. See README.md.
 
-The names of the layers above the training loop (grids, studies) load on first use: they pull in
-matplotlib and seaborn (2 s), which `gvr-lab train` and a script that trains one run never need.
+The names of the layers above the training loop (grids, studies, statistics) load on first use: they
+pull in matplotlib, seaborn and scipy (2 s), which `gvr-lab train` and a script that trains one run
+never need.
 """
 
 import importlib
@@ -23,6 +24,7 @@ LAZY = {
     "train_configs": "grid",
     "train_grid": "grid",
     "Study": "study",
+    "select": "stats",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "list_models",
     "load_runs",
     "register_method",
+    "select",
     "train",
     "train_configs",
     "train_grid",

@@ -53,12 +53,18 @@ def percent(value: float) -> str:
 
 
 def evaluation_line(row: dict, config) -> str:
-    """Where the run is (epoch i/n, or step i/n in steps mode), its losses and the interval's time."""
+    """Where the run is (epoch i/n, or step i/n in steps mode), its training loss, its validation
+    accuracy where it has a validation split (what settings are chosen on), else its test accuracy,
+    and the interval's time."""
     if "step" in row:
-        where, seconds = f"step {row['step']}/{config.steps}", row["interval_time_s"]
+        where = f"step {row['step']}/{config.steps}"
     else:
-        where, seconds = f"epoch {row['epoch'] + 1}/{config.epochs}", row["epoch_time_s"]
-    return f"{where} · train loss {row['train_loss']:.3f} · test acc {percent(row['test_acc'])} · {seconds:.1f} s"
+        where = f"epoch {row['epoch'] + 1}/{config.epochs}"
+    split = "val" if "val_acc" in row else "test"
+    return (
+        f"{where} · train loss {row['train_loss']:.3f} · {split} acc {percent(row[f'{split}_acc'])} · "
+        f"{row['interval_time_s']:.1f} s"
+    )
 
 
 def run_length(summary: dict, config) -> str:
@@ -104,9 +110,10 @@ class TextReport:
 
 
 class LiveReport(TextReport):
-    """In a kernel: the lines in one display updated in place, and test accuracy per evaluation of every
-    run so far, redrawn after each evaluation (colours by method, as every figure), at most once a second
-    (a drawing costs a good part of one) and always after the grid's last run."""
+    """In a kernel: the lines in one display updated in place, and the accuracy per evaluation of every
+    run so far (validation accuracy where runs hold a validation split, else test accuracy), redrawn
+    after each evaluation (colours by method, as every figure), at most once a second (a drawing
+    costs a good part of one) and always after the grid's last run."""
 
     def __init__(self, total: int):
         from IPython.display import display
@@ -118,6 +125,7 @@ class LiveReport(TextReport):
         self.plot = None
         self.drawn_at = 0.0
         self.display = display
+        self.split = "test"  # "val" once a run brings a validation split
 
     def start(self, index: int, config) -> None:
         super().start(index, config)
@@ -131,15 +139,17 @@ class LiveReport(TextReport):
         self.trained = True
         self.lines[-1] = f"{self.prefix} · {evaluation_line(row, self.config)}"
         _, xs, accs = self.curves[self.key]
+        self.split = "val" if "val_acc" in row else self.split
         xs.append(progress_x(row))
-        accs.append(100 * row["test_acc"])
+        accs.append(100 * row[f"{self.split}_acc"] if f"{self.split}_acc" in row else float("nan"))
         self.refresh(draw=time.monotonic() - self.drawn_at >= 1.0)
 
     def finish(self, run) -> None:
         if not self.trained:  # reused: its whole history at once
             _, xs, accs = self.curves[self.key]
+            self.split = "val" if "val_acc" in run.history else self.split
             xs.extend(progress_x(row) for row in run.history.to_dict("records"))
-            accs.extend(100 * run.history["test_acc"])
+            accs.extend(100 * run.history.get(f"{self.split}_acc", run.history["test_acc"] * float("nan")))
         self.lines[-1] = f"{self.prefix} · {run_line(run, self.trained)}"
         self.refresh(draw=self.last or time.monotonic() - self.drawn_at >= 1.0)
 
@@ -172,7 +182,7 @@ class LiveReport(TextReport):
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step" if self.config.steps else "epoch")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{'validation' if self.split == 'val' else 'test'} accuracy (%)")
         ax.set_title(f"training: {self.prefix}", fontsize=9, loc="left")
         legend_outside(ax)
         buf = io.BytesIO()
