@@ -113,6 +113,9 @@ class Config:
     train_subset: int = 0  # train on this many examples (0 = all), drawn with the seed
     val_split: float = 0.0  # held-out validation part of the training set: fraction < 1 or count
     eval_batch_size: int = 1000
+    # Also evaluate the training rows as the test set is evaluated (no augmentation, eval mode, the
+    # labels trained on): train_eval_loss and train_eval_acc, whether a run fits its training set.
+    eval_train: bool = False
     log_every: int = 10  # steps between sampled per-step metrics
     # On logged steps, also the mean gradient norm over micro-batches of this size at the step's
     # weights (0: off): one m for every method, so trajectories compare (Novack et al.: 128).
@@ -382,6 +385,8 @@ def build(config: Config, settings: DeviceSettings, world: World) -> Parts:
     eval_loaders = {"test": DeviceLoader(test_split, info, **evaluation)}
     if len(val_idx):
         eval_loaders["val"] = DeviceLoader(train_split, info, indices=val_idx, **evaluation)
+    if config.eval_train:
+        eval_loaders["train_eval"] = DeviceLoader(train_split, info, indices=train_idx, **evaluation)
     return Parts(train_loader, eval_loaders, model, optimizer, method)
 
 

@@ -262,3 +262,24 @@ def test_eval_every_in_epochs_mode_evaluates_every_n_epochs_and_the_last(tiny_co
     whole = train(tiny_config(epochs=5, out_dir=str(pathlib.Path(run.run_dir).parent / "every")))
     final = ["train_loss", "test_acc", "test_loss"]
     assert run.history[final].iloc[-1].tolist() == whole.history[final].iloc[-1].tolist()
+
+
+@pytest.mark.slow
+def test_eval_train_evaluates_the_training_rows_as_the_test_set(tiny_config):
+    """train_eval_acc is the accuracy on exactly the training rows, evaluated like the test set."""
+    from gvr_lab.data import DeviceLoader, dataset_info, load_dataset, split_indices
+
+    run = train(tiny_config(epochs=1, eval_train=True, augment=False))
+    config = run.config
+    train_split, _ = load_dataset("synthetic")
+    rows, _ = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
+    model = gvr_lab.create_model("tiny_cnn", num_classes=10, in_channels=3).to(memory_format=torch.channels_last)
+    model.load_state_dict(load_checkpoint(run.run_dir / "checkpoint.pt")["model"])
+    model.eval()
+    info = dataset_info("synthetic")
+    loader = DeviceLoader(
+        train_split, info, batch_size=64, indices=rows, device="cpu", shuffle=False, drop_last=False, channels_last=True
+    )
+    with torch.no_grad():
+        correct = sum(int((model(b.x).argmax(1) == b.y).sum()) for b in loader.epoch(0))
+    assert run.history["train_eval_acc"].iloc[-1] == pytest.approx(correct / len(rows), abs=1e-12)
