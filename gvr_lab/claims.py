@@ -1,0 +1,444 @@
+"""The claims study: a protocol registered before its runs, the arms it names trained, its claims tested.
+
+notebooks/claims_protocol.toml holds what the study decides before it trains anything:
+
+* `[claims]`: every claim, fixed once (id, statement, family, test, metric, the method and baseline
+  values it compares, direction, margin, premise): the same claims at every preset;
+* `[presets.<name>]`: per preset, what its runs train with (`bases`: Config fields shared by a group
+  of arms; `arms`: each arm's own fields on top of its base), its seeds, alpha, and each claim's n
+  with the pilot figures it was derived from (`n`), written by the pilot (`pilot_protocol`).
+
+The claims notebook reads the protocol and nothing else to decide what is tested. A preset's
+protocol is the claims plus that preset's table; its SHA-256 (of both, as canonical JSON) stamps the
+runs root it trains into (PROTOCOL_FILE) and every result; verdicts on runs made under another
+protocol are refused (`check_stamp`): a new protocol is a new study.
+
+What a claim compares, per seed (`values_of`):
+
+    "<arm>"                  the arm's metric
+    "midpoint:<a>,<b>"       (a + b) / 2 of two arms' metric
+    "ratio:<a>/<b>"          a / b of two arms' metric
+    "<number>"               that constant on every seed
+
+Metrics, each read at a run's last evaluation: `test_acc`, `train_acc` (the running mean over the
+last interval's batches), `train_eval_acc` (the training rows evaluated as the test set;
+Config.eval_train), in percent; `step_time`, seconds per optimizer step modelled from counted work:
+the fraction p of two-pass steps the run took (`sampled`, 1 for methods that always take two) times
+the time of a two-pass step, plus 1 - p times that of a one-pass step, both timed in isolation and
+interleaved (`step_times`, gvr-lab bench's machinery), never from the wall time of runs that shared
+cores.
+
+The pilot (`pilot_*`): it sizes the study on seeds of its own, with a validation split, before the
+protocol is written: for Novack et al.'s arms the cheapest setting where the small-batch arm fits its
+training set; for the other arms the epoch budget past which the baseline's training loss stops
+falling (`plateau_budget`); learning rate, rho and alpha chosen on validation (stats.select); then,
+per claim, the SD of its paired differences and the n that gives a 95% CI half-width of at most
+`half_width` points (stats.n_for_half_width).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .errors import UsageError
+from .grid import grid_configs
+from .results import read_json, write_json
+from .training import Config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+PROTOCOL_FILE = "PROTOCOL.json"  # in a runs root: the protocol its runs were made under
+METRICS = ("test_acc", "train_acc", "train_eval_acc", "step_time")
+PERCENT = ("test_acc", "train_acc", "train_eval_acc")
+CLAIM_FIELDS = ("id", "statement", "family", "test", "metric", "method", "baseline", "direction", "margin")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One preset's protocol: its claims and its table, and their SHA-256."""
+
+    path: Path
+    preset: str
+    claims: list  # the [claims] entries, in order
+    table: dict  # [presets.<preset>]
+    sha256: str
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.table["seeds"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.table.get("alpha", 0.05))
+
+    def arm(self, label: str) -> dict:
+        """The Config fields of an arm: its base's, then its own (`base` and the *_from keys out)."""
+        arms = self.table.get("arms", {})
+        if label not in arms:
+            raise UsageError(f"{self.path}: preset {self.preset!r} has no arm {label!r}; arms: {', '.join(arms)}")
+        own = dict(arms[label])
+        base = self.table.get("bases", {}).get(own.pop("base", ""), {})
+        for key in ("lr_from", "norms_from"):
+            own.pop(key, None)
+        return {**base, **own, "label": label}
+
+    def n(self, claim_id: str) -> int:
+        """A claim's number of seeds: its registered n, or every seed of the preset."""
+        return int(self.table.get("n", {}).get(claim_id, {}).get("n", len(self.seeds)))
+
+
+def load_protocol(path, preset: str) -> Protocol:
+    """The protocol of `preset` in the TOML file at `path`, checked: every claim complete and valid
+    (stats.Claim), every arm a claim names present in the preset, its seeds a list."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read the protocol {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"the protocol {path} is not valid TOML: {e}") from None
+    presets = document.get("presets", {})
+    if preset not in presets:
+        raise UsageError(f"{path} registers no protocol for preset {preset!r}; presets there: {', '.join(presets)}")
+    claims = document.get("claims", [])
+    for claim in claims:
+        missing = [key for key in CLAIM_FIELDS if key not in claim]
+        if missing:
+            raise UsageError(f"{path}: claim {claim.get('id', '?')!r} lacks {', '.join(missing)}")
+        if claim["metric"] not in METRICS:
+            raise UsageError(f"{path}: claim {claim['id']!r}: unknown metric {claim['metric']!r}; valid: {METRICS}")
+        stats.as_claim(definition(claim))  # the test, family, direction and margin, checked
+    table = presets[preset]
+    if not isinstance(table.get("seeds"), list) or not table["seeds"]:
+        raise UsageError(f"{path}: preset {preset!r} needs `seeds`, a list of seeds")
+    canonical = json.dumps({"claims": claims, "preset": table}, sort_keys=True, default=str)
+    protocol = Protocol(path, preset, claims, table, hashlib.sha256(canonical.encode()).hexdigest())
+    for claim in claims:
+        for arm in arms_of(claim["method"]) + arms_of(claim["baseline"]):
+            protocol.arm(arm)
+    return protocol
+
+
+def definition(claim: dict) -> dict:
+    """A protocol claim as stats.Claim's fields."""
+    fields = ("id", "statement", "family", "test", "direction", "margin", "premise")
+    return {**{k: claim[k] for k in fields if k in claim}, "metric": claim["metric"]}
+
+
+def arms_of(spec: str) -> list[str]:
+    """The arms a value spec reads ("<arm>", "midpoint:<a>,<b>", "ratio:<a>/<b>", a number)."""
+    kind, _, rest = str(spec).partition(":")
+    if kind == "midpoint":
+        return rest.split(",")
+    if kind == "ratio":
+        return rest.split("/")
+    try:
+        float(spec)
+        return []
+    except ValueError:
+        return [spec]
+
+
+# ---------------------------------------------------------------------- training the arms
+
+
+def check_stamp(runs_root, protocol: Protocol) -> None:
+    """Stamp a new runs root with the protocol, or refuse one stamped with another."""
+    path = Path(runs_root) / PROTOCOL_FILE
+    if path.is_file():
+        stamped = read_json(path)["sha256"]
+        if stamped != protocol.sha256:
+            raise UsageError(
+                f"{runs_root} holds runs made under protocol {stamped[:12]}, not this one ({protocol.sha256[:12]}): a "
+                "changed protocol is a new study; give it another runs_root"
+            )
+        return
+    Path(runs_root).mkdir(parents=True, exist_ok=True)
+    write_json(path, {"sha256": protocol.sha256, "preset": protocol.preset, "protocol": str(protocol.path)})
+
+
+def arm_configs(protocol: Protocol, runs_root, derived: dict | None = None, overrides: dict | None = None) -> list:
+    """The Configs of every arm for every seed: those that read another arm's runs (`lr_from`,
+    `norms_from`) only when `derived` ({arm: fields}) has them. `overrides` (Config fields) go on
+    top of every arm (the device)."""
+    configs = []
+    for label, own in protocol.table.get("arms", {}).items():
+        reads = own.get("lr_from") or own.get("norms_from")
+        if reads and (derived is None or label not in derived):
+            continue
+        fields = {**protocol.arm(label), **(overrides or {}), **((derived or {}).get(label, {}))}
+        if own.get("norms_from"):  # the same seed's run of the arm it reads
+            for seed in protocol.seeds:
+                norms = {"method_args": {**fields.get("method_args", {}), "norms_path": f"{runs_root}/"
+                                         f"{own['norms_from'].replace(' ', '_')}-s{seed}"}}
+                configs += grid_configs({}, [{**fields, **norms}], [seed], runs_root)
+        else:
+            configs += grid_configs({}, [fields], protocol.seeds, runs_root)
+    return configs
+
+
+def derived_fields(protocol: Protocol, runs: pd.DataFrame) -> dict:
+    """{arm: fields} of the arms that read another arm's runs: `lr_from` = X gives lr = X's lr times
+    the mean logged gradient norm of X's runs (X's average step length: NGD's fixed step);
+    `norms_from` is resolved per seed by arm_configs."""
+    out = {}
+    for label, own in protocol.table.get("arms", {}).items():
+        if own.get("lr_from"):
+            source = runs[runs["label"] == own["lr_from"]]
+            if source.empty or "grad_norm" not in source:
+                raise UsageError(f"arm {label!r} reads the logged gradient norms of {own['lr_from']!r}, which has none")
+            out[label] = {"lr": float(protocol.arm(own["lr_from"])["lr"] * source["grad_norm"].mean())}
+        elif own.get("norms_from"):
+            out[label] = {}
+    return out
+
+
+# ---------------------------------------------------------------------- values and claims
+
+
+def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last evaluation."""
+    order = [c for c in ("epoch", "step") if c in runs]
+    return runs.sort_values(order, kind="stable").groupby("run_dir", sort=False).tail(1)
+
+
+def two_pass_fraction(rows: pd.DataFrame) -> float:
+    """The fraction of a run's steps that took two passes: `sampled` (vSAM, LookSAM) averaged over
+    every step, weighted by the steps of each evaluation interval; 1 for a method that always takes
+    two, 0 for one that never does."""
+    method = rows["method"].iloc[0]
+    if "train_sampled" in rows and rows["train_sampled"].notna().all():
+        steps = interval_steps(rows)
+        return float((rows["train_sampled"] * steps).sum() / steps.sum())
+    return 1.0 if method in ("sam", "asam", "esam") else 0.0
+
+
+def interval_steps(rows: pd.DataFrame) -> pd.Series:
+    per_epoch = int(rows["steps_per_epoch"].iloc[0])
+    if "step" in rows and rows["step"].notna().all():
+        ends = rows["step"].astype(int)
+    else:
+        ends = (rows["epoch"].astype(int) + 1) * per_epoch
+    return ends - ends.shift(fill_value=0)
+
+
+def metric_by_seed(runs: pd.DataFrame, arm: str, metric: str, times: dict | None = None) -> dict:
+    """{seed: value} of one arm's metric (module docstring)."""
+    rows = runs[runs["label"] == arm]
+    if rows.empty:
+        raise UsageError(f"no runs of arm {arm!r}; arms: {', '.join(map(str, runs['label'].unique()))}")
+    if metric == "step_time":
+        if not times:
+            raise UsageError("a step_time claim needs the arms' step times (step_times)")
+        out = {}
+        for (seed, _), r in rows.groupby(["seed", "run_dir"], sort=True):
+            p = two_pass_fraction(r)
+            out[int(seed)] = p * times["two_pass_s"] + (1 - p) * times["one_pass_s"][arm]
+        return out
+    last = final_rows(rows)
+    return {int(s): 100.0 * float(v) for s, v in zip(last["seed"], last[metric])}
+
+
+def values_of(spec, runs: pd.DataFrame, metric: str, times: dict | None = None) -> dict:
+    kind, _, rest = str(spec).partition(":")
+    if kind == "midpoint":
+        a, b = (metric_by_seed(runs, arm, metric, times) for arm in rest.split(","))
+        return stats.seedwise(lambda x, y: (x + y) / 2, a, b)
+    if kind == "ratio":
+        a, b = (metric_by_seed(runs, arm, metric, times) for arm in rest.split("/"))
+        return stats.seedwise(lambda x, y: x / y, a, b)
+    if not arms_of(spec):
+        seeds = sorted(int(s) for s in runs["seed"].unique())
+        return {s: float(spec) for s in seeds}
+    return metric_by_seed(runs, spec, metric, times)
+
+
+def claim_values(protocol: Protocol, runs: pd.DataFrame, times: dict | None = None) -> list:
+    """(definition, (method values, baseline values)) of every claim, each on the first n seeds of
+    the preset (its registered n)."""
+    out = []
+    for claim in protocol.claims:
+        seeds = set(protocol.seeds[: protocol.n(claim["id"])])
+        method, baseline = (values_of(claim[k], runs, claim["metric"], times) for k in ("method", "baseline"))
+        out.append(
+            (
+                definition(claim),
+                ({s: v for s, v in method.items() if s in seeds}, {s: v for s, v in baseline.items() if s in seeds}),
+            )
+        )
+    return out
+
+
+def assess(protocol: Protocol, runs: pd.DataFrame, times: dict | None = None) -> list:
+    """Every claim tested (stats.assess_claims: Holm over the primary family, premises read),
+    stamped with the protocol's SHA-256."""
+    return stats.assess_claims(claim_values(protocol, runs, times), protocol.alpha, protocol.sha256)
+
+
+CLAIMS_JSON_FIELDS = (
+    "id", "statement", "family", "test", "direction", "margin", "metric", "n", "diff_mean", "ci_low", "ci_high",
+    "p_value", "p_adjusted", "d_z", "wilcoxon_p", "verdict", "protocol_sha256",
+)  # fmt: skip
+
+
+def claims_records(assessed: list) -> list[dict]:
+    """claims.json: one record per claim, the fields above, plus the CI's level, the claim's own
+    verdict before its premise and the premise."""
+    extra = ("ci_level", "own_verdict", "premise", "exploratory")
+    return [{k: getattr(a, k) for k in (*CLAIMS_JSON_FIELDS, *extra)} for a in assessed]
+
+
+def seeds_table(protocol: Protocol, runs: pd.DataFrame, assessed: list, times: dict | None = None) -> pd.DataFrame:
+    """seeds.csv, tidy, one row per value: claim_id, arm, role (method | baseline | context), seed,
+    metric, value. The values every claim was tested on (a claim's n, mean difference, CI and p
+    recompute from its method and baseline rows alone), then every arm's final test_acc and
+    train_acc per seed as context, and the two-pass fraction of the step-time claims' arms."""
+    rows = []
+    for claim, tested in zip(protocol.claims, assessed):
+        for seed, (method, baseline) in sorted(tested.values.items()):
+            for role, spec, value in (("method", claim["method"], method), ("baseline", claim["baseline"], baseline)):
+                rows.append((claim["id"], str(spec), role, seed, claim["metric"], value))
+    last = final_rows(runs)
+    for r in last.itertuples():
+        for metric in ("test_acc", "train_acc"):
+            rows.append(("", r.label, "context", int(r.seed), metric, 100.0 * getattr(r, metric)))
+    for claim in protocol.claims:
+        if claim["metric"] == "step_time":
+            for arm in arms_of(claim["method"]) + arms_of(claim["baseline"]):
+                for (seed, _), r in runs[runs["label"] == arm].groupby(["seed", "run_dir"], sort=True):
+                    rows.append((claim["id"], arm, "context", int(seed), "two_pass_fraction", two_pass_fraction(r)))
+    return pd.DataFrame(rows, columns=["claim_id", "arm", "role", "seed", "metric", "value"])
+
+
+def recompute(seeds: pd.DataFrame, claim_id: str) -> tuple[int, float, float, float]:
+    """(n, mean difference, 95% CI low, high) of a claim from seeds.csv alone: the check a reader
+    can make."""
+    rows = seeds[seeds["claim_id"] == claim_id]
+    method = rows[rows["role"] == "method"].set_index("seed")["value"]
+    baseline = rows[rows["role"] == "baseline"].set_index("seed")["value"]
+    d = (method - baseline).dropna().to_numpy(float)
+    mean, low, high = stats.mean_ci(d)
+    return len(d), mean, low, high
+
+
+# ---------------------------------------------------------------------- counted work, timed
+
+
+def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: int = 4) -> dict:
+    """Seconds per step of the step-time claims' arms, timed in isolation and interleaved (rounds in
+    a shuffled order, the median; bench.run_bench): the two-pass step (SAM's) and each arm's
+    one-pass step. A one-pass step of an arm that samples two-pass steps (vSAM) is read off its
+    timed row, whose measured fraction p of two-pass steps is known: t_1 = (t - p t_2) / (1 - p)."""
+    from .bench import run_bench  # bench stands beside the study layer: imported when a time is claimed
+
+    arms = sorted({a for c in protocol.claims if c["metric"] == "step_time" for a in arms_of(c["method"]) +
+                   arms_of(c["baseline"])})  # fmt: skip
+    if not arms:
+        return {}
+    fields = {arm: protocol.arm(arm) for arm in arms}
+    first = next(iter(fields.values()))
+    config = Config.from_dict({k: v for k, v in first.items() if k != "label"})
+    info_shape = (1, 28) if config.dataset == "fashion_mnist" else (3, 32)
+    specs = [(f["method"], dict(f.get("method_args", {}))) for f in fields.values()]
+    report = run_bench(config.model, info_shape, 10, config.batch_size, specs, device=device, rounds=rounds,
+                       steps=steps, warmup=2)  # fmt: skip
+    rows = {r["label"].split(":")[0]: r for r in report["results"]}
+    two_pass = rows["sam"]["ms_per_step"] / 1000
+    one_pass = {}
+    for arm, f in fields.items():
+        row = rows[f["method"]]
+        p = row["sampled_fraction"] if row["sampled_fraction"] is not None else (1.0 if f["method"] == "sam" else 0.0)
+        one_pass[arm] = two_pass if p >= 1 else (row["ms_per_step"] / 1000 - p * two_pass) / (1 - p)
+    return {"two_pass_s": two_pass, "one_pass_s": one_pass, "bench": report}
+
+
+# ---------------------------------------------------------------------- the pilot
+
+
+def plateau_budget(finals: pd.DataFrame, loss_drop: float = 0.2, acc_gain: float = 0.5) -> int:
+    """The smallest epoch budget after which doubling the budget no longer pays: from the baseline's
+    runs at each budget (rows: `epochs`, `seed`, final `train_loss` and `test_acc`, fractions),
+    the smallest budget E whose next budget's mean final training loss is less than `loss_drop`
+    (relative) below E's and whose mean test accuracy is less than `acc_gain` points above; the
+    largest budget when none is."""
+    means = finals.groupby("epochs")[["train_loss", "test_acc"]].mean().sort_index()
+    budgets = list(means.index)
+    for small, large in zip(budgets, budgets[1:]):
+        drop = (means.at[small, "train_loss"] - means.at[large, "train_loss"]) / means.at[small, "train_loss"]
+        gain = 100 * (means.at[large, "test_acc"] - means.at[small, "test_acc"])
+        if drop < loss_drop and gain < acc_gain:
+            return int(small)
+    return int(budgets[-1])
+
+
+def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99) -> dict | None:
+    """The cheapest candidate setting (fewest training examples times steps) whose runs all reach
+    `threshold` training accuracy on their clean training rows (train_eval_acc): rows carry
+    `train_subset`, `steps` and `train_eval_acc`; None when no setting does."""
+    fitted = finals.groupby(["train_subset", "steps"])["train_eval_acc"].min()
+    fitted = fitted[fitted >= threshold]
+    if fitted.empty:
+        return None
+    subset, steps = min(fitted.index, key=lambda key: (key[0] * key[1], key))
+    return {"train_subset": int(subset), "steps": int(steps)}
+
+
+def sample_sizes(protocol_claims: list, runs: pd.DataFrame, half_width: float, times: dict | None = None) -> list:
+    """Per claim, from the pilot's runs: the seeds paired, the mean and SD of the paired differences,
+    and the n whose 95% CI half-width is at most `half_width` (stats.n_for_half_width), with the
+    power of that n's paired t test against the pilot's mean difference."""
+    out = []
+    for claim in protocol_claims:
+        method, baseline = (values_of(claim[k], runs, claim["metric"], times) for k in ("method", "baseline"))
+        _, m, b = stats.paired_differences(method, baseline)
+        d = m - b
+        sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
+        n = stats.n_for_half_width(sd, half_width) if sd > 0 else 2
+        power = stats.paired_t_power(n, abs(float(d.mean())), sd) if sd > 0 else math.nan
+        out.append({"id": claim["id"], "pilot_seeds": len(d), "effect": float(d.mean()) if len(d) else math.nan,
+                    "sd": sd, "n": n, "power": power})  # fmt: skip
+    return out
+
+
+def protocol_table(preset_table: dict) -> str:
+    """A preset's table as TOML text, the block `[presets.<name>]` of the protocol file: what the
+    pilot writes for a person to commit before the study's runs."""
+    return "\n".join(toml_lines(preset_table, ("presets",))) + "\n"
+
+
+def toml_lines(table: dict, path: tuple) -> list[str]:
+    plain = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines = [f"[{'.'.join(toml_key(p) for p in path)}]"] if plain or not nested else []
+    lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in plain.items()]
+    for key, value in nested.items():
+        lines += ["", *toml_lines(value, (*path, key))]
+    return lines
+
+
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not np.isfinite(value):
+        return json.dumps(str(value))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
