@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_RUN
+
 # Tests never reach out for data; CIFAR tests build their own files in CIFAR's format.
 os.environ["GVR_LAB_OFFLINE"] = "1"
 # Two threads in one process; one per worker under `pytest -n 2`, whose two workers already fill two
@@ -19,21 +21,19 @@ def tiny_config(tmp_path):
     from gvr_lab import Config
 
     def make(**overrides):
-        base = dict(
-            dataset="synthetic",
-            model="tiny_cnn",
-            epochs=2,
-            batch_size=64,
-            lr=0.05,
-            train_subset=512,
-            device="cpu",
-            progress=False,
-            out_dir=str(tmp_path / "run"),
-        )
-        base.update(overrides)
-        return Config(**base)
+        return Config(**{**TINY_RUN, "out_dir": str(tmp_path / "run"), **overrides})
 
     return make
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype during the test (references compared to 1e-10 and finer), the
+    previous default after it. A module turns it on with pytestmark = pytest.mark.usefixtures("float64")."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 # What a child process that imports torch runs here: the CLI (python -m gvr_lab, gvr-lab) and torchrun.

@@ -20,23 +20,7 @@ from gvr_lab.cli import main
 from gvr_lab.grid_bench import grid_markdown
 from gvr_lab.methods.base import TWO_VIEW_SGD
 
-SMOKE = [
-    "bench",
-    "--model",
-    "tiny_cnn",
-    "--shape",
-    "1x28",
-    "--batch-size",
-    "16",
-    "--steps",
-    "2",
-    "--warmup",
-    "1",
-    "--rounds",
-    "2",
-    "--device",
-    "cpu",
-]
+from helpers import BENCH_SMOKE
 
 
 def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys):
@@ -49,7 +33,7 @@ def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys)
         "gvr:penalty=closed_form,target=fc",
         "reg_loss:hvp=fd",
     ]
-    assert main([*SMOKE, "--methods", *methods, "--json", str(out)]) == 0
+    assert main([*BENCH_SMOKE, "--methods", *methods, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["label"].split(":")[0]: r for r in report["results"]}
     # sgd added first; gvr's reference (sgd on its 2B images) after the methods; the loader alone

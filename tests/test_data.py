@@ -1,6 +1,4 @@
-import gzip
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -18,6 +16,8 @@ from gvr_lab.data import (
     with_label_noise,
 )
 from gvr_lab.errors import UsageError
+
+from helpers import write_idx
 
 
 def gen(seed=0):
@@ -148,13 +148,6 @@ def test_fashion_mnist_real_files():
 
 
 # ------------------------------------------------------------------ files in the on-disk formats
-
-
-def write_idx(path, array, truncate=0):
-    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(data[: len(data) - truncate])
 
 
 def fake_fashion(folder, n=20, truncate_file=None, bad_label=False):

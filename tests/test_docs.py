@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gvr_lab import Batch, create_method
+from gvr_lab.landscape import flat
+
+from helpers import mlp, write_idx
 
 REPO = Path(__file__).parent.parent
 DOCS = REPO / "docs"
@@ -91,16 +93,6 @@ def test_adding_a_method_as_the_page_says(tmp_path):
     assert '"status": "completed"' in summary
 
 
-def write_idx(path: Path, array) -> None:
-    """An idx file (MNIST's format): magic with the uint8 code and the number of dimensions, the
-    sizes big-endian, the bytes."""
-    import struct
-
-    path.write_bytes(
-        struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    )
-
-
 @pytest.mark.slow
 def test_adding_a_dataset_as_the_page_says(tmp_path):
     import numpy as np
@@ -123,8 +115,7 @@ def test_adding_a_dataset_as_the_page_says(tmp_path):
 
 
 def setup(name, **hp):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = mlp(6, 8, 3).double()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     return model, create_method(name, model, opt, **hp)
 
@@ -150,7 +141,6 @@ def test_gsam_update_is_g_s_minus_alpha_g_perp(gsam):
     reference = copy.deepcopy(model)
     b = batch()
     params = list(reference.parameters())
-    flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
     g = flat(torch.autograd.grad(F.cross_entropy(reference(b.x), b.y), params))
     with torch.no_grad():
         for p, e in zip(params, (rho * g / g.norm()).split([p.numel() for p in params])):

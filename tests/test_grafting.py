@@ -7,39 +7,29 @@ large-batch gradient from the formula) by lr * nu_t, nu_t the chosen small-batch
 import copy
 import json
 import warnings
+from functools import partial
 
 import pandas as pd
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from gvr_lab import Batch, create_method, train
 from gvr_lab.errors import UsageError
+from gvr_lab.landscape import flat
 from gvr_lab.methods import method_class
 
+from helpers import mlp
+
+pytestmark = pytest.mark.usefixtures("float64")
+
 C = 4
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, C))
+small_mlp = partial(mlp, 10, 12, C)
 
 
 def data(n=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     return Batch(torch.randn(n, 10, generator=g), torch.randint(0, C, (n,), generator=g))
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def micro_gradients(model, batch, m):
@@ -74,7 +64,7 @@ def assert_along_minus(delta, g_b, length):
 
 
 def test_iter_graft_random_micro_takes_one_micro_batch_norm():
-    model, batch, lr = mlp(), data(), 0.3
+    model, batch, lr = small_mlp(), data(), 0.3
     micro = micro_gradients(model, batch, 6)
     seen = set()
     for seed in range(6):
@@ -92,7 +82,7 @@ def test_iter_graft_random_micro_takes_one_micro_batch_norm():
 
 
 def test_iter_graft_mean_micro_takes_the_mean_norm():
-    model, batch, lr = mlp(), data(), 0.3
+    model, batch, lr = small_mlp(), data(), 0.3
     micro = micro_gradients(model, batch, 6)
     delta, out = step(
         build("iter_graft", copy.deepcopy(model), lr=lr, micro_batch_size=6, norm_source="mean_micro"), batch
@@ -102,7 +92,7 @@ def test_iter_graft_mean_micro_takes_the_mean_norm():
 
 
 def test_ngd_step_length_is_lr():
-    model, batch, lr = mlp(), data(), 0.3
+    model, batch, lr = small_mlp(), data(), 0.3
     g_b = micro_gradients(model, batch, 8).mean(0)
     delta, out = step(build("ngd", copy.deepcopy(model), lr=lr, micro_batch_size=8), batch)
     assert_along_minus(delta, g_b, lr)
@@ -112,7 +102,7 @@ def test_ngd_step_length_is_lr():
 
 
 def test_momentum_or_weight_decay_warns():
-    model = mlp()
+    model = small_mlp()
     with pytest.warns(UserWarning, match="assumes momentum 0 and weight_decay 0"):
         create_method("ngd", model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     with warnings.catch_warnings():
@@ -145,7 +135,7 @@ def exter_step_length(method, batch, t, lr):
 def test_exter_graft_lookup_is_step_aligned(tmp_path):
     table = write_log(tmp_path / "run", list(range(0, 120, 20)))
     lr, batch = 0.2, data(n=16)
-    method = build("exter_graft", mlp(), lr=lr, micro_batch_size=8, norms_path=str(tmp_path / "run"))
+    method = build("exter_graft", small_mlp(), lr=lr, micro_batch_size=8, norms_path=str(tmp_path / "run"))
     for t in (0, 1, 19, 20, 39, 45, 100, 119):
         assert exter_step_length(method, batch, t, lr) == pytest.approx(table[20 * (t // 20)], rel=1e-10)
     method.load_state_dict({"step": 120})
@@ -162,7 +152,9 @@ def test_exter_graft_follows_our_loops_epoch_restarts(tmp_path):
     table = write_log(tmp_path / "run", steps)
     (tmp_path / "run" / "config.json").write_text(json.dumps({"log_every": 3}))
     lr, batch = 0.2, data(n=16)
-    method = build("exter_graft", mlp(), lr=lr, micro_batch_size=8, norms_path=str(tmp_path / "run" / "steps.parquet"))
+    method = build(
+        "exter_graft", small_mlp(), lr=lr, micro_batch_size=8, norms_path=str(tmp_path / "run" / "steps.parquet")
+    )
     for t in range(23):
         latest = max(s for s in steps if s <= t)
         assert exter_step_length(method, batch, t, lr) == pytest.approx(table[latest], rel=1e-10)
@@ -173,7 +165,7 @@ def test_exter_graft_follows_our_loops_epoch_restarts(tmp_path):
 
 def test_exter_graft_refuses_a_gap_in_the_log(tmp_path):
     write_log(tmp_path / "run", [0, 20, 40, 100, 120])  # rows 60 and 80 are missing; stride 20
-    method = build("exter_graft", mlp(), micro_batch_size=8, norms_path=str(tmp_path / "run"))
+    method = build("exter_graft", small_mlp(), micro_batch_size=8, norms_path=str(tmp_path / "run"))
     method.load_state_dict({"step": 59})
     method.step(data(n=16))
     with pytest.raises(UsageError, match=r"run.steps.parquet has no grad_norm for step 60\b"):
@@ -198,14 +190,14 @@ def test_exter_graft_bad_logs(tmp_path, problem, needle):
         path.mkdir()
         (path / "steps.parquet").write_bytes(b"not parquet")
     with pytest.raises(UsageError, match=needle):
-        build("exter_graft", mlp(), micro_batch_size=8, norms_path="" if problem == "empty" else str(path))
+        build("exter_graft", small_mlp(), micro_batch_size=8, norms_path="" if problem == "empty" else str(path))
 
 
 def test_hyperparameters_and_errors():
     assert method_class("IterGraft").hparams == {"micro_batch_size": 128, "norm_source": "random_micro"}
     assert method_class("EXTERGRAFT").hparams == {"micro_batch_size": 128, "norms_path": ""}
     assert method_class("ngd").hparams == {"micro_batch_size": 128, "eps": 1e-12}
-    model = mlp()
+    model = small_mlp()
     with pytest.raises(UsageError, match="unknown norm_source .*valid: random_micro, mean_micro"):
         build("iter_graft", model, norm_source="external")
     with pytest.raises(UsageError, match="eps for method 'ngd' must be >= 0"):

@@ -9,6 +9,7 @@ step small enough to cross none.
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -17,39 +18,22 @@ import torch.nn.functional as F
 
 from gvr_lab import Batch, Config, create_method, create_model
 from gvr_lab.errors import UsageError
+from gvr_lab.landscape import flat
 from gvr_lab.methods import method_class
 from gvr_lab.methods.implicit import UnitJacLoss
 
+from helpers import mlp
+
+pytestmark = pytest.mark.usefixtures("float64")
+
 PENALTIES = ["reg_loss", "fish_loss", "avg_jac_loss", "unit_jac_loss"]
 C = 5
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp(seed=0, d=12, hidden=16, bn=False, dropout=0.0):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(d, hidden)]
-    if bn:
-        layers.append(nn.BatchNorm1d(hidden))
-    layers.append(nn.Tanh())
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers += [nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, C)]
-    return nn.Sequential(*layers)
+small_mlp = partial(mlp, 12, 16, 16, C)
 
 
 def data(n=24, d=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return Batch(torch.randn(n, d, generator=g), torch.randint(0, C, (n,), generator=g))
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def run(name, model, batch, lr=0.5, seed=7, diagnose=True, momentum=0.0, weight_decay=0.0, **hp):
@@ -134,7 +118,7 @@ def test_pseudo_gd_is_one_step_on_the_whole_batch_without_bn():
 
 
 def test_pseudo_gd_with_one_micro_batch_is_sgd():
-    model, batch = mlp(), data(n=8)
+    model, batch = small_mlp(), data(n=8)
     kw = dict(momentum=0.9, weight_decay=1e-3)
     _, _, a = run("pseudo_gd", model, batch, micro_batch_size=8, **kw)
     _, _, b = run("sgd", model, batch, **kw)
@@ -145,7 +129,7 @@ def test_pseudo_gd_with_one_micro_batch_is_sgd():
 def test_pseudo_gd_with_bn_is_ghost_bn():
     """Each micro-batch is normalized with its own statistics: the update is the mean of separate
     per-micro-batch steps, not the full-batch step, and running stats advance once per micro-batch."""
-    model, batch, m = mlp(bn=True), data(n=24), 6
+    model, batch, m = small_mlp(bn=True), data(n=24), 6
     update, _, moved = run("pseudo_gd", model, batch, micro_batch_size=m)
     ghost = copy.deepcopy(model)
     per_micro = [
@@ -170,7 +154,7 @@ def test_pseudo_gd_with_bn_is_ghost_bn():
 
 @pytest.mark.parametrize("name", PENALTIES)
 def test_exact_penalty_update_matches_formula(name):
-    model, batch, lam = mlp(), data(n=24), 0.3
+    model, batch, lam = small_mlp(), data(n=24), 0.3
     update, out, _ = run(name, model, batch, micro_batch_size=8, lam=lam, hvp="exact")
     expected, penalty, norm, sq = reference(model, batch, 8, lam, source_fn(name))
     torch.testing.assert_close(update, expected, rtol=1e-9, atol=1e-12)
@@ -214,7 +198,7 @@ def test_reg_and_fish_loss_on_softmax_regression_closed_form():
 
 @pytest.mark.parametrize("hvp", ["exact", "fd"])
 def test_reg_loss_with_lam_zero_is_pseudo_gd_exactly(hvp):
-    model, batch = mlp(bn=True), data(n=24)
+    model, batch = small_mlp(bn=True), data(n=24)
     _, _, a = run("reg_loss", model, batch, micro_batch_size=8, lam=0.0, hvp=hvp)
     _, _, b = run("pseudo_gd", model, batch, micro_batch_size=8)
     for s, t in zip(a.state_dict().values(), b.state_dict().values()):
@@ -225,7 +209,7 @@ def test_reg_loss_with_lam_zero_is_pseudo_gd_exactly(hvp):
 @pytest.mark.parametrize("hvp", ["exact", "fd"])
 def test_micro_batches_are_averaged_not_summed(name, hvp):
     """Doubling k with duplicated micro-batches leaves the step unchanged (pitfall 13)."""
-    model, batch = mlp(), data(n=16)
+    model, batch = small_mlp(), data(n=16)
     doubled = Batch(torch.cat([batch.x, batch.x]), torch.cat([batch.y, batch.y]))
     hp = {} if name == "pseudo_gd" else {"lam": 0.3, "hvp": hvp}
     once, *_ = run(name, model, batch, micro_batch_size=8, **hp)
@@ -240,7 +224,7 @@ def test_micro_batches_are_averaged_not_summed(name, hvp):
 def test_fd_agrees_with_exact(name):
     """Relative error of the penalty's share of the update (update - pseudo_gd update), measured
     <= 4e-4 at the default fd_eps = 1e-3 in float64 (truncation) and in float32, <= 4e-7 at 1e-6."""
-    model, batch, lam = mlp(), data(n=24), 0.3
+    model, batch, lam = small_mlp(), data(n=24), 0.3
     plain, *_ = run("pseudo_gd", model, batch, micro_batch_size=8)
     exact, out_exact, _ = run(name, model, batch, micro_batch_size=8, lam=lam, hvp="exact")
     fd, out_fd, _ = run(name, model, batch, micro_batch_size=8, lam=lam, hvp="fd")
@@ -272,7 +256,7 @@ def test_fd_on_relu_net_agrees_with_exact_below_the_kink_scale():
 def test_fd_replays_dropout_and_freezes_bn(name):
     """Same dropout mask in the moved pass (torch's RNG replayed, and left where exact leaves it),
     BN normalizing with batch statistics there but its running statistics advancing only k times."""
-    model, batch, lam = mlp(bn=True, dropout=0.3), data(n=24), 0.3
+    model, batch, lam = small_mlp(bn=True, dropout=0.3), data(n=24), 0.3
     exact, _, moved_exact = run(name, model, batch, micro_batch_size=8, lam=lam)
     rng_after_exact = torch.get_rng_state()
     fd, _, moved_fd = run(name, model, batch, micro_batch_size=8, lam=lam, hvp="fd", fd_eps=1e-5)
@@ -294,7 +278,7 @@ def lr_zero(name, model, **hp):
 
 def test_fish_penalty_is_fisher_trace_over_m_in_expectation():
     """E R_FT = (1/m) * mean_x tr F(x), tr F(x) = sum_c p_c ||grad log p_c(x)||^2 (pitfall 16)."""
-    model, batch, m = mlp(hidden=8), data(n=32), 4
+    model, batch, m = mlp(12, 8, 8, C), data(n=32), 4
     params = list(model.parameters())
     traces = []
     for x in batch.x:
@@ -319,7 +303,7 @@ def test_fish_penalty_is_fisher_trace_over_m_in_expectation():
 def test_unit_jac_penalty_is_jacobian_frobenius_over_c_in_expectation():
     """E_u R_UJ = ||Jbar||_F^2 / C, Jbar the micro-batch mean Jacobian of the logits w.r.t. the
     parameters (C x P, pitfall 17)."""
-    model, batch, m = mlp(hidden=8), data(n=16), 8
+    model, batch, m = mlp(12, 8, 8, C), data(n=16), 8
     params = list(model.parameters())
     frob = []
     for i in range(0, 16, m):
@@ -337,7 +321,7 @@ def test_unit_jac_penalty_is_jacobian_frobenius_over_c_in_expectation():
 
 def test_avg_jac_is_c_times_unit_jac_at_the_uniform_direction(monkeypatch):
     monkeypatch.setattr(UnitJacLoss, "draw", lambda self, logits: torch.full((C,), C**-0.5))
-    model, batch, lam = mlp(), data(n=24), 0.2
+    model, batch, lam = small_mlp(), data(n=24), 0.2
     aj, out_aj, _ = run("avg_jac_loss", model, batch, micro_batch_size=8, lam=lam)
     uj, out_uj, _ = run("unit_jac_loss", model, batch, micro_batch_size=8, lam=lam * C)
     torch.testing.assert_close(out_aj["penalty"], C * out_uj["penalty"], rtol=1e-12, atol=0)
@@ -345,7 +329,7 @@ def test_avg_jac_is_c_times_unit_jac_at_the_uniform_direction(monkeypatch):
 
 
 def test_fresh_draws_per_micro_batch_and_per_step():
-    model, batch = mlp(), data(n=24)
+    model, batch = small_mlp(), data(n=24)
     method = lr_zero("fish_loss", model, micro_batch_size=8, lam=0.1)
     draws = []
     real_draw = method.draw
@@ -363,7 +347,7 @@ def test_fresh_draws_per_micro_batch_and_per_step():
 def test_gradient_norms_only_when_diagnosing(name):
     """Norms are logged every log_every steps, so they are computed only on those (the loop sets
     `diagnose`); the update does not depend on it."""
-    model, batch = mlp(), data(n=24)
+    model, batch = small_mlp(), data(n=24)
     for hvp in ("exact", "fd"):
         with_diag, out, _ = run(name, model, batch, micro_batch_size=8, lam=0.3, hvp=hvp, diagnose=True)
         without, quiet, _ = run(name, model, batch, micro_batch_size=8, lam=0.3, hvp=hvp, diagnose=False)
@@ -373,7 +357,7 @@ def test_gradient_norms_only_when_diagnosing(name):
 
 
 def test_hyperparameters_defaults_and_compilable():
-    model = mlp()
+    model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for name in PENALTIES:
         cls = method_class(name)
@@ -402,13 +386,13 @@ def test_hyperparameters_defaults_and_compilable():
     ],
 )
 def test_bad_hyperparameters(hp, needle):
-    model = mlp()
+    model = small_mlp()
     with pytest.raises(UsageError, match=needle):
         create_method("reg_loss", model, torch.optim.SGD(model.parameters(), lr=0.1), **hp)
 
 
 def test_unknown_hyperparameter_lists_valid_ones():
-    model = mlp()
+    model = small_mlp()
     with pytest.raises(ValueError, match="unknown hyperparameter 'lamda' .* valid: lam, micro_batch_size, hvp, fd_eps"):
         create_method("fish_loss", model, torch.optim.SGD(model.parameters(), lr=0.1), lamda=0.1)
 
@@ -422,7 +406,7 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch():
             batch_size=100,
             method_args={"micro_batch_size": 32},
         )
-    model = mlp()
+    model = small_mlp()
     method = create_method("pseudo_gd", model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=8)
     with pytest.raises(UsageError, match="batch_size=20 is not a multiple of micro_batch_size=8"):
         method.step(data(n=20))

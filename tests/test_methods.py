@@ -10,12 +10,9 @@ import torch.nn.functional as F
 from gvr_lab import Batch, create_method, create_model, list_methods
 from gvr_lab.methods import METHODS
 
+from helpers import UPDATE_NORM
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture
@@ -121,16 +118,6 @@ def test_state_dict_resume_continues_identically(name, norms_log):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     if name in STATEFUL:  # the state matters: without it the run goes elsewhere
         assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), resumed(False).parameters()))
-
-
-# The logged norm of the gradient the optimizer applies (vSAM logs ||g|| at w only).
-UPDATE_NORM = {
-    "sam": "sam_grad_norm",
-    "asam": "sam_grad_norm",
-    "looksam": "sam_grad_norm",
-    "esam": "sam_grad_norm",
-    "vsam": None,
-}
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -31,14 +31,6 @@ from gvr_lab.quant import (
 )
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -99,7 +91,7 @@ def test_ranges():
 # ---------------------------------------------------------------------- forward: grid, levels, error
 
 
-def test_two_bit_weight_has_at_most_four_levels(f64):
+def test_two_bit_weight_has_at_most_four_levels(float64):
     linear = nn.Linear(64, 32)
     with torch.no_grad():
         linear.weight.normal_(generator=gen(0))
@@ -115,7 +107,7 @@ def test_two_bit_weight_has_at_most_four_levels(f64):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("signed", [True, False])
-def test_grid_levels_and_rounding_error(f64, bits, signed):
+def test_grid_levels_and_rounding_error(float64, bits, signed):
     q_n, q_p = quant_range(bits, signed)
     v = torch.randn(20000, generator=gen(bits)) * 3
     s = torch.tensor(2 * v.abs().mean().item() / math.sqrt(q_p))
@@ -133,7 +125,7 @@ def test_grid_levels_and_rounding_error(f64, bits, signed):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("signed", [True, False])
-def test_idempotent(f64, bits, signed):
+def test_idempotent(float64, bits, signed):
     q_n, q_p = quant_range(bits, signed)
     v = torch.randn(5000, generator=gen(1))
     s = torch.tensor(0.3)
@@ -145,7 +137,7 @@ def test_idempotent(f64, bits, signed):
     assert torch.equal(quantizer(w_hat), w_hat)
 
 
-def test_no_grad_forward_is_identical(f64):
+def test_no_grad_forward_is_identical(float64):
     """Evaluation takes a shortcut past the STE's detach arithmetic; the values must not change."""
     torch.manual_seed(0)
     model = quantize_model(create_model("tiny_cnn"), 3, keep_first_last=False)
@@ -155,7 +147,7 @@ def test_no_grad_forward_is_identical(f64):
         assert torch.equal(model(x), with_grad)
 
 
-def test_16_bits_is_close_to_float(f64):
+def test_16_bits_is_close_to_float(float64):
     """Relative logit error at 16 bits <= 1e-2, and 8 -> 16 bits shrinks it about 16-fold.
 
     The init step is 2 mean|v| / sqrt(Q_P): at 16 bits mean|v|/90 (signed) or mean|v|/128
@@ -181,7 +173,7 @@ def test_16_bits_is_close_to_float(f64):
 # ---------------------------------------------------------------------- gradients
 
 
-def test_ste_input_gradient(f64):
+def test_ste_input_gradient(float64):
     q_n, q_p = quant_range(4, signed=True)  # -8 .. 7
     s = torch.tensor(0.5)
     ratio = torch.tensor([-9.5, -8.4, -7.3, 0.2, 3.6, 6.4, 7.8, 12.0])
@@ -195,7 +187,7 @@ def per_element_step_grad(v, s, q_n, q_p, g=1.0):
     return torch.autograd.functional.jacobian(lambda s_: lsq_quantize(v, s_, q_n, q_p, g), s)
 
 
-def test_step_gradient_piecewise_on_hand_picked_points(f64):
+def test_step_gradient_piecewise_on_hand_picked_points(float64):
     s = torch.tensor(0.5)
     q_n, q_p = quant_range(4, signed=True)  # -8 .. 7
     ratio = torch.tensor([1.49, 1.51, -2.49, -2.51, -9.0, 7.7, 0.0])
@@ -209,7 +201,7 @@ def test_step_gradient_piecewise_on_hand_picked_points(f64):
 
 
 @pytest.mark.parametrize("g", [1.0, 0.0371])
-def test_step_gradient_matches_finite_difference_and_formula(f64, g):
+def test_step_gradient_matches_finite_difference_and_formula(float64, g):
     """LSQ's d v_hat/d s is not the derivative of the forward (piecewise constant in the codes); it is
     the derivative of the surrogate s * (clip(v/s) + r) with the rounding residual r frozen. A central
     difference of that surrogate, and the piecewise formula, must both give the autograd gradient
@@ -236,7 +228,7 @@ def test_step_gradient_matches_finite_difference_and_formula(f64, g):
     torch.testing.assert_close(got, g * (c * piecewise).sum(), rtol=1e-10, atol=0)
 
 
-def test_grad_scale_keeps_forward_and_scales_backward_exactly(f64):
+def test_grad_scale_keeps_forward_and_scales_backward_exactly(float64):
     s = torch.tensor(0.123456789, requires_grad=True)
     g = 1 / math.sqrt(1000 * 7)
     scaled = scale_grad(s, g)
@@ -245,7 +237,7 @@ def test_grad_scale_keeps_forward_and_scales_backward_exactly(f64):
     assert grad.item() == g * 3.0
 
 
-def test_layer_gradient_scales(f64):
+def test_layer_gradient_scales(float64):
     """Weight quantizer: g = 1/sqrt(N_w Q_P); activation quantizer: N = features per example
     (C*H*W), not numel with the batch (both readings exist; the batch of 3 tells them apart)."""
     layer = quantize_layer(nn.Conv2d(3, 4, 3, padding=1), 4)
@@ -271,7 +263,7 @@ def test_layer_gradient_scales(f64):
     assert torch.equal(y, out)
 
 
-def test_linear_layer_step_gradient_against_reference(f64):
+def test_linear_layer_step_gradient_against_reference(float64):
     """Wiring of QuantLinear: d loss / d s_w = g * sum_ij (d loss / d w_hat_ij) * piecewise_ij."""
     layer = quantize_layer(nn.Linear(6, 5), 3)
     x = F.relu(torch.randn(4, 6, generator=gen(5)))
@@ -293,7 +285,7 @@ def test_linear_layer_step_gradient_against_reference(f64):
 # ---------------------------------------------------------------------- initialization and signs
 
 
-def test_weight_init_on_known_tensor(f64):
+def test_weight_init_on_known_tensor(float64):
     linear = nn.Linear(2, 2)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[-3.0, 1.0], [2.0, -2.0]]))  # mean |w| = 2
@@ -306,7 +298,7 @@ def test_weight_init_on_known_tensor(f64):
     assert torch.equal(zero.weight_quant(zero.weight), torch.zeros(2, 2))
 
 
-def test_activation_init_from_first_batch_and_sign_rule(f64):
+def test_activation_init_from_first_batch_and_sign_rule(float64):
     torch.manual_seed(0)
     model = quantize_model(SignNet(), 4, keep_first_last=False)
     inputs = {}
@@ -364,7 +356,7 @@ def test_structure_and_parameters():
     assert isinstance(twice[1], QuantLinear) and twice[1] is twice[3]
 
 
-def test_state_dict_resume_is_identical(f64):
+def test_state_dict_resume_is_identical(float64):
     """Train 4 steps, or 2 steps + checkpoint + a fresh model (other seed) loading it + 2 steps."""
 
     def fresh(seed):
@@ -435,7 +427,7 @@ def test_bf16_autocast_computes_quantizer_in_fp32():
     assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in step_sizes(model))
 
 
-def test_double_backward(f64):
+def test_double_backward(float64):
     """Gradient-norm penalties (GVR exact) differentiate through the gradient of the quantized net."""
     torch.manual_seed(0)
     model = quantize_model(create_model("tiny_cnn"), 4, keep_first_last=False)

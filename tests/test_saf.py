@@ -1,7 +1,7 @@
 """SAF and MESA (gvr_lab/methods/saf.py) against references written from the papers' formulas and the official code."""
 
 import copy
-import io
+from functools import partial
 
 import pytest
 import torch
@@ -12,20 +12,12 @@ from gvr_lab import Batch, create_method
 from gvr_lab.errors import UsageError
 from gvr_lab.quant import ActivationQuantizer, quantize_model
 
+from helpers import checkpoint_round_trip, mlp
+
+pytestmark = pytest.mark.usefixtures("float64")
+
 N, C = 16, 4  # dataset size and classes of the toy data set
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, C)]
-    return nn.Sequential(*(layers if bn else layers[:1] + layers[2:]))
+small_mlp = partial(mlp, 6, 8, C)
 
 
 DATA = torch.randn(N, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -39,7 +31,7 @@ def batch(index):
 
 
 def build(name="saf", seed=0, lr=0.1, momentum=0.9, bn=False, **hp):
-    model = mlp(seed, bn)
+    model = small_mlp(seed=seed, bn=bn)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=1e-3)
     return model, opt, create_method(name, model, opt, **hp)
 
@@ -64,6 +56,15 @@ def epochs_of_batches(method, epochs, batches, first=0):
 
 
 BATCHES = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+def steps_with_references(method, epochs):
+    """(epoch, batch, a copy of the model as it is before the step) for each step of `epochs` epochs over
+    BATCHES; the caller takes the step."""
+    for epoch in range(epochs):
+        method.start_epoch(epoch)
+        for index in BATCHES:
+            yield epoch, batch(index), copy.deepcopy(method.model)
 
 
 def test_saf_with_lam_zero_is_sgd():
@@ -195,13 +196,6 @@ def test_saf_memory_grows_to_new_indices_and_rows_without_a_past_count_zero():
     assert saf.memory.numel() == (13 + 1) * (lag + 1) * C
 
 
-def round_trip(*states):
-    buf = io.BytesIO()
-    torch.save(states, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize(
     "name, hp", [("saf", dict(kl_start_epoch=0, lag=2)), ("mesa", dict(kl_start_epoch=1, ema_decay=0.9))]
 )
@@ -210,7 +204,7 @@ def test_resume_from_state_dict_continues_identically(name, hp):
     full = epochs_of_batches(method, 6, BATCHES)
     model1, opt1, method1 = build(name, lam=0.8, **hp)
     epochs_of_batches(method1, 3, BATCHES)
-    saved = round_trip(model1.state_dict(), opt1.state_dict(), method1.state_dict())
+    saved = checkpoint_round_trip(model1.state_dict(), opt1.state_dict(), method1.state_dict())
     model2, opt2, method2 = build(name, seed=4, lam=0.8, **hp)
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
@@ -225,18 +219,14 @@ def test_resume_from_state_dict_continues_identically(name, hp):
 
 def test_mesa_with_decay_zero_tracks_the_weights_and_its_kl_vanishes():
     model, opt, mesa = build("mesa", lam=1.0, kl_start_epoch=0, ema_decay=0.0)
-    for epoch in range(3):
-        mesa.start_epoch(epoch)
-        for b in BATCHES:
-            b = batch(b)
-            reference = copy.deepcopy(model)
-            out = mesa.step(b)
-            for p, v in zip(model.parameters(), mesa.teacher.parameters()):
-                torch.testing.assert_close(v, p, rtol=0, atol=0)
-            assert abs(float(out["penalty"])) < 1e-15
-            expected = grads_at(reference, lambda m, b=b: F.cross_entropy(m(b.x), b.y))
-            for p, g in zip(model.parameters(), expected):
-                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    for _, b, reference in steps_with_references(mesa, 3):
+        out = mesa.step(b)
+        for p, v in zip(model.parameters(), mesa.teacher.parameters()):
+            torch.testing.assert_close(v, p, rtol=0, atol=0)
+        assert abs(float(out["penalty"])) < 1e-15
+        expected = grads_at(reference, lambda m, b=b: F.cross_entropy(m(b.x), b.y))
+        for p, g in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
 
 
 def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
@@ -249,33 +239,27 @@ def test_mesa_teacher_is_an_ema_and_its_kl_matches_the_formula():
         module.register_forward_hook(
             lambda m, *_, key=key, module=module: forwards.__setitem__(key, forwards[key] + (m is module))
         )
-    for epoch in range(3):
-        mesa.start_epoch(epoch)
-        for b in BATCHES:
-            b = batch(b)
-            reference = copy.deepcopy(model)
-            target_model = copy.deepcopy(model)
-            with torch.no_grad():
-                for p, v in zip(target_model.parameters(), teacher):
-                    p.copy_(v)
-                target = target_model(b.x)
-            out = mesa.step(b)
-            if epoch > 0:
-                expected = kl_reference(reference(b.x).detach(), target, tau)
-                torch.testing.assert_close(out["penalty"], expected, rtol=1e-12, atol=0)
-                grads = grads_at(
-                    reference,
-                    lambda m, b=b, target=target: (
-                        F.cross_entropy(m(b.x), b.y) + lam * kl_reference(m(b.x), target, tau)
-                    ),
-                )
-                for p, g in zip(model.parameters(), grads):
-                    torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
-            else:
-                assert out["penalty"] == 0.0
-            teacher = [decay * v + (1 - decay) * p.detach() for v, p in zip(teacher, model.parameters())]
-            for v, t in zip(mesa.teacher.parameters(), teacher):
-                torch.testing.assert_close(v, t, rtol=1e-12, atol=1e-15)
+    for epoch, b, reference in steps_with_references(mesa, 3):
+        target_model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, v in zip(target_model.parameters(), teacher):
+                p.copy_(v)
+            target = target_model(b.x)
+        out = mesa.step(b)
+        if epoch > 0:
+            expected = kl_reference(reference(b.x).detach(), target, tau)
+            torch.testing.assert_close(out["penalty"], expected, rtol=1e-12, atol=0)
+            grads = grads_at(
+                reference,
+                lambda m, b=b, target=target: F.cross_entropy(m(b.x), b.y) + lam * kl_reference(m(b.x), target, tau),
+            )
+            for p, g in zip(model.parameters(), grads):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+        else:
+            assert out["penalty"] == 0.0
+        teacher = [decay * v + (1 - decay) * p.detach() for v, p in zip(teacher, model.parameters())]
+        for v, t in zip(mesa.teacher.parameters(), teacher):
+            torch.testing.assert_close(v, t, rtol=1e-12, atol=1e-15)
     # one pass per step, plus one no-grad teacher forward while the term applies
     assert forwards == {"student": 6, "teacher": 4}
 
@@ -301,8 +285,7 @@ def test_mesa_teacher_starts_from_the_lsq_step_sizes_the_student_initialized():
     """LSQ sets activation step sizes in the first forward, after the teacher was copied: the
     teacher must take them (it kept s = 1, and once the EMA copied the `initialized` flag it
     never set its own), so with the term active it is the student's average, not another net."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, C))
+    model = mlp(6, 16, 16, C, activation=nn.ReLU)
     quantize_model(model, 3)  # the middle layer: weights and its (unsigned) input quantized
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mesa = create_method("mesa", model, opt, lam=1.0, kl_start_epoch=0, ema_decay=0.99)
@@ -330,7 +313,7 @@ def test_mesa_teacher_starts_from_the_lsq_step_sizes_the_student_initialized():
     ],
 )
 def test_bad_hyperparameters_raise_one_line(name, hp, fragment):
-    model = mlp()
+    model = small_mlp()
     with pytest.raises(UsageError) as info:
         create_method(name, model, torch.optim.SGD(model.parameters(), lr=0.1), **hp)
     assert fragment in str(info.value) and "\n" not in str(info.value)
@@ -343,7 +326,7 @@ def test_saf_needs_dataset_indices():
 
 
 def test_defaults():
-    model = mlp()
+    model = small_mlp()
     saf = create_method("saf", model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert (saf.lam, saf.tau, saf.kl_start, saf.lag) == (0.3, 5.0, 5, 3)
     mesa = create_method("mesa", model, torch.optim.SGD(model.parameters(), lr=0.1))

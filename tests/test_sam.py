@@ -5,7 +5,7 @@ never the methods' in-place perturb/restore machinery.
 """
 
 import copy
-import io
+from functools import partial
 
 import pytest
 import torch
@@ -18,26 +18,17 @@ from gvr_lab.errors import UsageError
 from gvr_lab.methods import method_class
 from gvr_lab.methods.esam import selected_count
 
+from helpers import checkpoint_round_trip, mlp, quadratic_method
+
+pytestmark = pytest.mark.usefixtures("float64")
+
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
 
 
 # ---------------------------------------------------------------------- models and batches
 
-
-def mlp(seed=0, bn=False, dropout=0.0):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 8)]
-    if bn:
-        layers.append(nn.BatchNorm1d(8))
-    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)]
-    return nn.Sequential(*layers)
+# Every net has its Dropout layer (model[-2]), of p = 0 unless a test asks for masks.
+small_mlp = partial(mlp, 6, 8, 3, dropout=0.0)
 
 
 def batch(seed, n=8):
@@ -58,7 +49,7 @@ def sgd(model, lr=0.1, momentum=0.9, wd=1e-3, groups=False):
 
 
 def build(name, model=None, groups=False, **hp):
-    model = mlp() if model is None else model
+    model = small_mlp() if model is None else model
     opt = sgd(model, groups=groups)
     return model, opt, create_method(name, model, opt, **hp)
 
@@ -104,35 +95,6 @@ def assert_same_state(model_a, opt_a, model_b, opt_b, **tol):
         torch.testing.assert_close(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"], **tol)
 
 
-class Quadratic(nn.Module):
-    """L(w) = 1/2 (w - w*)^T A (w - w*); the 'logits' are w repeated per row."""
-
-    def __init__(self, a, w_star, w0):
-        super().__init__()
-        self.a, self.w_star = a, w_star
-        self.w = nn.Parameter(w0.clone())
-
-    def forward(self, x):
-        return self.w.expand(x.shape[0], -1)
-
-    def sample_losses(self, logits, y):
-        d = logits - self.w_star
-        return 0.5 * ((d @ self.a) * d).sum(1)
-
-    def loss(self, logits, y):
-        return self.sample_losses(logits, y).mean()
-
-
-def quadratic_method(name, a, w_star, w0, lr=0.1, **hp):
-    model = Quadratic(a, w_star, w0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    method = create_method(name, model, opt, **hp)
-    method.loss = model.loss
-    if hasattr(method, "sample_losses"):
-        method.sample_losses = model.sample_losses
-    return model, method
-
-
 def spd(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, n, generator=g)
@@ -163,8 +125,8 @@ def test_rho_zero_is_the_base_optimizer(name, hp):
 
 @pytest.mark.parametrize("name", ["sam", "asam"])
 def test_rho_zero_with_batchnorm_keeps_sgd_weights_and_running_stats(name):
-    model, opt, method = build(name, model=mlp(bn=True), rho=0.0)
-    ref_model, ref_opt, ref = build("sgd", model=mlp(bn=True))
+    model, opt, method = build(name, model=small_mlp(bn=True), rho=0.0)
+    ref_model, ref_opt, ref = build("sgd", model=small_mlp(bn=True))
     for s in range(2):
         method.step(batch(s))
         ref.step(batch(s))
@@ -193,7 +155,7 @@ def test_sam_step_matches_the_formula_with_the_norm_over_all_parameter_groups():
 
 
 def test_batchnorm_running_stats_come_from_the_clean_pass_only():
-    model, opt, method = build("sam", model=mlp(bn=True), rho=0.5)
+    model, opt, method = build("sam", model=small_mlp(bn=True), rho=0.5)
     clean = copy.deepcopy(model)
     b = batch(0)
     with torch.no_grad():
@@ -213,7 +175,7 @@ def test_batchnorm_running_stats_come_from_the_clean_pass_only():
     "name, hp", [("asam", {}), ("sam", {"m": 2}), ("looksam", {"k": 1}), ("esam", {"beta": 1.0, "gamma": 0.5})]
 )
 def test_every_variant_moves_running_stats_once_on_the_clean_batch(name, hp):
-    model, opt, method = build(name, model=mlp(bn=True), rho=0.5, **hp)
+    model, opt, method = build(name, model=small_mlp(bn=True), rho=0.5, **hp)
     clean = copy.deepcopy(model)
     b = batch(0)
     with torch.no_grad():
@@ -224,8 +186,8 @@ def test_every_variant_moves_running_stats_once_on_the_clean_batch(name, hp):
 
 
 def test_m_sharpness_with_m_equal_to_the_batch_is_plain_sam():
-    model, opt, method = build("sam", model=mlp(bn=True), rho=0.2, m=8)
-    ref_model, ref_opt, ref = build("sam", model=mlp(bn=True), rho=0.2)
+    model, opt, method = build("sam", model=small_mlp(bn=True), rho=0.2, m=8)
+    ref_model, ref_opt, ref = build("sam", model=small_mlp(bn=True), rho=0.2)
     for s in range(2):
         method.step(batch(s))
         ref.step(batch(s))
@@ -303,7 +265,7 @@ def asam_scale(model, eta):
 
 
 def test_asam_perturbation_has_radius_rho_in_the_weight_scaled_metric():
-    model, opt, method = build("asam", model=mlp(bn=True), rho=0.7, eta=0.02)
+    model, opt, method = build("asam", model=small_mlp(bn=True), rho=0.7, eta=0.02)
     g = [torch.randn_like(p) for p in model.parameters()]
     eps = method.perturbation([x.clone() for x in g], norm(g))  # perturbation may overwrite its input
     t = asam_scale(model, 0.02)
@@ -333,7 +295,7 @@ def test_asam_step_matches_the_formula():
 
 
 def test_asam_with_unit_weights_and_no_eta_is_sam():
-    model = mlp()
+    model = small_mlp()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "weight" in n:
@@ -375,8 +337,8 @@ def test_weight_decay_in_perturbation_is_the_l2_loss_of_the_jax_reference(m):
 
 
 def test_dropout_masks_are_the_same_in_both_passes():
-    model, opt, method = build("sam", model=mlp(dropout=0.5), rho=0.0)
-    ref_model, ref_opt, ref = build("sgd", model=mlp(dropout=0.5))
+    model, opt, method = build("sam", model=small_mlp(dropout=0.5), rho=0.0)
+    ref_model, ref_opt, ref = build("sgd", model=small_mlp(dropout=0.5))
     for s in range(2):
         torch.manual_seed(7 + s)
         method.step(batch(s))
@@ -399,6 +361,25 @@ def test_bf16_autocast_step_is_close_to_fp32():
         assert all(torch.isfinite(v) for v in out.values())
         steps.append(torch.cat([(p.detach() - q).flatten() for p, q in zip(model.parameters(), before)]))
     assert F.cosine_similarity(steps[0], steps[1], dim=0) > 0.99
+
+
+@pytest.mark.parametrize(
+    "name, hp, every_step",
+    [
+        ("looksam", {"k": 1, "alpha": 0.7}, {"sampled": 1.0}),
+        ("esam", {"beta": 1.0, "gamma": 1.0}, {"selected": 1.0, "perturbed": 1.0}),
+    ],
+    ids=["looksam k=1", "esam beta=1 gamma=1"],
+)
+def test_variant_at_its_sam_setting_is_sam(name, hp, every_step):
+    """LookSAM computing the SAM gradient every step, ESAM keeping every tensor and every sample."""
+    model, opt, method = build(name, rho=0.2, **hp)
+    ref_model, ref_opt, ref = build("sam", rho=0.2)
+    for s in range(3):
+        out = method.step(batch(s))
+        ref.step(batch(s))
+        assert {key: out[key].item() for key in every_step} == every_step
+    assert_same_state(model, opt, ref_model, ref_opt)
 
 
 def test_hyperparameter_ranges():
@@ -424,19 +405,9 @@ def test_hyperparameter_ranges():
 # ---------------------------------------------------------------------- LookSAM
 
 
-def test_looksam_with_k1_is_sam():
-    model, opt, method = build("looksam", rho=0.2, k=1, alpha=0.7)
-    ref_model, ref_opt, ref = build("sam", rho=0.2)
-    for s in range(3):
-        out = method.step(batch(s))
-        ref.step(batch(s))
-        assert out["sampled"].item() == 1.0
-    assert_same_state(model, opt, ref_model, ref_opt)
-
-
 def test_looksam_with_alpha0_is_periodic_sam():
     model, opt, method = build("looksam", rho=0.2, k=3, alpha=0.0)
-    ref_model = mlp()
+    ref_model = small_mlp()
     ref_opt = sgd(ref_model)
     sam, plain = create_method("sam", ref_model, ref_opt, rho=0.2), create_method("sgd", ref_model, ref_opt)
     sampled = []
@@ -495,16 +466,13 @@ def test_looksam_step_counter_and_direction_survive_a_checkpoint():
     model, opt, method = build("looksam", rho=0.2, k=3, alpha=0.5)
     for s in range(2):
         method.step(batch(s))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "method": method.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    saved = checkpoint_round_trip(model.state_dict(), opt.state_dict(), method.state_dict())
     assert "step" not in opt.state[next(model.parameters())]  # torch.optim.SGD keeps no step count
 
-    model2, opt2, method2 = build("looksam", model=mlp(seed=5), rho=0.2, k=3, alpha=0.5)
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    method2.load_state_dict(ckpt["method"])
+    model2, opt2, method2 = build("looksam", model=small_mlp(seed=5), rho=0.2, k=3, alpha=0.5)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    method2.load_state_dict(saved[2])
     for s in range(2, 6):
         a, b = method.step(batch(s)), method2.step(batch(s))
         assert a["sampled"].item() == b["sampled"].item() == float(s % 3 == 0)
@@ -512,16 +480,6 @@ def test_looksam_step_counter_and_direction_survive_a_checkpoint():
 
 
 # ---------------------------------------------------------------------- ESAM
-
-
-def test_esam_with_beta1_gamma1_is_sam():
-    model, opt, method = build("esam", rho=0.2, beta=1.0, gamma=1.0)
-    ref_model, ref_opt, ref = build("sam", rho=0.2)
-    for s in range(3):
-        out = method.step(batch(s))
-        ref.step(batch(s))
-        assert out["selected"].item() == 1.0 and out["perturbed"].item() == 1.0
-    assert_same_state(model, opt, ref_model, ref_opt)
 
 
 def test_esam_selection_count():
@@ -557,7 +515,7 @@ def test_esam_dropout_masks_of_its_three_passes():
     """The sharpness forward compares the same masks as pass 1 (a replay). Pass 2 on a selection
     cannot have its rows' pass-1 masks; replaying the RNG would give it those of rows 0..n-1, so
     it draws fresh ones (the official code draws fresh masks in every pass)."""
-    model, opt, method = build("esam", model=mlp(dropout=0.5), rho=0.3, beta=1.0, gamma=0.5)
+    model, opt, method = build("esam", model=small_mlp(dropout=0.5), rho=0.3, beta=1.0, gamma=0.5)
     masks = []
     model[-2].register_forward_hook(lambda m, args, out: masks.append(out != 0))
     torch.manual_seed(3)

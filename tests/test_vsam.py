@@ -1,32 +1,23 @@
 """vSAM (gvr_lab/methods/vsam.py) against references written from the paper's rules and its official code."""
 
 import copy
-import io
 import math
+from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from gvr_lab import Batch, create_method
 from gvr_lab.errors import UsageError
 from gvr_lab.methods.vsam import next_quota, window_trends
 
+from helpers import checkpoint_round_trip, mlp, quadratic_method
+
+pytestmark = pytest.mark.usefixtures("float64")
+
 BETA_SEQUENCE = [0.7, 0.49, 0.343, 0.2401, 0.16807, 0.117649, 0.0, 0.0, 0.0]
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4)]
-    return nn.Sequential(*(layers if bn else layers[:1] + layers[2:]))
+small_mlp = partial(mlp, 6, 8, 4)
 
 
 def batch(seed, n=8):
@@ -35,7 +26,7 @@ def batch(seed, n=8):
 
 
 def build(seed=0, lr=0.1, momentum=0.9, weight_decay=1e-3, bn=False, **hp):
-    model = mlp(seed, bn)
+    model = small_mlp(seed=seed, bn=bn)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     return model, opt, create_method("vsam", model, opt, **hp)
 
@@ -72,7 +63,7 @@ def sam_reference_step(model, opt, b, rho):
 )
 def test_equals_sam_step_for_step(setting):
     model, opt, method = build(rho=0.05, **setting)
-    ref_model = mlp(0)
+    ref_model = small_mlp(seed=0)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     forwards = count_forwards(model)
     for epoch in range(2):
@@ -94,7 +85,7 @@ def tail_norm(tensors, n=2):
 
 def test_rings_hold_tail_norms_and_sorted_chunk_dispersion():
     model, opt, method = build(window=4, blocks=2, last_n=2)
-    ref_model = mlp(0)
+    ref_model = small_mlp(seed=0)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     method.start_epoch(0)
     p_tail = []
@@ -112,28 +103,13 @@ def test_rings_hold_tail_norms_and_sorted_chunk_dispersion():
     assert method.ptr == 2
 
 
-class Quadratic(nn.Module):
-    """L(w) = 1/2 (w - w*)^T A (w - w*), returned as every entry of a (B, 2) "logits" tensor."""
-
-    def __init__(self, a, w_star, w0):
-        super().__init__()
-        self.a, self.w_star = a, w_star
-        self.w = nn.Parameter(w0.clone())
-
-    def forward(self, x):
-        d = self.w - self.w_star
-        return (0.5 * d @ self.a @ d).expand(len(x), 2)
-
-
 def quadratic_setup(lr, **hp):
+    """vSAM on a quadratic with A's eigenvalues known: (model, method, A, eigenvalues)."""
     g = torch.Generator().manual_seed(3)
     q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
     eigenvalues = torch.tensor([0.5, 0.8, 1.3, 2.0, 3.0])
     a = q @ torch.diag(eigenvalues) @ q.T
-    model = Quadratic(a, torch.randn(5, generator=g), torch.randn(5, generator=g))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
-    method = create_method("vsam", model, opt, **hp)
-    method.loss = lambda logits, y: logits[0, 0]
+    model, method = quadratic_method("vsam", a, torch.randn(5, generator=g), torch.randn(5, generator=g), lr=lr, **hp)
     return model, method, a, eigenvalues
 
 
@@ -324,13 +300,6 @@ def test_bn_running_statistics_advance_once_per_sam_step():
     assert int(bn.num_batches_tracked) == 1
 
 
-def checkpoint_round_trip(*states):
-    buf = io.BytesIO()
-    torch.save(states, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def run_epochs(method, epochs, steps_per_epoch, start=0, resume_step=None):
     outs = []
     for epoch in range(epochs):
@@ -383,7 +352,7 @@ def test_resume_from_state_dict_mid_window_continues_identically():
     ],
 )
 def test_bad_hyperparameters_raise_one_line(hp, fragment):
-    model = mlp()
+    model = small_mlp()
     with pytest.raises(UsageError) as info:
         create_method("vsam", model, torch.optim.SGD(model.parameters(), lr=0.1), **hp)
     assert fragment in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,121 @@
+"""What several test modules build alike: small MLPs, a quadratic model, idx files, the CLI words and run
+settings of smoke-sized runs. Fixtures are in conftest.py; test modules import these as `from helpers import
+...` (pytest puts tests/ on sys.path)."""
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gvr_lab import create_method
+
+# A seconds-long run: the synthetic dataset on a subset, tiny_cnn, no progress bar (Config's fields).
+TINY_RUN = dict(
+    dataset="synthetic",
+    model="tiny_cnn",
+    epochs=2,
+    batch_size=64,
+    lr=0.05,
+    train_subset=512,
+    device="cpu",
+    progress=False,
+)
+
+# `gvr-lab bench` at smoke size on the CPU: two timed rounds of two steps after one warm-up step.
+BENCH_SMOKE = [
+    "bench",
+    "--model",
+    "tiny_cnn",
+    "--shape",
+    "1x28",
+    "--batch-size",
+    "16",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--rounds",
+    "2",
+    "--device",
+    "cpu",
+]
+
+# The logged norm of the gradient the optimizer applies, by method (vSAM logs ||g|| at w only).
+UPDATE_NORM = {
+    "sam": "sam_grad_norm",
+    "asam": "sam_grad_norm",
+    "looksam": "sam_grad_norm",
+    "esam": "sam_grad_norm",
+    "vsam": None,
+}
+
+
+def mlp(*widths: int, seed: int = 0, bn: bool = False, dropout: float | None = None, activation=nn.Tanh):
+    """nn.Sequential of Linear layers through `widths` (inputs, hidden..., outputs) with an activation
+    between each two, its weights drawn after torch.manual_seed(seed). In the first hidden layer only:
+    bn puts a BatchNorm1d between the Linear and its activation, dropout a Dropout of that p after the
+    activation (None: no Dropout layer)."""
+    torch.manual_seed(seed)
+    *hidden, last = zip(widths, widths[1:])
+    layers = []
+    for i, (n_in, n_out) in enumerate(hidden):
+        layers.append(nn.Linear(n_in, n_out))
+        if bn and i == 0:
+            layers.append(nn.BatchNorm1d(n_out))
+        layers.append(activation())
+        if dropout is not None and i == 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(*last))
+
+
+class Quadratic(nn.Module):
+    """L(w) = 1/2 (w - w*)^T A (w - w*) as a model: the 'logits' are w repeated per row, `sample_losses`
+    gives L for each row and `loss` their mean (what a method uses in place of cross-entropy)."""
+
+    def __init__(self, a, w_star, w0):
+        super().__init__()
+        self.a, self.w_star = a, w_star
+        self.w = nn.Parameter(w0.clone())
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+    def sample_losses(self, logits, y):
+        d = logits - self.w_star
+        return 0.5 * ((d @ self.a) * d).sum(1)
+
+    def loss(self, logits, y):
+        return self.sample_losses(logits, y).mean()
+
+
+def quadratic_method(name, a, w_star, w0, lr=0.1, **hp):
+    """(Quadratic model from w0, the method `name` minimizing its L with plain SGD at lr)."""
+    model = Quadratic(a, w_star, w0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    method = create_method(name, model, opt, **hp)
+    method.loss = model.loss
+    if hasattr(method, "sample_losses"):
+        method.sample_losses = model.sample_losses
+    return model, method
+
+
+def checkpoint_round_trip(*states):
+    """`states` as torch.load(weights_only=True) gives them back after torch.save (in memory)."""
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
+    """An idx file (MNIST's format) of `array` as uint8: magic with the uint8 code and the number of
+    dimensions, the sizes big-endian, the bytes, less the last `truncate` (a cut-off file); gzip
+    compressed where the name ends in .gz."""
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(data[: len(data) - truncate])
