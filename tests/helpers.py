@@ -4,6 +4,7 @@ settings of smoke-sized runs. Fixtures are in conftest.py; test modules import t
 
 import gzip
 import io
+import os
 import struct
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
     data = header + array.astype(np.uint8).tobytes()
     with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
         f.write(data[: len(data) - truncate])
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The process that has a run's .lock open: the worker (or Ray task) training it."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,6 +17,8 @@ import torch
 from gvr_lab import grid_configs, train_configs, train_grid
 from gvr_lab.cluster import RayOptions
 from gvr_lab.errors import UsageError
+
+from helpers import lock_holder
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -59,19 +60,6 @@ def test_a_ray_grid_equals_the_sequential_grid_run_for_run(local_ray, tmp_path):
     stamps = [(r.run_dir / "summary.json").stat().st_mtime_ns for r in under_ray]
     again = train_grid(BASE, variants, [0, 1], tmp_path / "ray", executor="ray", ray=local_ray)
     assert [(r.run_dir / "summary.json").stat().st_mtime_ns for r in again] == stamps
-
-
-def lock_holder(lock: Path) -> int | None:
-    """The process that has the run's .lock open: the Ray worker training it."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if any(os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()):
-                return int(proc.name)
-        except OSError:
-            continue
-    return None
 
 
 def test_a_killed_worker_is_retried_and_its_run_resumes_to_the_uninterrupted_end(local_ray, tmp_path):

@@ -7,7 +7,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,6 +14,8 @@ import pytest
 from gvr_lab import grid_configs, train_configs
 from gvr_lab.cluster import RayOptions
 from gvr_lab.grid import default_workers, worker_modules
+
+from helpers import lock_holder
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -94,19 +95,6 @@ def test_a_method_of_a_module_trains_in_the_pool_and_one_of_a_notebook_cell_here
     assert (
         "the grid trains in this process, one run after another: method 'cell_sgd' is defined in the notebook's" in out
     )
-
-
-def lock_holder(lock: Path) -> int | None:
-    """The process that has the run's .lock open: the worker training it."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if any(os.readlink(fd) == str(lock) for fd in (proc / "fd").iterdir()):
-                return int(proc.name)
-        except OSError:
-            continue
-    return None
 
 
 def test_a_killed_worker_is_replaced_and_its_run_resumes_to_the_uninterrupted_end(tmp_path):

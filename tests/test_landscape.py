@@ -1,5 +1,7 @@
 """Curvature instruments against dense float64 references on small models."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -28,17 +30,10 @@ from gvr_lab.landscape import (
 )
 from gvr_lab.models import create_model
 
+from helpers import mlp
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+pytestmark = pytest.mark.usefixtures("float64")
+small_mlp = partial(mlp, 5, 8, 6, 3)
 
 
 def tiny_cnn():
@@ -78,7 +73,7 @@ def dense_hessian(objective):
     return torch.autograd.functional.hessian(loss_of, w0)
 
 
-CASES = [("mlp", mlp, (5,)), ("cnn", small_cnn, (1, 12, 12))]
+CASES = [("mlp", small_mlp, (5,)), ("cnn", small_cnn, (1, 12, 12))]
 
 
 @pytest.mark.parametrize("name, build, shape", CASES, ids=[c[0] for c in CASES])
@@ -101,7 +96,7 @@ def test_hutchinson_trace_within_four_standard_errors_and_its_error_shrinks(name
 
 
 def test_density_weights_sum_to_one_within_the_spectrum():
-    objective = Objective(mlp(), data((5,)))
+    objective = Objective(small_mlp(), data((5,)))
     spectrum = np.linalg.eigvalsh(dense_hessian(objective).numpy())
     density = eigen_density(objective, probes=3, steps=20)
     for nodes, weights in zip(density["nodes"], density["weights"]):
@@ -140,7 +135,7 @@ def test_slices_at_zero_are_the_loss_at_the_weights_and_leave_the_weights_alone(
 
 
 def test_gradient_noise_is_the_covariance_trace_of_micro_batch_gradients():
-    model = mlp()
+    model = small_mlp()
     batches = data((5,), n=24, batches=1)
     objective = Objective(model, batches)
     got = gradient_noise(objective, micro_batch_size=6)
@@ -181,7 +176,7 @@ def test_augmentation_variance_is_half_the_squared_view_gradient_difference():
 
 
 def test_psf_bound_check_measures_the_psf_and_the_batch_spectrum():
-    model = mlp()
+    model = small_mlp()
     batches = data((5,), batches=2)
     rho = 0.05
     got = psf_bound_check(model, batches, rho)
@@ -207,12 +202,12 @@ def test_psf_bound_check_measures_the_psf_and_the_batch_spectrum():
 
 def test_the_public_entry_measures_a_copy_in_the_asked_precision():
     torch.set_default_dtype(torch.float32)
-    model = mlp().float()
+    model = small_mlp().float()
     before = [p.detach().clone() for p in model.parameters()]
     batches = [(x.float(), y) for x, y in data((5,), batches=1)]
     out = curvature(model, batches, k=2, trace_samples=10, dtype="fp64")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    reference = Objective(mlp(), data((5,), batches=1))
+    reference = Objective(small_mlp(), data((5,), batches=1))
     exact = np.linalg.eigvalsh(dense_hessian(reference).numpy())[::-1][:2]
     np.testing.assert_allclose(out["top_eigenvalues"], exact, rtol=1e-6)
     assert out["hvps"] == out["eigenvalue_hvps"] + 10 and out["rows"] == 24 and out["dtype"] == "fp64"
@@ -276,7 +271,7 @@ def test_repeated_top_eigenvalues_are_found_with_their_multiplicity(name, build,
 
 
 def test_a_round_that_runs_out_of_steps_says_so():
-    objective = Objective(mlp(), data((5,)))
+    objective = Objective(small_mlp(), data((5,)))
     spectrum = np.linalg.eigvalsh(dense_hessian(objective).numpy())
     norm = np.abs(spectrum).max()
     short = top_eigenvalues(objective, k=2, max_iter=3)
@@ -466,7 +461,7 @@ def test_filter_normalized_curvature_is_the_mean_of_d_a_d():
     assert got["values"] == pytest.approx(expected, rel=1e-12)
     assert got["curvature"] == pytest.approx(np.mean(expected), rel=1e-12)
     assert got["se"] == pytest.approx(np.std(expected, ddof=1) / 2, rel=1e-10)
-    network = Objective(mlp(), data((5,)))  # a network: d^T H d against the dense Hessian
+    network = Objective(small_mlp(), data((5,)))  # a network: d^T H d against the dense Hessian
     H = dense_hessian(network).numpy()
     d = flat(filter_normalized_direction(network.model, 3)).numpy()
     assert filter_normalized_curvature(network, 2, seed=3)["values"][0] == pytest.approx(d @ H @ d, rel=1e-10)
@@ -488,12 +483,12 @@ def test_both_sharpness_measures_ignore_a_relu_networks_layer_rescaling_which_mo
 
 
 def test_curvature_reports_the_sharpness_measures_only_when_asked():
-    model = mlp()
+    model = small_mlp()
     batches = data((5,), batches=2)
     plain = curvature(model, batches, k=1, trace_samples=3, dtype="fp64")
     assert "adaptive_sharpness" not in plain and "fn_curvature" not in plain
     out = curvature(model, batches, k=1, trace_samples=3, dtype="fp64", sharpness=True, rho=0.2, directions=3)
-    objective = Objective(mlp(), batches)
+    objective = Objective(small_mlp(), batches)
     assert out["adaptive_sharpness"] == pytest.approx(adaptive_sharpness(objective, 0.2, 20)["sharpness"], rel=1e-9)
     fn = filter_normalized_curvature(objective, 3)
     assert (out["fn_curvature"], out["fn_curvature_se"]) == pytest.approx((fn["curvature"], fn["se"]), rel=1e-9)
