@@ -49,9 +49,10 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .bench import run_bench
 from .errors import UsageError
-from .grid import grid_configs
-from .results import read_json, write_json
+from .grid import default_workers, grid_configs, train_configs
+from .results import load_runs, read_json, write_json
 from .training import Config
 
 if sys.version_info >= (3, 11):
@@ -121,6 +122,7 @@ def load_protocol(path, preset: str) -> Protocol:
             raise UsageError(f"{path}: claim {claim['id']!r}: unknown metric {claim['metric']!r}; valid: {METRICS}")
         stats.as_claim(definition(claim))  # the test, family, direction and margin, checked
     table = presets[preset]
+    claims = [demoted(claim, table.get("n", {}).get(claim["id"], {}), path) for claim in claims]
     if not isinstance(table.get("seeds"), list) or not table["seeds"]:
         raise UsageError(f"{path}: preset {preset!r} needs `seeds`, a list of seeds")
     canonical = json.dumps({"claims": claims, "preset": table}, sort_keys=True, default=str)
@@ -129,6 +131,17 @@ def load_protocol(path, preset: str) -> Protocol:
         for arm in arms_of(claim["method"]) + arms_of(claim["baseline"]):
             protocol.arm(arm)
     return protocol
+
+
+def demoted(claim: dict, registered: dict, path) -> dict:
+    """A claim as a preset registers it: declared secondary there when its n did not fit the
+    preset's budget (a preset may demote a claim, never promote one)."""
+    family = registered.get("family", claim["family"])
+    if family == claim["family"]:
+        return claim
+    if family != "secondary":
+        raise UsageError(f"{path}: a preset may declare claim {claim['id']!r} secondary, not {family!r}")
+    return {**claim, "family": family}
 
 
 def definition(claim: dict) -> dict:
@@ -181,8 +194,12 @@ def arm_configs(protocol: Protocol, runs_root, derived: dict | None = None, over
         fields = {**protocol.arm(label), **(overrides or {}), **((derived or {}).get(label, {}))}
         if own.get("norms_from"):  # the same seed's run of the arm it reads
             for seed in protocol.seeds:
-                norms = {"method_args": {**fields.get("method_args", {}), "norms_path": f"{runs_root}/"
-                                         f"{own['norms_from'].replace(' ', '_')}-s{seed}"}}
+                norms = {
+                    "method_args": {
+                        **fields.get("method_args", {}),
+                        "norms_path": f"{runs_root}/{own['norms_from'].replace(' ', '_')}-s{seed}",
+                    }
+                }
                 configs += grid_configs({}, [{**fields, **norms}], [seed], runs_root)
         else:
             configs += grid_configs({}, [fields], protocol.seeds, runs_root)
@@ -288,9 +305,24 @@ def assess(protocol: Protocol, runs: pd.DataFrame, times: dict | None = None) ->
 
 
 CLAIMS_JSON_FIELDS = (
-    "id", "statement", "family", "test", "direction", "margin", "metric", "n", "diff_mean", "ci_low", "ci_high",
-    "p_value", "p_adjusted", "d_z", "wilcoxon_p", "verdict", "protocol_sha256",
-)  # fmt: skip
+    "id",
+    "statement",
+    "family",
+    "test",
+    "direction",
+    "margin",
+    "metric",
+    "n",
+    "diff_mean",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_adjusted",
+    "d_z",
+    "wilcoxon_p",
+    "verdict",
+    "protocol_sha256",
+)
 
 
 def claims_records(assessed: list) -> list[dict]:
@@ -341,10 +373,14 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
     a shuffled order, the median; bench.run_bench): the two-pass step (SAM's) and each arm's
     one-pass step. A one-pass step of an arm that samples two-pass steps (vSAM) is read off its
     timed row, whose measured fraction p of two-pass steps is known: t_1 = (t - p t_2) / (1 - p)."""
-    from .bench import run_bench  # bench stands beside the study layer: imported when a time is claimed
-
-    arms = sorted({a for c in protocol.claims if c["metric"] == "step_time" for a in arms_of(c["method"]) +
-                   arms_of(c["baseline"])})  # fmt: skip
+    arms = sorted(
+        {
+            a
+            for c in protocol.claims
+            if c["metric"] == "step_time"
+            for a in arms_of(c["method"]) + arms_of(c["baseline"])
+        }
+    )
     if not arms:
         return {}
     fields = {arm: protocol.arm(arm) for arm in arms}
@@ -352,8 +388,9 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
     config = Config.from_dict({k: v for k, v in first.items() if k != "label"})
     info_shape = (1, 28) if config.dataset == "fashion_mnist" else (3, 32)
     specs = [(f["method"], dict(f.get("method_args", {}))) for f in fields.values()]
-    report = run_bench(config.model, info_shape, 10, config.batch_size, specs, device=device, rounds=rounds,
-                       steps=steps, warmup=2)  # fmt: skip
+    report = run_bench(
+        config.model, info_shape, 10, config.batch_size, specs, device=device, rounds=rounds, steps=steps, warmup=2
+    )
     rows = {r["label"].split(":")[0]: r for r in report["results"]}
     two_pass = rows["sam"]["ms_per_step"] / 1000
     one_pass = {}
@@ -407,25 +444,33 @@ def sample_sizes(protocol_claims: list, runs: pd.DataFrame, half_width: float, t
         sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
         n = stats.n_for_half_width(sd, half_width) if sd > 0 else 2
         power = stats.paired_t_power(n, abs(float(d.mean())), sd) if sd > 0 else math.nan
-        out.append({"id": claim["id"], "pilot_seeds": len(d), "effect": float(d.mean()) if len(d) else math.nan,
-                    "sd": sd, "n": n, "power": power})  # fmt: skip
+        out.append(
+            {
+                "id": claim["id"],
+                "pilot_seeds": len(d),
+                "effect": float(d.mean()) if len(d) else math.nan,
+                "sd": sd,
+                "n": n,
+                "power": power,
+            }
+        )
     return out
 
 
-def protocol_table(preset_table: dict) -> str:
-    """A preset's table as TOML text, the block `[presets.<name>]` of the protocol file: what the
-    pilot writes for a person to commit before the study's runs."""
-    return "\n".join(toml_lines(preset_table, ("presets",))) + "\n"
-
-
-def toml_lines(table: dict, path: tuple) -> list[str]:
-    plain = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
-    lines = [f"[{'.'.join(toml_key(p) for p in path)}]"] if plain or not nested else []
-    lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in plain.items()]
-    for key, value in nested.items():
-        lines += ["", *toml_lines(value, (*path, key))]
-    return lines
+def protocol_table(name: str, table: dict) -> str:
+    """A preset's table as the TOML block `[presets.<name>]` of the protocol file: its plain values,
+    a section per base, one line per arm and per claim's n. What the pilot writes for a person to
+    commit before the study's runs."""
+    lines = [f"[presets.{name}]"]
+    lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for base, fields in table.get("bases", {}).items():
+        lines += ["", f"[presets.{name}.bases.{toml_key(base)}]"]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in fields.items()]
+    for section in ("arms", "n"):
+        if section in table:
+            lines += ["", f"[presets.{name}.{section}]"]
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table[section].items()]
+    return "\n".join(lines) + "\n"
 
 
 def toml_key(key: str) -> str:
@@ -442,3 +487,302 @@ def toml_value(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(value)
+
+
+# ---------------------------------------------------------------------- a preset's table from its settings
+
+
+def preset_table(s: dict) -> dict:
+    """The [presets.<name>] table of the claims study from a preset's few settings (the pilot's
+    choices, or a GPU preset's paper settings): the seeds, the two bases (the GVR and SAM arms'
+    training, Novack et al.'s equal-steps training), and every arm the claims name."""
+    gvr_base = {
+        "dataset": s["dataset"],
+        "model": s["model"],
+        "epochs": s["epochs"],
+        "batch_size": s["batch_size"],
+        "lr": s["lr"],
+        "schedule": "cosine_epoch",
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "cutout": s["cutout"],
+        "train_subset": s["train_subset"],
+        "val_split": s["val_split"],
+        "eval_every": s["eval_every"],
+        "device": s["device"],
+    }
+    novack_base = {
+        "dataset": s["dataset"],
+        "model": s["novack_model"],
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "lr": s["novack_lr"],
+        "steps": s["steps"],
+        "eval_every": s["steps"],
+        "train_subset": s["novack_subset"],
+        "augment": False,
+        "eval_train": True,
+        "log_every": s["log_every"],
+        "device": s["device"],
+    }
+    gvr_args = {"target": s["gvr_target"], "penalty": "exact", "subset": s["gvr_subset"], "reduction": "sum"}
+    gvr = {"base": "gvr", "method": "gvr", "method_args": {**gvr_args, "alpha": s["alpha"]}}
+    two_view = {"base": "gvr", "method": "gvr", "method_args": {**gvr_args, "alpha": 0.0}}
+    noisy = {"label_noise": s["label_noise"]}
+    gn = {"micro_batch_size": s["large_m"], "lam": s["lam"]["reg_loss"], "hvp": s["hvp"]}
+    micro = {"micro_batch_size": s["sb_batch"]}
+    lb = {"base": "novack", "batch_size": s["lb_batch"]}
+    penalty = {f"LB+{short}": (method, s["lam"][method]) for short, method in PENALTIES.items()}
+    arms = {
+        "SGD": {"base": "gvr", "method": "sgd"},
+        "SGD, 2x steps": {"base": "gvr", "method": "sgd", "epochs": 2 * s["epochs"]},
+        "GVR": gvr,
+        "two-view SGD": two_view,
+        "SGD, noisy labels": {"base": "gvr", "method": "sgd", **noisy},
+        "GVR, noisy labels": {**gvr, **noisy},
+        "two-view SGD, noisy labels": {**two_view, **noisy},
+        "SAM": {"base": "gvr", "method": "sam", "method_args": {"rho": s["rho"]}},
+        "vSAM": {"base": "gvr", "method": "vsam", "method_args": {"rho": s["rho"], **s["vsam_args"]}},
+        "SB": {"base": "novack", "method": "sgd", "batch_size": s["sb_batch"]},
+        "LB": {**lb, "method": "pseudo_gd", "method_args": micro},
+        **{
+            name: {**lb, "method": method, "method_args": {**micro, "lam": lam, "hvp": s["hvp"]}}
+            for name, (method, lam) in penalty.items()
+        },
+        "LB+GN large m": {**lb, "method": "reg_loss", "method_args": gn},
+        "IterGraft": {**lb, "method": "iter_graft", "method_args": {**micro, "norm_source": "random_micro"}},
+        "NGD": {**lb, "method": "ngd", "method_args": micro, "lr_from": "SB"},
+        "ExterGraft": {**lb, "method": "exter_graft", "method_args": micro, "norms_from": "SB"},
+    }
+    return {
+        "seeds": list(s["seeds"]),
+        "alpha": s.get("significance", 0.05),
+        "bases": {"gvr": gvr_base, "novack": novack_base},
+        "arms": arms,
+    }
+
+
+PENALTIES = {"GN": "reg_loss", "FT": "fish_loss", "AJ": "avg_jac_loss", "UJ": "unit_jac_loss"}
+
+
+# ---------------------------------------------------------------------- the pilot, end to end
+
+
+def in_protocol(table: dict, preset: str = "pilot", claims: list | None = None) -> Protocol:
+    """A preset table not (yet) in a protocol file, read as one: the pilot's."""
+    return Protocol(Path("(pilot)"), preset, claims or [], table, "")
+
+
+def run_pilot(
+    settings: dict,
+    seeds: list,
+    candidates: dict,
+    runs_root,
+    claims_list: list,
+    half_width: float = 1.0,
+    budget_hours: float = 6.0,
+    device_fields: dict | None = None,
+) -> dict:
+    """The pilot of the claims study, on `seeds` of its own (never the study's), each decision made
+    on its own runs and stated in its tables:
+
+    1. Novack et al.'s arms: SB at each (train_subset, steps) of candidates["novack"], evaluated on
+       its clean training rows; the cheapest setting where SB reaches 99% on every pilot seed
+       (fitting_setting).
+    2. The budget: SGD (the other arms' baseline) at each epoch budget of candidates["budgets"]; the
+       budget past which doubling stops paying (plateau_budget).
+    3. Selection on validation (stats.select, on `settings`' validation split): SGD's learning rate
+       among candidates["lr"], then at that rate SAM's rho among candidates["rho"] and GVR's alpha
+       among candidates["alpha"]; vSAM takes SAM's rho.
+    4. Every arm at the chosen settings; per claim the SD of its paired differences and the n for a
+       95% CI half-width of at most `half_width` (sample_sizes); the study's seeds: as many as the
+       claims need and `budget_hours` allow, from the pilot arms' measured time per seed on this
+       machine; a primary claim whose n does not fit is declared secondary.
+
+    Returns {"decisions": DataFrame, "sizes": DataFrame, "table": the preset table to register}."""
+    root, fields = Path(runs_root), dict(device_fields or {})
+    base = preset_table({**settings, "seeds": seeds})
+    pilot = in_protocol(base)
+    decisions = []
+
+    def grid(label: str, arm_fields: dict) -> list:
+        return grid_configs({}, [{**arm_fields, **fields, "label": label}], seeds, root)
+
+    def finals(labels) -> pd.DataFrame:
+        runs = load_runs_of(root, labels)
+        return final_rows(runs)
+
+    # 1. the smallest setting where SB fits its training set
+    sb_labels = {f"SB {subset} images x {steps} steps": (subset, steps) for subset, steps in candidates["novack"]}
+    configs = [
+        c
+        for label, (subset, steps) in sb_labels.items()
+        for c in grid(label, {**pilot.arm("SB"), "train_subset": subset, "steps": steps, "eval_every": steps})
+    ]
+    train_configs(configs)
+    sb = finals(sb_labels)
+    fit = fitting_setting(sb)
+    for label, (subset, steps) in sb_labels.items():
+        rows = sb[sb["label"] == label]
+        decisions.append(
+            {
+                "decision": "Novack setting",
+                "candidate": label,
+                "value": f"min train_eval_acc {100 * rows['train_eval_acc'].min():.1f}%",
+                "chosen": fit == {"train_subset": subset, "steps": steps},
+            }
+        )
+    if fit is None:
+        raise UsageError(
+            "no candidate Novack setting lets SB fit its training set (99% on every pilot seed): "
+            "add smaller subsets or more steps"
+        )
+    settings = {**settings, "novack_subset": fit["train_subset"], "steps": fit["steps"]}
+
+    # 2. the budget past which SGD's training stops paying
+    def sgd_label(epochs, lr):
+        return f"SGD {epochs} epochs lr {lr:g}"
+
+    budget_labels = {sgd_label(e, settings["lr"]): e for e in candidates["budgets"]}
+    train_configs([c for label, e in budget_labels.items() for c in grid(label, {**pilot.arm("SGD"), "epochs": e})])
+    budgets = finals(budget_labels).assign(epochs=lambda f: f["label"].map(budget_labels))
+    epochs = plateau_budget(budgets)
+    for e, rows in budgets.groupby("epochs"):
+        decisions.append(
+            {
+                "decision": "epoch budget",
+                "candidate": f"{e} epochs",
+                "value": f"train loss {rows['train_loss'].mean():.4f}, test acc {100 * rows['test_acc'].mean():.2f}%",
+                "chosen": e == epochs,
+            }
+        )
+    settings["epochs"] = epochs
+    pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
+
+    # 3. learning rate, then rho and alpha, chosen on validation
+    def choose(name: str, arm: str, key: str, values: list, shaped) -> float:
+        labels = {shaped(v): v for v in values}
+        train_configs([c for label, v in labels.items() for c in grid(label, with_value(pilot.arm(arm), key, v))])
+        chosen = stats.select(load_runs_of(root, labels), per=None)
+        pick = labels[chosen["label"].iloc[0]]
+        for label, score in chosen["candidates"].iloc[0].items():
+            decisions.append(
+                {
+                    "decision": name,
+                    "candidate": label,
+                    "value": f"validation acc {100 * score:.2f}%",
+                    "chosen": labels[label] == pick,
+                }
+            )
+        return pick
+
+    settings["lr"] = choose("learning rate", "SGD", "lr", candidates["lr"], lambda v: sgd_label(epochs, v))
+    pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
+    settings["rho"] = choose("SAM's rho", "SAM", "rho", candidates["rho"], lambda v: f"SAM rho {v:g}")
+    settings["alpha"] = choose("GVR's alpha", "GVR", "alpha", candidates["alpha"], lambda v: f"GVR alpha {v:g}")
+
+    # 4. every arm at the chosen settings, sized
+    table = preset_table({**settings, "seeds": seeds})
+    arms = in_protocol(table, claims=claims_list)
+    arms_root = root / "arms"
+    train_configs(arm_configs(arms, arms_root, overrides=fields))
+    derived = derived_fields(arms, load_runs_of(arms_root, steps=True))
+    train_configs(arm_configs(arms, arms_root, derived, overrides=fields))
+    runs = load_runs_of(arms_root)
+    times = step_times(arms, device=fields.get("device", "cpu"))
+    sizes = pd.DataFrame(sample_sizes(claims_list, runs, half_width, times))
+    per_seed = seconds_per_seed(arms_root)
+    affordable = max(2, int(budget_hours * 3600 / per_seed))
+    families = {c["id"]: c["family"] for c in claims_list}
+    sizes["family"] = [
+        "secondary" if families[i] == "primary" and n > affordable else families[i]
+        for i, n in zip(sizes["id"], sizes["n"])
+    ]
+    n_study = min(affordable, int(sizes.loc[sizes["family"] == "primary", "n"].max()))
+    sizes["n"] = sizes["n"].clip(upper=n_study)
+    study = preset_table({**settings, "seeds": list(range(n_study))})
+    study["n"] = {
+        row.id: {
+            "n": int(row.n),
+            "family": row.family,
+            "pilot_seeds": int(row.pilot_seeds),
+            "pilot_effect": round(float(row.effect), 4),
+            "pilot_sd": round(float(row.sd), 4),
+            "power_at_pilot_effect": round(float(row.power), 3),
+        }
+        for row in sizes.itertuples()
+    }
+    study["budget"] = {"hours": budget_hours, "seconds_per_seed": round(per_seed, 1), "affordable_seeds": affordable}
+    return {"decisions": pd.DataFrame(decisions), "sizes": sizes, "table": study}
+
+
+def with_value(fields: dict, key: str, value) -> dict:
+    """An arm's fields with one hyper-parameter set: lr is a Config field, rho and alpha method_args."""
+    if key == "lr":
+        return {**fields, "lr": value}
+    return {**fields, "method_args": {**fields.get("method_args", {}), key: value}}
+
+
+def load_runs_of(root, labels=None, steps: bool = False) -> pd.DataFrame:
+    runs = load_runs(f"{root}/*", steps=steps)
+    return runs if labels is None else runs[runs["label"].isin(list(labels))]
+
+
+def seconds_per_seed(root) -> float:
+    """The summed training time of one seed's runs of every arm, averaged over the pilot seeds,
+    divided by the runs this machine trains at once (the processes executor's pool)."""
+    summaries = [(read_json(p.parent / "config.json"), read_json(p)) for p in Path(root).glob("*/summary.json")]
+    per_seed = pd.DataFrame([{"seed": c["seed"], "s": s["wall_time_s"]} for c, s in summaries]).groupby("seed")["s"]
+    configs = [Config.from_dict({**c, "out_dir": "", "progress": False}) for c, _ in summaries[:1]]
+    return float(per_seed.sum().mean()) / default_workers(configs)
+
+
+# ---------------------------------------------------------------------- tables and figures
+
+
+def claims_table(assessed: list, paper: dict) -> pd.DataFrame:
+    """claims.md: one row per claim, in the protocol's order: its family and test, the paper's
+    number beside ours (the arms' means), the mean paired difference with its interval, the test's
+    p and the p its verdict reads (Holm's for a primary claim), d_z, the Wilcoxon p, n, and the
+    verdict (with the premise, where one failed)."""
+    rows = []
+    for a in assessed:
+        digits = 3 if a.metric == "step_time" else 2
+        ci = "no interval" if math.isnan(a.ci_low) else f"[{a.ci_low:.{digits}f}, {a.ci_high:.{digits}f}]"
+        verdict = (
+            a.verdict if a.verdict == a.own_verdict else f"{a.verdict} (premise {a.premise}; alone: {a.own_verdict})"
+        )
+        rows.append(
+            {
+                "claim": a.statement,
+                "family": a.family,
+                "test": a.test + (f" (margin {a.margin:g})" if a.margin else ""),
+                "paper": paper.get(a.id, ""),
+                "ours": f"{a.method_mean:.{digits}f} vs {a.baseline_mean:.{digits}f}",
+                "difference": f"{a.diff_mean:+.{digits}f} {ci} ({100 * a.ci_level:.0f}%)",
+                "p": f"{a.p_value:.2g}",
+                "p read": f"{a.p_adjusted:.2g}",
+                "d_z": f"{a.d_z:.2f}",
+                "Wilcoxon p": f"{a.wilcoxon_p:.2g}",
+                "n": a.n,
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+UNITS = {
+    "test_acc": "test accuracy difference (points), method - baseline",
+    "train_eval_acc": "training accuracy difference (points), method - baseline",
+    "train_acc": "training accuracy difference (points), method - baseline",
+    "step_time": "step time ratio - its bound",
+}
+
+
+def panels(assessed: list) -> dict:
+    """The claims grouped by what their differences measure, for plots.forest and seed_strip."""
+    out: dict[str, list] = {}
+    for a in assessed:
+        out.setdefault(UNITS[a.metric], []).append(a)
+    return out

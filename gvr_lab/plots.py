@@ -502,8 +502,10 @@ VERDICT_COLORS = {"holds": "#1b9e77", "contradicted": "#d95f02", "not resolved":
 def forest(panels: dict[str, list]):
     """Paired differences (method - baseline, over seeds) with their 95% CIs, one row per claim and
     one panel per unit (accuracy points, a time ratio): a claim "greater" holds when its whole bar is
-    right of 0; a parity claim when its bar lies inside the shaded margin. Colour = verdict; a hollow
-    dot = a claim whose premise does not hold, its verdict withheld whatever its bar shows."""
+    right of 0; a parity claim when its bar lies inside the shaded margin; a non-inferiority claim
+    when its bar lies right of the margin's dashed line (left, for "less"). Colour = verdict; a
+    hollow dot = a claim whose premise does not hold, its verdict withheld whatever its bar shows.
+    The claims are stats.Comparison or stats.AssessedClaim records."""
     heights = [max(1, len(c)) for c in panels.values()]
     fig, axes = plt.subplots(
         len(panels),
@@ -521,6 +523,9 @@ def forest(panels: dict[str, list]):
             ax.plot([c.diff_mean], [y], "o", color=color, ms=6, mfc="white" if c.verdict != c.ci_verdict else color)
             if c.direction == "parity":
                 ax.fill_betweenx([y - 0.35, y + 0.35], -c.margin, c.margin, color=color, alpha=0.15, lw=0)
+            elif getattr(c, "test", "") == "non_inferiority":
+                at = -c.margin if c.direction == "greater" else c.margin
+                ax.plot([at, at], [y - 0.35, y + 0.35], color=color, lw=1.2, linestyle="--")
         ax.axvline(0, color="#3b3b3b", lw=0.8)
         ax.set_yticks(range(len(comparisons)))
         ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(comparisons)], fontsize=8)
@@ -542,6 +547,35 @@ def forest(panels: dict[str, list]):
         )
     )
     axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def seed_strip(panels: dict[str, list]):
+    """Each claim's paired differences seed by seed (one dot per seed), with their mean and its
+    interval as in `forest`: where a verdict comes from, and which seeds carry it. `panels` as
+    forest's, of stats.AssessedClaim records (their `values`)."""
+    heights = [max(1, len(c)) for c in panels.values()]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
+    for ax, (unit, claims) in zip(axes[:, 0], panels.items()):
+        for row, c in enumerate(claims):
+            y = len(claims) - 1 - row
+            color = VERDICT_COLORS[c.verdict]
+            d = np.array([m - b for m, b in c.values.values()])
+            jitter = np.linspace(-0.18, 0.18, len(d)) if len(d) > 1 else np.zeros(len(d))
+            ax.plot(d, y + jitter, "o", color=color, ms=3.5, alpha=0.7)
+            if not np.isnan(c.ci_low):
+                ax.plot([c.ci_low, c.ci_high], [y - 0.3, y - 0.3], color=color, lw=2.2, solid_capstyle="butt")
+            ax.plot([c.diff_mean], [y - 0.3], "|", color="#3b3b3b", ms=9, mew=2)
+        ax.axvline(0, color="#3b3b3b", lw=0.8)
+        ax.set_yticks(range(len(claims)))
+        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(claims)], fontsize=8)
+        ax.set_ylim(-0.7, len(claims) - 0.4)
+        ax.set_xlabel(unit)
+        ax.grid(axis="y", visible=False)
     fig.tight_layout()
     return fig
 

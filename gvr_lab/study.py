@@ -18,8 +18,10 @@ Paths are relative to the project root whatever the kernel's working directory (
 it in notebooks/). Training runs go to runs/<preset>/<name>/<digest of every parameter value>, so
 a changed default or preset never meets the runs of another configuration, and rerunning the same
 one reuses its finished runs. Figures and tables go to figures/<name> for the preset the committed
-figures come from (COMMITTED_PRESET) as it stands, and to runs/<variant>/figures/<name> otherwise,
-<variant> being the preset with a digest of the explicit values that differ from it appended.
+figures come from (COMMITTED_PRESET) as it stands, or a preset committed beside it (the claims
+study's pilot, ALSO_COMMITTED, with stems of its own), and to runs/<variant>/figures/<name>
+otherwise, <variant> being the preset with a digest of the explicit values that differ from it
+appended.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ from .results import load_runs, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-PRESETS = ("smoke", "cpu", "gpu", "paper")  # the vocabulary; each notebook declares those it has
+PRESETS = ("smoke", "pilot", "cpu", "gpu", "paper")  # the vocabulary; each notebook declares those it has
 COMMITTED_PRESET = "cpu"  # figures/ holds this preset's figures and tables
+# Presets whose outputs are committed beside the cpu preset's, under their own file stems: a pilot
+# sizes the cpu preset's study, and its tables are what the study's protocol cites.
+ALSO_COMMITTED = ("pilot",)
 PATH_PARAMETERS = ("runs_root", "fig_root")
 # Part of every runs root's digest: raised when a run's identity gains a field its old runs lacked
 # (training.FIELDS_NEW_IN_BEHAVIOUR), so a study's new runs go to a folder of their own instead of
@@ -227,7 +232,7 @@ def digest(values: dict) -> str:
 
 
 def default_fig_root(variant: str) -> str:
-    return "figures" if variant == COMMITTED_PRESET else f"runs/{variant}/figures"
+    return "figures" if variant in (COMMITTED_PRESET, *ALSO_COMMITTED) else f"runs/{variant}/figures"
 
 
 # ---------------------------------------------------------------------- inside the kernel
@@ -372,6 +377,14 @@ class Study:
         write_atomic(paths[0], pd.DataFrame(records).to_csv(index=False).encode())
         write_atomic(paths[1], (json.dumps(records, indent=2, default=float) + "\n").encode())
         self.saved(paths)
+
+    def save_text(self, text: str, stem: str, suffix: str) -> None:
+        """A text output as stem.suffix (a protocol block the pilot writes, say)."""
+        self.check_output(stem)
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        path = self.fig_dir / f"{stem}{suffix}"
+        write_atomic(path, text.encode())
+        self.saved([path])
 
     def saved(self, paths: list[Path]) -> None:
         show_text(
