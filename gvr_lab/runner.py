@@ -266,7 +266,9 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
             )
         lines.append("")
         for stem, what in decl.outputs.items():
-            files = sorted(p.name for p in (root / decl.name).glob(f"{stem}.*") if p.suffix in (".png", ".md", ".csv"))
+            found = {p.suffix: p.name for p in (root / decl.name).glob(f"{stem}.*")}
+            shown = [".png", ".md", ".csv", ".toml"] + ([] if ".csv" in found else [".json"])  # one of each format
+            files = sorted(name for suffix, name in found.items() if suffix in shown)
             lines += [f"- [{name}]({decl.name}/{name}): {what}" for name in files]
         lines.append("")
     path = root / "README.md"

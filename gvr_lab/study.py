@@ -62,10 +62,17 @@ class Declaration:
     name: str  # figures/<name>/; the notebook file is notebooks/NN_<name>.py
     parameters: dict  # parameter -> (type name, default), in the parameters cell's order
     presets: dict  # preset -> {parameter: value}
-    outputs: dict  # file stem under figures/<name>/ -> what it shows
+    outputs: dict  # file stem under figures/<name>/ -> what it shows; "<preset>_..." only at that preset
     ablations: tuple = ()  # labels whose defining term is off on purpose (terms.py)
     title: str = ""
     path: Path | None = None
+
+
+def outputs_at(decl: Declaration, preset: str) -> dict:
+    """The outputs a notebook writes at `preset`: a stem that begins with a preset's name and an
+    underscore (the claims study's pilot_sizes) is that preset's alone."""
+    own = [p for p in PRESETS if p != preset]
+    return {stem: what for stem, what in decl.outputs.items() if not any(stem.startswith(f"{p}_") for p in own)}
 
 
 @dataclass(frozen=True)
@@ -369,13 +376,17 @@ class Study:
         show(table, metadata={"gvr_lab": {"table": str(paths[0])}})
         self.saved(paths)
 
-    def save_data(self, records: list[dict], stem: str) -> None:
-        """Machine-readable results beside the tables: stem.csv and stem.json, from the same records."""
+    def save_data(self, records: list[dict], stem: str, formats: tuple = ("csv", "json")) -> None:
+        """Machine-readable results beside the tables: stem.csv and (or) stem.json, from the same records."""
         self.check_output(stem)
         self.fig_dir.mkdir(parents=True, exist_ok=True)
-        paths = [self.fig_dir / f"{stem}.csv", self.fig_dir / f"{stem}.json"]
-        write_atomic(paths[0], pd.DataFrame(records).to_csv(index=False).encode())
-        write_atomic(paths[1], (json.dumps(records, indent=2, default=float) + "\n").encode())
+        texts = {
+            "csv": lambda: pd.DataFrame(records).to_csv(index=False),
+            "json": lambda: json.dumps(records, indent=2, default=float) + "\n",
+        }
+        paths = [self.fig_dir / f"{stem}.{fmt}" for fmt in formats]
+        for path, fmt in zip(paths, formats):
+            write_atomic(path, texts[fmt]().encode())
         self.saved(paths)
 
     def save_text(self, text: str, stem: str, suffix: str) -> None:
