@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from gvr_lab import train_grid
+from gvr_lab import claims, train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
 from gvr_lab.runner import NotebookFailed, notebook_table, run_notebook
@@ -41,6 +41,16 @@ def test_figures_smoke_writes_what_each_notebook_declares(tmp_path):
             assert suffixes == set().union(*(g for g in groups if g <= suffixes)), (stem, suffixes)
         assert f"## {decl.name}" in index and f"From `notebooks/{path.name}`, preset `smoke`." in index
     assert "gvr-lab figures --preset smoke" in index and "Training: 3 runs" in index  # the quickstart's three
+    # the claims study's results recompute from seeds.csv alone, under the committed smoke protocol
+    records = json.loads((figs / "claims" / "claims.json").read_text())
+    seeds = pd.read_csv(figs / "claims" / "seeds.csv")
+    assert list(seeds.columns) == ["claim_id", "arm", "role", "seed", "metric", "value"]
+    protocol = claims.load_protocol(REPO / "notebooks" / "claims_protocol.toml", "smoke")
+    assert len(records) == len(protocol.claims)
+    for record in records:
+        assert set(claims.CLAIMS_JSON_FIELDS) <= set(record) and record["protocol_sha256"] == protocol.sha256
+        n, mean, low, high = claims.recompute(seeds, record["id"])
+        assert n == record["n"] == 2 and mean == pytest.approx(record["diff_mean"])
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)

@@ -1,0 +1,259 @@
+"""The claims study's machinery (gvr_lab/claims.py): a protocol read and hashed, runs stamped with
+it, claims' values read from runs, tested, and written so that a reader recomputes them."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gvr_lab import claims, stats
+from gvr_lab.errors import UsageError
+from gvr_lab.results import write_parquet
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+PROTOCOL = Path(__file__).parent.parent / "notebooks" / "claims_protocol.toml"
+
+
+def test_the_committed_protocol_reads_at_every_preset_with_distinct_hashes():
+    hashes = {preset: claims.load_protocol(PROTOCOL, preset).sha256 for preset in ("smoke", "gpu", "paper")}
+    assert len(set(hashes.values())) == 3 and all(len(h) == 64 for h in hashes.values())
+    smoke = claims.load_protocol(PROTOCOL, "smoke")
+    assert [c["id"] for c in smoke.claims][0] == "sb_beats_lb"
+    assert {c["family"] for c in smoke.claims} == {"primary", "secondary"}
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "protocol.toml"
+    path.write_text(text)
+    return path
+
+
+def small_protocol(claim_extra: str = "", preset_extra: str = "") -> str:
+    return f"""
+[[claims]]
+id = "a_beats_b"
+statement = "A beats B"
+family = "primary"
+test = "superiority"
+metric = "test_acc"
+method = "A"
+baseline = "B"
+direction = "greater"
+margin = 0.0
+{claim_extra}
+
+[presets.p]
+seeds = [0, 1, 2]
+{preset_extra}
+
+[presets.p.bases.x]
+dataset = "synthetic"
+model = "tiny_cnn"
+
+[presets.p.arms]
+A = {{base = "x", method = "sam"}}
+B = {{base = "x", method = "sgd"}}
+"""
+
+
+def test_a_changed_claim_or_preset_is_another_protocol(tmp_path):
+    base = claims.load_protocol(write(tmp_path, small_protocol()), "p").sha256
+    assert claims.load_protocol(write(tmp_path, small_protocol()), "p").sha256 == base
+    for changed in (small_protocol(claim_extra='premise = ""'), small_protocol(preset_extra="alpha = 0.01")):
+        assert claims.load_protocol(write(tmp_path, changed), "p").sha256 != base
+
+
+@pytest.mark.parametrize(
+    "text, preset, message",
+    [
+        (small_protocol(), "q", "registers no protocol for preset 'q'; presets there: p"),
+        (small_protocol().replace('metric = "test_acc"', 'metric = "speed"'), "p", "unknown metric 'speed'"),
+        (small_protocol().replace('method = "A"\n', ""), "p", "claim 'a_beats_b' lacks method"),
+        (small_protocol().replace('baseline = "B"', 'baseline = "C"'), "p", "preset 'p' has no arm 'C'; arms: A, B"),
+        (small_protocol().replace("margin = 0.0", "margin = 1.0"), "p", "a superiority claim tests mean d = 0"),
+        (small_protocol(preset_extra="[presets.p.n]\na_beats_b = {family = 'tertiary'}"), "p", "not 'tertiary'"),
+        ("[[claims]\n", "p", "is not valid TOML"),
+    ],
+)
+def test_a_bad_protocol_is_refused_in_one_line(tmp_path, text, preset, message):
+    with pytest.raises(UsageError, match=message) as refused:
+        claims.load_protocol(write(tmp_path, text), preset)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_preset_may_declare_a_claim_secondary_with_its_n(tmp_path):
+    text = small_protocol(preset_extra="[presets.p.n]\na_beats_b = {n = 2, family = 'secondary'}")
+    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    assert protocol.claims[0]["family"] == "secondary" and protocol.n("a_beats_b") == 2
+
+
+def test_a_runs_root_of_another_protocol_is_refused(tmp_path):
+    first = claims.load_protocol(write(tmp_path, small_protocol()), "p")
+    claims.check_stamp(tmp_path / "runs", first)
+    claims.check_stamp(tmp_path / "runs", first)  # the same protocol goes on
+    other = claims.load_protocol(write(tmp_path, small_protocol(preset_extra="alpha = 0.01")), "p")
+    with pytest.raises(UsageError, match=f"made under protocol {first.sha256[:12]}, not this one"):
+        claims.check_stamp(tmp_path / "runs", other)
+
+
+def runs_frame(arms: dict, epochs: int = 2) -> pd.DataFrame:
+    """load_runs-shaped rows: arm -> {seed: final test accuracy (fraction)}; earlier rows hold 0."""
+    rows = []
+    for label, by_seed in arms.items():
+        for seed, acc in by_seed.items():
+            for epoch in range(epochs):
+                rows.append(
+                    {
+                        "label": label,
+                        "seed": seed,
+                        "run_dir": f"{label}-s{seed}",
+                        "epoch": epoch,
+                        "method": "sgd",
+                        "steps_per_epoch": 10,
+                        "test_acc": acc if epoch == epochs - 1 else 0.0,
+                        "train_acc": 0.5,
+                        "train_eval_acc": 0.9,
+                    }  # fmt: skip
+                )
+    return pd.DataFrame(rows)
+
+
+def test_values_read_arms_midpoints_ratios_and_constants_at_the_last_evaluation():
+    runs = runs_frame({"A": {0: 0.8, 1: 0.9}, "B": {0: 0.6, 1: 0.5}})
+    assert claims.values_of("A", runs, "test_acc") == pytest.approx({0: 80.0, 1: 90.0})
+    assert claims.values_of("midpoint:A,B", runs, "test_acc") == pytest.approx({0: 70.0, 1: 70.0})
+    assert claims.values_of("ratio:A/B", runs, "test_acc") == pytest.approx({0: 80 / 60, 1: 90 / 50})
+    assert claims.values_of("0.7", runs, "test_acc") == {0: 0.7, 1: 0.7}
+    with pytest.raises(UsageError, match="no runs of arm 'C'; arms: A, B"):
+        claims.values_of("C", runs, "test_acc")
+
+
+def test_the_step_time_of_a_run_weights_its_two_pass_steps_by_their_intervals():
+    """Two evaluations of 10 and 30 steps with sampled 1.0 and 0.2: p = (10 + 6) / 40."""
+    rows = pd.DataFrame(
+        {
+            "label": "v",
+            "seed": 0,
+            "run_dir": "v-s0",
+            "method": "vsam",
+            "steps_per_epoch": 10,
+            "epoch": [0, 3],
+            "train_sampled": [1.0, 0.2],
+        }  # fmt: skip
+    )
+    assert claims.two_pass_fraction(rows) == pytest.approx(16 / 40)
+    times = {"two_pass_s": 2.0, "one_pass_s": {"v": 1.0}}
+    assert claims.metric_by_seed(rows, "v", "step_time", times) == {0: pytest.approx(0.4 * 2.0 + 0.6 * 1.0)}
+
+
+def test_assessed_claims_recompute_from_seeds_csv_alone(tmp_path):
+    text = (
+        small_protocol()
+        + """
+[[claims]]
+id = "b_below_a"
+statement = "B is below the midpoint"
+family = "primary"
+test = "superiority"
+metric = "test_acc"
+method = "B"
+baseline = "midpoint:A,B"
+direction = "less"
+margin = 0.0
+"""
+    )
+    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    runs = runs_frame({"A": {0: 0.80, 1: 0.83, 2: 0.85}, "B": {0: 0.70, 1: 0.74, 2: 0.71}})
+    assessed = claims.assess(protocol, runs)
+    seeds = claims.seeds_table(protocol, runs, assessed)
+    seeds.to_csv(tmp_path / "seeds.csv", index=False)
+    records = claims.claims_records(assessed)
+    (tmp_path / "claims.json").write_text(json.dumps(records))
+    again = pd.read_csv(tmp_path / "seeds.csv")
+    raw = []
+    for record in json.loads((tmp_path / "claims.json").read_text()):
+        n, mean, low, high = claims.recompute(again, record["id"])
+        assert (n, mean, low, high) == pytest.approx(
+            (record["n"], record["diff_mean"], record["ci_low"], record["ci_high"])
+        )
+        rows = again[again["claim_id"] == record["id"]]
+        d = rows[rows.role == "method"]["value"].to_numpy() - rows[rows.role == "baseline"]["value"].to_numpy()
+        p = stats.t_test_p(d, 0.0, "two-sided")
+        assert record["p_value"] == pytest.approx(p)
+        raw.append(p)
+        assert record["protocol_sha256"] == protocol.sha256 and set(claims.CLAIMS_JSON_FIELDS) <= set(record)
+    holm = stats.holm(raw)
+    assert [r["p_adjusted"] for r in records] == pytest.approx(list(holm))
+    assert records[0]["verdict"] == ("holds" if holm[0] < 0.05 else "not resolved")
+    context = seeds[seeds["role"] == "context"]
+    assert set(context["metric"]) == {"test_acc", "train_acc"} and len(context) == 2 * 6
+
+
+def test_a_claim_uses_the_first_n_seeds_its_preset_registers(tmp_path):
+    text = small_protocol(preset_extra="[presets.p.n]\na_beats_b = {n = 2}")
+    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    runs = runs_frame({"A": {0: 0.8, 1: 0.9, 2: 0.1}, "B": {0: 0.6, 1: 0.5, 2: 0.9}})
+    [assessed] = claims.assess(protocol, runs)
+    assert assessed.n == 2 and sorted(assessed.values) == [0, 1]
+
+
+def test_the_plateau_is_the_budget_past_which_doubling_stops_paying():
+    finals = pd.DataFrame(
+        {
+            "epochs": [10, 10, 20, 20, 40, 40],
+            "train_loss": [0.5, 0.5, 0.3, 0.3, 0.27, 0.27],
+            "test_acc": [0.80, 0.80, 0.83, 0.83, 0.832, 0.832],
+        }  # fmt: skip
+    )
+    assert claims.plateau_budget(finals) == 20  # 10 -> 20 drops the loss 40%; 20 -> 40 only 10%, +0.2 points
+    assert claims.plateau_budget(finals.assign(train_loss=[0.5, 0.5, 0.3, 0.3, 0.1, 0.1])) == 40
+
+
+def test_the_fitting_setting_is_the_cheapest_where_every_seed_fits():
+    finals = pd.DataFrame(
+        {
+            "train_subset": [256, 256, 512, 512, 1024, 1024],
+            "steps": [400, 400, 800, 800, 300, 300],
+            "train_eval_acc": [0.995, 0.98, 0.999, 0.991, 1.0, 1.0],
+        }  # fmt: skip
+    )
+    assert claims.fitting_setting(finals) == {"train_subset": 1024, "steps": 300}  # 307,200 < 512 x 800
+    assert claims.fitting_setting(finals.assign(train_eval_acc=0.5)) is None
+
+
+def test_a_preset_table_written_as_toml_reads_back_as_itself(tmp_path):
+    settings = dict(
+        seeds=[0, 1], dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, lr=0.05, cutout=0.5,
+        train_subset=128, val_split=0, eval_every=0, device="cpu", gvr_target="last_stage", gvr_subset=16,
+        alpha=0.01, label_noise=0.4, rho=0.05, vsam_args={"window": 2}, novack_model="tiny_cnn", novack_lr=0.1,
+        novack_subset=256, steps=8, sb_batch=16, lb_batch=64, large_m=32, hvp="exact", log_every=1,
+        lam={"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001},
+    )  # fmt: skip
+    table = claims.preset_table(settings)
+    table["n"] = {"sb_beats_lb": {"n": 12, "pilot_sd": 1.5}}
+    assert tomllib.loads(claims.protocol_table("cpu", table))["presets"]["cpu"] == table
+
+
+def test_arms_that_read_another_arms_runs_wait_for_them(tmp_path):
+    protocol = claims.load_protocol(PROTOCOL, "smoke")
+    first = claims.arm_configs(protocol, tmp_path)
+    assert {c.label for c in first} == set(protocol.table["arms"]) - {"NGD", "ExterGraft"}
+    runs = pd.DataFrame({"label": "SB", "grad_norm": [2.0, 4.0]})
+    derived = claims.derived_fields(protocol, runs)
+    assert derived == {"NGD": {"lr": pytest.approx(0.1 * 3.0)}, "ExterGraft": {}}
+    for seed in (0, 1):  # SB's runs, as ExterGraft reads them
+        (tmp_path / f"SB-s{seed}").mkdir()
+        write_parquet(tmp_path / f"SB-s{seed}" / "steps.parquet", [{"step": s, "grad_norm": 1.0} for s in (0, 1)])
+    every = claims.arm_configs(protocol, tmp_path, derived)
+    exter = [c for c in every if c.label == "ExterGraft"]
+    assert [c.method_args["norms_path"] for c in exter] == [f"{tmp_path}/SB-s0", f"{tmp_path}/SB-s1"]
+    assert [c.lr for c in every if c.label == "NGD"] == [pytest.approx(0.3)] * 2
+    assert not math.isnan(np.mean([c.seed for c in every]))
