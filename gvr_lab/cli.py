@@ -236,22 +236,14 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_grid(args) -> int:
     from .bench import write_markdown_block, write_report
-    from .grid_bench import grid_markdown, run_grid_bench
+    from .grid_bench import grid_markdown, run_grid_bench, study_grid
 
     if args.into and not args.json:
         raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
-    if args.runs < 1:
-        raise UsageError("--runs must be positive")
-    base = dict(
-        dataset=args.dataset,
-        model=args.model,
-        epochs=args.epochs,
-        train_subset=args.train_subset,
-        batch_size=args.batch_size,
-        device="cpu",
-    )
-    Config.from_dict(base)  # a bad field is one line before anything trains
-    report = run_grid_bench(args.runs, base, args.run_cpus)
+    if args.seeds < 1:
+        raise UsageError("--seeds must be positive")
+    study_grid(args.protocol, args.preset, args.seeds, "checked")  # bad input is one line before anything trains
+    report = run_grid_bench(args.protocol, args.preset, args.seeds)
     print(grid_markdown(report, args.json or "(not saved)"))
     if args.json:
         write_report(report, args.json)
@@ -485,14 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(in place of the block of the same JSON, else appended): BENCHMARKS.md",
     )
     b.set_defaults(func=cmd_bench)
-    bg = sub.add_parser("bench-grid", help="wall time of a grid of short CPU runs: sequential against Ray")
-    bg.add_argument("--runs", type=int, default=8, help="runs in the grid (methods sgd, gvr, sam, vsam x seeds)")
-    bg.add_argument("--dataset", default="fashion_mnist")
-    bg.add_argument("--model", default="small_cnn")
-    bg.add_argument("--epochs", type=int, default=1)
-    bg.add_argument("--train-subset", type=int, default=8192)
-    bg.add_argument("--batch-size", type=int, default=128)
-    bg.add_argument("--run-cpus", type=float, default=1.0, help="CPUs (and torch threads) per run under Ray")
+    bg = sub.add_parser(
+        "bench-grid", help="runs per hour of the claims study's grid: one 2-thread run at a time against the defaults"
+    )
+    bg.add_argument("--protocol", default="notebooks/claims_protocol.toml", help="the claims study's protocol")
+    bg.add_argument("--preset", default="cpu", help="whose arms make the grid")
+    bg.add_argument("--seeds", type=int, default=1, help="the grid's first seeds of the preset")
     bg.add_argument("--json", help="write the measurements here")
     bg.add_argument("--into", metavar="FILE.md", help="and their table into this markdown file (BENCHMARKS.md)")
     bg.set_defaults(func=cmd_bench_grid)

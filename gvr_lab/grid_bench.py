@@ -1,104 +1,184 @@
-"""Wall time of a whole grid, one run after another against Ray with several runs at once.
+"""Runs per hour of a study-shaped grid: the old way against the lab's defaults, in one run of the tool.
 
-The grid is `runs` short Fashion-MNIST runs (methods x seeds). Sequentially they train in this
-process with all of its torch threads; under Ray, on a local instance with this machine's cores,
-each run is a task with `run_cpus` CPUs and as many torch threads. Both start from empty run
-directories, so every run trains; Ray's start-up is inside the Ray time.
+The grid is the claims study's arms at a preset of its protocol (notebooks/claims_protocol.toml),
+its first seeds; the arms that read another arm's runs (NGD, ExterGraft) are left out.
 
-    gvr-lab bench-grid --json benchmarks/cpu-grid.json --into BENCHMARKS.md
+* The old way: one run at a time in this process, 2 torch threads per run, contiguous memory
+  (Config threads=2, channels_last="false", the sequential executor): how grids ran before.
+* The defaults: 1 thread per run, channels_last by its rule (on for convolutional models), as
+  many runs at once as the machine has cores (the processes executor).
+
+Both train every run of the grid (from empty folders: another identity each way). Their order is
+ABBA (the old way on the first half of the runs, the defaults on it, the defaults on the second
+half, the old way on it), so a drift of the machine's speed falls on both alike; runs per hour is
+the runs over the summed wall time of each way's two blocks.
+
+Where the time of a step goes: for each model of the grid, the FLOPs of one forward and backward
+pass of a training batch (torch's flop counter) over its measured time, as a fraction of the
+machine's fp32 matmul rate (2048 x 2048), at 1 and 2 threads, contiguous and channels_last.
+
+    gvr-lab bench-grid --preset cpu --seeds 1 --json benchmarks/cpu-grid-claims.json --into BENCHMARKS.md
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import cluster
-from .grid import grid_configs, train_configs
+from . import claims
+from .data import dataset_info
+from .grid import train_configs
+from .models import create_model
+from .training import torch_threads
 
-METHODS = ("sgd", "gvr", "sam", "vsam")
-
-
-def grid_variants(runs: int) -> tuple[list[dict], list[int]]:
-    seeds = list(range(max(1, runs // len(METHODS))))
-    methods = METHODS[: runs // len(seeds)]
-    return [{"method": m} for m in methods], seeds
+TARGET = 1.4  # runs per hour, defaults over the old way: the lab's goal for a study-shaped grid
+OLD_WAY = {"threads": 2, "channels_last": "false"}
 
 
-def run_grid_bench(runs: int, base: dict, run_cpus: float) -> dict:
-    variants, seeds = grid_variants(runs)
-    timings = {}
+def study_grid(protocol_path, preset: str, seeds: int, root) -> list:
+    """The Configs of the study's arms for its first `seeds` seeds, under `root`."""
+    protocol = claims.load_protocol(protocol_path, preset)
+    first = dataclasses.replace(protocol, table={**protocol.table, "seeds": protocol.seeds[:seeds]})
+    return claims.arm_configs(first, root)
+
+
+def timed_block(configs: list, executor: str) -> float:
+    started = time.perf_counter()
+    train_configs(configs, executor=executor)
+    return time.perf_counter() - started
+
+
+def run_grid_bench(protocol_path, preset: str, seeds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        sequential = train_configs(grid_configs(base, variants, seeds, Path(tmp, "sequential")), executor="sequential")
-        timings["sequential"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        options = cluster.RayOptions(run_cpus=run_cpus)
-        under_ray = train_configs(grid_configs(base, variants, seeds, Path(tmp, "ray")), executor="ray", ray=options)
-        timings["ray"] = time.perf_counter() - t0
-        cluster.import_ray().shutdown()
-    cores = os.cpu_count()
+        new = study_grid(protocol_path, preset, seeds, Path(tmp, "defaults"))
+        old = [
+            dataclasses.replace(c, **OLD_WAY, out_dir=c.out_dir.replace(f"{tmp}/defaults", f"{tmp}/old")) for c in new
+        ]
+        half = len(new) // 2
+        blocks = [
+            ("old", old[:half], "sequential"),
+            ("defaults", new[:half], "processes"),
+            ("defaults", new[half:], "processes"),
+            ("old", old[half:], "sequential"),
+        ]
+        seconds = {"old": [], "defaults": []}
+        for way, configs, executor in blocks:
+            seconds[way].append(timed_block(configs, executor))
+    wall = {way: sum(s) for way, s in seconds.items()}
+    per_hour = {way: 3600 * len(new) / wall[way] for way in wall}
+    models = sorted({(c.model, c.dataset, c.batch_size) for c in new})
     return {
         "setup": {
-            "runs": len(sequential),
-            "grid": f"{len(variants)} methods ({', '.join(v['method'] for v in variants)}) x {len(seeds)} seeds",
-            "base": base,
-            "cores": cores,
-            "sequential_threads": torch.get_num_threads(),
-            "run_cpus": run_cpus,
-            "runs_at_once": int(cores // run_cpus),
+            "protocol": str(protocol_path),
+            "preset": preset,
+            "seeds": seeds,
+            "runs": len(new),
+            "arms": sorted({c.label for c in new}),
+            "cores": os.cpu_count(),
             "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(),
             "load_average": list(os.getloadavg()),
         },
-        "wall_s": timings,
-        "speedup": timings["sequential"] / timings["ray"],
-        "runs": [
-            {
-                "label": a.config.label,
-                "seed": a.config.seed,
-                "sequential_test_acc": a.summary["final_test_acc"],
-                "ray_test_acc": b.summary["final_test_acc"],
-                "sequential_run_s": a.summary["wall_time_s"],
-                "ray_run_s": b.summary["wall_time_s"],
-            }
-            for a, b in zip(sequential, under_ray)
-        ],
+        "blocks_s": seconds,
+        "wall_s": wall,
+        "runs_per_hour": per_hour,
+        "speedup": per_hour["defaults"] / per_hour["old"],
+        "kernels": [kernel_rates(model, dataset, batch) for model, dataset, batch in models],
     }
+
+
+def matmul_gflops(threads: int, size: int = 2048, rounds: int = 5) -> float:
+    with torch_threads(threads):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def kernel_rates(model_name: str, dataset: str, batch_size: int, rounds: int = 7) -> dict:
+    """One forward and backward of a training batch: its GFLOPs, and per (threads, layout) its median
+    time and the fraction of the fp32 matmul rate at those threads it reaches."""
+    info = dataset_info(dataset)
+    x = torch.randn(batch_size, info.channels, info.size, info.size)
+    y = torch.randint(0, info.num_classes, (batch_size,))
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.channels)
+
+    def step(m, inputs):
+        torch.nn.functional.cross_entropy(m(inputs), y).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step(model, x)
+    gflop = counter.get_total_flops() / 1e9
+    rows = []
+    for threads in (1, 2):
+        rate = matmul_gflops(threads)
+        for layout in ("contiguous", "channels_last"):
+            form = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            m, inputs = model.to(memory_format=form), x.contiguous(memory_format=form)
+            with torch_threads(threads):
+                step(m, inputs)
+                times = []
+                for _ in range(rounds):
+                    started = time.perf_counter()
+                    step(m, inputs)
+                    times.append(time.perf_counter() - started)
+            seconds = statistics.median(times)
+            rows.append(
+                {
+                    "threads": threads,
+                    "layout": layout,
+                    "ms": 1000 * seconds,
+                    "gflops": gflop / seconds,
+                    "matmul_gflops": rate,
+                    "fraction": gflop / seconds / rate,
+                }
+            )
+    return {"model": model_name, "dataset": dataset, "batch_size": batch_size, "gflop": gflop, "rates": rows}
 
 
 def grid_markdown(report: dict, source: str) -> str:
     s = report["setup"]
-    base = " ".join(f"{k}={v}" for k, v in s["base"].items())
     lines = [
-        f"{s['runs']} runs ({s['grid']}; {base}) on {s['cores']} cores ({s['cpu']}), torch {s['torch']}, "
+        f"{s['runs']} runs: the claims study's arms at its `{s['preset']}` preset ({', '.join(s['arms'])}), "
+        f"{s['seeds']} seed{'s' if s['seeds'] > 1 else ''}, on {s['cores']} cores ({s['cpu']}), torch {s['torch']}; "
         f"1-minute load average {s['load_average'][0]:.2f} at the end.",
         "",
         "```bash",
-        f"gvr-lab bench-grid --runs {s['runs']} --dataset {s['base']['dataset']} --model {s['base']['model']} "
-        f"--epochs {s['base']['epochs']} --train-subset {s['base']['train_subset']} --batch-size "
-        f"{s['base']['batch_size']} --run-cpus {s['run_cpus']:g} --json {source} --into BENCHMARKS.md",
+        f"gvr-lab bench-grid --protocol {s['protocol']} --preset {s['preset']} --seeds {s['seeds']} --json {source} "
+        "--into BENCHMARKS.md",
         "```",
         "",
-        "| executor | runs at once | torch threads per run | grid wall time (s) |",
-        "|---|---|---|---|",
-        f"| sequential | 1 | {s['sequential_threads']} | {report['wall_s']['sequential']:.1f} |",
-        f"| ray | {s['runs_at_once']} | {int(s['run_cpus'])} | {report['wall_s']['ray']:.1f} |",
+        "| way | runs at once | threads per run | channels_last | blocks (s, ABBA) | wall (s) | runs per hour |",
+        "|---|---|---|---|---|---|---|",
+        f"| old: sequential | 1 | 2 | false | {', '.join(f'{b:.0f}' for b in report['blocks_s']['old'])} | "
+        f"{report['wall_s']['old']:.0f} | {report['runs_per_hour']['old']:.1f} |",
+        f"| defaults: processes | {s['cores']} | 1 | auto | "
+        f"{', '.join(f'{b:.0f}' for b in report['blocks_s']['defaults'])} | {report['wall_s']['defaults']:.0f} | "
+        f"{report['runs_per_hour']['defaults']:.1f} |",
         "",
-        f"Speed-up, sequential wall time / Ray wall time: {report['speedup']:.2f} "
-        f"({'Ray faster' if report['speedup'] > 1 else 'Ray slower'}).",
+        f"Runs per hour, defaults over the old way: {report['speedup']:.2f}x (target {TARGET}x: "
+        f"{'met' if report['speedup'] >= TARGET else 'not met'}).",
         "",
-        "| run | seed | test acc, sequential | test acc, ray | run time (s), sequential | run time (s), ray |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | GFLOP per forward+backward | threads | layout | ms | GFLOP/s | fp32 matmul GFLOP/s "
+        "| share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['label']} | {r['seed']} | {100 * r['sequential_test_acc']:.2f} | {100 * r['ray_test_acc']:.2f} | "
-        f"{r['sequential_run_s']:.1f} | {r['ray_run_s']:.1f} |"
-        for r in report["runs"]
-    ]
+    for k in report["kernels"]:
+        lines += [
+            f"| {k['model']} | {k['batch_size']} | {k['gflop']:.3f} | {r['threads']} | {r['layout']} | {r['ms']:.1f} | "
+            f"{r['gflops']:.1f} | {r['matmul_gflops']:.1f} | {100 * r['fraction']:.1f}% |"
+            for r in k["rates"]
+        ]
     return "\n".join(lines)

@@ -229,7 +229,8 @@ BAD = [
         lambda: train_grid({}, [{}], [0], "runs", executor="dask"),
         r"unknown executor 'dask'; valid: processes, sequential, ray",
     ),
-    ("bench-grid without runs", ["bench-grid", "--runs", "0"], r"--runs must be positive"),
+    ("bench-grid without seeds", ["bench-grid", "--seeds", "0"], r"--seeds must be positive"),
+    ("bench-grid of an unknown preset", ["bench-grid", "--preset", "tpu"], r"registers no protocol for preset 'tpu'"),
     # the benchmark
     ("bench shape of 2 channels", [*BENCH, "--shape", "2x28"], r"--shape must be CxS"),
     ("bench shape of size 64", [*BENCH, "--shape", "3x64"], r"--shape must be CxS"),
