@@ -121,8 +121,10 @@ def not_a_gcs(connection: socket.socket, address: str, deadline: float) -> str |
         + frame(DATA, 0x1, 1, bytes(5))  # END_STREAM; an empty gRPC message
     )
     received, first = b"", True
-    while True:
-        while len(received) < 9 or len(received) < 9 + int.from_bytes(received[:3], "big"):
+
+    def receive(size: int) -> str | None:  # until `received` holds `size` bytes; else why not
+        nonlocal received
+        while len(received) < size:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "it sent no answer to a Ray GCS call in time"
@@ -134,12 +136,21 @@ def not_a_gcs(connection: socket.socket, address: str, deadline: float) -> str |
             if not chunk:
                 return "it closed the connection on a Ray GCS call"
             received += chunk
+        return None
+
+    while True:
+        failed = receive(9)
+        if failed:
+            return failed
         length, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
-        stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9 : 9 + length]
-        received = received[9 + length :]
-        if first and kind != SETTINGS:
+        if first and kind != SETTINGS:  # a server's first frame (HTTP/1 text is no frame at all)
             return "it does not speak HTTP/2, as a Ray GCS does"
         first = False
+        failed = receive(9 + length)
+        if failed:
+            return failed
+        stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9 : 9 + length]
+        received = received[9 + length :]
         if kind == SETTINGS and not flags & 0x1:
             connection.sendall(frame(SETTINGS, 0x1, 0))  # acknowledged, as the protocol asks
         elif kind in (GOAWAY, RST_STREAM):

@@ -275,22 +275,21 @@ def lr_at(config: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) 
     return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones)
 
 
-RANK_STRIDE = 2**48  # between the ranks' seeds; seed * 1_000_003 stays below it for seeds below 2.8e8
-SHARED_OFFSET = 2**62  # the shared generator's seeds, past every rank's (fewer than 2**14 ranks)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch + 1
-
-
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """torch's global RNG at the start of an epoch: each rank its own stream (one process: rank 0's)."""
-    torch.manual_seed(epoch_seed(seed, epoch) + rank * RANK_STRIDE)
+    """torch's global RNG at the start of an epoch: each rank its own stream (one process: rank 0's,
+    seeded as it always was)."""
+    torch.manual_seed(seed * 1_000_003 + epoch + 1 if rank == 0 else stream_seed(seed, epoch, f"rank {rank}"))
 
 
 def seed_shared(generator: torch.Generator, seed: int, epoch: int) -> None:
     """Method.shared_rng at the start of an epoch: the same on every rank."""
-    generator.manual_seed(epoch_seed(seed, epoch) + SHARED_OFFSET)
+    generator.manual_seed(stream_seed(seed, epoch, "shared"))
+
+
+def stream_seed(seed: int, epoch: int, stream: str) -> int:
+    """The seed of a named random stream, a digest of (seed, epoch, stream): torch's CPU generator
+    keeps only a seed's low 32 bits, so streams must differ there (seed + rank * 2**48 would not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()[:4], "big")
 
 
 def set_rng_state(state: tuple, device: torch.device) -> None:

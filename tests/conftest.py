@@ -30,6 +30,8 @@ def tiny_config(tmp_path):
             progress=False,
             out_dir=str(tmp_path / "run"),
         )
+        if overrides.get("steps"):  # steps mode leaves epochs at its default
+            del base["epochs"]
         base.update(overrides)
         return Config(**base)
 
