@@ -734,8 +734,9 @@ def test_each_rank_and_the_shared_generator_draw_their_own_stream():
         training.seed_epoch(3, 1, rank)
         return torch.rand(8)
 
-    torch.manual_seed(3 * 1_000_003 + 1 + 1)
-    assert torch.equal(draws(0), torch.rand(8))
+    torch.manual_seed(3 * 1_000_003 + 1 + 1)  # the seed of (seed 3, epoch 1) before ranks had streams
+    before = torch.rand(8)
+    assert torch.equal(draws(0), before)
     streams = [draws(rank) for rank in range(4)] + [draws()]
     assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1 :])
     assert torch.equal(draws(2), streams[2]) and torch.equal(draws(), streams[-1])  # each a function of its seed
