@@ -616,7 +616,7 @@ def git_state(checkout: Path) -> dict:
         ).stdout.strip()
 
     try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != checkout:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(checkout).resolve():
             return {}
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or no commit yet
