@@ -144,8 +144,9 @@ def replace_table(text: str, table: str, where) -> str:
 
 
 def cmd_curvature(args) -> int:
-    from pathlib import Path
+    import json
 
+    from .errors import FilesystemError
     from .measure import measure_run
     from .results import write_json
 
@@ -163,13 +164,18 @@ def cmd_curvature(args) -> int:
         args.density,
         resolve_device(args.device),
     )
-    path = Path(args.out or Path(args.run_dir) / "curvature.json")
-    write_json(path, out)
+    # the result first: a file that cannot be written must not lose it
     print(
         f"top eigenvalues {', '.join(f'{v:.4g}' for v in out['top_eigenvalues'])}; trace {out['trace']:.4g} "
         f"+- {out['trace_se']:.2g} (standard error, {out['trace_samples']} probes); {out['hvps']} Hessian-vector "
         f"products in {out['seconds']:.1f} s on {out['rows']} training rows ({out['bn']} mode, {out['dtype']})"
     )
+    path = Path(args.out or Path(args.run_dir) / "curvature.json")
+    try:
+        write_json(path, out)
+    except FilesystemError as e:
+        print(json.dumps(out, sort_keys=True))  # the whole result, where it can go
+        raise FilesystemError(f"{e} (--out); the result is printed above", e.errno, e.reason) from None
     print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -69,15 +70,92 @@ def connect(options: RayOptions):
     return ray
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray keeps retrying an address nobody answers at; one TCP connection tells at once."""
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Where no Ray cluster answers, Ray retries for half a minute and logs every try on the
+    terminal; one TCP connection and one call to the cluster's GCS tell within `timeout_s`,
+    quietly. Something that accepts the connection but is no Ray GCS (a proxy, another service, a
+    firewall that holds connections open) is caught by the call."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"a Ray address is auto or HOST:PORT, got {address!r}")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+            wrong = not_a_gcs(connection, address, time.monotonic() + timeout_s)
     except OSError as e:
         raise UsageError(f"cannot reach a Ray cluster at {address!r}: {e.strerror or e}") from None
+    if wrong:
+        raise UsageError(f"cannot reach a Ray cluster at {address!r}: something answers there, but {wrong}")
+
+
+# HTTP/2 (RFC 9113) frame types, and the HPACK static-table bytes of the :status a gRPC server sends
+DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0, 1, 3, 4, 7
+STATUS_BYTES = {0x88: 200, 0x89: 204, 0x8A: 206, 0x8B: 304, 0x8C: 400, 0x8D: 404, 0x8E: 500}
+
+
+def not_a_gcs(connection: socket.socket, address: str, deadline: float) -> str | None:
+    """Why what answers on `connection` is no Ray GCS, or None where it may be one: the gRPC call
+    Ray's client makes first (NodeInfoGcsService.GetClusterId, an empty request) over HTTP/2 by
+    hand, since Ray bundles no Python gRPC. Only a clear no counts (no HTTP/2, no answer in time, the
+    call refused or answered with an HTTP error); anything else is left to ray.init."""
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def literal(name_index: int, value: str) -> bytes:  # HPACK literal without indexing, indexed name
+        return bytes([name_index, len(value)]) + value.encode()
+
+    headers = (
+        bytes([0x83, 0x86])  # :method POST, :scheme http
+        + literal(4, "/ray.rpc.NodeInfoGcsService/GetClusterId")  # :path
+        + literal(1, address)  # :authority
+        + bytes([0x0F, 0x10, len("application/grpc")])  # content-type (static index 31)
+        + b"application/grpc"
+        + b"\x00\x02te\x08trailers"
+    )
+    connection.sendall(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + frame(SETTINGS, 0, 0)
+        + frame(HEADERS, 0x4, 1, headers)  # END_HEADERS
+        + frame(DATA, 0x1, 1, bytes(5))  # END_STREAM; an empty gRPC message
+    )
+    received, first = b"", True
+
+    def receive(size: int) -> str | None:  # until `received` holds `size` bytes; else why not
+        nonlocal received
+        while len(received) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "it sent no answer to a Ray GCS call in time"
+            connection.settimeout(left)
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                return "it sent no answer to a Ray GCS call in time"
+            if not chunk:
+                return "it closed the connection on a Ray GCS call"
+            received += chunk
+        return None
+
+    while True:
+        failed = receive(9)
+        if failed:
+            return failed
+        length, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
+        if first and kind != SETTINGS:  # a server's first frame (HTTP/1 text is no frame at all)
+            return "it does not speak HTTP/2, as a Ray GCS does"
+        first = False
+        failed = receive(9 + length)
+        if failed:
+            return failed
+        stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9 : 9 + length]
+        received = received[9 + length :]
+        if kind == SETTINGS and not flags & 0x1:
+            connection.sendall(frame(SETTINGS, 0x1, 0))  # acknowledged, as the protocol asks
+        elif kind in (GOAWAY, RST_STREAM):
+            return "it refused a Ray GCS call"
+        elif kind == HEADERS and stream == 1:
+            status = STATUS_BYTES.get(payload[0] if payload and not flags & 0x28 else -1)  # no padding, priority
+            return None if status in (200, None) else f"it answered a Ray GCS call with HTTP status {status}"
 
 
 def train_remote(fields: dict) -> dict:

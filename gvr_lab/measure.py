@@ -25,37 +25,45 @@ from .landscape import (
     loss_slice,
     psf_bound_check,
 )
-from .results import CHECKPOINT, CONFIG, load_checkpoint, read_json
-from .training import Config, DeviceSettings, build_model, evaluation_batches
+from .results import CHECKPOINT, CONFIG, SUMMARY, load_checkpoint, read_json
+from .training import Config, DeviceSettings, build_model, evaluation_batches, identity_digest, mixed_run
 
 CPU = torch.device("cpu")
 
 
 def load_run_model(run_dir, checkpoint=None, device: torch.device = CPU):
-    """(Config, model with the checkpoint's weights) of a run directory."""
+    """(Config, model with the checkpoint's weights) of a run directory; a checkpoint that another
+    run wrote than config.json describes is refused."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise UsageError(f"{run_dir} is not a run directory (no {CONFIG})")
     path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
     if not path.is_file():
-        raise UsageError(
-            f"no checkpoint {path}: the run has not finished an epoch yet"
-            if not checkpoint
-            else f"checkpoint {path} not found"
-        )
+        raise UsageError(f"checkpoint {path} not found" if checkpoint else no_checkpoint(run_dir))
+    stored = read_json(run_dir / CONFIG)
     config = Config.from_dict(
-        {
-            **read_json(run_dir / CONFIG),
-            "device": str(device),
-            "compile": False,
-            "cuda_settings": False,
-            "precision": "fp32",
-        }
+        {**stored, "device": str(device), "compile": False, "cuda_settings": False, "precision": "fp32"}
     )
+    saved = load_checkpoint(path, map_location=device)
+    written_by = saved.get("run_id")
+    if written_by is not None and written_by != identity_digest(stored):
+        raise mixed_run(run_dir / CONFIG, path, written_by, identity_digest(stored))
     info = dataset_info(config.dataset)
     model, _, _ = build_model(config, info.num_classes, info.channels, DeviceSettings.of(config, device))
-    model.load_state_dict(load_checkpoint(path, map_location=device)["model"])
+    model.load_state_dict(saved["model"])
     return config, model
+
+
+def no_checkpoint(run_dir: Path) -> str:
+    """Why a run directory has no checkpoint.pt: it diverged before its first evaluation, or it has
+    not reached one yet."""
+    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+    if summary.get("status") == "diverged":
+        return (
+            f"run {run_dir} diverged at step {summary['diverged_step']} (loss {summary['diverged_value']}) before "
+            "its first checkpoint: it has no weights to measure"
+        )
+    return f"no checkpoint {run_dir / CHECKPOINT}: the run has not reached its first evaluation yet"
 
 
 def measure_run(

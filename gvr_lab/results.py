@@ -4,10 +4,16 @@ A run directory holds
   config.json     every setting of the run (method hyper-parameters resolved to their values)
   epochs.parquet  one row per epoch (train/test/val loss and accuracy, lr, epoch_time_s, ...)
   steps.parquet   per-step metrics sampled every `log_every` steps
-  summary.json    final and best accuracy, wall time, status ("running", "stopped", "completed", "diverged")
-  checkpoint.pt   model, optimizer and method state after the last finished epoch
+  summary.json    final and best accuracy, wall time, status ("running", "stopped", "completed", "diverged",
+                  "failed: <why>"), the run's identity and what code made it
+  checkpoint.pt   model, optimizer and method state after the last evaluation, with the run's identity
 Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file where a complete one was expected.
+half-written file where a complete one was expected; a write the filesystem refuses (read-only, full,
+no permission) is a one-line FilesystemError.
+
+Readers never see a mix of two writes: each file is read through one open of it (a writer renames a
+new version into place meanwhile without effect on that read), and summary.json, which the loop
+writes after the tables, says how many of their rows are complete (`read_run`).
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, filesystem_error
 
 CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = (
     "config.json",
@@ -41,7 +49,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     or the new one, never half of one. The file gets the mode a plain open() would give it (mkstemp's
     temporary file is private to its owner)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise filesystem_error(e, "write", path) from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -49,9 +60,33 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise filesystem_error(e, "write", path) from None
         raise
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Overwrite an existing file in the blocks it already holds: where the disk is full and
+    write_atomic cannot make its temporary file, a small file can still be rewritten so. Not
+    atomic: a reader may meet it half-written (read_snapshot reads it again)."""
+    try:
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise filesystem_error(e, "write", path) from None
+
+
+def make_dir(path: Path) -> None:
+    """A folder and its parents, made if missing."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise filesystem_error(e, "create the folder", path) from None
 
 
 def current_umask() -> int:
@@ -64,8 +99,36 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_snapshot(path, parse):
+    """parse(the bytes of `path`), read through one open of it. A parse that fails because the file
+    was rewritten meanwhile (another inode, size or modification time than the one read: a writer
+    that does not rename into place) is read again; a file that stays unreadable is a UsageError
+    naming it."""
+
+    def version(stat: os.stat_result) -> tuple:
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    for attempt in range(3):
+        with open(path, "rb") as f:
+            read = version(os.fstat(f.fileno()))
+            data = f.read()
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - json and pyarrow raise many types for a damaged file
+            if attempt < 2 and version(os.stat(path)) != read:
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{path} is damaged ({first}): it was edited by hand or written incompletely") from None
+
+
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    return read_snapshot(path, json.loads)
+
+
+def read_table(path) -> pd.DataFrame:
+    """A parquet file. pyarrow given a path opens it more than once, so a writer renaming a new
+    version into place meanwhile could hand it the footer of one version and the pages of another."""
+    return read_snapshot(path, lambda data: pd.read_parquet(io.BytesIO(data)))
 
 
 def read_yaml_mapping(path, what: str) -> dict:
@@ -98,12 +161,30 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, map_location=None) -> dict:
-    """Load with weights_only=True: a checkpoint holding arbitrary pickled objects is refused."""
+    """Load with weights_only=True. Refused in one line naming the file: a checkpoint holding
+    pickled objects besides tensors and plain Python, and a truncated or corrupt one."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"refusing to load checkpoint {path}: not a plain-tensor checkpoint ({first_line})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if pickled:
+            raise UsageError(
+                f"refusing to load checkpoint {path}: it holds a pickled {pickled[1]}, and a checkpoint of "
+                "this lab holds only tensors and plain Python"
+            ) from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        damage = (
+            "is empty"
+            if not head
+            else "is truncated or damaged (an incomplete zip archive)"
+            if head == b"PK\x03\x04"
+            else "is corrupt (not a torch checkpoint)"
+        )
+        raise UsageError(
+            f"checkpoint {path} {damage}: delete it to start the run again from its beginning, or put back a "
+            "complete copy"
+        ) from None
 
 
 class RunLock:
@@ -112,14 +193,17 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.file = None
+        self.fd = None
 
     def __enter__(self):
-        self.file = open(self.path, "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise filesystem_error(e, "create the lock file", self.path) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.close()
+            os.close(self.fd)
             raise UsageError(
                 f"run directory {self.path.parent} is in use by another training process; "
                 "wait for it to finish or choose another out_dir"
@@ -130,8 +214,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 # ---------------------------------------------------------------------- reading many runs
@@ -173,27 +257,65 @@ def best_evaluations(evaluations: pd.DataFrame, by: str = "val_acc") -> pd.DataF
     return rated.loc[rated.groupby("run_dir", sort=False)[by].idxmax()]
 
 
+@dataclass
+class RunFiles:
+    """What a run directory says at one moment (read_run)."""
+
+    config: dict
+    summary: dict  # {} before the run's first summary
+    tables: dict  # file name (EPOCHS, STEPS) -> its rows that the summary counts; empty when missing
+
+
+def read_run(run_dir, tables=(EPOCHS, STEPS)) -> RunFiles:
+    """The run's files as one consistent state, however busy a writer is: summary.json first, then
+    each table cut to the evaluations (`epochs_completed`) and steps (`steps_completed`) that
+    summary counts. The loop writes the tables before the summary and only ever appends rows, so
+    the rows a summary counts are already in place, and are those the summary describes."""
+    run_dir = Path(run_dir)
+    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
+    read = {}
+    for name in tables:
+        df = read_table(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
+        if name == EPOCHS and "epochs_completed" in summary:
+            df = df.iloc[: summary["epochs_completed"]]
+        if name == STEPS and "steps_completed" in summary and "step" in df:
+            df = df[df["step"] < summary["steps_completed"]]
+        read[name] = df.reset_index(drop=True)
+    return RunFiles(read_json(run_dir / CONFIG), summary, read)
+
+
+def run_status(files: RunFiles) -> str:
+    """The summary's status; "mismatched" where config.json no longer describes the run that wrote
+    the results (edited by hand: the run identity the summary records is not config.json's)."""
+    from .training import identity_digest  # training builds on this module
+
+    written_by = files.summary.get("run_id")
+    if written_by is not None and written_by != identity_digest(files.config):
+        return "mismatched"
+    return files.summary.get("status", "unknown")
+
+
 def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
     """Tidy table of many runs: one row per (run, epoch) with the config as columns.
 
-    With steps=True, one row per logged step instead. Runs without metrics yet are skipped.
-    Besides the config, each row carries the run's `status` and `steps_per_epoch` (summary.json),
+    With steps=True, one row per logged step instead. Runs without metrics yet are skipped; a run
+    being written is read as its last complete state (read_run). Besides the config, each row
+    carries the run's `status` (run_status) and `steps_per_epoch` (summary.json),
     and (one row per evaluation only) `selected_test_acc`: the run's test accuracy at its
     best-validation evaluation (`best_evaluations`), NaN for a run without val_acc; the value a
     setting chosen on validation reports (stats.select).
     """
     frames = []
     for run_dir in run_dirs(paths_or_glob):
-        metrics = run_dir / (STEPS if steps else EPOCHS)
-        if not metrics.is_file():
+        files = read_run(run_dir, (STEPS if steps else EPOCHS,))
+        summary, [df] = files.summary, files.tables.values()
+        if not len(df):
             continue
-        df = pd.read_parquet(metrics)
-        summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
-        for key, value in flat_config(read_json(run_dir / CONFIG)).items():
+        for key, value in flat_config(files.config).items():
             if key not in df.columns:
                 df[key] = value
         df["run_dir"] = str(run_dir)
-        df["status"] = summary.get("status", "unknown")
+        df["status"] = run_status(files)
         df["steps_per_epoch"] = summary.get("steps_per_epoch", 0)
         if not steps:
             best = best_evaluations(df)

@@ -12,15 +12,28 @@ Resume follows big_vision: rerunning the same Config into the same run directory
 its last checkpoint (written atomically after every epoch), and a finished run is returned as is.
 Every epoch reseeds the global RNG and the loader from (seed, epoch), so a resumed run computes
 exactly what an uninterrupted one does.
+
+A run's identity is the digest of the Config fields that change what it computes (Config.run_id):
+its checkpoints and summaries record it, and a run directory whose files were written by another
+run (a config.json edited by hand) is refused, never resumed as this one.
+
+Random streams: each rank draws dropout masks and the methods' per-row draws (FishLoss's labels,
+UnitJacLoss's directions, GVR's subset) from torch's global RNG, seeded from (seed, epoch, rank),
+so ranks differ and one process is rank 0; the decisions every rank must make alike (ESAM's kept
+tensors, IterGraft's micro-batch) come from Method.shared_rng, seeded from (seed, epoch) alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import json
 import math
+import platform
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +55,7 @@ from .data import (
     with_label_noise,
 )
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
-from .errors import TYPE_NAMES, UsageError, check_choice, coerce
+from .errors import TYPE_NAMES, FilesystemError, UsageError, check_choice, coerce
 from .landscape import curvature
 from .methods import Method, create_method, method_class
 from .methods.base import rng_state
@@ -53,7 +66,7 @@ SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 CURVATURE_ROWS, CURVATURE_PROBES = 512, 20  # what curvature_every measures
 PRECISIONS = ("auto", "fp32", "bf16")
 CHANNELS_LAST = ("auto", "true", "false")
-FINAL_STATUSES = ("completed", "diverged")  # "running" and "stopped" (by stop_after) runs resume
+FINAL_STATUSES = ("completed", "diverged")  # "running", "stopped" (by stop_after) and "failed: ..." runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
 NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after")
 # Fields added to Config whose value in a run recorded before them was not their default: such a
@@ -72,8 +85,8 @@ class Config:
     method_args: dict = field(default_factory=dict)  # the method's hyper-parameters
     model_args: dict = field(default_factory=dict)  # extra keywords for create_model (e.g. bn=False)
     epochs: int = 3
-    # Train exactly this many optimizer steps instead of `epochs` (0: epochs): Novack et al.'s
-    # equal-steps protocol.
+    # Train exactly this many optimizer steps instead of `epochs` (0: epochs; epochs then stays at its
+    # default): Novack et al.'s equal-steps protocol.
     steps: int = 0
     # Evaluate (and checkpoint) every this many steps in steps mode, epochs in epochs mode, and at
     # the last; 0: at every epoch's end. A run of a few seconds spends most of it evaluating otherwise.
@@ -123,7 +136,8 @@ class Config:
     # Every N evaluations, the Hessian's top eigenvalue and trace (gvr_lab.curvature on 512 seeded
     # training rows, 20 probes) into the history (0: off); its time is in curvature_time_s.
     curvature_every: int = 0
-    keep_checkpoints: list = field(default_factory=list)  # also keep checkpoint-<n>.pt after evaluation n (1-based)
+    # Also keep checkpoint-<n>.pt after evaluation n (1-based, at most the run's number of evaluations).
+    keep_checkpoints: list = field(default_factory=list)
     out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
     data_dir: str = ""  # where datasets are looked up first
     progress: bool = True  # progress bar and per-epoch lines
@@ -167,8 +181,21 @@ class Config:
             raise UsageError("cutout must be <= 1, label_smoothing and momentum < 1")
         if self.diag_micro_batch > self.batch_size:
             raise UsageError(f"diag_micro_batch={self.diag_micro_batch} exceeds batch_size={self.batch_size}")
-        if any(not isinstance(n, int) or n < 1 for n in self.keep_checkpoints):
-            raise UsageError(f"keep_checkpoints must list evaluation numbers >= 1, got {self.keep_checkpoints}")
+        if self.diag_micro_batch and self.batch_size % self.diag_micro_batch:
+            raise UsageError(
+                f"diag_micro_batch={self.diag_micro_batch} does not divide batch_size={self.batch_size}: the "
+                "diagnostic would leave the batch's last rows out"
+            )
+        default_epochs = Config.__dataclass_fields__["epochs"].default
+        if self.steps and self.epochs != default_epochs:
+            raise UsageError(
+                f"steps={self.steps} and epochs={self.epochs} both given: a run trains either `epochs` epochs or "
+                f"exactly `steps` steps; leave epochs at its default ({default_epochs}) in steps mode"
+            )
+        for name, what, least in (("keep_checkpoints", "evaluation numbers", 1), ("milestones", "epochs", 0)):
+            numbers = getattr(self, name)
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < least for n in numbers):
+                raise UsageError(f"{name} must list {what} as integers >= {least}, got {numbers}")
         if self.nesterov and self.momentum == 0:
             raise UsageError("nesterov needs momentum > 0")
         if self.quant_bits:
@@ -188,6 +215,10 @@ class Config:
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NON_IDENTITY_FIELDS}
 
+    def run_id(self) -> str:
+        """The run's identity, recorded in its checkpoints and summary (identity_digest)."""
+        return identity_digest(dataclasses.asdict(self))
+
     def run_dir(self) -> Path:
         if self.out_dir:
             return Path(self.out_dir)
@@ -201,6 +232,20 @@ class Config:
         if unknown:
             raise UsageError(f"unknown config field {unknown[0]!r}; valid: {', '.join(sorted(names))}")
         return cls(**d)
+
+
+@functools.cache
+def default_identity() -> dict:
+    return Config().identity()
+
+
+def identity_digest(fields: dict) -> str:
+    """12 hex digits of the digest of a run's identity fields (Config.identity) that differ from
+    their defaults, from a Config's fields or a config.json. A field missing from `fields` counts as
+    its default, so a field added to Config later leaves older runs' identities as they were."""
+    defaults = default_identity()
+    differing = {k: fields[k] for k in defaults if k in fields and fields[k] != defaults[k]}
+    return hashlib.sha1(json.dumps(differing, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -249,8 +294,21 @@ def lr_at(config: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) 
     return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones)
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    torch.manual_seed(seed * 1_000_003 + epoch + 1)
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """torch's global RNG at the start of an epoch: each rank its own stream (one process: rank 0's,
+    seeded as it always was)."""
+    torch.manual_seed(seed * 1_000_003 + epoch + 1 if rank == 0 else stream_seed(seed, epoch, f"rank {rank}"))
+
+
+def seed_shared(generator: torch.Generator, seed: int, epoch: int) -> None:
+    """Method.shared_rng at the start of an epoch: the same on every rank."""
+    generator.manual_seed(stream_seed(seed, epoch, "shared"))
+
+
+def stream_seed(seed: int, epoch: int, stream: str) -> int:
+    """The seed of a named random stream, a digest of (seed, epoch, stream): torch's CPU generator
+    keeps only a seed's low 32 bits, so streams must differ there (seed + rank * 2**48 would not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()[:4], "big")
 
 
 def set_rng_state(state: tuple, device: torch.device) -> None:
@@ -334,6 +392,7 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     )
     method.sync_grads = GradSync(optimizer, world).now
     method.world = world
+    method.shared_rng = torch.Generator()  # seeded by the loop at every epoch (seed_shared)
     if config.compile and method.compilable:
         # forward = fc(forward_features): compiling the body serves methods that call either
         model.forward_features = torch.compile(model.forward_features)
@@ -387,7 +446,23 @@ def build(config: Config, settings: DeviceSettings, world: World) -> Parts:
         eval_loaders["val"] = DeviceLoader(train_split, info, indices=val_idx, **evaluation)
     if config.eval_train:
         eval_loaders["train_eval"] = DeviceLoader(train_split, info, indices=train_idx, **evaluation)
+    evaluations = evaluation_count(config, len(train_loader))
+    beyond = [n for n in config.keep_checkpoints if n > evaluations]
+    if beyond:
+        raise UsageError(
+            f"keep_checkpoints names evaluation {beyond[0]}, but this run evaluates {evaluations} times: "
+            f"keep evaluations 1 to {evaluations}"
+        )
     return Parts(train_loader, eval_loaders, model, optimizer, method)
+
+
+def evaluation_count(config: Config, steps_per_epoch: int) -> int:
+    """How many evaluations a run makes (evaluation_due): in epochs mode one every `eval_every`
+    epochs (every epoch without it) and one at the last; in steps mode one every `eval_every` steps
+    (at each epoch's end without it) and one at the last step."""
+    if not config.steps:
+        return -(-config.epochs // max(1, config.eval_every))
+    return -(-config.steps // (config.eval_every or steps_per_epoch))
 
 
 def evaluation_batches(
@@ -414,7 +489,9 @@ def evaluation_batches(
 
 
 def check_run_dir(run_dir: Path, config: Config) -> dict | None:
-    """The stored config of an existing run directory, after checking it is this run's."""
+    """The stored config of an existing run directory, after checking it is this run's: config.json
+    holds this Config (fields that change nothing aside), and the results beside it were written by
+    this run (the identity summary.json records)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory {run_dir} exists and is not a directory")
     path = run_dir / results.CONFIG
@@ -433,16 +510,25 @@ def check_run_dir(run_dir: Path, config: Config) -> dict | None:
             f"run directory {run_dir} holds a different run ({k}: {there} there, {new[k]!r} now); "
             "choose another out_dir"
         )
+    summary = run_dir / results.SUMMARY
+    written_by = results.read_json(summary).get("run_id") if summary.is_file() else None
+    if written_by is not None and written_by != config.run_id():
+        raise mixed_run(run_dir / results.CONFIG, summary, written_by, config.run_id())
     return stored
 
 
-def load_run(run_dir: Path, config: Config) -> Run:
-    def frame(name):
-        return pd.read_parquet(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
-
-    return Run(
-        run_dir, config, frame(results.EPOCHS), results.read_json(run_dir / results.SUMMARY), frame(results.STEPS)
+def mixed_run(config_file: Path, written: Path, written_by: str, described: str) -> UsageError:
+    """The refusal of a run directory whose results another run wrote than its config.json describes."""
+    return UsageError(
+        f"{written} was written by run {written_by}, but {config_file} describes run {described}: config.json "
+        "was changed after the run wrote its results; put it back, or train this run in another out_dir"
     )
+
+
+def load_run(run_dir: Path, config: Config) -> Run:
+    """The run as its directory holds it, one consistent state even while a writer is busy (read_run)."""
+    files = results.read_run(run_dir)
+    return Run(run_dir, config, files.tables[results.EPOCHS], files.summary, files.tables[results.STEPS])
 
 
 def summarize(history: list[dict], status: str, wall_time_s: float, extra: dict) -> dict:
@@ -521,9 +607,10 @@ class Context:
         """What summary.json says about the run besides its results."""
         loader = self.parts.train_loader
         return {
+            "run_id": self.config.run_id(),
+            "provenance": provenance(),
             "num_params": sum(p.numel() for p in self.parts.model.parameters()),
             "device": str(self.device),
-            "torch": torch.__version__,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world.size,
             "total_steps": self.total,
@@ -535,6 +622,44 @@ class Context:
         }
 
 
+@functools.cache
+def provenance() -> dict:
+    """What made a run, for its summary: the package version, the git commit of the package's
+    checkout with a dirty flag (where it is one), and the versions of Python and the libraries."""
+    import numpy
+    import torchvision
+
+    try:
+        version = importlib.metadata.version("gvr_lab")
+    except importlib.metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+        version = None
+    return {
+        "gvr_lab": version,
+        **git_state(Path(__file__).resolve().parent.parent),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def git_state(checkout: Path) -> dict:
+    """{"git_commit", "git_dirty"} of `checkout` when it is the root of a git checkout, else {}
+    (an installed package, or one inside another project's repository, has no commit of its own)."""
+
+    def git(*args) -> str:
+        return subprocess.run(
+            ["git", "-C", str(checkout), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(checkout).resolve():
+            return {}
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or no commit yet
+        return {}
+
+
 @dataclass
 class LoopState:
     """Where a run stands: a checkpoint holds it, and a resumed run starts from it."""
@@ -543,7 +668,9 @@ class LoopState:
     history: list = field(default_factory=list)  # one row per evaluation
     steps: list = field(default_factory=list)  # the logged steps' metrics
     wall_before: float = 0.0  # seconds trained by earlier calls (a resumed run)
-    resume_rng: tuple | None = None  # torch's RNG where a steps-mode run stopped inside an epoch
+    # Where a steps-mode run stopped inside an epoch: this rank's torch RNG and the shared generator's state.
+    resume_rng: tuple | None = None
+    resume_shared_rng: torch.Tensor | None = None
     batches: Iterator | None = None  # the current epoch's batches; None: an epoch starts (or resumes) next
 
 
@@ -611,11 +738,34 @@ def train_here(config: Config, run_dir: Path, on_evaluation) -> Run | None:
     parts = build(config, settings, world)  # reads the data: bad input fails before any write
     hooks = evaluation_hooks(config, device)
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        results.make_dir(run_dir)
         with results.RunLock(run_dir):
-            return run_loop(config, run_dir, world, settings, parts, hooks, on_evaluation)
+            try:
+                return run_loop(config, run_dir, world, settings, parts, hooks, on_evaluation)
+            except FilesystemError as e:
+                record_failure(run_dir, e)
+                raise
     run_loop(config, run_dir, world, settings, parts, hooks)
     return None
+
+
+def record_failure(run_dir: Path, error: FilesystemError) -> None:
+    """The run's summary says that it failed and why (status "failed: no space left on device"),
+    not "running"; the same command continues the run once the cause is gone. On a full disk,
+    where no new file can be made, the summary is rewritten in place; where nothing can be written
+    (a read-only filesystem) it stays as it was."""
+    path = run_dir / results.SUMMARY
+    if not path.is_file():
+        return
+    summary = {**results.read_json(path), "status": f"failed: {error.reason}", "error": str(error)}
+    data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        results.write_atomic(path, data)
+    except FilesystemError:
+        try:
+            results.rewrite_in_place(path, data)
+        except FilesystemError:
+            pass  # the error itself still reaches the user
 
 
 def run_loop(
@@ -633,9 +783,9 @@ def run_loop(
     history row of the steps since the previous one, the logged steps and a checkpoint, and hands
     the row to `on_evaluation`."""
     ctx = Context(config, run_dir, world, settings, parts, list(hooks))
+    state = resume(ctx)  # before any write: a checkpoint of another run is refused
     if world.main:
         results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
-    state = resume(ctx)
     write_summary(ctx, state, "running", state.wall_before)
     ctx.started = time.perf_counter()
     bar = make_progress(config, state.done, ctx.total) if world.main else None
@@ -661,33 +811,46 @@ def run_loop(
 
 def resume(ctx: Context) -> LoopState:
     """The state of the run's last checkpoint, loaded into model, optimizer and method; a new state
-    for a run without one."""
+    for a run without one. A checkpoint that another run wrote is refused before anything is loaded
+    (one without an identity predates them and is taken as this run's)."""
     path = ctx.run_dir / results.CHECKPOINT
     if not path.is_file():
         return LoopState()
     saved = results.load_checkpoint(path, map_location=ctx.device)
+    written_by = saved.get("run_id")
+    if written_by is not None and written_by != ctx.config.run_id():
+        raise mixed_run(ctx.run_dir / results.CONFIG, path, written_by, ctx.config.run_id())
     ctx.parts.model.load_state_dict(saved["model"])
     ctx.parts.optimizer.load_state_dict(saved["optimizer"])
     # Each rank its own method state (LookSAM's direction, vSAM's PSF are per rank); under
     # another world size, rank r takes that of the old rank r mod the old world size.
     per_rank = saved.get("method_ranks") or [saved["method"]]
     ctx.parts.method.load_state_dict(per_rank[ctx.world.rank % len(per_rank)])
+    # Mid-epoch (steps mode) every rank's RNG state; at an epoch's start the streams are reseeded.
+    rng_ranks = saved.get("rng_ranks") or [saved.get("rng")]
     return LoopState(
         done=saved.get("step", saved["epoch"] * ctx.steps_per_epoch),
         history=saved["history"],
         steps=saved["steps"],
         wall_before=saved["wall_time_s"],
-        resume_rng=saved.get("rng"),  # torch's RNG mid-epoch (steps mode); at an epoch's start it is reseeded
+        resume_rng=rng_ranks[ctx.world.rank % len(rng_ranks)],
+        resume_shared_rng=saved.get("shared_rng"),
     )
 
 
 def start_epoch(ctx: Context, state: LoopState, epoch: int, step_in_epoch: int) -> None:
-    """An epoch starts (the RNG reseeded from seed and epoch), or a resumed run goes on inside one
-    (the RNG put back, the batches already trained on drawn again, in order)."""
+    """An epoch starts (the RNG streams reseeded from seed, epoch and rank), or a resumed run goes on
+    inside one (the streams put back, the batches already trained on drawn again, in order)."""
+    shared = ctx.parts.method.shared_rng
     if step_in_epoch == 0:
-        seed_epoch(ctx.config.seed, epoch)
+        seed_epoch(ctx.config.seed, epoch, ctx.world.rank)
+        seed_shared(shared, ctx.config.seed, epoch)
     else:
         set_rng_state(state.resume_rng, ctx.device)
+        if state.resume_shared_rng is None:  # a checkpoint from before the shared generator: its epoch's start
+            seed_shared(shared, ctx.config.seed, epoch)
+        else:
+            shared.set_state(state.resume_shared_rng)
     ctx.parts.method.start_epoch(epoch)
     state.batches = ctx.parts.train_loader.epoch(epoch)
     for _ in range(step_in_epoch):
@@ -788,16 +951,20 @@ def checkpoint(ctx: Context, state: LoopState, interval: Interval) -> None:
     wall = state.wall_before + time.perf_counter() - ctx.started
     write_metrics(ctx, state)
     parts = ctx.parts
-    method_ranks = gather_to_main(parts.method.state_dict(), ctx.world)  # a collective: every rank
+    rng = None if interval.epoch_ends else rng_state(ctx.device)  # an epoch's start reseeds the streams
+    ranks = gather_to_main({"method": parts.method.state_dict(), "rng": rng}, ctx.world)  # a collective: every rank
     if ctx.world.main:
         saved = {
+            "run_id": ctx.config.run_id(),
             "model": parts.model.state_dict(),
             "optimizer": parts.optimizer.state_dict(),
             "method": parts.method.state_dict(),
-            "method_ranks": method_ranks,
+            "method_ranks": ranks and [r["method"] for r in ranks],
             "epoch": state.done // ctx.steps_per_epoch,
             "step": state.done,
-            "rng": None if interval.epoch_ends else rng_state(ctx.device),
+            "rng": rng,
+            "rng_ranks": ranks and [r["rng"] for r in ranks],
+            "shared_rng": None if rng is None else parts.method.shared_rng.get_state(),
             "history": state.history,
             "steps": state.steps,
             "wall_time_s": wall,

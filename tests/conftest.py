@@ -21,7 +21,10 @@ def tiny_config(tmp_path):
     from gvr_lab import Config
 
     def make(**overrides):
-        return Config(**{**TINY_RUN, "out_dir": str(tmp_path / "run"), **overrides})
+        fields = {**TINY_RUN, "out_dir": str(tmp_path / "run"), **overrides}
+        if overrides.get("steps") and "epochs" not in overrides:  # steps mode leaves epochs at its default
+            del fields["epochs"]
+        return Config(**fields)
 
     return make
 

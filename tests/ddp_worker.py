@@ -5,7 +5,8 @@
 CASES.json holds a list of runs, each {"id": ..., "runs": [Config fields, ...]}: the runs of a case
 go one after the other through the real entry point, `gvr_lab.train(Config)`, on every rank (a
 case of several runs is a run stopped with stop_after and resumed). After a case, every rank's
-model state and method state are gathered, and rank 0 saves them all, by case id, to OUT.pt.
+model state and method state, and the dropout mask of its last run's first training forward (None
+without dropout), are gathered, and rank 0 saves them all, by case id, to OUT.pt.
 """
 
 import json
@@ -22,7 +23,17 @@ build_model = training.build_model
 
 def capture(*args, **kwargs):
     built["model"], built["optimizer"], built["method"] = parts = build_model(*args, **kwargs)
+    built["mask"] = None
+    for module in parts[0].modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(record_mask)
     return parts
+
+
+def record_mask(module, inputs, output):
+    """The features dropout zeroed (the smooth tiny CNN's are all positive), on the first training forward."""
+    if module.training and built["mask"] is None:
+        built["mask"] = output.eq(0) & inputs[0].ne(0)
 
 
 training.build_model = capture  # the loop's builder, recorded: the test compares what each rank holds
@@ -38,7 +49,9 @@ def main(cases_file: str, out_file: str) -> None:
     for case in json.loads(open(cases_file).read()):
         for fields in case["runs"]:
             train(Config(**fields))
-        mine = on_cpu({"model": built["model"].state_dict(), "method": built["method"].state_dict()})
+        mine = on_cpu(
+            {"model": built["model"].state_dict(), "method": built["method"].state_dict(), "mask": built["mask"]}
+        )
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         results[case["id"]] = gathered

@@ -6,7 +6,10 @@ regular expression) and nothing is written. Every case runs in an empty working 
 holds only the bad files below, so a relative default (runs/...) written by mistake is seen too.
 """
 
+import dataclasses
 import gzip
+import io
+import json
 import re
 
 import pytest
@@ -15,6 +18,7 @@ import torch
 from gvr_lab import Config, create_method, create_model, train, train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
+from gvr_lab.results import load_checkpoint
 from gvr_lab.runner import run_notebook
 from gvr_lab.training import resolve_device
 
@@ -66,6 +70,14 @@ def write_bad_files(folder):
         labels = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(n)
         (fashion / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images[:-100]))
         (fashion / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    # run directories whose checkpoint is cut short, or is not one
+    buffer = io.BytesIO()
+    torch.save({"model": create_model("tiny_cnn").state_dict()}, buffer)
+    for name, checkpoint in (("truncated", buffer.getvalue()[:2000]), ("corrupt", b"not a checkpoint" * 50)):
+        (folder / name).mkdir()
+        config = dataclasses.asdict(Config(dataset="synthetic", model="tiny_cnn"))
+        (folder / name / "config.json").write_text(json.dumps(config))
+        (folder / name / "checkpoint.pt").write_bytes(checkpoint)
     # its body would fail: a run that got past the parameter checks would show
     (folder / "nb.py").write_text(
         '# %% tags=["parameters"]\npreset: str = "cpu"  # smoke | cpu\nepochs: int = 1  # passes\n'
@@ -156,6 +168,49 @@ BAD = [
     ("text for an int field (api)", lambda: Config(epochs="3"), r"config field 'epochs' must be int"),
     ("text for a float field (api)", lambda: Config(lr="fast"), r"config field 'lr' must be float"),
     ("quant bits < 2", [*TRAIN, "--quant-bits", "1"], r"quant_bits must be an integer in \[2, 16\]"),
+    # counts that cannot mean what they say
+    (
+        "epochs together with steps",
+        [*TRAIN, "--steps", "10", "--epochs", "7"],
+        r"steps=10 and epochs=7 both given: .*leave epochs at its default \(3\)",
+    ),
+    ("epochs together with steps (api)", lambda: Config(steps=10, epochs=1), r"steps=10 and epochs=1 both given"),
+    (
+        "kept checkpoint beyond the evaluations",
+        [*TRAIN, "--keep-checkpoints", "1000000000"],
+        r"keep_checkpoints names evaluation 1000000000, but this run evaluates 3 times",
+    ),
+    (
+        "kept checkpoint beyond the evaluations in steps mode (api)",
+        lambda: train(
+            Config(
+                dataset="synthetic",
+                model="tiny_cnn",
+                device="cpu",
+                progress=False,
+                out_dir="run",
+                steps=10,
+                eval_every=4,
+                keep_checkpoints=[4],
+            )
+        ),
+        r"keep_checkpoints names evaluation 4, but this run evaluates 3 times: keep evaluations 1 to 3",
+    ),
+    (
+        "diagnostic micro-batch not dividing the batch",
+        [*TRAIN, "--diag-micro-batch", "50"],
+        r"diag_micro_batch=50 does not divide batch_size=128",
+    ),
+    (
+        "boolean evaluation number (api)",
+        lambda: Config(keep_checkpoints=[True]),
+        r"keep_checkpoints must list evaluation numbers as integers >= 1, got \[True\]",
+    ),
+    (
+        "fractional milestone (api)",
+        lambda: Config(schedule="multistep", milestones=[1.5]),
+        r"milestones must list epochs as integers >= 0, got \[1.5\]",
+    ),
     ("negative cutout", [*TRAIN, "--cutout", "-0.5"], r"cutout must be >= 0"),
     ("cutout > 1 (api)", lambda: Config(cutout=1.5), r"cutout must be <= 1"),
     ("batch larger than data", [*TRAIN, "--batch-size", "4096"], r"batch_size=4096 exceeds the 512 training examples"),
@@ -172,6 +227,21 @@ BAD = [
     ("unknown config field", ["train", "--config", "field.yaml"], r"unknown config field 'learning_rate'"),
     ("missing config file", ["train", "--config", "nope.yaml"], r"cannot read config file"),
     ("run dir is a file", [*TRAIN, "--out-dir", "afile"], r"is not a directory"),
+    (
+        "run dir under a file",
+        [*TRAIN, "--out-dir", "afile/run"],
+        r"cannot create the folder afile/run: not a directory; a part of the path is a file",
+    ),
+    (
+        "truncated checkpoint",
+        ["curvature", "truncated"],
+        r"checkpoint truncated/checkpoint.pt is truncated or damaged .*: delete it to start the run again",
+    ),
+    (
+        "corrupt checkpoint (api)",
+        lambda: load_checkpoint("corrupt/checkpoint.pt"),
+        r"checkpoint corrupt/checkpoint.pt is corrupt \(not a torch checkpoint\): delete it",
+    ),
     (
         "run dir is a file (api)",
         lambda: train(Config(dataset="synthetic", model="tiny_cnn", device="cpu", progress=False, out_dir="afile")),

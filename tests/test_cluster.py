@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gvr_lab import grid_configs, train_configs, train_grid
-from gvr_lab.cluster import RayOptions
+from gvr_lab.cluster import RayOptions, check_reachable
 from gvr_lab.errors import UsageError
 
 from helpers import lock_holder
@@ -60,6 +60,12 @@ def test_a_ray_grid_equals_the_sequential_grid_run_for_run(local_ray, tmp_path):
     stamps = [(r.run_dir / "summary.json").stat().st_mtime_ns for r in under_ray]
     again = train_grid(BASE, variants, [0, 1], tmp_path / "ray", executor="ray", ray=local_ray)
     assert [(r.run_dir / "summary.json").stat().st_mtime_ns for r in again] == stamps
+
+
+def test_a_ray_clusters_gcs_passes_the_address_check(local_ray):
+    """The check's own GCS call (tests/test_robustness.py: what no Ray answers) is answered as a
+    cluster answers it, token authentication on, as Ray starts clusters by default."""
+    check_reachable(ray.get_runtime_context().gcs_address)
 
 
 def test_a_killed_worker_is_retried_and_its_run_resumes_to_the_uninterrupted_end(local_ray, tmp_path):

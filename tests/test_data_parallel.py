@@ -8,6 +8,8 @@ the CPU), with augmentation on (crop, flip, Cutout).
 * State that the ranks must share (SAF's merged memory, MESA's teacher, the synced variants'
   directions) is the same on every rank; per-rank state (LookSAM's and vSAM's directions without
   sync_ascent) survives a stop and resume, each rank getting its own back.
+* Each rank draws its own dropout masks, and a run stopped inside an epoch resumes every rank's
+  random stream.
 
 All runs of the 2-rank side go through one torchrun launch (tests/ddp_worker.py), the
 one-process side through gvr_lab.train in this process.
@@ -61,8 +63,8 @@ CASES = [
     ("reg_loss exact", "reg_loss", {**MICRO, "hvp": "exact"}, {**MICRO, "hvp": "exact"}),
     ("reg_loss fd", "reg_loss", {**MICRO, "hvp": "fd"}, {**MICRO, "hvp": "fd"}),
     ("avg_jac_loss", "avg_jac_loss", MICRO, MICRO),
-    # FT's sampled labels and UJ's directions come from each rank's RNG stream (seeded alike), so
-    # their draws are not those of one process
+    # FT's sampled labels and UJ's directions come from each rank's own random stream, so their
+    # draws are not those of one process
     ("fish_loss", "fish_loss", MICRO, None),
     ("unit_jac_loss", "unit_jac_loss", MICRO, None),
     # grafting and NGD normalize the all-reduced g_B; iter_graft reads every rank's micro-batch norms
@@ -106,6 +108,14 @@ RESUMED = [
     ("vsam per rank", "vsam", {"window": 4, "blocks": 2, "warmup_epochs": 1}, {}),
     ("mesa bn", "mesa", {"kl_start_epoch": 0}, {"bn": True}),
 ]
+# Dropout on 2 ranks in steps mode, stopped inside an epoch (at step 10, 8 steps per epoch) and resumed.
+DROPOUT = dict(
+    {k: v for k, v in BASE.items() if k != "epochs"},
+    method="sgd",
+    model_args={**BASE["model_args"], "dropout": 0.5},
+    steps=20,
+    eval_every=5,
+)
 UPDATE_NORM = {
     "sam": "sam_grad_norm",
     "asam": "sam_grad_norm",
@@ -156,6 +166,9 @@ def runs(tmp_path_factory):
                 ],
             }
         )
+    cases.append({"id": "dropout uninterrupted", "runs": [dict(DROPOUT, out_dir=str(root / "full" / "dropout"))]})
+    resumed = dict(DROPOUT, out_dir=str(root / "resumed" / "dropout"))
+    cases.append({"id": "dropout resumed", "runs": [dict(resumed, stop_after=2), resumed]})
     (root / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "GVR_LAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("ddp_worker.py")
@@ -251,3 +264,18 @@ def test_per_rank_method_state_resumes_on_its_own_rank(runs, case):
     if per_rank:  # which the ranks indeed hold differently
         first, second = (uninterrupted[rank]["method"][per_rank] for rank in range(2))
         assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_each_rank_draws_its_own_dropout_masks_and_resumes_its_own_stream(runs):
+    """Dropout masks come from each rank's own stream (before: the same mask for row j of every
+    rank's slice); stopped inside an epoch and resumed, every rank goes on with its own stream, so
+    the run ends bit-identical to the uninterrupted one, on both ranks alike."""
+    uninterrupted, resumed = runs[0]["dropout uninterrupted"], runs[0]["dropout resumed"]
+    first, second = (uninterrupted[rank]["mask"] for rank in range(2))
+    assert first.shape == second.shape == (32, 512) and 0.3 < first.float().mean() < 0.7
+    assert not torch.equal(first, second)
+    assert_states_equal(uninterrupted[0]["model"], uninterrupted[1]["model"])
+    for rank in range(2):
+        assert_states_equal(resumed[rank]["model"], uninterrupted[rank]["model"])
+    final = load_checkpoint(runs[1] / "resumed" / "dropout" / "checkpoint.pt")  # at step 20, inside an epoch
+    assert final["step"] == 20 and len(final["rng_ranks"]) == 2

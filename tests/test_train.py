@@ -225,7 +225,7 @@ def test_curvature_every_and_kept_checkpoints(tiny_config, tmp_path):
     measured = gvr_lab.curvature(model, batches, k=1, trace_samples=training.CURVATURE_PROBES)
     assert run.history["hessian_top"].iloc[1] == pytest.approx(measured["top_eigenvalues"][0], rel=1e-5)
     assert run.history["hessian_trace"].iloc[1] == pytest.approx(measured["trace"], rel=1e-5)
-    with pytest.raises(UsageError, match="keep_checkpoints must list evaluation numbers >= 1"):
+    with pytest.raises(UsageError, match="keep_checkpoints must list evaluation numbers as integers >= 1"):
         tiny_config(keep_checkpoints=[0])
 
 

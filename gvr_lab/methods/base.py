@@ -123,6 +123,11 @@ class Method(abc.ABC):
     # The data-parallel group, set by the loop under torchrun: one process by default. Methods
     # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
     world: World = World()
+    # The CPU generator of the random decisions every rank must make alike (ESAM's kept tensors,
+    # IterGraft's micro-batch), seeded by the loop from (seed, epoch) alike on every rank; None
+    # outside the loop: torch's global generator. Per-row randomness (dropout masks, sampled labels)
+    # comes from the global RNG, which the loop seeds per rank.
+    shared_rng: torch.Generator | None = None
     # Set by __init__ (declared here so that register_method sees their names too).
     hp: HParams
     model: torch.nn.Module

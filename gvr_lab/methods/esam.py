@@ -5,7 +5,7 @@ of Neural Networks", ICLR 2022. Mechanics follow the official code (dydjw9/Effic
 utils/Esam.py).
 
 SWP, per parameter tensor as in the official code: each tensor is kept with probability beta
-(K = the kept tensors, drawn first in the step from torch's global CPU RNG: keep_i = U_i < beta,
+(K = the kept tensors, drawn first in the step from Method.shared_rng: keep_i = U_i < beta,
 U = torch.rand(number of tensors); nothing is drawn when beta = 1). Pass 1 computes the gradient of
 the kept tensors only (autograd.grad with those inputs, so the other tensors' weight gradients are
 never computed: the saving the official code gets by switching their requires_grad off), and
@@ -40,7 +40,7 @@ the cut follows rounding, as it follows any perturbation of the weights.
 Data parallelism: pass 1's ascent is per rank (as the official code sets it up under DDP) and
 only the update gradient of pass 2 is averaged; every tensor gets a pass-2 gradient. With
 `sync_ascent=True`, g_K is averaged across ranks before eps (one extra all-reduce), so every rank
-perturbs alike; the SWP mask is the same on every rank (the CPU RNG is seeded alike), and SDS
+perturbs alike; the SWP mask is the same on every rank (drawn from the shared generator), and SDS
 still ranks each rank's own samples (ceil(gamma * local batch) per rank).
 
 Metrics: "loss", "acc" (pass 1, whole batch), "grad_norm" (||g_K||: the norm of the part of g that
@@ -85,7 +85,7 @@ class ESAM(Method):
         """The parameters SWP perturbs this step."""
         if self.hp.beta == 1:
             return self.params
-        keep = (torch.rand(len(self.params)) < self.hp.beta).tolist()  # CPU: no device sync
+        keep = (torch.rand(len(self.params), generator=self.shared_rng) < self.hp.beta).tolist()  # CPU: no sync
         return [p for p, k in zip(self.params, keep) if k]
 
     def step(self, batch):

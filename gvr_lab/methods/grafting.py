@@ -12,8 +12,8 @@ the magnitude from one optimizer and the direction from another: here the direct
 GD and the step length lr * nu_t of small-batch SGD, where nu_t is a small-batch gradient norm:
 
     iter_graft, norm_source="random_micro"   nu_t = ||grad L_j||, j uniform over the k micro-batches
-                                             of the current large batch (torch's global CPU
-                                             generator: a host int, no device sync)
+                                             of the current large batch (Method.shared_rng, a
+                                             CPU generator: a host int, no device sync)
     iter_graft, norm_source="mean_micro"     nu_t = (1/k) sum_i ||grad L_i||
     exter_graft                              nu_t = the "grad_norm" an earlier small-batch sgd run
                                              logged at step s(t), the latest logged step <= t
@@ -132,8 +132,8 @@ class IterGraft(NormalizedMethod):
     def step_length(self, lb_norm, micro_norms):
         if self.hp.norm_source == "mean_micro":
             nu = micro_norms.mean()
-        else:  # j from the CPU generator: a host int, so indexing does not sync with the device
-            nu = micro_norms[int(torch.randint(len(micro_norms), ()))]
+        else:  # j from the shared CPU generator: a host int, so indexing does not sync with the device
+            nu = micro_norms[int(torch.randint(len(micro_norms), (), generator=self.shared_rng))]
         return {"scale": nu, "graft_norm": nu}
 
 
