@@ -61,6 +61,8 @@ else:  # Python 3.10
     import tomli as tomllib
 
 PROTOCOL_FILE = "PROTOCOL.json"  # in a runs root: the protocol its runs were made under
+# The registered protocol of this checkout (the claims notebook's and bench-grid's default).
+DEFAULT_PROTOCOL = Path(__file__).resolve().parent.parent / "notebooks" / "claims_protocol.toml"
 METRICS = ("test_acc", "train_acc", "train_eval_acc", "step_time")
 PERCENT = ("test_acc", "train_acc", "train_eval_acc")
 CLAIM_FIELDS = ("id", "statement", "family", "test", "metric", "method", "baseline", "direction", "margin")

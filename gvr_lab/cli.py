@@ -248,6 +248,9 @@ def cmd_bench_grid(args) -> int:
         raise UsageError("--into needs --json: the table in the markdown file is written from that JSON")
     if args.seeds < 1:
         raise UsageError("--seeds must be positive")
+    from .claims import DEFAULT_PROTOCOL
+
+    args.protocol = args.protocol or str(DEFAULT_PROTOCOL)
     study_grid(args.protocol, args.preset, args.seeds, "checked")  # bad input is one line before anything trains
     report = run_grid_bench(args.protocol, args.preset, args.seeds)
     print(grid_markdown(report, args.json or "(not saved)"))
@@ -486,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg = sub.add_parser(
         "bench-grid", help="runs per hour of the claims study's grid: one 2-thread run at a time against the defaults"
     )
-    bg.add_argument("--protocol", default="notebooks/claims_protocol.toml", help="the claims study's protocol")
+    bg.add_argument("--protocol", help="the claims study's protocol (default: notebooks/claims_protocol.toml)")
     bg.add_argument("--preset", default="cpu", help="whose arms make the grid")
     bg.add_argument("--seeds", type=int, default=1, help="the grid's first seeds of the preset")
     bg.add_argument("--json", help="write the measurements here")
