@@ -468,7 +468,7 @@ def protocol_table(name: str, table: dict) -> str:
     for base, fields in table.get("bases", {}).items():
         lines += ["", f"[presets.{name}.bases.{toml_key(base)}]"]
         lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in fields.items()]
-    for section in ("arms", "n"):
+    for section in ("budget", "arms", "n"):
         if section in table:
             lines += ["", f"[presets.{name}.{section}]"]
             lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table[section].items()]
@@ -697,17 +697,20 @@ def run_pilot(
     per_seed = seconds_per_seed(arms_root)
     affordable = max(2, int(budget_hours * 3600 / per_seed))
     families = {c["id"]: c["family"] for c in claims_list}
+    sizes = sizes.rename(columns={"n": "n_needed"})
     sizes["family"] = [
         "secondary" if families[i] == "primary" and n > affordable else families[i]
-        for i, n in zip(sizes["id"], sizes["n"])
+        for i, n in zip(sizes["id"], sizes["n_needed"])
     ]
-    n_study = min(affordable, int(sizes.loc[sizes["family"] == "primary", "n"].max()))
-    sizes["n"] = sizes["n"].clip(upper=n_study)
+    # every claim gets every seed of the study: as many as its primary claims need, within the budget
+    n_study = min(affordable, int(sizes.loc[sizes["family"] == "primary", "n_needed"].max()))
+    sizes["n"] = n_study
     study = preset_table({**settings, "seeds": list(range(n_study))})
     study["n"] = {
         row.id: {
             "n": int(row.n),
             "family": row.family,
+            "n_needed": int(row.n_needed),
             "pilot_seeds": int(row.pilot_seeds),
             "pilot_effect": round(float(row.effect), 4),
             "pilot_sd": round(float(row.sd), 4),
