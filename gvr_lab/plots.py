@@ -499,6 +499,26 @@ LABELS["training_s"] = "training time (s)"
 VERDICT_COLORS = {"holds": "#1b9e77", "contradicted": "#d95f02", "not resolved": "#7570b3"}
 
 
+def claim_rows(panels: dict[str, list], draw_row) -> tuple:
+    """A figure of one panel per unit, one row per claim (top to bottom in order), each row drawn by
+    draw_row(ax, y, claim, colour); the zero line, the claims' names with their n, the unit."""
+    heights = [max(1, len(c)) for c in panels.values()]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
+    for ax, (unit, claims) in zip(axes[:, 0], panels.items()):
+        for row, c in enumerate(claims):
+            draw_row(ax, len(claims) - 1 - row, c, VERDICT_COLORS[c.verdict])
+        ax.axvline(0, color="#3b3b3b", lw=0.8)
+        ax.set_yticks(range(len(claims)))
+        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(claims)], fontsize=8)
+        ax.set_ylim(-0.7, len(claims) - 0.4)
+        ax.set_xlabel(unit)
+        ax.grid(axis="y", visible=False)
+    return fig, axes
+
+
 def forest(panels: dict[str, list]):
     """Paired differences (method - baseline, over seeds) with their 95% CIs, one row per claim and
     one panel per unit (accuracy points, a time ratio): a claim "greater" holds when its whole bar is
@@ -506,32 +526,18 @@ def forest(panels: dict[str, list]):
     when its bar lies right of the margin's dashed line (left, for "less"). Colour = verdict; a
     hollow dot = a claim whose premise does not hold, its verdict withheld whatever its bar shows.
     The claims are stats.Comparison or stats.AssessedClaim records."""
-    heights = [max(1, len(c)) for c in panels.values()]
-    fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
-        gridspec_kw={"height_ratios": heights},
-        squeeze=False,
-    )
-    for ax, (unit, comparisons) in zip(axes[:, 0], panels.items()):
-        for row, c in enumerate(comparisons):
-            y = len(comparisons) - 1 - row
-            color = VERDICT_COLORS[c.verdict]
-            if not np.isnan(c.ci_low):
-                ax.plot([c.ci_low, c.ci_high], [y, y], color=color, lw=2.2, solid_capstyle="butt")
-            ax.plot([c.diff_mean], [y], "o", color=color, ms=6, mfc="white" if c.verdict != c.ci_verdict else color)
-            if c.direction == "parity":
-                ax.fill_betweenx([y - 0.35, y + 0.35], -c.margin, c.margin, color=color, alpha=0.15, lw=0)
-            elif getattr(c, "test", "") == "non_inferiority":
-                at = -c.margin if c.direction == "greater" else c.margin
-                ax.plot([at, at], [y - 0.35, y + 0.35], color=color, lw=1.2, linestyle="--")
-        ax.axvline(0, color="#3b3b3b", lw=0.8)
-        ax.set_yticks(range(len(comparisons)))
-        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(comparisons)], fontsize=8)
-        ax.set_ylim(-0.6, len(comparisons) - 0.4)
-        ax.set_xlabel(unit)
-        ax.grid(axis="y", visible=False)
+
+    def row(ax, y, c, color):
+        if not np.isnan(c.ci_low):
+            ax.plot([c.ci_low, c.ci_high], [y, y], color=color, lw=2.2, solid_capstyle="butt")
+        ax.plot([c.diff_mean], [y], "o", color=color, ms=6, mfc="white" if c.verdict != c.ci_verdict else color)
+        if c.direction == "parity":
+            ax.fill_betweenx([y - 0.35, y + 0.35], -c.margin, c.margin, color=color, alpha=0.15, lw=0)
+        elif getattr(c, "test", "") == "non_inferiority":
+            at = -c.margin if c.direction == "greater" else c.margin
+            ax.plot([at, at], [y - 0.35, y + 0.35], color=color, lw=1.2, linestyle="--")
+
+    fig, axes = claim_rows(panels, row)
     handles = [
         plt.Line2D([], [], color=color, marker="o", lw=2.2, label=verdict) for verdict, color in VERDICT_COLORS.items()
     ]
@@ -544,7 +550,7 @@ def forest(panels: dict[str, list]):
             mfc="white",
             lw=0,
             label="not resolved: its premise does not hold",
-        )
+        )  # fmt: skip
     )
     axes[0, 0].legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.02), ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
@@ -555,27 +561,16 @@ def seed_strip(panels: dict[str, list]):
     """Each claim's paired differences seed by seed (one dot per seed), with their mean and its
     interval as in `forest`: where a verdict comes from, and which seeds carry it. `panels` as
     forest's, of stats.AssessedClaim records (their `values`)."""
-    heights = [max(1, len(c)) for c in panels.values()]
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
-        gridspec_kw={"height_ratios": heights}, squeeze=False,
-    )  # fmt: skip
-    for ax, (unit, claims) in zip(axes[:, 0], panels.items()):
-        for row, c in enumerate(claims):
-            y = len(claims) - 1 - row
-            color = VERDICT_COLORS[c.verdict]
-            d = np.array([m - b for m, b in c.values.values()])
-            jitter = np.linspace(-0.18, 0.18, len(d)) if len(d) > 1 else np.zeros(len(d))
-            ax.plot(d, y + jitter, "o", color=color, ms=3.5, alpha=0.7)
-            if not np.isnan(c.ci_low):
-                ax.plot([c.ci_low, c.ci_high], [y - 0.3, y - 0.3], color=color, lw=2.2, solid_capstyle="butt")
-            ax.plot([c.diff_mean], [y - 0.3], "|", color="#3b3b3b", ms=9, mew=2)
-        ax.axvline(0, color="#3b3b3b", lw=0.8)
-        ax.set_yticks(range(len(claims)))
-        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(claims)], fontsize=8)
-        ax.set_ylim(-0.7, len(claims) - 0.4)
-        ax.set_xlabel(unit)
-        ax.grid(axis="y", visible=False)
+
+    def row(ax, y, c, color):
+        d = np.array([m - b for m, b in c.values.values()])
+        jitter = np.linspace(-0.18, 0.18, len(d)) if len(d) > 1 else np.zeros(len(d))
+        ax.plot(d, y + jitter, "o", color=color, ms=3.5, alpha=0.7)
+        if not np.isnan(c.ci_low):
+            ax.plot([c.ci_low, c.ci_high], [y - 0.3, y - 0.3], color=color, lw=2.2, solid_capstyle="butt")
+        ax.plot([c.diff_mean], [y - 0.3], "|", color="#3b3b3b", ms=9, mew=2)
+
+    fig, _ = claim_rows(panels, row)
     fig.tight_layout()
     return fig
 

@@ -22,6 +22,8 @@ from gvr_lab.results import load_checkpoint
 from gvr_lab.runner import run_notebook
 from gvr_lab.training import resolve_device
 
+from helpers import BENCH_SMOKE
+
 TRAIN = [
     "train",
     "--dataset",
@@ -36,25 +38,7 @@ TRAIN = [
     "--out-dir",
     "run",
 ]
-BENCH = [
-    "bench",
-    "--model",
-    "tiny_cnn",
-    "--shape",
-    "1x28",
-    "--batch-size",
-    "16",
-    "--steps",
-    "2",
-    "--warmup",
-    "1",
-    "--rounds",
-    "2",
-    "--device",
-    "cpu",
-    "--json",
-    "bench.json",
-]
+BENCH = [*BENCH_SMOKE, "--json", "bench.json"]
 
 
 def write_bad_files(folder):

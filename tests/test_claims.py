@@ -206,13 +206,9 @@ def test_a_claim_uses_the_first_n_seeds_its_preset_registers(tmp_path):
 
 
 def test_the_plateau_is_the_budget_past_which_doubling_stops_paying():
-    finals = pd.DataFrame(
-        {
-            "epochs": [10, 10, 20, 20, 40, 40],
-            "train_loss": [0.5, 0.5, 0.3, 0.3, 0.27, 0.27],
-            "test_acc": [0.80, 0.80, 0.83, 0.83, 0.832, 0.832],
-        }  # fmt: skip
-    )
+    budgets = [10, 10, 20, 20, 40, 40]
+    finals = pd.DataFrame({"epochs": budgets, "train_loss": [0.5, 0.5, 0.3, 0.3, 0.27, 0.27]})
+    finals["test_acc"] = [0.80, 0.80, 0.83, 0.83, 0.832, 0.832]
     assert claims.plateau_budget(finals) == 20  # 10 -> 20 drops the loss 40%; 20 -> 40 only 10%, +0.2 points
     assert claims.plateau_budget(finals.assign(train_loss=[0.5, 0.5, 0.3, 0.3, 0.1, 0.1])) == 40
 
@@ -223,7 +219,7 @@ def test_the_fitting_setting_is_the_cheapest_where_every_seed_fits():
             "train_subset": [256, 256, 512, 512, 1024, 1024],
             "steps": [400, 400, 800, 800, 300, 300],
             "train_eval_acc": [0.995, 0.98, 0.999, 0.991, 1.0, 1.0],
-        }  # fmt: skip
+        }
     )
     assert claims.fitting_setting(finals) == {"train_subset": 1024, "steps": 300}  # 307,200 < 512 x 800
     assert claims.fitting_setting(finals.assign(train_eval_acc=0.5)) is None

@@ -28,23 +28,14 @@ import torch
 from gvr_lab import Config, list_methods, train
 from gvr_lab.results import load_checkpoint
 
+from helpers import TINY_RUN, UPDATE_NORM
+
 # One worker runs this module: its fixture launches the 2-rank runs once for all the tests below.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_parallel")]
 
 # BN-free (BN normalizes with per-rank statistics) and smooth: on ReLU / max-pool nets fd penalties
 # cross kinks, so two summation orders can route a gradient differently, which is not rounding.
-BASE = dict(
-    dataset="synthetic",
-    model="tiny_cnn",
-    model_args={"smooth": True},
-    epochs=3,
-    batch_size=64,
-    train_subset=512,
-    cutout=0.5,
-    log_every=2,
-    device="cpu",
-    progress=False,
-)
+BASE = dict(TINY_RUN, model_args={"smooth": True}, epochs=3, cutout=0.5, log_every=2)
 MICRO = {"micro_batch_size": 16}
 SB_LOG = "<sb log>"  # exter_graft's norms_path: a one-process sgd run at batch 16, made by the fixture
 
@@ -116,13 +107,6 @@ DROPOUT = dict(
     steps=20,
     eval_every=5,
 )
-UPDATE_NORM = {
-    "sam": "sam_grad_norm",
-    "asam": "sam_grad_norm",
-    "looksam": "sam_grad_norm",
-    "esam": "sam_grad_norm",
-    "vsam": None,
-}
 
 
 def test_the_cases_cover_every_registered_method():

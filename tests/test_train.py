@@ -13,21 +13,8 @@ from gvr_lab.results import load_checkpoint
 
 
 @pytest.mark.slow
-def test_short_fashion_mnist_run_learns(tmp_path):
-    run = train(
-        Config(
-            dataset="fashion_mnist",
-            model="tiny_cnn",
-            epochs=1,
-            batch_size=64,
-            lr=0.05,
-            train_subset=6000,
-            augment=False,
-            device="cpu",
-            progress=False,
-            out_dir=str(tmp_path),
-        )
-    )
+def test_short_fashion_mnist_run_learns(tiny_config, tmp_path):
+    run = train(tiny_config(dataset="fashion_mnist", epochs=1, train_subset=6000, augment=False, out_dir=str(tmp_path)))
     assert run.summary["status"] == "completed"
     assert run.summary["final_test_acc"] > 0.6  # chance is 0.1
     assert list(run.history.columns[:3]) == ["epoch", "lr", "epoch_time_s"]
