@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .training import Config, train
+from .training import NODE_ENV, Config, train
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def not_a_gcs(connection: socket.socket, address: str, deadline: float) -> str |
 
 
 def train_remote(fields: dict) -> dict:
-    """One run, in a Ray worker: train (or resume, or return) it; its summary comes back."""
+    """One run, in a Ray worker: train (or resume, or return) it, recording the node it trains on
+    in its summary; its summary comes back."""
+    os.environ[NODE_ENV] = import_ray().get_runtime_context().get_node_id()
     return train(Config(**fields)).summary
 
 

@@ -32,6 +32,7 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -66,6 +67,7 @@ SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
 CURVATURE_ROWS, CURVATURE_PROBES = 512, 20  # what curvature_every measures
 PRECISIONS = ("auto", "fp32", "bf16")
 CHANNELS_LAST = ("auto", "true", "false")
+NODE_ENV = "GVR_LAB_NODE"  # the cluster node a run trains on, set by its executor
 FINAL_STATUSES = ("completed", "diverged")  # "running", "stopped" (by stop_after) and "failed: ..." runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
 NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after")
@@ -619,6 +621,8 @@ class Context:
             "label_noise_realized": loader.noisy_fraction,
             "channels_last": self.settings.channels_last,
             "threads": torch.get_num_threads(),
+            # where it trained: the Ray node of a task (cluster.train_remote sets it), else the host
+            "node": os.environ.get(NODE_ENV) or platform.node(),
         }
 
 
