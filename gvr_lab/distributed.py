@@ -17,7 +17,9 @@ BatchNorm keeps per-rank batch statistics (DDP's default); running statistics ar
 ranks before every evaluation and checkpoint, so all ranks hold identical models.
 
 What the loop adds: each rank augments its slice with the random draws of the whole global batch
-(data.Draws), so the ranks together see what one process would; the metrics of logged steps are
+(data.Draws), so the ranks together see what one process would; each rank draws dropout masks and
+per-row choices from its own random stream, and the choices ranks share from one generator
+(training.seed_epoch, Method.shared_rng); the metrics of logged steps are
 averaged over the ranks (`rank_mean`), and methods measure the norm of their update gradient
 after its all-reduce (Method.update_norm), so a log holds the global batch's values; checkpoints
 carry every rank's method state (`gather_to_main`), and each rank resumes with its own.
