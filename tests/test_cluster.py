@@ -138,7 +138,7 @@ except UsageError as e:
 
 
 def test_executor_choices_are_checked_before_anything_is_built(tmp_path):
-    with pytest.raises(UsageError, match="unknown executor 'dask'; valid: sequential, ray"):
+    with pytest.raises(UsageError, match="unknown executor 'dask'; valid: processes, sequential, ray"):
         train_grid(BASE, [dict(method="sgd")], [0], tmp_path, executor="dask")
     with pytest.raises(UsageError, match="ray options given for the sequential executor"):
         train_grid(BASE, [dict(method="sgd")], [0], tmp_path, executor="sequential", ray=RayOptions())
