@@ -49,6 +49,10 @@ COMMITTED_PRESET = "cpu"  # figures/ holds this preset's figures and tables
 # sizes the cpu preset's study, and its tables are what the study's protocol cites.
 ALSO_COMMITTED = ("pilot",)
 PATH_PARAMETERS = ("runs_root", "fig_root")
+# What an exploratory study's figures and tables say under them.
+EXPLORATORY = (
+    "exploratory: tests no claim; the papers' claims are tested under a registered protocol in notebooks/06_claims.py"
+)
 # Part of every runs root's digest: raised when a run's identity gains a field its old runs lacked
 # (training.FIELDS_NEW_IN_BEHAVIOUR), so a study's new runs go to a folder of their own instead of
 # meeting runs that are now other runs.
@@ -64,6 +68,7 @@ class Declaration:
     presets: dict  # preset -> {parameter: value}
     outputs: dict  # file stem under figures/<name>/ -> what it shows; "<preset>_..." only at that preset
     ablations: tuple = ()  # labels whose defining term is off on purpose (terms.py)
+    exploratory: bool = False  # its figures and tables say they test no claim (06_claims does)
     title: str = ""
     path: Path | None = None
 
@@ -163,10 +168,10 @@ def read_notebook(path) -> Declaration:
         given = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError:
         raise UsageError(f"{path}: the arguments of Study(...) other than globals() must be literals") from None
-    unknown = sorted(set(given) - {"presets", "outputs", "ablations"})
+    unknown = sorted(set(given) - {"presets", "outputs", "ablations", "exploratory"})
     if unknown or not {"presets", "outputs"} <= set(given):
         raise UsageError(
-            f"{path}: Study(...) takes presets=, outputs= and optionally ablations=, got "
+            f"{path}: Study(...) takes presets=, outputs= and optionally ablations= and exploratory=, got "
             f"{', '.join(sorted(given)) or 'none'}"
         )
     title = next(
@@ -187,7 +192,14 @@ def read_notebook(path) -> Declaration:
 
 
 def declaration(
-    name: str, parameters: dict, presets: dict, outputs: dict, ablations=(), title: str = "", path: Path | None = None
+    name: str,
+    parameters: dict,
+    presets: dict,
+    outputs: dict,
+    ablations=(),
+    title: str = "",
+    path: Path | None = None,
+    exploratory: bool = False,
 ) -> Declaration:
     """A Declaration, checked: known preset names, preset values for declared parameters of their type."""
     where = str(path or name)
@@ -197,7 +209,7 @@ def declaration(
             if key not in parameters:
                 raise UsageError(f"{where}: preset {preset!r} sets {key!r}, which is not a parameter")
             coerce(value, TYPE_NAMES[parameters[key][0]], f"{where}: preset {preset!r} value of {key!r}")
-    return Declaration(name, parameters, presets, outputs, tuple(ablations), title, path)
+    return Declaration(name, parameters, presets, outputs, tuple(ablations), title, path, exploratory)
 
 
 def notebook_paths() -> list[Path]:
@@ -299,9 +311,10 @@ class Study:
     Figures refuse runs whose method's defining term never acted (terms.py); `plotted` drops them.
     """
 
-    def __init__(self, name: str, namespace: dict, *, presets: dict, outputs: dict, ablations=()):
+    def __init__(self, name: str, namespace: dict, *, presets: dict, outputs: dict, ablations=(), exploratory=False):
         source, assigned = parameters_history(namespace)
-        self.declaration = declaration(name, parameters_of(source, "the parameters cell"), presets, outputs, ablations)
+        parameters = parameters_of(source, "the parameters cell")
+        self.declaration = declaration(name, parameters, presets, outputs, ablations, exploratory=exploratory)
         explicit = {n: namespace[n] for n in assigned if n in self.declaration.parameters}
         self.resolved = resolve(self.declaration, explicit)
         namespace.update(self.resolved.params)
@@ -349,7 +362,8 @@ class Study:
 
     def provenance(self, frame: pd.DataFrame, spread: str = "") -> str:
         epochs = self.load_runs()
-        return plots.provenance(epochs[epochs["run_dir"].isin(frame["run_dir"])], self.resolved.note, spread)
+        text = plots.provenance(epochs[epochs["run_dir"].isin(frame["run_dir"])], self.resolved.note, spread)
+        return text + (f" · {EXPLORATORY}" if self.declaration.exploratory else "")
 
     def save_figure(self, fig, stem: str, frame: pd.DataFrame, spread: str = "") -> None:
         """Stamp `fig` with the provenance of the runs in `frame` (`spread`: what its bars are, when
