@@ -9,12 +9,12 @@ never need.
 import importlib
 
 from .cluster import RayOptions
+from .collect import load_runs
 from .data import Batch, list_datasets
 from .errors import UsageError
 from .landscape import curvature
 from .methods import Method, create_method, list_methods, register_method
 from .models import create_model, list_models
-from .results import load_runs
 from .training import Config, Run, train
 
 # name -> the module of this package that defines it, imported when the name is first used

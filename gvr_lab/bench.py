@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.profiler import ProfilerActivity, profile
 
 from .data import Augment, Batch, DatasetInfo, DeviceLoader, Split
 from .landscape import Objective
@@ -272,8 +273,6 @@ def run_bench(
 def profile_steps(method, batch, steps: int, device: torch.device) -> str:
     """torch.profiler's table of the ops of `steps` steps, by self time: where a ratio comes from
     (how many backward passes, which kernels, what Python overhead between them)."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):

@@ -50,9 +50,10 @@ import pandas as pd
 
 from . import stats
 from .bench import run_bench
+from .collect import load_runs
 from .errors import UsageError
 from .grid import default_workers, grid_configs, train_configs
-from .results import load_runs, read_json, write_json
+from .results import read_json, write_json
 from .training import Config
 
 if sys.version_info >= (3, 11):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -144,8 +145,6 @@ def replace_table(text: str, table: str, where) -> str:
 
 
 def cmd_curvature(args) -> int:
-    import json
-
     from .errors import FilesystemError
     from .measure import measure_run
     from .results import write_json

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 from .errors import UsageError, check_choice
 
@@ -276,8 +277,6 @@ def download_with_torchvision(tv_name: str, data_dir, hint: str | None = None) -
     hint = hint or f"{tv_name} not found in {', '.join(map(str, search_dirs(data_dir)))}"
     if offline():
         raise UsageError(f"{hint}; GVR_LAB_OFFLINE is set, so no download was tried")
-    import torchvision
-
     try:
         getattr(torchvision.datasets, tv_name)(str(root), train=True, download=True)
         getattr(torchvision.datasets, tv_name)(str(root), train=False, download=True)

@@ -22,7 +22,6 @@ import fcntl
 import glob
 import io
 import json
-import math
 import os
 import re
 import tempfile
@@ -268,7 +267,7 @@ class RunFiles:
 
 def read_run(run_dir, tables=(EPOCHS, STEPS)) -> RunFiles:
     """The run's files as one consistent state, however busy a writer is: summary.json first, then
-    each table cut to the evaluations (`epochs_completed`) and steps (`steps_completed`) that
+    each table cut to the evaluations (`evaluations`) and steps (`steps_completed`) that
     summary counts. The loop writes the tables before the summary and only ever appends rows, so
     the rows a summary counts are already in place, and are those the summary describes."""
     run_dir = Path(run_dir)
@@ -276,49 +275,10 @@ def read_run(run_dir, tables=(EPOCHS, STEPS)) -> RunFiles:
     read = {}
     for name in tables:
         df = read_table(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
-        if name == EPOCHS and "epochs_completed" in summary:
-            df = df.iloc[: summary["epochs_completed"]]
+        evaluations = summary.get("evaluations", summary.get("epochs_completed"))  # older summaries: one per epoch
+        if name == EPOCHS and evaluations is not None:
+            df = df.iloc[:evaluations]
         if name == STEPS and "steps_completed" in summary and "step" in df:
             df = df[df["step"] < summary["steps_completed"]]
         read[name] = df.reset_index(drop=True)
     return RunFiles(read_json(run_dir / CONFIG), summary, read)
-
-
-def run_status(files: RunFiles) -> str:
-    """The summary's status; "mismatched" where config.json no longer describes the run that wrote
-    the results (edited by hand: the run identity the summary records is not config.json's)."""
-    from .training import identity_digest  # training builds on this module
-
-    written_by = files.summary.get("run_id")
-    if written_by is not None and written_by != identity_digest(files.config):
-        return "mismatched"
-    return files.summary.get("status", "unknown")
-
-
-def load_runs(paths_or_glob, steps: bool = False) -> pd.DataFrame:
-    """Tidy table of many runs: one row per (run, epoch) with the config as columns.
-
-    With steps=True, one row per logged step instead. Runs without metrics yet are skipped; a run
-    being written is read as its last complete state (read_run). Besides the config, each row
-    carries the run's `status` (run_status) and `steps_per_epoch` (summary.json),
-    and (one row per evaluation only) `selected_test_acc`: the run's test accuracy at its
-    best-validation evaluation (`best_evaluations`), NaN for a run without val_acc; the value a
-    setting chosen on validation reports (stats.select).
-    """
-    frames = []
-    for run_dir in run_dirs(paths_or_glob):
-        files = read_run(run_dir, (STEPS if steps else EPOCHS,))
-        summary, [df] = files.summary, files.tables.values()
-        if not len(df):
-            continue
-        for key, value in flat_config(files.config).items():
-            if key not in df.columns:
-                df[key] = value
-        df["run_dir"] = str(run_dir)
-        df["status"] = run_status(files)
-        df["steps_per_epoch"] = summary.get("steps_per_epoch", 0)
-        if not steps:
-            best = best_evaluations(df)
-            df["selected_test_acc"] = float(best["test_acc"].iloc[0]) if len(best) else math.nan
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -84,16 +84,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scipy import stats as scipy_stats
 
 from .errors import UsageError, check_choice, coerce
 from .results import best_evaluations
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 DIRECTIONS = ("greater", "less", "parity")
 VERDICTS = ("holds", "contradicted", "not resolved")
@@ -216,8 +213,6 @@ def claims_table(rows: list[tuple[Comparison, str, int]]) -> pd.DataFrame:
     """One row per claim: (comparison, the paper's number beside it, decimals of ours), with our
     means, the paired difference and its 95% CI, n and the verdict; a claim whose premise does not
     hold names it and what its CI alone would say."""
-    import pandas as pd
-
     out = []
     for c, paper, digits in rows:
         fmt = f"{{:.{digits}f}}"
@@ -603,8 +598,6 @@ def select(
     none), `test_by_seed` ({seed: test accuracy}, for paired claims) and `n` (reporting seeds).
     Accuracies stay fractions, as in load_runs.
     """
-    import pandas as pd
-
     per_columns = [] if per is None else [per] if isinstance(per, str) else list(per)
     missing = [c for c in (by, group, *per_columns, "seed", "run_dir", "test_acc") if c not in runs]
     if missing:

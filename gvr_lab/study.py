@@ -37,9 +37,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from . import plots, terms
+from .collect import load_runs
 from .errors import TYPE_NAMES, UsageError, check_choice, coerce
 from .progress import show, show_text
-from .results import load_runs, write_atomic
+from .results import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -209,7 +210,7 @@ def declaration(
             if key not in parameters:
                 raise UsageError(f"{where}: preset {preset!r} sets {key!r}, which is not a parameter")
             coerce(value, TYPE_NAMES[parameters[key][0]], f"{where}: preset {preset!r} value of {key!r}")
-    return Declaration(name, parameters, presets, outputs, tuple(ablations), title, path, exploratory)
+    return Declaration(name, parameters, presets, outputs, tuple(ablations), exploratory, title, path)
 
 
 def notebook_paths() -> list[Path]:

@@ -40,8 +40,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import pandas as pd
 import torch
+import torchvision
 from tqdm.auto import tqdm
 
 from . import results
@@ -630,9 +632,6 @@ class Context:
 def provenance() -> dict:
     """What made a run, for its summary: the package version, the git commit of the package's
     checkout with a dirty flag (where it is one), and the versions of Python and the libraries."""
-    import numpy
-    import torchvision
-
     try:
         version = importlib.metadata.version("gvr_lab")
     except importlib.metadata.PackageNotFoundError:  # imported from a checkout that was never installed

@@ -684,8 +684,8 @@ def test_final_curvature_repeats_the_last_measurement_made_in_training(tiny_conf
     is the training loop's last one (same rows, Lanczos start and probes), and the cost columns are
     the history's times per epoch."""
     from gvr_lab import plots, train
+    from gvr_lab.collect import load_runs
     from gvr_lab.measure import final_curvature
-    from gvr_lab.results import load_runs
     from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS
 
     torch.set_default_dtype(torch.float32)

@@ -5,10 +5,12 @@ as an uninterrupted run would have ended."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,24 +38,37 @@ def free_port() -> int:
 
 @pytest.fixture
 def two_nodes():
-    """A head and a worker node on this machine, 1 CPU each. `ray start` turns Ray's token
+    """A head and a worker node on this machine, 1 CPU each, in a Ray temp folder of their own (so
+    another Ray instance on the machine neither blocks nor loses them). `ray start` turns Ray's token
     authentication on unless told otherwise, and a client then needs RAY_AUTH_MODE=token from before
     it imports Ray: on one machine's loopback the nodes start without it."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     address = f"127.0.0.1:{free_port()}"
-    common = ["--num-cpus=1", "--disable-usage-stats"]
-    port = address.split(":")[1]
-    for start in (
-        [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false"],
-        [RAY, "start", f"--address={address}"],
-    ):
-        subprocess.run([*start, *common], check=True, capture_output=True, timeout=120, env=env)
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = [RAY, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"]
     try:
+        for start in (head, [RAY, "start", f"--address={address}"]):
+            done = subprocess.run([*start, *common], capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stderr[-2000:]
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        for proc in processes_mentioning(temp):
+            os.kill(proc, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def summary_of(config) -> dict:
@@ -65,15 +80,9 @@ def summary_of(config) -> dict:
 
 def stop_node(node_id: str) -> None:
     """SIGKILL the raylet of one node (its workers die with it), as a lost machine would."""
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "raylet" in command and f"--node_id={node_id}" in command:
-            os.kill(int(proc.name), signal.SIGKILL)
-            return
-    raise AssertionError(f"no raylet of node {node_id}")
+    [raylet] = [pid for pid in processes_mentioning(f"--node_id={node_id}")
+                if b"raylet" in (Path("/proc") / str(pid) / "cmdline").read_bytes()]  # fmt: skip
+    os.kill(raylet, signal.SIGKILL)
 
 
 def test_a_grid_on_two_nodes_uses_both_and_survives_losing_one(two_nodes, tmp_path):

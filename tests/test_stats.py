@@ -500,7 +500,8 @@ def test_select_breaks_ties_the_documented_way_and_names_what_is_missing():
 
 
 def test_load_runs_reads_each_run_at_its_best_validation_evaluation(tmp_path):
-    from gvr_lab.results import load_runs, write_json, write_parquet
+    from gvr_lab.collect import load_runs
+    from gvr_lab.results import write_json, write_parquet
     from gvr_lab.stats import select
 
     def run(name, label, seed, evaluations):
