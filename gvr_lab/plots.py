@@ -504,15 +504,20 @@ def claim_rows(panels: dict[str, list], draw_row) -> tuple:
     draw_row(ax, y, claim, colour); the zero line, the claims' names with their n, the unit."""
     heights = [max(1, len(c)) for c in panels.values()]
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(8, 0.42 * sum(heights) + 1.2 * len(panels)),
+        len(panels), 1, figsize=(11, 0.5 * sum(heights) + 1.2 * len(panels)),
         gridspec_kw={"height_ratios": heights}, squeeze=False,
     )  # fmt: skip
+
+    def name(c) -> str:  # a secondary claim says so: exploratory, never a confirmation
+        tag = " [secondary]" if getattr(c, "family", "") == "secondary" else ""
+        return textwrap.fill(f"{c.claim}{tag} (n={c.n})", 60)
+
     for ax, (unit, claims) in zip(axes[:, 0], panels.items()):
         for row, c in enumerate(claims):
             draw_row(ax, len(claims) - 1 - row, c, VERDICT_COLORS[c.verdict])
         ax.axvline(0, color="#3b3b3b", lw=0.8)
         ax.set_yticks(range(len(claims)))
-        ax.set_yticklabels([f"{c.claim} (n={c.n})" for c in reversed(claims)], fontsize=8)
+        ax.set_yticklabels([name(c) for c in reversed(claims)], fontsize=8)
         ax.set_ylim(-0.7, len(claims) - 0.4)
         ax.set_xlabel(unit)
         ax.grid(axis="y", visible=False)
