@@ -34,10 +34,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import claims
+from .bench import bench_loader
 from .data import dataset_info
 from .grid import train_configs
 from .models import create_model
-from .training import torch_threads
+from .training import Config, DeviceSettings, build_model, torch_threads
 
 TARGET = 1.4  # runs per hour, defaults over the old way: the lab's goal for a study-shaped grid
 OLD_WAY = {"threads": 2, "channels_last": "false"}
@@ -107,9 +108,21 @@ def matmul_gflops(threads: int, size: int = 2048, rounds: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
+def median_seconds(work, rounds: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def kernel_rates(model_name: str, dataset: str, batch_size: int, rounds: int = 7) -> dict:
     """One forward and backward of a training batch: its GFLOPs, and per (threads, layout) its median
-    time and the fraction of the fp32 matmul rate at those threads it reaches."""
+    time and the fraction of the fp32 matmul rate at those threads it reaches; and the other parts
+    of a step at the lab's defaults (1 thread, channels_last): a batch from the loader (indexing,
+    crop, flip, Cutout) and the optimizer's update (SGD, momentum 0.9, weight decay)."""
     info = dataset_info(dataset)
     x = torch.randn(batch_size, info.channels, info.size, info.size)
     y = torch.randint(0, info.num_classes, (batch_size,))
@@ -128,13 +141,7 @@ def kernel_rates(model_name: str, dataset: str, batch_size: int, rounds: int = 7
             form = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             m, inputs = model.to(memory_format=form), x.contiguous(memory_format=form)
             with torch_threads(threads):
-                step(m, inputs)
-                times = []
-                for _ in range(rounds):
-                    started = time.perf_counter()
-                    step(m, inputs)
-                    times.append(time.perf_counter() - started)
-            seconds = statistics.median(times)
+                seconds = median_seconds(lambda m=m, inputs=inputs: step(m, inputs), rounds)
             rows.append(
                 {
                     "threads": threads,
@@ -145,7 +152,36 @@ def kernel_rates(model_name: str, dataset: str, batch_size: int, rounds: int = 7
                     "fraction": gflop / seconds / rate,
                 }
             )
-    return {"model": model_name, "dataset": dataset, "batch_size": batch_size, "gflop": gflop, "rates": rows}
+    return {
+        "model": model_name,
+        "dataset": dataset,
+        "batch_size": batch_size,
+        "gflop": gflop,
+        "rates": rows,
+        "parts_ms": step_parts(model_name, info, batch_size, rounds),
+    }
+
+
+def step_parts(model_name: str, info, batch_size: int, rounds: int) -> dict:
+    """Milliseconds of each part of an SGD step at the defaults (1 thread, channels_last)."""
+    config = Config(
+        model=model_name,
+        dataset=info.name if info.name in list_datasets() else "fashion_mnist",
+        batch_size=batch_size,
+        cutout=0.5,
+        device="cpu",
+    )
+    settings = DeviceSettings.of(config, torch.device("cpu"))
+    with torch_threads(1):
+        model, optimizer, _ = build_model(config, info.num_classes, info.channels, settings)
+        loader = bench_loader(info.channels, info.size, info.num_classes, batch_size, settings, views=1, batches=8)
+        batch = next(loader.epoch(0))
+        forward_backward = median_seconds(
+            lambda: torch.nn.functional.cross_entropy(model(batch.x), batch.y).backward(), rounds
+        )
+        update = median_seconds(optimizer.step, rounds)
+        data = median_seconds(lambda: next(loader.epoch(0)), rounds)
+    return {"data": 1000 * data, "forward_backward": 1000 * forward_backward, "optimizer": 1000 * update}
 
 
 def grid_markdown(report: dict, source: str) -> str:
@@ -170,6 +206,20 @@ def grid_markdown(report: dict, source: str) -> str:
         "",
         f"Runs per hour, defaults over the old way: {report['speedup']:.2f}x (target {TARGET}x: "
         f"{'met' if report['speedup'] >= TARGET else 'not met'}).",
+    ]
+    lines += [
+        "",
+        "The other parts of a step at the defaults (1 thread, channels_last), ms:",
+        "",
+        "| model | batch from the loader | forward + backward | optimizer step |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k['model']} | {k['parts_ms']['data']:.2f} | {k['parts_ms']['forward_backward']:.1f} | "
+        f"{k['parts_ms']['optimizer']:.2f} |"
+        for k in report["kernels"]
+    ]
+    lines += [
         "",
         "| model | batch | GFLOP per forward+backward | threads | layout | ms | GFLOP/s | fp32 matmul GFLOP/s "
         "| share |",
