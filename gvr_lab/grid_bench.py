@@ -158,19 +158,14 @@ def kernel_rates(model_name: str, dataset: str, batch_size: int, rounds: int = 7
         "batch_size": batch_size,
         "gflop": gflop,
         "rates": rows,
-        "parts_ms": step_parts(model_name, info, batch_size, rounds),
+        "parts_ms": step_parts(model_name, dataset, batch_size, rounds),
     }
 
 
-def step_parts(model_name: str, info, batch_size: int, rounds: int) -> dict:
+def step_parts(model_name: str, dataset: str, batch_size: int, rounds: int) -> dict:
     """Milliseconds of each part of an SGD step at the defaults (1 thread, channels_last)."""
-    config = Config(
-        model=model_name,
-        dataset=info.name if info.name in list_datasets() else "fashion_mnist",
-        batch_size=batch_size,
-        cutout=0.5,
-        device="cpu",
-    )
+    info = dataset_info(dataset)
+    config = Config(model=model_name, dataset=dataset, batch_size=batch_size, cutout=0.5, device="cpu")
     settings = DeviceSettings.of(config, torch.device("cpu"))
     with torch_threads(1):
         model, optimizer, _ = build_model(config, info.num_classes, info.channels, settings)
