@@ -9,8 +9,6 @@ import copy
 import dataclasses
 import importlib.metadata
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,11 +27,9 @@ from gvr_lab.measure import measure_run
 from gvr_lab.models import classifier_head, create_model
 from gvr_lab.training import Config, DeviceSettings, build_model
 
-from helpers import BENCH_SMOKE, TINY_RUN, mlp, write_idx
+from helpers import BENCH_SMOKE, TINY_RUN, gvr_lab_process, install_package, mlp, write_idx
 
 CPU = torch.device("cpu")
-TESTS = Path(__file__).parent
-GVR_LAB = str(Path(sys.executable).parent / "gvr-lab")
 
 
 # ---------------------------------------------------------------------- a model with timm's interface
@@ -347,31 +343,37 @@ def load_{prefix}_data(data_dir=None):
 '''
 
 
-def write_plugin(root: Path, prefix: str) -> dict:
-    """A package `<prefix>_plugin` in `root` whose module `.bring` registers a method, a model and a
-    dataset, and one whose import fails; (group -> entry point line) for its metadata."""
-    package = root / f"{prefix}_plugin"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "bring.py").write_text(PLUGIN_MODULE.format(prefix=prefix))
-    (package / "broken.py").write_text("raise RuntimeError('the plugin is broken\\nsecond line')\n")
-    (package / "again.py").write_text("import gvr_lab as gl\n\ngl.register_model(gl.models.MODELS['tiny_cnn'])\n")
-    return {
-        "gvr_lab.methods": [f"{prefix} = {prefix}_plugin.bring"],
-        "gvr_lab.models": [f"{prefix}_broken = {prefix}_plugin.broken", f"{prefix}_again = {prefix}_plugin.again"],
-        "gvr_lab.datasets": [f"{prefix}_data = {prefix}_plugin.bring"],
+def install_plugin(root: Path, prefix: str) -> dict:
+    """The throwaway package `<prefix>_plugin` installed into `root`: its module `.bring` registers
+    a method, a model and a dataset; `.broken` fails to import; `.again` registers a taken name.
+    Its entry points (group -> {name: module})."""
+    package = f"{prefix}_plugin"
+    entries = {
+        "gvr_lab.methods": {prefix: f"{package}.bring"},
+        "gvr_lab.models": {f"{prefix}_broken": f"{package}.broken", f"{prefix}_again": f"{package}.again"},
+        "gvr_lab.datasets": {f"{prefix}_data": f"{package}.bring"},
     }
+    files = {
+        f"{package}/__init__.py": "",
+        f"{package}/bring.py": PLUGIN_MODULE.format(prefix=prefix),
+        f"{package}/broken.py": "raise RuntimeError('the plugin is broken\\nsecond line')\n",
+        f"{package}/again.py": "import gvr_lab as gl\n\ngl.register_model(gl.models.MODELS['tiny_cnn'])\n",
+    }
+    install_package(root, package, files, entries)
+    return entries
 
 
 def test_plugins_register_and_a_broken_one_is_one_line(tmp_path, monkeypatch, capsys, method_registry):
-    entries = write_plugin(tmp_path, "inproc")
+    entries = install_plugin(tmp_path, "inproc")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
     monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
     monkeypatch.setattr(plugins, "LOADED", [])
     monkeypatch.setattr(plugins, "FAILED", [])
     points = importlib.metadata.EntryPoints(
-        importlib.metadata.EntryPoint(*line.split(" = "), group) for group, lines in entries.items() for line in lines
+        importlib.metadata.EntryPoint(name, module, group)
+        for group, named in entries.items()
+        for name, module in named.items()
     )
     monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda: points)
     plugins.load_plugins()
@@ -396,41 +398,18 @@ def test_plugins_register_and_a_broken_one_is_one_line(tmp_path, monkeypatch, ca
     assert config.method_args == {"scale": 2.0}
 
 
-def install_plugin(root: Path, prefix: str) -> Path:
-    """The throwaway package installed into `root` as pip would: its files and a dist-info folder
-    (METADATA, entry_points.txt) that importlib.metadata finds on sys.path."""
-    root.mkdir()
-    entries = write_plugin(root, prefix)
-    info = root / f"{prefix}_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {prefix}-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "".join(f"[{group}]\n" + "".join(f"{line}\n" for line in lines) + "\n" for group, lines in entries.items())
-    )
-    return root
-
-
-def gvr_lab_command(args, cwd, pythonpath, check=True):
-    """`gvr-lab ARGS` as a child process with this checkout's package and `pythonpath` first."""
-    paths = [*map(str, pythonpath), str(TESTS.parent)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "GVR_LAB_OFFLINE": "1"}
-    done = subprocess.run([GVR_LAB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
 @pytest.mark.slow
 def test_an_installed_plugin_package_lists_and_trains_through_the_cli(tmp_path):
-    site = install_plugin(tmp_path / "site", "byo")
-    listing = gvr_lab_command(["list"], tmp_path, [site])
+    site = tmp_path / "site"
+    install_plugin(site, "byo")
+    listing = gvr_lab_process(["list"], tmp_path, [site])
     assert "byo_sgd: scale=1.0" in listing.stdout
     assert "byo_net" in listing.stdout.split("models:")[1] and "byo_data" in listing.stdout.split("datasets:")[1]
     assert "plugins:  byo (gvr_lab.methods = byo_plugin.bring)" in listing.stdout
     lines = listing.stderr.splitlines()
     assert len(lines) == 2 and all(line.startswith("gvr_lab: plugin byo_") for line in lines), listing.stderr
     run = ["--dataset", "byo_data", "--model", "byo_net", "--method", "byo_sgd", "--method-arg", "scale=2"]
-    trained = gvr_lab_command(
+    trained = gvr_lab_process(
         ["train", *run, "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--no-progress", "--out-dir", "r"],
         tmp_path,
         [site],
@@ -438,7 +417,7 @@ def test_an_installed_plugin_package_lists_and_trains_through_the_cli(tmp_path):
     assert "final test accuracy" in trained.stdout
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_completed"] == 12
-    measured = gvr_lab_command(["curvature", "r", "--k", "1", "--trace-samples", "2", "--rows", "32"], tmp_path, [site])
+    measured = gvr_lab_process(["curvature", "r", "--k", "1", "--trace-samples", "2", "--rows", "32"], tmp_path, [site])
     assert "top eigenvalues" in measured.stdout  # another process rebuilt the plugin's model
 
 
@@ -460,7 +439,7 @@ def test_cli_trains_with_adamw_and_a_torchvision_model_and_every_command_rebuild
     data_dir = fake_fashion_mnist(tmp_path / "data")
     common = ["--device", "cpu", "--no-progress", "--data-dir", str(data_dir), "--batch-size", "32"]
     adamw = ["--optimizer", "adamw", "--optimizer-arg", "betas=[0.8,0.99]", "--method", "sam", "--model", "tiny_cnn"]
-    gvr_lab_command(["train", *adamw, "--epochs", "1", "--out-dir", "adamw", *common], tmp_path, [])
+    gvr_lab_process(["train", *adamw, "--epochs", "1", "--out-dir", "adamw", *common], tmp_path, [])
     config = json.loads((tmp_path / "adamw" / "config.json").read_text())
     assert (config["optimizer"], config["optimizer_args"], config["momentum"], config["nesterov"]) == (
         "adamw",
@@ -474,18 +453,18 @@ def test_cli_trains_with_adamw_and_a_torchvision_model_and_every_command_rebuild
     gvr = ["--method", "gvr", "--method-arg", "target=fc", "--method-arg", "penalty=closed_form"]
     resnet = ["--model", "torchvision.models:resnet18", *gvr, "--epochs", "2", "--train-subset", "64"]
     resnet += ["--out-dir", "resnet", *common]
-    first = gvr_lab_command(["train", *resnet, "--stop-after", "1"], tmp_path, [])
+    first = gvr_lab_process(["train", *resnet, "--stop-after", "1"], tmp_path, [])
     assert first.stdout.count("the 1-channel images of fashion_mnist are repeated to 3") == 1
-    gvr_lab_command(["train", *resnet, "--stop-after", "1"], tmp_path, [])  # resumed in another process
+    gvr_lab_process(["train", *resnet, "--stop-after", "1"], tmp_path, [])  # resumed in another process
     summary = json.loads((tmp_path / "resnet" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["evaluations"] == 2 and summary["input_channels"] == 3
     assert json.loads((tmp_path / "resnet" / "config.json").read_text())["model"] == "torchvision.models:resnet18"
-    measured = gvr_lab_command(
+    measured = gvr_lab_process(
         ["curvature", "resnet", "--k", "1", "--trace-samples", "2", "--rows", "32"], tmp_path, []
     )
     assert "top eigenvalues" in measured.stdout
     bench = [*BENCH_SMOKE, "--model", "torchvision.models:resnet18", "--batch-size", "8", "--methods", "sgd"]
-    assert "| sgd |" in gvr_lab_command(bench, tmp_path, []).stdout
+    assert "| sgd |" in gvr_lab_process(bench, tmp_path, []).stdout
 
 
 @pytest.mark.slow
