@@ -23,6 +23,7 @@ import gvr_lab as gl
 from gvr_lab import data, models, plugins, training
 from gvr_lab.distributed import World
 from gvr_lab.errors import UsageError
+from gvr_lab.grid import worker_modules
 from gvr_lab.measure import measure_run
 from gvr_lab.models import classifier_head, create_model
 from gvr_lab.training import Config, DeviceSettings, build_model
@@ -363,11 +364,10 @@ def install_plugin(root: Path, prefix: str) -> dict:
     return entries
 
 
-def test_plugins_register_and_a_broken_one_is_one_line(tmp_path, monkeypatch, capsys, method_registry):
+@pytest.mark.usefixtures("registries")
+def test_plugins_register_and_a_broken_one_is_one_line(tmp_path, monkeypatch, capsys):
     entries = install_plugin(tmp_path, "inproc")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
-    monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
     monkeypatch.setattr(plugins, "LOADED", [])
     monkeypatch.setattr(plugins, "FAILED", [])
     points = importlib.metadata.EntryPoints(
@@ -396,6 +396,8 @@ def test_plugins_register_and_a_broken_one_is_one_line(tmp_path, monkeypatch, ca
     )
     config = Config(dataset="inproc_data", model="inproc_net", method="inproc_sgd", method_args={"scale": 2.0})
     assert config.method_args == {"scale": 2.0}
+    # a grid's worker process imports gvr_lab, which loads the plugins, and the module named here
+    assert worker_modules([config]) == (["inproc_plugin.bring"], "")
 
 
 @pytest.mark.slow
@@ -565,10 +567,8 @@ def test_soft_targets_train_through_loss_fn_and_count_their_most_likely_class():
 
 
 def test_process_pool_workers_import_what_the_runs_name():
-    """A model given by import path or timm/<name> needs no module of its own in a worker; a
-    plugin's (or any module's) registered model does (plugins: every worker imports gvr_lab)."""
-    from gvr_lab.grid import worker_modules
-
+    """A model given by import path or timm/<name> needs no module of its own in a worker: it is
+    imported by name wherever it is built."""
     names = (TIMM_LIKE, "torchvision.models:resnet18", "tiny_cnn")
     configs = [Config(**{**TINY_RUN, "model": name}) for name in names]
     assert worker_modules(configs) == ([], "")
