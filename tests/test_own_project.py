@@ -26,6 +26,7 @@ from gvr_lab.errors import UsageError
 from gvr_lab.grid import worker_modules
 from gvr_lab.measure import measure_run
 from gvr_lab.models import classifier_head, create_model
+from gvr_lab.results import load_checkpoint
 from gvr_lab.training import Config, DeviceSettings, build_model
 
 from helpers import BENCH_SMOKE, TINY_RUN, gvr_lab_process, install_package, mlp, write_idx
@@ -307,20 +308,15 @@ import gvr_lab as gl
 
 
 @gl.register_method
-class NoisySGD(gl.Method):
-    """SGD with a scaled gradient: a method from another package."""
+class ScaledLossSGD(gl.methods.METHODS["sgd"]):
+    """SGD on `scale` times the loss: a method from another package."""
 
-    name = "{prefix}_sgd"
+    name, aliases = "{prefix}_sgd", ()
     hparams = {{"scale": 1.0}}
     reference = "a plugin's method"
 
-    def step(self, batch):
-        self.zero_grad()
-        logits = self.forward(batch.x)
-        loss = self.loss(logits, batch.y)
-        (self.hp.scale * loss).backward()
-        self.optimizer.step()
-        return self.metrics(logits, batch.y, loss)
+    def loss(self, logits, y):
+        return self.hp.scale * super().loss(logits, y)
 
 
 @gl.register_model
@@ -441,7 +437,12 @@ def test_cli_trains_with_adamw_and_a_torchvision_model_and_every_command_rebuild
     data_dir = fake_fashion_mnist(tmp_path / "data")
     common = ["--device", "cpu", "--no-progress", "--data-dir", str(data_dir), "--batch-size", "32"]
     adamw = ["--optimizer", "adamw", "--optimizer-arg", "betas=[0.8,0.99]", "--method", "sam", "--model", "tiny_cnn"]
-    gvr_lab_process(["train", *adamw, "--epochs", "1", "--out-dir", "adamw", *common], tmp_path, [])
+    adamw += ["--epochs", "2", *common]
+    gvr_lab_process(["train", *adamw, "--out-dir", "adamw"], tmp_path, [])
+    for _ in range(2):  # stopped after its first epoch, then resumed from the checkpoint (AdamW's state in it)
+        gvr_lab_process(["train", *adamw, "--out-dir", "adamw-resumed", "--stop-after", "1"], tmp_path, [])
+    whole, resumed = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("adamw", "adamw-resumed"))
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     config = json.loads((tmp_path / "adamw" / "config.json").read_text())
     assert (config["optimizer"], config["optimizer_args"], config["momentum"], config["nesterov"]) == (
         "adamw",

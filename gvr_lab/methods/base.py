@@ -575,6 +575,8 @@ def create_method(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Build a method; unknown name or hyper-parameter raises ValueError listing the valid ones.
 
     Besides the method's own hyper-parameters, `label_smoothing` and `amp_dtype` (the autocast
-    dtype, None for fp32) are accepted; the training loop passes them from its Config.
+    dtype, None for fp32) are accepted, which the training loop passes from its Config, and
+    `loss_fn(logits, targets)` (per-example losses in place of cross-entropy; GVR also takes
+    `augment`, docs/own_loop.md).
     """
     return method_class(name)(model, optimizer, **hparams)
