@@ -3,18 +3,20 @@ family) on one device-resident training loop. See README.md.
 
 The names of the layers above the training loop (grids, studies, statistics) load on first use: they
 pull in matplotlib, seaborn and scipy (2 s), which `gvr-lab train` and a script that trains one run
-never need.
+never need. The methods, models and datasets of installed plugin packages (plugins.py) are
+registered at the end of this import.
 """
 
 import importlib
 
 from .cluster import RayOptions
 from .collect import load_runs
-from .data import Batch, list_datasets
+from .data import Batch, DatasetInfo, Split, list_datasets, register_dataset
 from .errors import UsageError
 from .landscape import curvature
 from .methods import Method, create_method, list_methods, register_method
-from .models import create_model, list_models
+from .models import create_model, list_models, register_model
+from .plugins import load_plugins
 from .training import Config, Run, train
 
 # name -> the module of this package that defines it, imported when the name is first used
@@ -30,10 +32,12 @@ LAZY = {
 __all__ = [
     "Batch",
     "Config",
+    "DatasetInfo",
     "GridRuns",
     "Method",
     "RayOptions",
     "Run",
+    "Split",
     "Study",
     "UsageError",
     "create_method",
@@ -44,7 +48,9 @@ __all__ = [
     "list_methods",
     "list_models",
     "load_runs",
+    "register_dataset",
     "register_method",
+    "register_model",
     "select",
     "train",
     "train_configs",
@@ -56,3 +62,6 @@ def __getattr__(name: str):
     if name in LAZY:
         return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gvr_lab' has no attribute {name!r}")
+
+
+load_plugins()  # last: a plugin's module imports the names above

@@ -34,6 +34,7 @@ from .landscape import Objective
 from .methods import METHODS as METHOD_NAMES
 from .methods import in_table_order, method_class
 from .methods.base import TWO_VIEW_SGD, SpeedTarget
+from .models import create_model, input_channels
 from .results import write_atomic
 from .training import Config, DeviceSettings, build_model
 
@@ -88,10 +89,17 @@ class HessianVectorProduct:
 
 
 def bench_loader(
-    channels: int, size: int, num_classes: int, batch_size: int, settings: DeviceSettings, views: int, batches: int = 1
+    channels: int,
+    size: int,
+    num_classes: int,
+    batch_size: int,
+    settings: DeviceSettings,
+    views: int,
+    batches: int = 1,
+    model_channels: int | None = None,
 ) -> DeviceLoader:
     """The training loader over random uint8 images of the shape, with the GVR code's augmentation:
-    what feeds a real run, device-resident."""
+    what feeds a real run, device-resident (1-channel images repeated to `model_channels`)."""
     g = torch.Generator().manual_seed(SEED)
     n = batches * batch_size
     split = Split(
@@ -108,6 +116,7 @@ def bench_loader(
         views=views,
         seed=SEED,
         channels_last=settings.channels_last,
+        channels=model_channels,
     )
 
 
@@ -174,8 +183,10 @@ def run_bench(
         )
 
     settings = DeviceSettings.of(config_of("sgd", {}), dev)
+    with torch.device("meta"):  # a model built for 3 channels gets 1-channel images repeated
+        model_channels = input_channels(create_model(model, num_classes=num_classes, in_channels=channels))
     # Every method steps on this one batch (two views, for gvr), so data time is not in its figure.
-    batch = next(bench_loader(channels, size, num_classes, batch_size, settings, views=2).epoch(0))
+    batch = next(bench_loader(channels, size, num_classes, batch_size, settings, 2, 1, model_channels).epoch(0))
 
     def make_entry(name: str, hp: dict, label: str, batch: Batch) -> dict:
         _, _, method = build_model(config_of(name, hp), num_classes, channels, settings)
@@ -217,7 +228,7 @@ def run_bench(
             entry["times"].append(clock.stop_ms() / steps)
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
-    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, views=1, batches=steps)
+    data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, 1, steps, model_channels)
     for r in range(rounds):  # the loader alone: what an sgd step waits for its batch
         batches = loader.epoch(r)
         clock.start()

@@ -21,6 +21,7 @@ from .data import markdown_table as dataset_table
 from .errors import UsageError, check_choice
 from .methods import METHODS, list_methods, markdown_table, method_class, method_notes
 from .models import list_models
+from .plugins import LOADED as PLUGINS
 from .results import read_yaml_mapping
 from .training import Config, resolve_device, train
 
@@ -53,12 +54,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     return method_class(name).name, hp
 
 
-def parse_method_args(items: list[str]) -> dict:
+def parse_key_values(items: list[str], flag: str = "--method-arg") -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--method-arg expects key=value, got {item!r}")
+            raise UsageError(f"{flag} expects key=value, got {item!r}")
         out[key.strip()] = parse_value(value)
     return out
 
@@ -66,7 +67,7 @@ def parse_method_args(items: list[str]) -> dict:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, named with dashes; defaults stay None so a YAML file can fill in."""
     for f in dataclasses.fields(Config):
-        if f.name in ("method_args", "model_args"):
+        if f.name in ("method_args", "model_args", "optimizer_args"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -86,6 +87,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-arg", action="append", default=[], metavar="KEY=VALUE", help="a keyword for create_model, repeatable"
     )
+    parser.add_argument(
+        "--optimizer-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword of the optimizer's own (betas=[0.9,0.99], eps=1e-6), repeatable",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -94,8 +102,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    values["method_args"] = {**values.get("method_args", {}), **parse_method_args(args.method_arg)}
-    values["model_args"] = {**values.get("model_args", {}), **parse_method_args(args.model_arg)}
+    values["method_args"] = {**values.get("method_args", {}), **parse_key_values(args.method_arg)}
+    values["model_args"] = {**values.get("model_args", {}), **parse_key_values(args.model_arg, "--model-arg")}
+    values["optimizer_args"] = {
+        **values.get("optimizer_args", {}),
+        **parse_key_values(args.optimizer_arg, "--optimizer-arg"),
+    }
     return Config.from_dict(values)
 
 
@@ -109,8 +121,10 @@ def cmd_list(args) -> int:
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.hparams.items()) or "none"
         alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
         print(f"  {name}{alias}: {hp}\n      {cls.reference}")
-    print("models:   " + ", ".join(list_models()))
+    print("models:   " + ", ".join(list_models()) + "; or module:callable, or timm/<name>")
     print("datasets: " + ", ".join(list_datasets()))
+    if PLUGINS:
+        print("plugins:  " + ", ".join(PLUGINS))
     return 0
 
 
@@ -447,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     nbs = sub.add_parser("notebooks", help="the study notebooks: question, presets, outputs (README's table)")
     nbs.set_defaults(func=cmd_notebooks)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")
-    b.add_argument("--model", default="tiny_cnn", choices=list_models())
+    b.add_argument(
+        "--model", default="tiny_cnn", help="a registered model (gvr-lab list), module:callable or timm/<name>"
+    )
     b.add_argument("--shape", default="1x28", help="input channels x size: 1x28 (Fashion-MNIST) or 3x32 (CIFAR)")
     b.add_argument("--num-classes", type=int, default=10)
     b.add_argument("--batch-size", type=int, default=128)

@@ -453,6 +453,8 @@ class DeviceLoader:
 
     `indices` selects rows of the split (a subset or validation part); Batch.index reports them
     as indices into the full split, so per-sample memories stay valid whatever the subset.
+    `channels`, the channels the model takes, repeats a 1-channel image's channel to them (a model
+    built for 3 channels on grey images), after augmentation, which acts alike on every channel.
     """
 
     def __init__(
@@ -471,7 +473,14 @@ class DeviceLoader:
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        channels: int | None = None,
     ):
+        if channels not in (None, info.channels) and info.channels != 1:
+            raise UsageError(
+                f"the model takes {channels}-channel images and dataset {info.name!r} has {info.channels} channels: "
+                "only 1-channel images are repeated to a model's channels"
+            )
+        self.channels = channels or info.channels
         self.index = torch.arange(len(split.labels)) if indices is None else indices
         self.images = split.images[self.index].to(device)
         self.labels = split.labels[self.index].to(device)
@@ -507,7 +516,9 @@ class DeviceLoader:
             x = random_flip(x, draws)
         if a is not None and a.cutout_p > 0:
             x = cutout(x, a.cutout_p, a.cutout_size, draws)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def epoch(self, epoch: int):
         """The batches of one epoch; a function of (seed, epoch) only."""

@@ -178,10 +178,12 @@ def train_grid(
 
 
 def definitions(config: Config) -> list[tuple[str, str, str]]:
-    """(kind, name, module defining it) of the run's method, model and dataset."""
+    """(kind, name, module defining it) of the run's method, model and dataset; a model given by
+    import path or timm/<name> is imported by name wherever it is built."""
+    registered_model = [("model", config.model, MODELS[config.model].__module__)] if config.model in MODELS else []
     return [
         ("method", config.method, method_class(config.method).__module__),
-        ("model", config.model, MODELS[config.model].__module__),
+        *registered_model,
         ("dataset", config.dataset, DATASETS[config.dataset][1].__module__),
     ]
 

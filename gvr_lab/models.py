@@ -1,6 +1,20 @@
-"""CIFAR-style image classifiers behind a name registry.
+"""CIFAR-style image classifiers behind a name registry, and any other model by import path or timm.
 
-Every model follows one structural convention that the regularizers rely on:
+A model name is a registered builder (`register_model`), an import path `module:callable`
+(`torchvision.models:resnet18`, `mypkg.nets:make`) or `timm/<name>` (timm's create_model, an optional
+dependency); `create_model` builds each with the dataset's classes (`num_classes`) and, where the
+callable takes it (`in_channels`, timm's `in_chans`), its channels. A model built for 3 channels
+on 1-channel data gets each image's channel repeated to 3 by the loader (`input_channels`), so the
+model stays what its builder made and its head reachable. The name is all a run records, so every
+command rebuilds the model from a run's config.json; a model object handed to `gvr_lab.train` is
+recorded as `object:<its class>` and cannot be rebuilt.
+
+The regularizers that act on the classifier's head find it by the conventions of timm
+(`get_classifier()`), the lab and torchvision (`fc`) and torchvision (`classifier`: a Linear or a
+Sequential ending in one), `classifier_head`; its input, read by a forward hook (`head_calls`), is
+the pre-logit features (for a timm model what `forward_head(x, pre_logits=True)` returns).
+
+Every registered model follows one structural convention that the regularizers rely on:
 
 * ``model.fc`` is the final ``nn.Linear`` that produces the logits;
 * ``model.forward_features(x)`` returns exactly the tensor fed into ``model.fc``, so
@@ -19,6 +33,9 @@ would duplicate its keys in ``state_dict``.
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -46,21 +63,133 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+TIMM_PREFIX = "timm/"
+OBJECT_PREFIX = "object:"  # a model object handed to gvr_lab.train, recorded by its class
+OTHER_NAMES = "an import path module:callable (torchvision.models:resnet18) or timm/<name>"
+
+
+def model_callable(name: str) -> tuple[Callable[..., nn.Module], str | None]:
+    """The callable behind a model name and the keyword it takes the input channels by (None: it
+    takes none); a one-line UsageError for a name that names no model."""
+    if name in MODELS:
+        return MODELS[name], "in_channels"
+    if name.startswith(OBJECT_PREFIX):
+        raise UsageError(
+            f"model {name!r} was handed to gvr_lab.train as an object: no other command can rebuild it; load "
+            "checkpoint.pt's 'model' weights into your own instance, or train a model given by name "
+            f"(registered, {OTHER_NAMES})"
+        )
+    if name.startswith(TIMM_PREFIX):
+        return functools.partial(import_timm().create_model, timm_name(name)), "in_chans"
+    if ":" not in name:
+        raise UsageError(f"unknown model {name!r}; valid: {', '.join(list_models())}, or {OTHER_NAMES}")
+    module_name, _, attribute = name.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"model {name!r}: cannot import it ({type(e).__name__}: {e})") from None
+    if not callable(builder):
+        raise UsageError(f"model {name!r} is not callable: name a function or class that builds an nn.Module")
+    parameters = inspect.signature(builder).parameters
+    return builder, next((k for k in ("in_channels", "in_chans") if k in parameters), None)
+
+
+def import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("timm models need timm: pip install timm (or the extra: pip install -e '.[timm]')") from None
+    return timm
+
+
+def timm_name(name: str) -> str:
+    """timm's name of a `timm/<name>` model, refused in one line when timm has no such model."""
+    model = name[len(TIMM_PREFIX) :]
+    if not import_timm().is_model(model):
+        raise UsageError(f"timm has no model {model!r} (see timm.list_models())")
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in one line, a name that names no model; an object's record passes (it is checked
+    where something would rebuild it)."""
+    if not name.startswith(OBJECT_PREFIX):
+        model_callable(name)
+
+
+def object_model_name(model: nn.Module) -> str:
+    """What a run records for a model object: its class."""
+    return f"{OBJECT_PREFIX}{type(model).__module__}.{type(model).__qualname__}"
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw: Any) -> nn.Module:
-    """Build a registered model; raise a one-line ValueError for anything it cannot build."""
-    check_choice("model", name, list_models())
+    """Build a model by name (registered, `module:callable`, `timm/<name>`); raise a one-line
+    ValueError for anything it cannot build. `num_classes` is always passed, `in_channels` where the
+    callable takes the channels, the keywords `kw` as given."""
+    builder, channels_keyword = model_callable(name)
     if num_classes < 2:
         raise UsageError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels not in (1, 3):
         raise UsageError(f"in_channels must be 1 or 3, got {in_channels}")
-    builder = MODELS[name]
-    valid = list(inspect.signature(builder).parameters)
-    unknown = sorted(set(kw) - set(valid))
-    if unknown:
-        raise UsageError(
-            f"unknown keyword {', '.join(map(repr, unknown))} for model {name!r}; valid: {', '.join(valid)}"
-        )
-    return builder(num_classes=num_classes, in_channels=in_channels, **kw)
+    keywords = {"num_classes": num_classes, **({channels_keyword: in_channels} if channels_keyword else {}), **kw}
+    parameters = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        if "num_classes" not in parameters:
+            raise UsageError(f"model {name!r} takes no num_classes keyword: the lab builds it for the data's classes")
+        unknown = sorted(set(kw) - set(parameters))
+        if unknown:
+            raise UsageError(
+                f"unknown keyword {', '.join(map(repr, unknown))} for model {name!r}; valid: {', '.join(parameters)}"
+            )
+    try:
+        model = builder(**keywords)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        raise UsageError(f"model {name!r} refuses its keywords: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {name!r} built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channels the model's first convolution takes (None for a model without one)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+HEAD_CONVENTIONS = (
+    "give the model `fc` (the nn.Linear that produces the logits), `classifier` (one, or an nn.Sequential "
+    "ending in one) or timm's get_classifier()"
+)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear | None:
+    """The nn.Linear that produces the model's logits, by the conventions of timm
+    (`get_classifier()`), the lab and torchvision (`fc`) and torchvision (`classifier`, or the last
+    layer of a `classifier` Sequential); None where none of them holds one."""
+    found = []
+    if callable(getattr(model, "get_classifier", None)):
+        found.append(model.get_classifier())
+    found += [getattr(model, "fc", None), getattr(model, "classifier", None)]
+    for head in found:
+        if isinstance(head, nn.Sequential) and len(head):
+            head = head[-1]
+        if isinstance(head, nn.Linear):
+            return head
+    return None
+
+
+@contextlib.contextmanager
+def head_calls(head: nn.Module):
+    """Inside, every call of `head` appends its (input, output) to the list the block gets: the
+    pre-logit features and the logits of each forward, in the autograd graph."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = head.register_forward_hook(lambda module, args, output: calls.append((args[0], output)))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 class _Classifier(nn.Module, metaclass=abc.ABCMeta):

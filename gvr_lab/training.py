@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -62,7 +63,17 @@ from .errors import TYPE_NAMES, FilesystemError, UsageError, check_choice, coerc
 from .landscape import curvature
 from .methods import Method, create_method, method_class
 from .methods.base import rng_state
-from .models import create_model, list_models
+from .models import check_model_name, create_model, input_channels, object_model_name
+from .optim import (
+    SGD,
+    SGD_FIELDS,
+    build_optimizer,
+    check_builds,
+    check_optimizer_args,
+    optimizer_class,
+    optimizer_keywords,
+    optimizer_record,
+)
 from .quant import check_bits, quantize_model
 
 SCHEDULES = ("constant", "cosine", "cosine_epoch", "multistep")
@@ -84,7 +95,8 @@ class Config:
     """Every setting of a training run. Defaults: SGD on Fashion-MNIST with a small CNN on the CPU."""
 
     dataset: str = "fashion_mnist"  # see list_datasets()
-    model: str = "small_cnn"  # see list_models()
+    # see list_models(); or an import path module:callable (torchvision.models:resnet18), or timm/<name>
+    model: str = "small_cnn"
     method: str = "sgd"  # see list_methods(); aliases such as "RegLoss" are accepted
     method_args: dict = field(default_factory=dict)  # the method's hyper-parameters
     model_args: dict = field(default_factory=dict)  # extra keywords for create_model (e.g. bn=False)
@@ -97,9 +109,14 @@ class Config:
     eval_every: int = 0
     batch_size: int = 128  # examples per update (per view)
     lr: float = 0.05  # peak learning rate
+    # SGD's (momentum and nesterov): for another optimizer left unset (None or their defaults) and
+    # recorded as None; its own settings go in optimizer_args
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # coupled L2, as torch.optim.SGD applies it
+    weight_decay: float = 5e-4  # the optimizer's: coupled L2 for SGD and Adam, decoupled for AdamW
     nesterov: bool = False
+    # sgd | adamw | adam | rmsprop | any torch.optim class by name | package.module:Class (optim.py)
+    optimizer: str = "sgd"
+    optimizer_args: dict = field(default_factory=dict)  # the optimizer's own keywords (betas, eps, ...)
     schedule: str = "cosine"  # constant | cosine (per step) | cosine_epoch | multistep
     milestones: list = field(default_factory=list)  # multistep epochs; default 50% and 75% of epochs
     lr_gamma: float = 0.1  # multistep decay factor
@@ -151,10 +168,13 @@ class Config:
     def __post_init__(self):
         if isinstance(self.channels_last, bool):  # the API's True and False mean "true" and "false"
             self.channels_last = str(self.channels_last).lower()
+        for name in SGD_FIELDS:  # None: unset, as a run of another optimizer records them
+            if getattr(self, name) is None:
+                setattr(self, name, Config.__dataclass_fields__[name].default)
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(getattr(self, f.name), TYPE_NAMES[f.type], f"config field {f.name!r}"))
         check_choice("dataset", self.dataset, list_datasets())
-        check_choice("model", self.model, list_models())
+        check_model_name(self.model)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("channels_last", self.channels_last, CHANNELS_LAST)
@@ -211,10 +231,31 @@ class Config:
                     "quant_first_last_bits needs quant_bits and excludes quant_first_last (which "
                     "quantizes the first layer and fc at quant_bits)"
                 )
+        self.check_optimizer()
         cls = method_class(self.method)
         self.method = cls.name
         self.method_args = cls.resolve_hparams(self.method_args)
         cls.check_batch_size(self.method_args, self.batch_size)
+        cls.check_optimizer(self.optimizer)
+
+    def check_optimizer(self) -> None:
+        """The optimizer's name as the run records it and its own arguments, checked by building it
+        over a stand-in parameter; SGD's momentum and nesterov, for another optimizer, left unset and
+        recorded as None."""
+        self.optimizer, cls = optimizer_class(self.optimizer)
+        check_optimizer_args(self.optimizer, cls, self.optimizer_args)
+        if self.optimizer != SGD:
+            given = [n for n in SGD_FIELDS if getattr(self, n) != Config.__dataclass_fields__[n].default]
+            if given:
+                raise UsageError(
+                    f"{given[0]}={getattr(self, given[0])!r} is SGD's setting and optimizer {self.optimizer!r} is not "
+                    "SGD: leave momentum and nesterov unset (its own settings go in optimizer_args)"
+                )
+            self.momentum = self.nesterov = None
+        keywords = optimizer_keywords(
+            self.optimizer, cls, self.optimizer_args, self.lr, self.weight_decay, self.momentum, self.nesterov, None
+        )
+        check_builds(self.optimizer, cls, keywords)
 
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NON_IDENTITY_FIELDS}
@@ -227,7 +268,8 @@ class Config:
         if self.out_dir:
             return Path(self.out_dir)
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
-        return Path("runs") / f"{self.dataset}-{self.model}-{self.method}-s{self.seed}-{digest}"
+        model = re.sub(r"[^\w.-]", "_", self.model)  # timm/vit..., module:callable: one folder name
+        return Path("runs") / f"{self.dataset}-{model}-{self.method}-s{self.seed}-{digest}"
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
@@ -345,29 +387,53 @@ class DeviceSettings:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
     channels_last: bool  # model and batches in NHWC, as cuDNN's fast convolutions want them
-    fused: bool  # torch.optim.SGD(fused=True): one kernel for the whole update
+    # fused optimizer kernels (SGD(fused=True): one kernel for the whole update), for an optimizer that takes `fused`
+    fused: bool
 
     @classmethod
-    def of(cls, config: Config, device: torch.device) -> DeviceSettings:
+    def of(cls, config: Config, device: torch.device, model: torch.nn.Module | None = None) -> DeviceSettings:
+        """The settings of a Config on `device`; `model`: the model object a run trains, if one was
+        handed to train (else the Config's model is looked at)."""
         cuda = device.type == "cuda" or config.cuda_settings
         bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
-        channels_last = config.channels_last == "true" or (config.channels_last == "auto" and convolutional(config))
+        channels_last = config.channels_last == "true" or (
+            config.channels_last == "auto" and convolutional(config, model)
+        )
         return cls(device, torch.bfloat16 if bf16 else None, channels_last=channels_last, fused=cuda)
 
 
-def convolutional(config: Config) -> bool:
-    """Whether the Config's model has 2-D convolutions: built on the meta device, which allocates
-    nothing, and looked at."""
+def described_model(config: Config) -> torch.nn.Module:
+    """The Config's model on the meta device, which allocates nothing: to be looked at."""
     info = dataset_info(config.dataset)
     with torch.device("meta"):
-        model = create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+        return create_model(config.model, num_classes=info.num_classes, in_channels=info.channels, **config.model_args)
+
+
+def convolutional(config: Config, model: torch.nn.Module | None = None) -> bool:
+    """Whether the run's model (`model`, else the Config's) has 2-D convolutions."""
+    model = described_model(config) if model is None else model
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-def build_model(config: Config, num_classes: int, channels: int, settings: DeviceSettings, world: World = World()):
-    """Model, optimizer and method of a Config, on the device as `settings` say (training and bench)."""
+def loader_channels(model: torch.nn.Module, info) -> int:
+    """The channels of the batches the model gets: those its first convolution takes (a model built
+    for 3 channels gets 1-channel images repeated to 3, data.DeviceLoader), else the dataset's."""
+    return input_channels(model) or info.channels
+
+
+def build_model(
+    config: Config,
+    num_classes: int,
+    channels: int,
+    settings: DeviceSettings,
+    world: World = World(),
+    model: torch.nn.Module | None = None,
+):
+    """Model, optimizer and method of a Config, on the device as `settings` say (training and bench);
+    `model`: a model object to train instead of building the Config's."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = create_model(config.model, num_classes=num_classes, in_channels=channels, **config.model_args)
+    if model is None:
+        model = create_model(config.model, num_classes=num_classes, in_channels=channels, **config.model_args)
     if config.quant_bits:  # before the optimizer and the method, which capture the parameter list
         quantize_model(
             model,
@@ -378,13 +444,15 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     model = model.to(
         settings.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format
     )
-    optimizer = torch.optim.SGD(
+    optimizer = build_optimizer(
+        config.optimizer,
         model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-        fused=settings.fused,
+        config.optimizer_args,
+        config.lr,
+        config.weight_decay,
+        config.momentum,
+        config.nesterov,
+        settings.fused,
     )
     method = create_method(
         config.method,
@@ -398,7 +466,12 @@ def build_model(config: Config, num_classes: int, channels: int, settings: Devic
     method.world = world
     method.shared_rng = torch.Generator()  # seeded by the loop at every epoch (seed_shared)
     if config.compile and method.compilable:
-        # forward = fc(forward_features): compiling the body serves methods that call either
+        if not callable(getattr(model, "forward_features", None)):
+            raise UsageError(
+                f"compile compiles model.forward_features (the body: the lab's models and timm's have it), which "
+                f"{type(model).__name__} lacks; leave compile off"
+            )
+        # forward = head(forward_features): compiling the body serves methods that call either
         model.forward_features = torch.compile(model.forward_features)
     return model, optimizer, method
 
@@ -414,8 +487,8 @@ class Parts:
     method: Method
 
 
-def build(config: Config, settings: DeviceSettings, world: World) -> Parts:
-    """Data loaders, model, optimizer and method for a Config."""
+def build(config: Config, settings: DeviceSettings, world: World, model: torch.nn.Module | None = None) -> Parts:
+    """Data loaders, model, optimizer and method for a Config (`model`: a model object to train)."""
     info = dataset_info(config.dataset)
     train_split, test_split = load_dataset(config.dataset, config.data_dir or None)
     train_idx, val_idx = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
@@ -429,9 +502,16 @@ def build(config: Config, settings: DeviceSettings, world: World) -> Parts:
             info.num_classes,
             config.seed,
         )
-    model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world)
+    model, optimizer, method = build_model(config, info.num_classes, info.channels, settings, world, model)
     augment = Augment(crop_pad=4 if config.augment else 0, flip=config.augment, cutout_p=config.cutout)
-    common = dict(device=settings.device, channels_last=settings.channels_last)
+    channels = loader_channels(model, info)
+    if channels != info.channels and world.main:
+        print(
+            f"model {config.model} takes {channels}-channel images: the 1-channel images of {config.dataset} are "
+            f"repeated to {channels}",
+            flush=True,
+        )
+    common = dict(device=settings.device, channels_last=settings.channels_last, channels=channels)
     train_loader = DeviceLoader(
         train_split,
         info,
@@ -470,10 +550,11 @@ def evaluation_count(config: Config, steps_per_epoch: int) -> int:
 
 
 def evaluation_batches(
-    config, rows: int, device: torch.device, seed: int = 0
+    config, rows: int, device: torch.device, seed: int = 0, model: torch.nn.Module | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`rows` examples of the run's training rows, drawn with `seed` (the same whenever the run is
-    measured), normalized and not augmented, in batches of the run's eval_batch_size."""
+    measured), normalized and not augmented, in batches of the run's eval_batch_size, with the
+    channels the run's model (`model`, else the Config's) takes."""
     info = dataset_info(config.dataset)
     train_split, _ = load_dataset(config.dataset, config.data_dir or None)
     train_idx, _ = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
@@ -488,6 +569,7 @@ def evaluation_batches(
         indices=pick.sort().values,
         shuffle=False,
         drop_last=False,
+        channels=loader_channels(described_model(config) if model is None else model, info),
     )
     return [(b.x, b.y) for b in loader.epoch(0)]
 
@@ -569,7 +651,7 @@ class CurvatureHook:
     def __call__(self, row: dict, model: torch.nn.Module, evaluation: int) -> dict:
         if evaluation % self.config.curvature_every:
             return {}
-        self.batches = self.batches or evaluation_batches(self.config, CURVATURE_ROWS, self.device)
+        self.batches = self.batches or evaluation_batches(self.config, CURVATURE_ROWS, self.device, model=model)
         measured = curvature(model, self.batches, k=1, trace_samples=CURVATURE_PROBES)
         model.train()
         return {
@@ -614,6 +696,8 @@ class Context:
             "run_id": self.config.run_id(),
             "provenance": provenance(),
             "num_params": sum(p.numel() for p in self.parts.model.parameters()),
+            "optimizer": optimizer_record(self.parts.optimizer),  # what was built, torch's defaults included
+            "input_channels": loader.channels,  # > the dataset's: its images repeated to the model's channels
             "device": str(self.device),
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.world.size,
@@ -700,13 +784,19 @@ class Interval:
             self.counts[k] = self.counts.get(k, 0) + 1
 
 
-def train(config: Config, on_evaluation=None) -> Run:
+def train(config: Config, on_evaluation=None, model: torch.nn.Module | None = None) -> Run:
     """Run (or resume, or just return) the training run described by `config`.
 
     Under torchrun every rank calls this with the same Config; rank 0 alone writes files.
     `on_evaluation(row)`, if given, is called on rank 0 with each evaluation's history row (one per epoch,
-    or per `eval_every` steps in steps mode).
+    or per `eval_every` steps in steps mode). `model`, a model object, is trained instead of the
+    Config's model: the run records it as `object:<its class>` (Run.config.model), and no other
+    command (curvature, bench, a resume in another process without the object) can rebuild it.
     """
+    if model is not None:
+        if config.model_args:
+            raise UsageError("model_args are keywords for a model's builder; a model object handed to train has none")
+        config = dataclasses.replace(config, model=object_model_name(model))
     run_dir = config.run_dir()
     if check_run_dir(run_dir, config) is not None and (run_dir / results.SUMMARY).is_file():
         done = load_run(run_dir, config)
@@ -714,7 +804,7 @@ def train(config: Config, on_evaluation=None) -> Run:
             return done
 
     with torch_threads(config.threads):
-        return train_here(config, run_dir, on_evaluation)
+        return train_here(config, run_dir, on_evaluation, model)
 
 
 @contextlib.contextmanager
@@ -728,17 +818,17 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def train_here(config: Config, run_dir: Path, on_evaluation) -> Run | None:
+def train_here(config: Config, run_dir: Path, on_evaluation, model: torch.nn.Module | None = None) -> Run | None:
     """train's work in this process, with the run's threads set."""
     device = resolve_device(config.device)
     world = init_world(device.type)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    settings = DeviceSettings.of(config, device)
+    settings = DeviceSettings.of(config, device, model)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    parts = build(config, settings, world)  # reads the data: bad input fails before any write
+    parts = build(config, settings, world, model)  # reads the data: bad input fails before any write
     hooks = evaluation_hooks(config, device)
     if world.main:
         results.make_dir(run_dir)

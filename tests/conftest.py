@@ -81,3 +81,16 @@ def method_registry():
     base.METHODS.update(methods)
     base.ALIASES.clear()
     base.ALIASES.update(aliases)
+
+
+@pytest.fixture
+def registries(method_registry):
+    """The method, model and dataset registries as they are, put back after the test (a plugin's
+    import registers into all three)."""
+    from gvr_lab import data, models
+
+    saved = [(registry, dict(registry)) for registry in (models.MODELS, data.DATASETS)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)

@@ -6,6 +6,8 @@ import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 
 from gvr_lab import create_method
+
+REPO = Path(__file__).parent.parent
 
 # A seconds-long run: the synthetic dataset on a subset, tiny_cnn, no progress bar (Config's fields).
 TINY_RUN = dict(
@@ -133,3 +137,32 @@ def lock_holder(lock: Path) -> int | None:
         except OSError:
             continue
     return None
+
+
+def gvr_lab_process(args: list[str], cwd, pythonpath=(), check: bool = True) -> subprocess.CompletedProcess:
+    """`gvr-lab ARGS` as a child process in `cwd`, offline, with the folders `pythonpath` first on
+    its path and then this checkout (whose package it runs unless one of them holds another);
+    checked to exit 0 unless `check` is False."""
+    path = os.pathsep.join([*map(str, pythonpath), str(REPO)])
+    env = {**os.environ, "PYTHONPATH": path, "GVR_LAB_OFFLINE": "1"}
+    gvr_lab = str(Path(sys.executable).parent / "gvr-lab")
+    done = subprocess.run([gvr_lab, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, f"gvr-lab {' '.join(args)}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def install_package(root: Path, name: str, files: dict[str, str], entry_points: dict[str, dict[str, str]]) -> None:
+    """A package installed into the folder `root` as pip would install it: its files (path relative
+    to root -> text) and `<name>-0.1.dist-info` with METADATA and entry_points.txt (group -> {entry
+    name: module}), which importlib.metadata finds wherever `root` is on the path."""
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    groups = [
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()) for group, entries in entry_points.items()
+    ]
+    (info / "entry_points.txt").write_text("\n".join(groups))

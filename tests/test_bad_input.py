@@ -71,9 +71,9 @@ def write_bad_files(folder):
     )
 
 
-def tiny_cnn_and_sgd():
+def tiny_cnn_and_optimizer(optimizer=torch.optim.SGD):
     model = create_model("tiny_cnn", in_channels=1)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer(model.parameters(), lr=0.1)
 
 
 # (what, a gvr-lab command line or a Python call, what the one-line message must contain)
@@ -83,11 +83,89 @@ BAD = [
     ("unknown method (api)", lambda: Config(method="adamw"), r"unknown method 'adamw'; valid: .*sgd"),
     (
         "unknown method (create_method)",
-        lambda: create_method("lookahead", *tiny_cnn_and_sgd()),
+        lambda: create_method("lookahead", *tiny_cnn_and_optimizer()),
         r"unknown method 'lookahead'",
     ),
     ("unknown model", [*TRAIN, "--model", "resnet9"], r"unknown model 'resnet9'; valid: .*resnet18"),
     ("unknown model (api)", lambda: Config(model="resnet1000"), r"unknown model 'resnet1000'; valid: .*resnet18"),
+    (
+        "model import path of a missing module",
+        [*TRAIN, "--model", "nowhere.nets:make"],
+        r"model 'nowhere.nets:make': cannot import it \(ModuleNotFoundError",
+    ),
+    (
+        "model import path of a missing callable (api)",
+        lambda: Config(model="torchvision.models:resnet9000"),
+        r"model 'torchvision.models:resnet9000': cannot import it \(AttributeError",
+    ),
+    (
+        "model object's record rebuilt (api)",
+        lambda: create_model("object:mypkg.Net"),
+        r"model 'object:mypkg.Net' was handed to gvr_lab.train as an object: no other command can rebuild it",
+    ),
+    (
+        "model keyword a torchvision model refuses (api)",
+        lambda: create_model("torchvision.models:resnet18", depth=3),
+        r"model 'torchvision.models:resnet18' refuses its keywords: .*unexpected keyword argument 'depth'",
+    ),
+    # the optimizer
+    ("unknown optimizer", [*TRAIN, "--optimizer", "adamx"], r"unknown optimizer 'adamx'; valid: .*adamw.*sgd"),
+    (
+        "momentum for adamw",
+        [*TRAIN, "--optimizer", "adamw", "--momentum", "0.5"],
+        r"momentum=0.5 is SGD's setting and optimizer 'adamw' is not SGD: leave momentum and nesterov unset",
+    ),
+    (
+        "nesterov for adam (api)",
+        lambda: Config(optimizer="Adam", nesterov=True),
+        r"nesterov=True is SGD's setting and optimizer 'adam' is not SGD",
+    ),
+    (
+        "lr among the optimizer's own arguments",
+        [*TRAIN, "--optimizer", "adamw", "--optimizer-arg", "lr=0.1"],
+        r"optimizer_args 'lr' for optimizer 'adamw': that is the Config field of the same name",
+    ),
+    (
+        "momentum among sgd's own arguments (api)",
+        lambda: Config(optimizer_args={"momentum": 0.5}),
+        r"optimizer_args 'momentum' for optimizer 'sgd': that is the Config field",
+    ),
+    (
+        "unknown optimizer argument",
+        [*TRAIN, "--optimizer", "adamw", "--optimizer-arg", "beta=0.9"],
+        r"unknown optimizer_args 'beta' for optimizer 'adamw'; valid: betas, eps",
+    ),
+    (
+        "optimizer argument the optimizer refuses (api)",
+        lambda: Config(optimizer="adamw", optimizer_args={"betas": [0.9, 1.5]}),
+        r"optimizer 'adamw' refuses its settings: Invalid beta parameter at index 1",
+    ),
+    ("optimizer-arg without =", [*TRAIN, "--optimizer-arg", "betas"], r"--optimizer-arg expects key=value"),
+    (
+        "optimizer that needs a closure",
+        [*TRAIN, "--optimizer", "lbfgs"],
+        r"optimizer 'lbfgs' cannot be a method's base optimizer: its step needs a closure",
+    ),
+    (
+        "weight decay for an optimizer without it (api)",
+        lambda: Config(optimizer="rprop"),
+        r"optimizer 'rprop' takes no weight_decay: set weight_decay 0",
+    ),
+    (
+        "optimizer import path that is no optimizer (api)",
+        lambda: Config(optimizer="torch.nn:Linear"),
+        r"optimizer 'torch.nn:Linear' is not a torch.optim.Optimizer subclass",
+    ),
+    (
+        "grafting with adamw",
+        [*TRAIN, "--method", "iter_graft", "--optimizer", "adamw", "--batch-size", "128"],
+        r"method 'iter_graft' sets the step length itself and assumes plain SGD .* not 'adamw': use optimizer 'sgd'",
+    ),
+    (
+        "ngd around an AdamW (create_method)",
+        lambda: create_method("ngd", *tiny_cnn_and_optimizer(torch.optim.AdamW)),
+        r"method 'ngd' sets the step length itself and assumes plain SGD .* not 'AdamW'",
+    ),
     (
         "unknown dataset",
         [*TRAIN, "--dataset", "mnist"],
@@ -123,13 +201,13 @@ BAD = [
     ("rho < 0", [*TRAIN, "--method", "sam", "--method-arg", "rho=-0.1"], r"rho for method 'sam' must be >= 0"),
     (
         "rho < 0 (create_method)",
-        lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=-1.0),
+        lambda: create_method("sam", *tiny_cnn_and_optimizer(), rho=-1.0),
         r"rho for method 'sam' must be >= 0",
     ),
     ("text for a float hyperparameter", [*TRAIN, "--method", "sam", "--method-arg", "rho=big"], r"must be float"),
     (
         "bool for a float hyperparameter (create_method)",
-        lambda: create_method("sam", *tiny_cnn_and_sgd(), rho=True),
+        lambda: create_method("sam", *tiny_cnn_and_optimizer(), rho=True),
         r"must be float",
     ),
     (

@@ -1,13 +1,11 @@
 """docs/ is executable: each worked example is followed as written, in a copy of the project (the
 files written where the page says, its commands run), and the GSAM example is checked against SAM
-and its formula."""
+and its formula; docs/own_loop.md and README's "Use it in your own project" run as written."""
 
 import copy
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +16,13 @@ import torch.nn.functional as F
 from gvr_lab import Batch, create_method
 from gvr_lab.landscape import flat
 
-from helpers import mlp, write_idx
+from helpers import REPO, gvr_lab_process, install_package, mlp, write_idx
 
-REPO = Path(__file__).parent.parent
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
 DOCS = REPO / "docs"
 
 
@@ -46,15 +48,16 @@ def project_copy(tmp_path: Path) -> Path:
 def follow_commands(page: str, root: Path) -> list[str]:
     """Run every line of the page's bash blocks in `root`, with `root`'s package the one imported;
     their outputs."""
-    gvr_lab = str(Path(sys.executable).parent / "gvr-lab")
-    env = {**os.environ, "PYTHONPATH": str(root), "GVR_LAB_OFFLINE": "1"}
+    return run_commands("".join(blocks(page, "bash")), root, [root])
+
+
+def run_commands(text: str, cwd: Path, pythonpath) -> list[str]:
+    """Every line of `text`, a gvr-lab command, run in `cwd` with `pythonpath` first; their outputs."""
     outputs = []
-    for line in "".join(blocks(page, "bash")).splitlines():
+    for line in text.splitlines():
         words = shlex.split(line)
-        assert words[0] == "gvr-lab", f"{page}: a command the test cannot follow: {line}"
-        done = subprocess.run([gvr_lab, *words[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{line}\n{done.stderr}"
-        outputs.append(done.stdout)
+        assert words[0] == "gvr-lab", f"a command the test cannot follow: {line}"
+        outputs.append(gvr_lab_process(words[1:], cwd, pythonpath).stdout)
     return outputs
 
 
@@ -158,3 +161,52 @@ def test_the_method_notes_are_current():
     from gvr_lab.methods import method_notes
 
     assert (DOCS / "methods.md").read_text() == method_notes(), "stale: run gvr-lab docs"
+
+
+def test_own_loop_page_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Every block in order, in one namespace, as a reader pastes them (no training loop: fast)."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for number, code in enumerate(blocks("own_loop.md", "python"), 1):
+        exec(compile(code, f"docs/own_loop.md, block {number}", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "method 'vsam' keeps per-epoch state (SAM steps throughout its warm-up" in printed
+    assert float(re.search(r"epoch 2: KL to the logits of epoch 1 = (\S+)", printed).group(1)) > 0
+    assert "mixup loss" in printed and "distillation loss" in printed
+    assert namespace["vsam"].epoch == 0 and namespace["saf"].epoch == 2
+    assert float(namespace["out"]["loss"]) > 0 and namespace["esam"].loss_fn is namespace["soft_cross_entropy"]
+    assert not list(tmp_path.iterdir())  # the page's blocks write nothing
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+@pytest.mark.slow
+def test_use_it_in_your_own_project_runs_as_written(tmp_path, monkeypatch, capsys):
+    """README's section in an empty folder: its Python blocks in one namespace (the plugin's module
+    saved where its first line says, and installed as its pyproject.toml block declares), then its
+    commands, the plugin's on the path."""
+    monkeypatch.chdir(tmp_path)
+    section = readme_section("Use it in your own project")
+    python = re.findall(r"```python\n(.*?)```", section, re.S)
+    [plugin] = [code for code in python if code.startswith("# mylab/")]
+    namespace = {}
+    for number, code in enumerate(python, 1):
+        if code is not plugin:
+            exec(compile(code, f"README.md, own project block {number}", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == "object:torch.nn.modules.container.Sequential"
+    assert namespace["mine"].summary["status"] == "completed" and namespace["out"]["sampled"] in (0.0, 1.0)
+
+    [toml] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    entry_points = tomllib.loads(toml)["project"]["entry-points"]
+    path = plugin.splitlines()[0].removeprefix("# ")
+    install_package(tmp_path / "site", "mylab", {"mylab/__init__.py": "", path: plugin}, entry_points)
+    commands = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    run_commands(commands, tmp_path, [tmp_path / "site"])
+    config = (tmp_path / "runs" / "sam-adamw" / "config.json").read_text()
+    assert '"optimizer": "adamw"' in config and '"momentum": null' in config
+    assert '"status": "completed"' in (tmp_path / "runs" / "mylab" / "summary.json").read_text()

@@ -198,15 +198,38 @@ def test_a_model_without_last_stage_trains_with_targets_that_do_not_need_it():
         model = Plain().double()
         update, out, *_ = run_step(model, make_batch(), alpha=0.3, target=target, penalty=penalty)
         assert out["penalty"] > 0 and torch.isfinite(update).all()
+    # closed_form reads fc's input by a hook: without forward_features it is still exact's update
     model = Plain().double()
+    closed, *_ = run_step(model, make_batch(), alpha=0.3, target="fc", penalty="closed_form")
+    exact, *_ = run_step(model, make_batch(), alpha=0.3, target="fc", penalty="exact")
+    assert rel(closed, exact) < 1e-10
     with pytest.raises(
         UsageError,
         match=r"^method 'gvr' with target 'last_stage' and penalty 'exact' needs "
         r"model.last_stage, which Plain lacks; use target 'all'",
     ):
         create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="last_stage")
-    with pytest.raises(UsageError, match="needs model.forward_features, which Plain lacks"):
-        create_method("gvr", model, torch.optim.SGD(model.parameters(), lr=0.1), target="fc", penalty="closed_form")
+
+
+def test_a_model_without_a_head_or_whose_output_is_not_the_heads_is_refused_in_one_line():
+    headless = nn.Sequential(nn.Flatten(), nn.Linear(48, CLASSES)).double()
+    with pytest.raises(
+        UsageError,
+        match=r"^method 'gvr' with target 'fc' and penalty 'exact' needs the model's classifier head, which "
+        r"Sequential lacks: give the model `fc` \(the nn.Linear that produces the logits\), `classifier`",
+    ):
+        create_method("gvr", headless, torch.optim.SGD(headless.parameters(), lr=0.1), target="fc")
+
+    class Scaled(nn.Module):  # a head, but the logits are not its output
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(48, CLASSES)
+
+        def forward(self, x):
+            return 2 * self.fc(x.flatten(1))
+
+    with pytest.raises(UsageError, match=r"the output of Scaled is not that head's, of one call per forward"):
+        run_step(Scaled().double(), make_batch(), target="fc", penalty="closed_form")
 
 
 # ---------------------------------------------------------------------------------------------- pitfalls

@@ -321,7 +321,8 @@ def test_bad_hyperparameters_raise_one_line(name, hp, fragment):
 
 def test_saf_needs_dataset_indices():
     model, opt, saf = build()
-    with pytest.raises(UsageError, match="Batch.index"):
+    saf.start_epoch(0)
+    with pytest.raises(UsageError, match=r"^method 'saf' needs Batch.index, the dataset index of each row"):
         saf.step(Batch(DATA[:4], LABELS[:4]))
 
 

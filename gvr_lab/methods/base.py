@@ -13,6 +13,12 @@ else needs editing; docs/adding_a_method.md walks through a SAM variant.
 Hyper-parameters live in `self.hp` (read as `self.hp.rho`), never as instance attributes, so no
 name can shadow a part of the contract (`step`, `start_epoch`, `world`, ...).
 
+Outside the loop (docs/own_loop.md) a method is created around any model and optimizer and stepped
+on the caller's batches. The loss is cross-entropy (with `label_smoothing`) unless `loss_fn(logits,
+targets)` is given: per-example losses, which the method reduces (their mean, or a selection of
+rows, ESAM's). A method with per-epoch state (`epoch_state`) refuses to step before
+`start_epoch`, and one whose definition assumes plain SGD (`sgd_only`) refuses another optimizer.
+
 The toolkit, one piece per idea:
 * two-pass steps (the SAM family): `clean_pass` (pass 1 at w: logits, loss, its gradient by
   autograd.grad, the RNG state) and `perturbed_pass` (pass 2 at w + eps with pass 1's dropout masks,
@@ -123,6 +129,14 @@ class Method(abc.ABC):
     # The data-parallel group, set by the loop under torchrun: one process by default. Methods
     # reach the other ranks only through it (all_mean_, distributed.all_reduce_).
     world: World = World()
+    # What a method keeps per epoch, in a few words ("" for none): such a method refuses to step
+    # before start_epoch, which would leave it in its first epoch's behaviour (vSAM's warm-up).
+    epoch_state: ClassVar[str] = ""
+    # True for a method whose definition assumes plain SGD as its base optimizer (it sets the step
+    # length itself): another optimizer is refused, in the Config and when the method is created.
+    sgd_only: ClassVar[bool] = False
+    # The epoch of the last start_epoch (None before any).
+    epoch: int | None = None
     # The CPU generator of the random decisions every rank must make alike (ESAM's kept tensors,
     # IterGraft's micro-batch), seeded by the loop from (seed, epoch) alike on every rank; None
     # outside the loop: torch's global generator. Per-row randomness (dropout masks, sampled labels)
@@ -135,6 +149,7 @@ class Method(abc.ABC):
     params: list[torch.Tensor]
     label_smoothing: float
     amp_dtype: torch.dtype | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
     def __init__(
         self,
@@ -143,11 +158,18 @@ class Method(abc.ABC):
         *,
         label_smoothing: float = 0.0,
         amp_dtype: torch.dtype | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         **hparams,
     ):
         self.hp = HParams(self.resolve_hparams(hparams))
+        self.check_optimizer("sgd" if isinstance(optimizer, torch.optim.SGD) else type(optimizer).__name__)
+        if loss_fn is not None and label_smoothing:
+            raise UsageError(
+                f"method {self.name!r}: label_smoothing applies to the default cross-entropy; with loss_fn, smooth "
+                "the targets inside it"
+            )
         self.model, self.optimizer = model, optimizer
-        self.label_smoothing, self.amp_dtype = label_smoothing, amp_dtype
+        self.label_smoothing, self.amp_dtype, self.loss_fn = label_smoothing, amp_dtype, loss_fn
         self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._saved: dict[int, torch.Tensor] = {}  # w while `moved`, per parameter, kept across steps
 
@@ -210,6 +232,23 @@ class Method(abc.ABC):
     def check_batch_size(cls, hp: dict, batch_size: int) -> None:
         """Checks that need the batch size (micro-batch divisibility)."""
 
+    @classmethod
+    def check_optimizer(cls, optimizer: str) -> None:
+        """Refuse, in one line, a base optimizer the method's definition does not admit (`sgd_only`)."""
+        if cls.sgd_only and optimizer != "sgd":
+            raise UsageError(
+                f"method {cls.name!r} sets the step length itself and assumes plain SGD (momentum 0, weight decay 0) "
+                f"as its base optimizer, not {optimizer!r}: use optimizer 'sgd'"
+            )
+
+    def require_epoch(self) -> None:
+        """A method with per-epoch state refuses a step before any start_epoch, in one line naming it."""
+        if self.epoch is None:
+            raise UsageError(
+                f"method {self.name!r} keeps per-epoch state ({self.epoch_state}): call method.start_epoch(epoch) "
+                "before each epoch's first step (and method.end_epoch(epoch) after its last)"
+            )
+
     # ------------------------------------------------------------------ helpers for steps
 
     def autocast(self):
@@ -245,8 +284,23 @@ class Method(abc.ABC):
             return self.model(x)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy, at least in fp32 (logits may be bf16 under autocast)."""
-        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing)
+        """The mean loss, at least in fp32 (logits may be bf16 under autocast): cross-entropy, or
+        the mean of loss_fn's per-example losses."""
+        if self.loss_fn is None:
+            return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing)
+        return self.sample_losses(logits, y).mean()
+
+    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example losses, at least in fp32; their mean is `self.loss`."""
+        if self.loss_fn is None:
+            return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
+        losses = self.loss_fn(upcast(logits), y)
+        if losses.shape != logits.shape[:1]:
+            raise UsageError(
+                f"loss_fn of method {self.name!r} returned a tensor of shape {tuple(losses.shape)}: it must return one "
+                f"loss per example, shape ({logits.shape[0]},) (e.g. reduction='none')"
+            )
+        return losses
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -254,8 +308,10 @@ class Method(abc.ABC):
     @staticmethod
     def metrics(logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, **extra) -> dict:
         """Step metrics as detached 0-dim tensors: no host sync inside the step. A None (a
-        diagnostic not computed on this step) is left out."""
-        out = {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
+        diagnostic not computed on this step) is left out. Soft targets (one row of class
+        probabilities per example, mixup's) count as their most likely class."""
+        labels = y if y.dim() == 1 else y.argmax(1)
+        out = {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}
         out.update({k: v.detach() if torch.is_tensor(v) else v for k, v in extra.items() if v is not None})
         return out
 
@@ -297,7 +353,8 @@ class Method(abc.ABC):
         average_(tensors, self.world)
 
     def start_epoch(self, epoch: int) -> None:
-        """Called by the loop before each epoch."""
+        """Called by the loop before each epoch (a subclass that overrides it calls this one)."""
+        self.epoch = epoch
 
     def end_epoch(self, epoch: int) -> None:
         """Called by the loop on every rank after the epoch's last step, before evaluation and the
@@ -518,6 +575,8 @@ def create_method(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Build a method; unknown name or hyper-parameter raises ValueError listing the valid ones.
 
     Besides the method's own hyper-parameters, `label_smoothing` and `amp_dtype` (the autocast
-    dtype, None for fp32) are accepted; the training loop passes them from its Config.
+    dtype, None for fp32) are accepted, which the training loop passes from its Config, and
+    `loss_fn(logits, targets)` (per-example losses in place of cross-entropy; GVR also takes
+    `augment`, docs/own_loop.md).
     """
     return method_class(name)(model, optimizer, **hparams)

@@ -54,9 +54,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .base import Method, global_norm, register_method, replayed_rng, upcast
+from .base import Method, global_norm, register_method, replayed_rng
 from .sam import sam_scale
 
 
@@ -76,10 +75,6 @@ class ESAM(Method):
         "(official: one fewer), BN stats only on the clean pass, xi 1e-12"
     )
     term, term_weight, color = "ESAM ascent", "rho", "#d55e00"
-
-    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample cross-entropy, at least in fp32; its mean is `self.loss`."""
-        return F.cross_entropy(upcast(logits), y, label_smoothing=self.label_smoothing, reduction="none")
 
     def kept_params(self) -> list[torch.Tensor]:
         """The parameters SWP perturbs this step."""

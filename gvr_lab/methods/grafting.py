@@ -21,7 +21,7 @@ GD and the step length lr * nu_t of small-batch SGD, where nu_t is a small-batch
 The step is taken by handing .grad = nu_t * g_B / ||g_B|| (ngd: g_B / (||g_B|| + eps)) to the base
 optimizer, so ||delta theta|| = lr * nu_t (ngd: lr) holds only with momentum 0 and weight decay 0,
 Novack's settings: put them in the Config (with a constant lr schedule, as in the paper). A warning
-says so when the optimizer has either.
+says so when the optimizer has either; another optimizer than SGD is refused (Method.sgd_only).
 
 Reference: Novack, Kaur, Marwah, Garg, Lipton, arXiv 2211.15853.
 **None of the three was released** (the public code rejects IterGraft, ExterGraft and NGD as an
@@ -77,6 +77,8 @@ RECONSTRUCTED = "never released, reconstructed from the README and code remnants
 
 class NormalizedMethod(MicroBatchMethod):
     """theta <- theta - lr * scale * g_B / denominator(||g_B||), `scale` from `step_length`."""
+
+    sgd_only = True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)

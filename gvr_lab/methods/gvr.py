@@ -58,16 +58,22 @@ updates agree (closed_form = exact to rounding, fd = exact to O(fd_eps) on smoot
   the penalty gradient 1e2..1e4 x exact's, growing like 1/fd_eps).
 * closed_form (target "fc" only, a UsageError otherwise): for a linear head on mean CE,
   grad_W L_S = delta^T h and grad_bias L_S = sum_j delta_j with delta_j = (softmax(z_j) - q_j) / s,
-  h the penultimate features (model.forward_features), z = model.fc(h) and q the loss's target
-  distribution (one-hot, smoothed under label smoothing). P is then an ordinary function of the
+  h the penultimate features (the head's input, read by a forward hook on it), z the logits and q
+  the loss's target distribution (one-hot or the given soft targets, smoothed under label
+  smoothing; another loss_fn is refused). P is then an ordinary function of the
   subset rows of the two full-batch forwards, computed in at least fp32: no extra forward, no
   double backward, one backward, compilable. With BatchNorm in the body those rows are normalized
   with the full-batch statistics (exact and fd: the subset's), and with dropout they keep the
   full-batch masks, so closed_form equals exact only for BN- and dropout-free bodies.
 
-A model needs only what its target and penalty use: `fc` for target "fc", `last_stage` and `fc`
-for "last_stage", nothing for "all", and `forward_features` for closed_form; a model without them
-is refused in one line naming what is missing.
+A model needs only what its target uses: a classifier head for target "fc" (models.classifier_head:
+timm's get_classifier(), `fc`, or torchvision's `classifier`), `last_stage` and the head for
+"last_stage", nothing for "all"; closed_form also needs the head's output to be the model's
+(one head call per forward). A model without them is refused in one line naming what to add.
+
+Own loop (docs/own_loop.md): a batch without a second view gets both views from the `augment`
+callable the method was created with (view a = augment(batch.x), view b = augment(batch.x): two
+draws, so give it the un-augmented images); without one such a batch is refused.
 
 Under data parallelism the penalty is each rank's own, on a subset of the rank's rows, and the
 update gradients are averaged: not what one process computes with the whole batch.
@@ -90,6 +96,7 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..errors import UsageError
+from ..models import HEAD_CONVENTIONS, classifier_head, head_calls
 from .base import (
     TWO_VIEW_SGD,
     Method,
@@ -107,21 +114,24 @@ from .base import (
 TARGETS = ("fc", "last_stage", "all")
 
 
-def target_parameters(
-    model: torch.nn.Module, target: str, needs: tuple[str, ...] = (), who: str = ""
-) -> list[torch.Tensor]:
-    """The parameters of a GVR target set: `fc`, `last_stage` and `fc`, or the whole model. A model
-    without the modules the target names (or the other attributes in `needs`) is refused in one
-    line, which starts with `who` (what asked for the target)."""
-    modules = {"fc": ["fc"], "last_stage": ["last_stage", "fc"], "all": []}[target]
-    missing = [name for name in [*modules, *needs] if not hasattr(model, name)]
-    if missing:
+def target_parameters(model: torch.nn.Module, target: str, who: str = "") -> list[torch.Tensor]:
+    """The parameters of a GVR target set: the classifier head (models.classifier_head),
+    `last_stage` and the head, or the whole model. A model without what the target names is
+    refused in one line, which starts with `who` (what asked for the target)."""
+    if target == "all":
+        return list(model.parameters())
+    who, name = who or f"target {target!r}", type(model).__name__
+    head = classifier_head(model)
+    if head is None:
+        raise UsageError(f"{who} needs the model's classifier head, which {name} lacks: {HEAD_CONVENTIONS}")
+    if target == "fc":
+        return list(head.parameters())
+    if not hasattr(model, "last_stage"):
         raise UsageError(
-            f"{who or f'target {target!r}'} needs model.{missing[0]}, which {type(model).__name__} "
-            "lacks; use target 'all' (any model) or give the model "
-            + " and ".join(f"'{m}'" for m in [*modules, *needs])
+            f"{who} needs model.last_stage, which {name} lacks; use target 'all' (any model) or 'fc', or give "
+            "the model 'last_stage' (its last body stage)"
         )
-    return [p for m in ([getattr(model, name) for name in modules] or [model]) for p in m.parameters()]
+    return [*model.last_stage.parameters(), *head.parameters()]
 
 
 @register_method
@@ -159,11 +169,19 @@ class GVR(Method):
                 "use penalty 'exact' or 'fd' for it"
             )
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, augment=None, **kwargs):
+        """`augment`: for batches without a second view, a callable drawing one augmented view of
+        a batch of images (see the module's docstring)."""
         super().__init__(model, optimizer, **kwargs)
+        self.augment = augment
+        if self.hp.penalty == "closed_form" and self.loss_fn is not None:
+            raise UsageError(
+                "penalty 'closed_form' of method 'gvr' is cross-entropy's head gradient in closed form; with "
+                "loss_fn use penalty 'exact' or 'fd'"
+            )
         who = f"method 'gvr' with target {self.hp.target!r} and penalty {self.hp.penalty!r}"
-        needs = ("forward_features",) if self.hp.penalty == "closed_form" else ()
-        wanted = {id(p) for p in target_parameters(model, self.hp.target, needs, who)}
+        wanted = {id(p) for p in target_parameters(model, self.hp.target, who)}
+        self.head = classifier_head(model)
         # Kept in optimizer order; the fd step needs the mask to cut d out of all-parameter gradients.
         self.in_target = [id(p) in wanted for p in self.params]
         self.target_params = [p for p, t in zip(self.params, self.in_target) if t]
@@ -173,6 +191,13 @@ class GVR(Method):
     # ------------------------------------------------------------------ the step
 
     def step(self, batch: Batch) -> dict:
+        if batch.x2 is None:
+            if self.augment is None:
+                raise UsageError(
+                    "method 'gvr' needs two views of each image: give batches a second view (Batch(x, y, x2=...)) "
+                    "or create the method with augment=<a callable drawing one augmented view of a batch>"
+                )
+            batch = Batch(self.augment(batch.x), batch.y, batch.index, self.augment(batch.x))
         self.zero_grad()
         n = batch.y.shape[0]
         rows = torch.randperm(n, device=batch.y.device)[: min(self.hp.subset, n)]
@@ -239,13 +264,16 @@ class GVR(Method):
         return logits_a, loss_a, loss_b, penalty
 
     def _step_closed_form(self, batch: Batch, rows: torch.Tensor):
-        fc = self.model.fc
-        with self.autocast():
-            features_a = self.model.forward_features(batch.x)
-            logits_a = fc(features_a)
+        with head_calls(self.head) as calls:
+            logits_a = self.forward(batch.x)
             with frozen_bn_stats(self.model):
-                features_b = self.model.forward_features(batch.x2)
-            logits_b = fc(features_b)
+                logits_b = self.forward(batch.x2)
+        if len(calls) != 2 or calls[0][1] is not logits_a or calls[1][1] is not logits_b:
+            raise UsageError(
+                f"penalty 'closed_form' of method 'gvr' reads the input of the classifier head, but the output of "
+                f"{type(self.model).__name__} is not that head's, of one call per forward: use penalty 'exact' or 'fd'"
+            )
+        (features_a, _), (features_b, _) = calls
         loss_a, loss_b = self.loss(logits_a, batch.y), self.loss(logits_b, batch.y)
         penalty = self._fc_penalty(features_a[rows], logits_a[rows], features_b[rows], logits_b[rows], batch.y[rows])
         (self._data_loss(loss_a, loss_b) + self.hp.alpha * penalty).backward()
@@ -258,11 +286,12 @@ class GVR(Method):
         z_a, z_b, h_a, h_b = upcast(z_a), upcast(z_b), upcast(h_a), upcast(h_b)
         s, num_classes = z_a.shape
         smoothing = self.label_smoothing
-        q = F.one_hot(y, num_classes).to(z_a.dtype) * (1 - smoothing) + smoothing / num_classes
+        targets = F.one_hot(y, num_classes).to(z_a.dtype) if y.dim() == 1 else y.to(z_a.dtype)
+        q = targets * (1 - smoothing) + smoothing / num_classes
         delta_a = (torch.softmax(z_a, 1) - q) / s
         delta_b = (torch.softmax(z_b, 1) - q) / s
         weight_diff = delta_a.T @ h_a - delta_b.T @ h_b
         penalty = weight_diff.square().sum()
-        if self.model.fc.bias is not None:
+        if self.head.bias is not None:
             penalty = penalty + (delta_a.sum(0) - delta_b.sum(0)).square().sum()
         return penalty

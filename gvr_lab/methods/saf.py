@@ -97,10 +97,6 @@ class OutputTrajectoryMethod(Method):
 
     bounds = {"lam": ">= 0", "tau": "> 0"}
 
-    def __init__(self, model, optimizer, **kw):
-        super().__init__(model, optimizer, **kw)
-        self.epoch = 0
-
     @classmethod
     def term_share(cls, rows) -> float:
         """The term is on or off for a whole epoch, and logs a penalty of 0 while off: the share of
@@ -111,9 +107,6 @@ class OutputTrajectoryMethod(Method):
     def kl_start(self) -> int:
         """The term applies at epochs > this (the code's strict `kl_start_epoch < epoch`)."""
         return self.hp.kl_start_epoch
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 @register_method
@@ -126,6 +119,7 @@ class SAF(OutputTrajectoryMethod):
     )
     bounds = {**OutputTrajectoryMethod.bounds, "lag": ">= 1"}
     term, color = "KL to logits of `lag` epochs ago", "#cc78bc"
+    epoch_state = "each example's logits of `lag` epochs ago, its KL term from epoch kl_start_epoch + 1"
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
@@ -177,8 +171,12 @@ class SAF(OutputTrajectoryMethod):
         self.memory, self.stamp = memory, stamp
 
     def step(self, batch):
+        self.require_epoch()
         if batch.index is None:
-            raise UsageError(f"method {self.name!r} needs Batch.index (the dataset indices of the rows)")
+            raise UsageError(
+                f"method {self.name!r} needs Batch.index, the dataset index of each row (Batch(x, y, index=...)): "
+                "it keeps each example's logits under its index"
+            )
         self.zero_grad()
         logits = self.forward(batch.x)
         loss = self.loss(logits, batch.y)
@@ -230,6 +228,7 @@ class MESA(OutputTrajectoryMethod):
         "(running BN statistics, as timm's ModelEmaV2); teacher forward only while the term applies"
     )
     term, color = "KL to the EMA teacher", "#f0a6d8"
+    epoch_state = "its KL term from epoch kl_start_epoch + 1"
 
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
@@ -242,6 +241,7 @@ class MESA(OutputTrajectoryMethod):
         average_buffers(self.teacher, self.world)
 
     def step(self, batch):
+        self.require_epoch()
         self.zero_grad()
         logits = self.forward(batch.x)
         loss = self.loss(logits, batch.y)

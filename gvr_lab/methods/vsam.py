@@ -141,6 +141,7 @@ class VSAM(Method):
     )
     passes = "1 + p (p = sampled fraction)"
     term, color = "SAM steps, sampled per window after the warm-up", "#56b4e9"
+    epoch_state = "SAM steps throughout its warm-up of warmup_epochs epochs, sampled after it"
     bench_rows = ({"window": 5, "blocks": 1, "warmup_epochs": 0},)  # several windows in a short benchmark
     speed_targets = (SpeedTarget("vsam <= 1 + p + 0.05", {}, "sgd", lambda hp, p: 1 + p + 0.05),)
 
@@ -194,7 +195,6 @@ class VSAM(Method):
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
         self.b_max = int(self.hp.window * self.hp.p_max)
-        self.epoch = 0
         self.b, self.q, self.n_s, self.c = 1.0, 0.5, 0, 1
         # j: reuse steps since the last SAM step, an int so the bound is exact; MAX_REUSE until
         # the first SAM step, so there is nothing to reuse.
@@ -206,12 +206,10 @@ class VSAM(Method):
         self.ptr = 0
         self.rng = random.Random(torch.initial_seed())
 
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     # ------------------------------------------------------------------ the step
 
     def step(self, batch):
+        self.require_epoch()
         if self.epoch < self.hp.warmup_epochs:
             out = self.sam_step(batch)
             self.n_s = 1
