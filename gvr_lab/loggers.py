@@ -28,6 +28,7 @@ A logger whose package is missing is one line (check_available) before a run sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -39,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import results
-from .errors import UsageError, check_choice
+from .errors import UsageError, check_choice, filesystem_error
 
 # Columns of a row that place it rather than measure something: not drawn as scalars.
 PLACES = ("step", "epoch")
@@ -107,27 +108,40 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # purge_step: TensorBoard hides the events an earlier call wrote from this step on
-        self.writer = SummaryWriter(str(run_dir / self.FOLDER), purge_step=resumed_at, flush_secs=FLUSH_SECONDS)
-        if resumed_at == 0:
-            text = "\n".join("    " + line for line in json.dumps(config, indent=2, sort_keys=True).splitlines())
-            self.writer.add_text("config", text, 0)
-            for summary in hparams(flat_config(config), dict.fromkeys(HPARAM_METRICS, math.nan)):
-                self.writer.file_writer.add_summary(summary)
+        self.folder = run_dir / self.FOLDER
+        with self.writing():
+            # purge_step: TensorBoard hides the events an earlier call wrote from this step on
+            self.writer = SummaryWriter(str(self.folder), purge_step=resumed_at, flush_secs=FLUSH_SECONDS)
+            if resumed_at == 0:
+                text = "\n".join("    " + line for line in json.dumps(config, indent=2, sort_keys=True).splitlines())
+                self.writer.add_text("config", text, 0)
+                for summary in hparams(flat_config(config), dict.fromkeys(HPARAM_METRICS, math.nan)):
+                    self.writer.file_writer.add_summary(summary)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write the filesystem refuses (here or in the writer's thread) as one line naming the folder."""
+        try:
+            yield
+        except OSError as e:
+            raise filesystem_error(e, "write", self.folder) from None
 
     def draw(self, prefix: str, step: int, row: dict) -> None:
-        for tag, value in scalars(prefix, row).items():
-            self.writer.add_scalar(tag, value, step)
+        with self.writing():
+            for tag, value in scalars(prefix, row).items():
+                self.writer.add_scalar(tag, value, step)
 
     def step(self, row: dict) -> None:
         self.draw("step", row["step"], row)
 
     def evaluation(self, step: int, row: dict) -> None:
         self.draw("eval", step, row)
-        self.writer.flush()
+        with self.writing():
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with self.writing():
+            self.writer.close()
 
 
 class CsvLogger(Logger):

@@ -892,10 +892,12 @@ def report(ctx: Context, state: LoopState, row: dict, bar) -> None:
     shows, else plain (a log file gets no carriage returns)."""
     with writing(state):
         ctx.loggers.evaluation(state.done, row)
+    if not (ctx.world.main and ctx.config.progress):
+        return
     line = format_row(row, ctx.total, total_epochs(ctx.config, ctx.steps_per_epoch))
     if bar is not None:
         bar.write(line)
-    elif ctx.config.progress and ctx.world.main:
+    else:
         print(line, flush=True)
 
 
