@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gvr_lab-installed
 DATA_STAMP := $(VENV)/.gvr_lab-data
 
-.PHONY: setup venv demo test test-fast lint fmt lab figures bench clean
+.PHONY: setup venv demo test test-fast lint fmt lab figures bench tensorboard clean
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -79,6 +79,11 @@ bench: setup
 LAB_ARGS ?=
 lab: setup
 	$(PY) -m gvr_lab.lab $(LAB_ARGS)
+
+# TensorBoard on a folder of runs (every run writes its event files): make tensorboard RUNS=runs/cpu
+RUNS ?= runs
+tensorboard: setup
+	$(VENV)/bin/gvr-lab tensorboard $(RUNS)
 
 clean:
 	rm -rf runs .pytest_cache

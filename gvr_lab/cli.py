@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -73,7 +74,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.type == "list":
-            parser.add_argument(flag, nargs="*", type=int, default=None)
+            parser.add_argument(flag, nargs="*", type=f.metadata.get("items", int), default=None)
         else:
             caster = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=caster, default=None, metavar=f.type.upper())
@@ -381,6 +382,25 @@ def cmd_notebooks(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from .progress import runs_report
+
+    print("\n".join(runs_report(args.dir)))
+    return 0
+
+
+def cmd_tensorboard(args) -> None:
+    """TensorBoard on a folder of runs, in place of this process."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("gvr-lab tensorboard needs the tensorboard package, not installed: pip install tensorboard")
+    if not Path(args.runs).is_dir():
+        raise UsageError(f"{args.runs} is not a folder: TensorBoard reads a folder of runs (runs/, a study's)")
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", args.runs, "--port", str(args.port)]
+    command += ["--host", args.host]
+    print(f"TensorBoard on {args.runs}: http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, command)
+
+
 def add_executor_flags(parser) -> None:
     parser.add_argument(
         "--executor",
@@ -458,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--runs-root", help="root of training runs and executed notebooks instead of runs/")
     add_executor_flags(fg)
     fg.set_defaults(func=cmd_figures)
+    rs = sub.add_parser("runs", help="a line per run under a folder: status, progress, last metrics, time")
+    rs.add_argument("dir", help="a folder of runs: a grid's, a study's (runs/<preset>/<study>/...), or runs/")
+    rs.set_defaults(func=cmd_runs)
+    tb = sub.add_parser("tensorboard", help="TensorBoard on a folder of runs (each run directory one TensorBoard run)")
+    tb.add_argument("runs", nargs="?", default="runs", help="the folder (default: runs)")
+    tb.add_argument("--port", type=int, default=6006)
+    tb.add_argument("--host", default="localhost", help="the address it listens on (0.0.0.0: every interface)")
+    tb.set_defaults(func=cmd_tensorboard)
     nbs = sub.add_parser("notebooks", help="the study notebooks: question, presets, outputs (README's table)")
     nbs.set_defaults(func=cmd_notebooks)
     b = sub.add_parser("bench", help="time per step, img/s and memory per method, ratios to sgd")

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from . import cluster
+from . import cluster, results
 from .data import DATASETS
 from .errors import UsageError, check_choice
+from .loggers import check_available
 from .methods import method_class
 from .models import MODELS
 from .progress import GridStatus, grid_report
@@ -134,7 +135,25 @@ def grid_configs(
             except UsageError as e:
                 raise UsageError(f"grid variant {name!r}, seed {seed}: {e}") from None
             configs.append(config)
+    check_available({name for config in configs for name in config.loggers})
     return configs
+
+
+def record_grid(configs: list[Config]) -> None:
+    """grid.json in each folder holding the grid's runs: their run directories, labels and seeds in
+    grid order (after those of earlier grids there), so `gvr-lab runs` lists a run not started yet
+    as queued."""
+    folders: dict[Path, list] = {}
+    for config in configs:
+        run_dir = config.run_dir()
+        entry = {"run_dir": run_dir.name, "label": config.label, "seed": config.seed}
+        folders.setdefault(run_dir.parent, []).append(entry)
+    for folder, entries in folders.items():
+        path = folder / results.GRID
+        names = {entry["run_dir"] for entry in entries}
+        earlier = [e for e in results.read_json(path)["runs"] if e["run_dir"] not in names] if path.is_file() else []
+        results.make_dir(folder)
+        results.write_json(path, {"runs": earlier + entries})
 
 
 def train_configs(configs: list[Config], executor: str | None = None, ray=None, workers: int = 0) -> GridRuns:
@@ -144,6 +163,7 @@ def train_configs(configs: list[Config], executor: str | None = None, ray=None, 
     cluster.RayOptions (address, CPUs and GPUs per run); `workers` the processes executor's pool
     size (0: as many as this machine's cores hold runs of the grid's threads)."""
     executor, options = resolve_executor(executor, ray)
+    record_grid(configs)
     if executor == "ray":
         where = options.address or "a local Ray instance"
         cluster.run_grid(configs, options, GridStatus(configs, where))

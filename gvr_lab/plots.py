@@ -7,7 +7,8 @@ What every figure shares, so none overstates its evidence:
 * legends outside the data;
 * one way to aggregate seeds: mean with a band (curves) or bars (points) of one std when a curve
   has more than one seed (geometric mean and std on a log axis, where mean - std can fall below
-  zero), and the footer says how many seeds and what the band is;
+  zero), or with curves(band="ci") the 95% Student t interval of the mean, and the footer says
+  how many seeds and what the band is;
 * a footer with the dataset, model, epochs and steps, seeds and preset (`provenance`);
 * sparse series (a metric logged only on some steps) drawn as points, never as lines across gaps;
   a curve identical to another one, which would hide under it, is named in the legend.
@@ -37,6 +38,11 @@ from .methods import METHODS
 from .results import write_atomic
 from .stats import mean_ci as interval
 from .stats import paired_differences
+
+# What a curve's band shows over seeds: one std each side of the mean, the 95% Student t interval of
+# the mean, or nothing.
+BANDS = ("std", "ci", None)
+CI_LEVEL = 0.95
 
 # A method's colour is its class's (Method.color), fixed, not drawn from a cycle, so a method keeps its
 # colour whichever others share the figure; one without draws from this palette by its name.
@@ -126,13 +132,17 @@ def curves(
     title: str = "",
     points: bool = False,
     legend: bool = True,
+    band: str | None = "std",
 ):
-    """y against x, one curve per hue value: the mean over seeds with a band of one std where a curve
-    has more than one seed (with logy, the geometric mean and std). Epochs are counted from 1 (row 0
-    holds the metrics after one epoch).
+    """y against x, one curve per hue value: the mean over seeds with, where a curve has more than
+    one seed, a band of one std (band="std"), of the 95% Student t interval of the mean ("ci", as
+    stats.mean_ci) or none (None); with logy the geometric mean, the band taken on the logarithms.
+    Epochs are counted from 1 (row 0 holds the metrics after one epoch). A figure with another
+    band than std says so in its footer: `spread` of provenance (and of Study.save_figure).
     points=True draws every row as a point instead (sparse series, e.g. a metric of sampled steps).
     A curve whose means equal an earlier one's is named in the legend and dashed, since it would
     otherwise hide under it."""
+    check_choice("band", band, BANDS)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.4))
     data = df.dropna(subset=[y])
@@ -155,14 +165,18 @@ def curves(
                 label=name,
             )
             continue
-        if logy:  # geometric: a band of mean ± std would cross zero, which a log axis cannot show
-            grouped = np.log(rows[rows[y] > 0][y] * scale).groupby(rows[x])
-            mean, std, count = np.exp(grouped.mean()), grouped.std(), grouped.count()
-            low, high = mean / np.exp(std), mean * np.exp(std)
+        # geometric on a log axis: a band of mean ± std would cross zero, which a log axis cannot show
+        values = np.log(rows[rows[y] > 0][y] * scale) if logy else rows[y] * scale
+        grouped = values.groupby(rows[x])
+        if band == "ci":
+            spans = {at: interval(v.to_numpy(float), CI_LEVEL) for at, v in grouped}
+            low, high = (pd.Series({at: span[i] for at, span in spans.items()}) for i in (1, 2))
         else:
-            grouped = rows.groupby(x)[y]
-            mean, std, count = grouped.mean() * scale, grouped.std() * scale, grouped.count()
-            low, high = mean - std, mean + std
+            std = grouped.std()
+            low, high = grouped.mean() - std, grouped.mean() + std
+        mean, count = grouped.mean(), grouped.count()
+        if logy:
+            mean, low, high = np.exp(mean), np.exp(low), np.exp(high)
         twin = next(
             (other for other, m in drawn.items() if m.index.equals(mean.index) and np.array_equal(m, mean)), None
         )
@@ -170,7 +184,7 @@ def curves(
         if twin is not None:
             shown.update(linestyle=(0, (4, 4)), label=f"{name} (identical to {twin}: drawn over it)")
         ax.plot(mean.index, mean.values, **{"label": name, **shown})
-        if (count > 1).any():
+        if band and (count > 1).any():
             ax.fill_between(mean.index, low, high, color=style["color"], alpha=0.18, linewidth=0)
         drawn[name] = mean
     ax.set_xlabel(label(x))

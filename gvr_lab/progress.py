@@ -5,6 +5,9 @@ A grid reports which run of how many it is on, the run's label and seed, and one
 report is one text display updated in place (a line per run: the finished ones' results, the running
 one's latest evaluation) above a learning-curve plot redrawn after evaluations; elsewhere each line is
 printed.
+
+`gvr-lab runs DIR` (runs_report) shows the same from any terminal, read from the run directories
+while their runs write: a line per run with its status, progress, last metrics and time.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import io
 import json
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import results
+from .errors import UsageError
 from .plots import LINESTYLES, legend_outside, method_color
 
 
@@ -336,3 +343,74 @@ def format_duration(seconds: float) -> str:
 
 def grid_report(total: int) -> TextReport:
     return LiveReport(total) if in_kernel() else TextReport(total)
+
+
+# ---------------------------------------------------------------------- a folder of runs on a terminal (gvr-lab runs)
+
+
+def listed_runs(root) -> dict[Path, tuple[str, int]]:
+    """{run directory: (label, seed)} of every run under `root`: first those that the grids there
+    list (grid.json, in grid order, started or not), then every other run directory."""
+    root = Path(root)
+    listed = {}
+    for grid in sorted(root.rglob(results.GRID)):
+        for entry in results.read_json(grid)["runs"]:
+            listed[grid.parent / entry["run_dir"]] = (entry["label"], entry["seed"])
+    for run_dir in results.run_dirs(root):
+        if run_dir not in listed:
+            config = results.read_json(run_dir / results.CONFIG)
+            listed[run_dir] = (config.get("label") or run_dir.name, config.get("seed", 0))
+    return listed
+
+
+def run_state(run_dir: Path, now: float) -> tuple[str, str]:
+    """(status, what the run's line says after its name): its status (queued: a grid's run without a
+    directory yet; starting: no summary yet), how far it is (live from steps.jsonl while it runs),
+    its last evaluation's training loss and accuracy and its validation (else test) accuracy, and
+    its training time (while it runs, how long ago it last wrote)."""
+    if not (run_dir / results.CONFIG).is_file():
+        return "queued", "queued"
+    files = results.read_run(run_dir, (results.EPOCHS,))
+    summary, history = files.summary, files.tables[results.EPOCHS]
+    if not summary:
+        return "starting", "starting"
+    status = results.run_status(files)
+    done, total = summary.get("steps_completed", 0), summary.get("total_steps", 0)
+    lines = run_dir / results.STEP_LINES
+    if status == "running" and lines.is_file():
+        last = results.last_line(lines)
+        done = max(done, last["step"] + 1 if last else 0)
+    parts = [f"diverged at step {summary['diverged_step']}" if status == "diverged" else status]
+    if total:
+        per_epoch = summary.get("steps_per_epoch") or total
+        epochs = f"epoch {done // per_epoch}/{-(-total // per_epoch)}"
+        parts.append(f"{f'step {done}/{total}' if files.config.get('steps') else epochs} ({100 * done / total:.0f}%)")
+    if len(history):
+        row = history.iloc[-1]
+        split = "val" if "val_acc" in history else "test"
+        parts.append(f"train loss {row['train_loss']:.3f} acc {percent(row['train_acc'])}")
+        parts.append(f"{split} acc {percent(row[f'{split}_acc'])}")
+    time_text = format_duration(summary.get("wall_time_s", 0.0))
+    if status == "running":
+        written = max(p.stat().st_mtime for p in (run_dir / results.SUMMARY, lines) if p.is_file())
+        time_text += f", last write {format_duration(max(0.0, now - written))} ago"
+    parts.append(time_text)
+    return status, " · ".join(parts)
+
+
+def runs_report(root) -> list[str]:
+    """What `gvr-lab runs DIR` prints: the runs under DIR counted by status, then a line per run
+    (label, seed, run_state), each read as one consistent state while its run writes (read_run)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder: name a folder of runs (a grid's, a study's, or runs/)")
+    listed = listed_runs(root)
+    if not listed:
+        raise UsageError(f"no runs under {root}: no folder holding {results.CONFIG}, no {results.GRID}")
+    now = time.time()
+    states = {run_dir: run_state(run_dir, now) for run_dir in listed}
+    counts = Counter(status.split(":")[0] for status, _ in states.values())
+    header = f"{len(listed)} run{'s' if len(listed) > 1 else ''} under {root}: " + " · ".join(
+        f"{n} {status}" for status, n in counts.items()
+    )
+    return [header, *(f"{label} s{seed} · {states[run_dir][1]}" for run_dir, (label, seed) in listed.items())]

@@ -4,6 +4,8 @@ A run directory holds
   config.json     every setting of the run (method hyper-parameters resolved to their values)
   epochs.parquet  one row per epoch (train/test/val loss and accuracy, lr, epoch_time_s, ...)
   steps.parquet   per-step metrics sampled every `log_every` steps
+  steps.jsonl     the same rows, a JSON line each, appended as the steps are logged: a running or killed
+                  run shows its last steps (read_lines; a last line without its newline is not one yet)
   summary.json    final and best accuracy, wall time, status ("running", "stopped", "completed", "diverged",
                   "failed: <why>"), the run's identity and what code made it
   checkpoint.pt   model, optimizer and method state after the last evaluation, with the run's identity
@@ -41,6 +43,10 @@ CONFIG, EPOCHS, STEPS, SUMMARY, CHECKPOINT = (
     "summary.json",
     "checkpoint.pt",
 )
+STEP_LINES = "steps.jsonl"
+# What a grid's folder says about its runs before they start: a run of a grid that has no run
+# directory yet is queued (progress.runs_report).
+GRID = "grid.json"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -116,8 +122,12 @@ def read_snapshot(path, parse):
         except Exception as e:  # noqa: BLE001 - json and pyarrow raise many types for a damaged file
             if attempt < 2 and version(os.stat(path)) != read:
                 continue
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"{path} is damaged ({first}): it was edited by hand or written incompletely") from None
+            raise damaged(path, e) from None
+
+
+def damaged(path, error: Exception) -> UsageError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UsageError(f"{path} is damaged ({first}): it was edited by hand or written incompletely")
 
 
 def read_json(path: Path):
@@ -128,6 +138,64 @@ def read_table(path) -> pd.DataFrame:
     """A parquet file. pyarrow given a path opens it more than once, so a writer renaming a new
     version into place meanwhile could hand it the footer of one version and the pages of another."""
     return read_snapshot(path, lambda data: pd.read_parquet(io.BytesIO(data)))
+
+
+def complete_lines(data: bytes) -> list[bytes]:
+    """The lines of a file a writer appends to: a last line without its newline (the writer
+    mid-line, or killed there) is not one yet."""
+    return data[: data.rfind(b"\n") + 1].splitlines()
+
+
+def read_lines(path) -> list[dict]:
+    """The rows of a JSON-lines file a run appends to (steps.jsonl), each complete line one row."""
+    return read_snapshot(path, lambda data: [json.loads(line) for line in complete_lines(data)])
+
+
+def last_line(path, tail: int = 1 << 16) -> dict | None:
+    """The last complete row of a JSON-lines file (None for none), read from its last `tail` bytes
+    (more where they hold no whole line): what a long run logged last, without reading all it logged."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - tail))
+        lines = complete_lines(f.read())[1 if size > tail else 0 :]  # the first may be the end of a line
+    if not lines and size > tail:
+        return last_line(path, 16 * tail)
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except ValueError as e:
+        raise damaged(path, e) from None
+
+
+class LineLog:
+    """A file that a run appends lines to as it logs (steps.jsonl, a logger's CSV): each append is
+    flushed to the operating system, without an fsync (what the system holds outlives a killed
+    process, and a reader sees it at once), so the file shows a running or killed run's last
+    lines. `start` keeps the complete lines of the file that `keep` accepts (a resumed run's lines
+    from before the step it resumes at), after `header`, and appends after them."""
+
+    def __init__(self, path: Path, header: str = ""):
+        self.path, self.header, self.file = Path(path), header, None
+
+    def start(self, keep) -> None:
+        old = read_snapshot(self.path, complete_lines) if self.path.is_file() else []
+        kept = [line + b"\n" for line in old[1 if self.header else 0 :] if keep(line)]
+        write_atomic(self.path, self.header.encode() + b"".join(kept))
+        try:
+            self.file = open(self.path, "ab")
+        except OSError as e:
+            raise filesystem_error(e, "write", self.path) from None
+
+    def append(self, lines: list[str]) -> None:
+        try:
+            self.file.write("".join(lines).encode())
+            self.file.flush()
+        except OSError as e:
+            raise filesystem_error(e, "write", self.path) from None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def read_yaml_mapping(path, what: str) -> dict:
@@ -267,17 +335,18 @@ class RunFiles:
 
 def read_run(run_dir, tables=(EPOCHS, STEPS)) -> RunFiles:
     """The run's files as one consistent state, however busy a writer is: summary.json first, then
-    each table cut to the evaluations (`evaluations`) and steps (`steps_completed`) that
-    summary counts. The loop writes the tables before the summary and only ever appends rows, so
+    each table cut to the evaluations (`evaluations`; `epochs_completed` in a summary without it)
+    and steps (`steps_completed`) that summary counts (in steps mode a run evaluates more often
+    than it completes epochs). The loop writes the tables before the summary and only ever appends rows, so
     the rows a summary counts are already in place, and are those the summary describes."""
     run_dir = Path(run_dir)
     summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
     read = {}
     for name in tables:
         df = read_table(run_dir / name) if (run_dir / name).is_file() else pd.DataFrame()
-        evaluations = summary.get("evaluations", summary.get("epochs_completed"))  # older summaries: one per epoch
-        if name == EPOCHS and evaluations is not None:
-            df = df.iloc[:evaluations]
+        rows = summary.get("evaluations", summary.get("epochs_completed"))
+        if name == EPOCHS and rows is not None:
+            df = df.iloc[:rows]
         if name == STEPS and "steps_completed" in summary and "step" in df:
             df = df[df["step"] < summary["steps_completed"]]
         read[name] = df.reset_index(drop=True)

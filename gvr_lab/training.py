@@ -2,7 +2,13 @@
 
 The loop knows nothing about methods beyond the Method contract: it sets the learning rate, calls
 `method.start_epoch`, `method.step` and `method.end_epoch`, and averages the 0-dim tensors `step` returns on the device,
-syncing with the host once per epoch (and every `log_every` steps only when a progress bar shows).
+syncing with the host once per evaluation; the logged steps' values reach the host without a sync
+(StepFeed) and go to the loggers (loggers.py: steps.jsonl, TensorBoard, ...) as they arrive.
+
+What it prints: on a terminal (or in a notebook) a progress bar with a line per evaluation above it;
+elsewhere (a log file on a cluster) one plain line per evaluation; nothing with progress off (a
+grid reports its runs itself). What it writes while it trains (tables, checkpoints, summaries,
+loggers) is timed: summary.json's write_time_s.
 
 The device decides the numerics (DeviceSettings): on CUDA fused SGD, channels_last and bf16
 autocast; Config.cuda_settings applies the same on a CPU. Under torchrun every rank runs this loop
@@ -25,6 +31,7 @@ tensors, IterGraft's micro-batch) come from Method.shared_rng, seeded from (seed
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -36,6 +43,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,6 +69,7 @@ from .data import (
 from .distributed import GradSync, World, average_buffers, gather_to_main, init_world, rank_mean, reduce_means
 from .errors import TYPE_NAMES, FilesystemError, UsageError, check_choice, coerce
 from .landscape import curvature
+from .loggers import Loggers, check_available, check_names, create_loggers
 from .methods import Method, create_method, method_class
 from .methods.base import rng_state
 from .models import check_model_name, create_model, input_channels, object_model_name
@@ -83,7 +92,7 @@ CHANNELS_LAST = ("auto", "true", "false")
 NODE_ENV = "GVR_LAB_NODE"  # the cluster node a run trains on, set by its executor
 FINAL_STATUSES = ("completed", "diverged")  # "running", "stopped" (by stop_after) and "failed: ..." runs resume
 # Fields that do not change what is computed: a run may be resumed with other values.
-NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after")
+NON_IDENTITY_FIELDS = ("out_dir", "data_dir", "progress", "label", "stop_after", "loggers")
 # Fields added to Config whose value in a run recorded before them was not their default: such a
 # run computed with other values, so it is another run (check_run_dir), never reused under them.
 # (A field added with the behaviour of its default is absent from here: the old run had it.)
@@ -161,9 +170,12 @@ class Config:
     keep_checkpoints: list = field(default_factory=list)
     out_dir: str = ""  # the run directory; empty = runs/<dataset>-<model>-<method>-s<seed>-<hash>
     data_dir: str = ""  # where datasets are looked up first
-    progress: bool = True  # progress bar and per-epoch lines
+    # A progress bar and a line per evaluation on a terminal, a plain line per evaluation elsewhere; False: quiet
+    progress: bool = True
     stop_after: int = 0  # end this call after this many epochs (0: at `epochs`); the same call again continues
     label: str = ""  # a name for plots and tables (e.g. "LB+GN"); does not change the run
+    # Where the metrics also go as the run trains (loggers.py): tensorboard, csv, wandb; steps.jsonl always
+    loggers: list = field(default_factory=lambda: ["tensorboard"], metadata={"items": str})
 
     def __post_init__(self):
         if isinstance(self.channels_last, bool):  # the API's True and False mean "true" and "false"
@@ -179,6 +191,7 @@ class Config:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("channels_last", self.channels_last, CHANNELS_LAST)
         check_choice("label_noise_kind", self.label_noise_kind, NOISE_KINDS)
+        check_names(self.loggers)
         if not 0 <= self.label_noise < 1:
             raise UsageError(f"label_noise must be in [0, 1), got {self.label_noise}")
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "threads"):
@@ -675,6 +688,8 @@ class Context:
     settings: DeviceSettings
     parts: Parts
     hooks: list  # evaluation hooks (CurvatureHook): row, model, evaluation number -> extra columns
+    feed: StepFeed  # the logged steps' values on their way to the host
+    loggers: Loggers = field(default_factory=lambda: Loggers([]))  # rank 0's: start_loggers
     started: float = 0.0  # perf_counter when this call began training
 
     @property
@@ -755,6 +770,7 @@ class LoopState:
     history: list = field(default_factory=list)  # one row per evaluation
     steps: list = field(default_factory=list)  # the logged steps' metrics
     wall_before: float = 0.0  # seconds trained by earlier calls (a resumed run)
+    write_time_s: float = 0.0  # seconds spent writing (writing()), earlier calls' included
     # Where a steps-mode run stopped inside an epoch: this rank's torch RNG and the shared generator's state.
     resume_rng: tuple | None = None
     resume_shared_rng: torch.Tensor | None = None
@@ -770,7 +786,7 @@ class Interval:
     started: float
     sums: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
-    logged: list = field(default_factory=list)  # (step, epoch, lr, metrics averaged over ranks)
+    logged: list = field(default_factory=list)  # logged steps' rows (StepFeed), metrics averaged over ranks
     losses: list = field(default_factory=list)
     epoch: int = 0
     lr: float = 0.0
@@ -782,6 +798,38 @@ class Interval:
             previous = self.sums.get(k)
             self.sums[k] = torch.as_tensor(v, dtype=torch.float32, device=device) if previous is None else previous + v
             self.counts[k] = self.counts.get(k, 0) + 1
+
+
+class StepFeed:
+    """The logged steps' values on their way to the host without a sync: at a logged step they are
+    stacked (float64: every value exactly) and, on CUDA, copied to pinned host memory without
+    blocking, an event recorded after the copy; a step's row is handed over once its copy is done
+    (every step asks; on the CPU at once), and all of them at an evaluation."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, collections.deque()
+
+    def put(self, step: int, epoch: int, lr: float, values: dict) -> None:
+        keys = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device) for k in keys])
+        event = None
+        if self.device.type == "cuda":
+            stacked, event = stacked.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        self.pending.append(({"step": step, "epoch": epoch, "lr": lr}, keys, stacked, event))
+
+    def ready(self, wait: bool = False) -> list[dict]:
+        """The rows whose values are on the host, in step order (all of them with wait)."""
+        rows = []
+        while self.pending:
+            place, keys, values, event = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self.pending.popleft()
+            rows.append({**place, **dict(zip(keys, values.tolist()))})
+        return rows
 
 
 def train(config: Config, on_evaluation=None, model: torch.nn.Module | None = None) -> Run:
@@ -802,6 +850,7 @@ def train(config: Config, on_evaluation=None, model: torch.nn.Module | None = No
         done = load_run(run_dir, config)
         if done.summary.get("status") in FINAL_STATUSES:
             return done
+    check_available(config.loggers)
 
     with torch_threads(config.threads):
         return train_here(config, run_dir, on_evaluation, model)
@@ -875,31 +924,70 @@ def run_loop(
     epoch) in steps mode, and the last step: it writes the
     history row of the steps since the previous one, the logged steps and a checkpoint, and hands
     the row to `on_evaluation`."""
-    ctx = Context(config, run_dir, world, settings, parts, list(hooks))
+    ctx = Context(config, run_dir, world, settings, parts, list(hooks), StepFeed(settings.device))
     state = resume(ctx)  # before any write: a checkpoint of another run is refused
     if world.main:
-        results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
+        with writing(state):
+            results.write_json(run_dir / results.CONFIG, dataclasses.asdict(config))
     write_summary(ctx, state, "running", state.wall_before)
+    start_loggers(ctx, state)
     ctx.started = time.perf_counter()
     bar = make_progress(config, state.done, ctx.total) if world.main else None
     status, diverged, evaluations_left = "completed", {}, config.stop_after or math.inf
     parts.model.train()
-    while state.done < ctx.total and evaluations_left > 0:
-        interval = train_interval(ctx, state, bar)
-        row = evaluation_row(ctx, state, interval)
+    try:
+        while state.done < ctx.total and evaluations_left > 0:
+            interval = train_interval(ctx, state, bar)
+            row = evaluation_row(ctx, state, interval)
+            report(ctx, state, row, bar)
+            if on_evaluation is not None:
+                on_evaluation(row)
+            diverged = divergence(state, interval, row)
+            if diverged:
+                status = "diverged"
+                break
+            checkpoint(ctx, state, interval)
+            evaluations_left -= 1
+    finally:
         if bar is not None:
-            bar.write(format_row(row))
-        if on_evaluation is not None:
-            on_evaluation(row)
-        diverged = divergence(state, interval, row)
-        if diverged:
-            status = "diverged"
-            break
-        checkpoint(ctx, state, interval)
-        evaluations_left -= 1
-    if bar is not None:
-        bar.close()
+            bar.close()
+        with writing(state):
+            ctx.loggers.close()
     return finish(ctx, state, status, diverged)
+
+
+@contextlib.contextmanager
+def writing(state: LoopState):
+    """What the block takes counts as the run's writing time (summary.json's write_time_s)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        state.write_time_s += time.perf_counter() - started
+
+
+def start_loggers(ctx: Context, state: LoopState) -> None:
+    """Rank 0's loggers (Config.loggers, after steps.jsonl), started at the resumed step with the
+    checkpoint's evaluation; none on the other ranks."""
+    if ctx.world.main:
+        ctx.loggers = create_loggers(ctx.config.loggers)
+        config, last = dataclasses.asdict(ctx.config), state.history[-1] if state.history else None
+        with writing(state):
+            ctx.loggers.start(ctx.run_dir, config, state.done, last)
+
+
+def report(ctx: Context, state: LoopState, row: dict, bar) -> None:
+    """An evaluation to the loggers and, with progress on, as a line: above the bar where one
+    shows, else plain (a log file gets no carriage returns)."""
+    with writing(state):
+        ctx.loggers.evaluation(state.done, row)
+    if not (ctx.world.main and ctx.config.progress):
+        return
+    line = format_row(row, ctx.total, total_epochs(ctx.config, ctx.steps_per_epoch))
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
 
 
 def resume(ctx: Context) -> LoopState:
@@ -926,6 +1014,7 @@ def resume(ctx: Context) -> LoopState:
         history=saved["history"],
         steps=saved["steps"],
         wall_before=saved["wall_time_s"],
+        write_time_s=saved.get("write_time_s", 0.0),
         resume_rng=rng_ranks[ctx.world.rank % len(rng_ranks)],
         resume_shared_rng=saved.get("shared_rng"),
     )
@@ -971,9 +1060,8 @@ def train_interval(ctx: Context, state: LoopState, bar) -> Interval:
             out["diag_micro_grad_norm"] = diagnostic
         interval.add(out, ctx.device)
         if method.diagnose:  # the global batch's values: averaged over the ranks
-            interval.logged.append((state.done, epoch, lr, rank_mean(out, ctx.world, ctx.device)))
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(out['loss']):.3f}", refresh=False)
+            ctx.feed.put(state.done, epoch, lr, rank_mean(out, ctx.world, ctx.device))
+        hand_over(ctx, state, interval, ctx.feed.ready(), bar)
         if bar is not None:
             bar.update()
         state.done += 1
@@ -983,6 +1071,18 @@ def train_interval(ctx: Context, state: LoopState, bar) -> Interval:
             state.batches = None
         if state.done == ctx.total or evaluation_due(config, state.done, epoch, interval.epoch_ends):
             return interval
+
+
+def hand_over(ctx: Context, state: LoopState, interval: Interval, rows: list[dict], bar) -> None:
+    """Logged steps whose values reached the host: into the interval's logged steps, to the loggers
+    (rank 0) and into the bar's postfix."""
+    interval.logged.extend(rows)
+    if rows and ctx.world.main:
+        with writing(state):
+            for row in rows:
+                ctx.loggers.step(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", refresh=False)
 
 
 def evaluation_due(config: Config, done: int, epoch: int, epoch_ends: bool) -> bool:
@@ -1002,9 +1102,8 @@ def evaluation_row(ctx: Context, state: LoopState, interval: Interval) -> dict:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     elapsed = time.perf_counter() - interval.started
-    state.steps.extend(
-        {"step": s, "epoch": e, "lr": lr, **{k: float(v) for k, v in out.items()}} for s, e, lr, out in interval.logged
-    )
+    hand_over(ctx, state, interval, ctx.feed.ready(wait=True), None)
+    state.steps.extend(interval.logged)
     if config.steps:
         row = {"step": state.done, "epoch": interval.epoch, "lr": interval.lr, "interval_time_s": elapsed}
     else:  # an interval of whole epochs: the time per epoch and the interval's
@@ -1040,7 +1139,7 @@ def divergence(state: LoopState, interval: Interval, row: dict) -> dict:
 
 def checkpoint(ctx: Context, state: LoopState, interval: Interval) -> None:
     """The history, the logged steps, the checkpoint (and a kept copy when keep_checkpoints names
-    this evaluation) and the summary, each written atomically by rank 0."""
+    this evaluation) and the summary, each written atomically by rank 0 (their time: writing)."""
     wall = state.wall_before + time.perf_counter() - ctx.started
     write_metrics(ctx, state)
     parts = ctx.parts
@@ -1061,10 +1160,12 @@ def checkpoint(ctx: Context, state: LoopState, interval: Interval) -> None:
             "history": state.history,
             "steps": state.steps,
             "wall_time_s": wall,
+            "write_time_s": state.write_time_s,
         }
-        results.save_checkpoint(ctx.run_dir / results.CHECKPOINT, saved)
-        if len(state.history) in ctx.config.keep_checkpoints:
-            results.save_checkpoint(ctx.run_dir / f"checkpoint-{len(state.history)}.pt", saved)
+        with writing(state):
+            results.save_checkpoint(ctx.run_dir / results.CHECKPOINT, saved)
+            if len(state.history) in ctx.config.keep_checkpoints:
+                results.save_checkpoint(ctx.run_dir / f"checkpoint-{len(state.history)}.pt", saved)
     write_summary(ctx, state, "running", wall)
 
 
@@ -1081,26 +1182,34 @@ def finish(ctx: Context, state: LoopState, status: str, diverged: dict) -> Run |
 
 def write_metrics(ctx: Context, state: LoopState) -> None:
     if ctx.world.main:
-        results.write_parquet(ctx.run_dir / results.EPOCHS, state.history)
-        results.write_parquet(ctx.run_dir / results.STEPS, state.steps)
+        with writing(state):
+            results.write_parquet(ctx.run_dir / results.EPOCHS, state.history)
+            results.write_parquet(ctx.run_dir / results.STEPS, state.steps)
 
 
 def write_summary(ctx: Context, state: LoopState, status: str, wall: float, **more) -> None:
     if ctx.world.main:
-        facts = {**ctx.facts(), "steps_completed": state.done, **more}
-        results.write_json(ctx.run_dir / results.SUMMARY, summarize(state.history, status, wall, facts))
+        facts = {**ctx.facts(), "steps_completed": state.done, "write_time_s": state.write_time_s, **more}
+        summary = summarize(state.history, status, wall, facts)
+        with writing(state):
+            results.write_json(ctx.run_dir / results.SUMMARY, summary)
 
 
 def make_progress(config: Config, initial: int, total: int):
-    if not config.progress:
+    """tqdm's bar where it draws in place (a terminal; a notebook, where tqdm.auto chose its
+    widget); None elsewhere or with progress off."""
+    widget = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    if not config.progress or not (sys.stderr.isatty() or widget):
         return None
     return tqdm(
         total=total, initial=initial, desc=f"{config.method} {config.model}", unit="step", leave=False, mininterval=1.0
     )
 
 
-def format_row(row: dict) -> str:
-    where = f"step {row['step']:>6}" if "step" in row else f"epoch {row['epoch']:>3}"
+def format_row(row: dict, total_steps: int, total_epochs: int) -> str:
+    """An evaluation's line: where the run is (step or epoch, of how many), the training and evaluation
+    metrics, the time."""
+    where = f"step {row['step']}/{total_steps}" if "step" in row else f"epoch {row['epoch'] + 1}/{total_epochs}"
     parts = [
         where,
         f"lr {row['lr']:.4f}",

@@ -55,10 +55,9 @@ study = gl.Study(
     globals(),
     presets={
         "smoke": {
-            "dataset": "synthetic",
             "model": "tiny_cnn",
-            "epochs": 1,
-            "train_subset": 256,
+            "epochs": 2,
+            "train_subset": 2048,
             "batch_size": 64,
             "subset": 16,
             "seeds": [0],

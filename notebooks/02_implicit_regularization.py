@@ -67,7 +67,7 @@ study = gl.Study(
             "lb_batch": 64,
             "lb_epochs": 4,
             "micro_sizes": [32],
-            "train_subset": 256,
+            "train_subset": 512,
             "log_every": 1,
             "device": "cpu",
         },

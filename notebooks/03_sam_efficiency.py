@@ -57,10 +57,9 @@ study = gl.Study(
     globals(),
     presets={
         "smoke": {
-            "dataset": "synthetic",
             "model": "tiny_cnn",
             "epochs": 3,
-            "train_subset": 256,
+            "train_subset": 2048,
             "batch_size": 64,
             "method_args": {
                 "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},

@@ -52,10 +52,9 @@ study = gl.Study(
     globals(),
     presets={
         "smoke": {
-            "dataset": "synthetic",
             "models": ["tiny_cnn"],
             "epochs": 2,
-            "train_subset": 256,
+            "train_subset": 2048,
             "batch_size": 64,
             "vsam_args": {"warmup_epochs": 1, "window": 2, "blocks": 1},
             "device": "cpu",

@@ -89,14 +89,15 @@ study = gl.Study(
     presets={
         "smoke": {
             "dataset": "synthetic",
-            "train_subset": 32,
-            "steps": 4,
-            "novack_steps": 4,
-            "eval_every": 2,
+            "train_subset": 64,
+            "steps": 32,
+            "novack_steps": 32,
+            "eval_every": 16,
             "curvature_every": 2,
-            "batch_size": 8,
-            "sb_batch": 4,
-            "lb_batch": 16,
+            "batch_size": 16,
+            "lr": 0.02,
+            "sb_batch": 8,
+            "lb_batch": 32,
             "seeds": [0],
             "method_args": {
                 "gvr": {"target": "fc", "penalty": "closed_form", "subset": 4},

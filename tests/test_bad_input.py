@@ -12,10 +12,11 @@ import io
 import json
 import re
 
+import pandas as pd
 import pytest
 import torch
 
-from gvr_lab import Config, create_method, create_model, train, train_grid
+from gvr_lab import Config, create_method, create_model, plots, train, train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
 from gvr_lab.results import load_checkpoint
@@ -374,6 +375,16 @@ BAD = [
         "bench micro-batch not dividing batch",
         [*BENCH, "--methods", "reg_loss:micro_batch_size=5"],
         r"is not a multiple of micro_batch_size=5",
+    ),
+    # watching runs: loggers, the runs of a folder, TensorBoard, figures' bands
+    ("unknown logger", [*TRAIN, "--loggers", "tensorbord"], r"unknown logger 'tensorbord'; valid: tensorboard, csv"),
+    ("runs of a missing folder", ["runs", "nowhere"], r"nowhere is not a folder: name a folder of runs"),
+    ("runs of a folder without runs", ["runs", "fashion-mnist"], r"no runs under fashion-mnist: no folder holding"),
+    ("tensorboard on a missing folder", ["tensorboard", "nowhere"], r"nowhere is not a folder: TensorBoard reads"),
+    (
+        "unknown band of curves",
+        lambda: plots.curves(pd.DataFrame({"epoch": [0], "test_acc": [0.5]}), "epoch", "test_acc", band="sem"),
+        r"unknown band 'sem'; valid: std, ci, None",
     ),
 ]
 
