@@ -298,22 +298,27 @@ titles = {
     "adaptive_sharpness": f"adaptive sharpness (rho {rho:g})",
     "fn_curvature": f"filter-normalized curvature ({directions} directions)",
 }
-fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.1 * len(measures)), sharex=True, sharey="row")
+modes = {"train": "batch norm in train mode: the loss trained", "eval": "batch norm in eval mode: the function tested"}
+fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.1 * len(measures)), sharex=True)
+axes[0, 1].sharey(axes[0, 0])  # λ1 of both modes on one scale, against 2/lr
 for i, name in enumerate(measures):
     logy = bool((wide[name] > 0).all())
-    for j, bn in enumerate(("train", "eval")):
+    for j, bn in enumerate(modes):
         ax = axes[i, j]
         if name == "lambda_1":
             for bound, labels in bounds.items():
                 shown = f"2/lr = {bound:g} ({', '.join(labels)})"
                 ax.axhline(bound, color="0.3", linestyle="--", linewidth=1, label=shown)
         plots.curves(wide[wide["bn"] == bn], "step", name, ax=ax, logy=logy, legend=(i, j) == (0, 1))
-        ax.set_title(f"{titles[name]}, batch norm in {bn} mode", fontsize=9)
+        ax.set_ylabel(titles[name] if j == 0 else "", fontsize=9)
+        ax.set_title(modes[bn] if i == 0 else "")
+        if i < len(measures) - 1:
+            ax.set_xlabel("")
         if logy:
             plots.plain_log_ticks(ax)
 fig.suptitle(f"on {rows} seeded training rows at each kept checkpoint")
 study.save_figure(fig, "curvature_over_training", wide)
-for bn in ("train", "eval"):
+for bn in modes:
     ratio = (momentum_free["lambda_1"] * momentum_free["lr"] / 2)[momentum_free["bn"] == bn]
     if len(ratio):
         print(
@@ -355,10 +360,11 @@ compared = {**{name: (name, 1.0) for name in measures}, "test_acc": ("test_acc",
 summary = []
 for label, baseline in baselines.items():
     for point, frame in ((f"L* = {matched_loss:g}", reached), ("end", final)):
-        for bn in ("train", "eval"):
+        for bn in modes:
             here = frame[frame["bn"] == bn]
             paired_seeds, method_steps, baseline_steps = paired(here, label, baseline, "step")
-            at = f"step {method_steps.mean():.0f} vs {baseline_steps.mean():.0f} ({len(paired_seeds)} pairs)"
+            n = len(paired_seeds)
+            at = f"step {method_steps.mean():.0f} vs {baseline_steps.mean():.0f} ({n} pair{'s' if n > 1 else ''})"
             row = {"comparison": f"{label} − {baseline}", "at": f"{point}: {at if paired_seeds else 'no pair'}"}
             row["bn"] = bn
             for name, (column, scale) in compared.items():
@@ -397,7 +403,7 @@ study.save_table(
 gaps = {"acc_gap": "train − test accuracy", "loss_gap": "test − train loss"}
 taus, kendall = {}, []
 for name in measures:
-    for bn in ("train", "eval"):
+    for bn in modes:
         here = wide[wide["bn"] == bn]
         row = {"measure": plots.label(name), "bn": bn}
         for gap, title in gaps.items():
@@ -417,11 +423,12 @@ study.save_table(
 # %%
 fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.1 * len(measures)), sharey=True)
 for i, name in enumerate(measures):
-    for j, bn in enumerate(("train", "eval")):
+    for j, bn in enumerate(modes):
         ax = axes[i, j]
         plots.curves(wide[wide["bn"] == bn], name, "acc_gap", ax=ax, points=True, legend=(i, j) == (0, 1))
         if (wide[name] > 0).all():
             ax.set_xscale("log")
+            plots.plain_log_ticks(ax, "x")
         ax.set_xlabel(f"{titles[name]}, batch norm in {bn} mode", fontsize=9)
         ax.set_title(f"τ = {plots.interval_text(*taus[name, bn, 'acc_gap'])}", fontsize=9)
 fig.suptitle("the accuracy gap against each measure, every run and checkpoint (Kendall's tau, 95% CI over runs)")
