@@ -694,13 +694,17 @@ def curvature(
     rho: float = 0.1,
     sharpness_steps: int = 20,
     directions: int = 10,
+    max_iter: int = 100,
+    tol: float = 1e-10,
 ) -> dict:
     """The top-k Hessian eigenvalues (with their residuals and convergence) and the Hutchinson
     trace of the training loss of `model` on `data` (any form `as_batches` takes, at most `rows`
     rows), with what they cost: a plain, JSON-ready dict. density=True adds the SLQ density;
     sharpness=True the adaptive sharpness at `rho` (`sharpness_steps` ascent steps; the ball's
     radius has no value right for every model: compare runs at one rho) and the filter-normalized
-    curvature over `directions` directions.
+    curvature over `directions` directions. `max_iter` and `tol` are top_eigenvalues': a study
+    that measures many checkpoints trades digits for time with a looser tol (each eigenvalue's
+    `converged` then says whether its residual is within max(tol, sqrt(eps)) of ||H||).
 
     The model is measured on a copy in `dtype` (fp32 or fp64), the batches moved to its device:
     the caller's model (weights, modes, requires_grad, buffers, .grad) is left as it was."""
@@ -732,7 +736,7 @@ def curvature(
     started = time.perf_counter()
     out = {"bn": bn, "dtype": dtype, "rows": objective.count, "parameters": sum(p.numel() for p in objective.params)}
     out["loss"], out["acc"] = objective.value()
-    eigen = top_eigenvalues(objective, k, seed=seed)
+    eigen = top_eigenvalues(objective, k, max_iter, tol, seed)
     out["top_eigenvalues"], out["residuals"], out["converged"] = eigen.values, eigen.residuals, eigen.converged
     out["all_converged"], out["lanczos_rounds"] = eigen.all_converged, eigen.rounds
     out["eigenvalue_hvps"] = calls["hvp"]

@@ -3,32 +3,55 @@ checkpoint, on the run's own seeded evaluation rows (training.evaluation_batches
 `gvr-lab curvature RUN_DIR` and the curvature study (notebooks/07_curvature.py).
 
 `measure_run` is the command's measurement (eigenvalues, trace, a filter-normalized slice, the line
-toward another run); `final_curvature`, `interpolate_runs`, `slice_run` and `psf_check_run` measure
-a finished run's final weights for a study's tables and figures.
+toward another run). For a study: `checkpoint_curvature` measures one checkpoint of a run in one
+batch-norm mode, "eval" (running statistics: the function the trained model computes at test time)
+or "train" (each batch's own statistics on batches of the rows one training forward pass
+normalizes over: the loss the optimizer descended), on the same seeded training rows either way;
+`curvature_over_training` measures every checkpoint a run kept (Config.keep_checkpoints) both ways,
+keeping the records in the run directory, and `measure_runs` does so for many runs, a process per
+core on a CPU. `interpolate_runs`, `slice_run` and `psf_check_run` measure a finished run's final
+weights.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import dataset_info
-from .errors import UsageError
+from .errors import UsageError, check_choice
 from .landscape import (
+    BN_MODES,
     Objective,
     curvature,
     filter_normalized_direction,
-    gradient_noise,
     interpolate,
     loss_slice,
     psf_bound_check,
 )
-from .results import CHECKPOINT, CONFIG, SUMMARY, load_checkpoint, read_json
-from .training import Config, DeviceSettings, build_model, evaluation_batches, identity_digest, mixed_run
+from .methods import method_class
+from .results import CHECKPOINT, CONFIG, SUMMARY, kept_checkpoint, load_checkpoint, read_json, write_json
+from .training import (
+    Config,
+    DeviceSettings,
+    build_model,
+    evaluation_batches,
+    identity_digest,
+    mixed_run,
+    torch_threads,
+)
 
 CPU = torch.device("cpu")
+MEASURES = "measures-{}.json"  # curvature_over_training's records in a run directory
+INSTRUMENTS = (Path(__file__), Path(__file__).with_name("landscape.py"))
 
 
 def load_run_model(run_dir, checkpoint=None, device: torch.device = CPU):
@@ -105,40 +128,157 @@ def measure_run(
 # ---------------------------------------------------------------------- finished runs, for a study
 
 
-def final_curvature(
+def forward_rows(config: Config) -> int:
+    """The rows of one of the run's training forward passes, over which batch norm takes its batch
+    statistics (Method.forward_rows: the batch, a micro-batch, an m-sharpness group)."""
+    return method_class(config.method).forward_rows(config.method_args, config.batch_size)
+
+
+def measured_batches(config: Config, rows: int, bn: str, device: torch.device) -> list:
+    """The run's `rows` seeded training rows (evaluation_batches), batched as the batch-norm mode
+    needs: by eval_batch_size in eval mode, where the batching changes nothing, and in train mode
+    in batches of forward_rows, so that batch norm normalizes each with the statistics of as many
+    rows as in the run's own steps; the same rows either way."""
+    check_choice("bn mode", bn, BN_MODES)
+    if bn == "eval":
+        return evaluation_batches(config, rows, device)
+    size = forward_rows(config)
+    batches = evaluation_batches(config, rows, device, batch_size=size)
+    count = sum(len(y) for _, y in batches)
+    if count % size:
+        raise UsageError(
+            f"{count} measured rows are not a multiple of {size}, the rows of one training forward pass of the run "
+            f"(batch norm's batch in train mode): choose rows = k * {size}"
+        )
+    return batches
+
+
+def checkpoint_curvature(
     run_dir,
+    evaluation: int | None = None,
     rows: int = 512,
-    k: int = 3,
-    trace_samples: int = 30,
-    micro_batch_size: int = 32,
     bn: str = "eval",
-    dtype: str = "fp32",
+    k: int = 1,
+    trace_samples: int = 20,
+    sharpness: bool = True,
+    rho: float = 0.1,
+    sharpness_steps: int = 10,
+    directions: int = 10,
+    max_iter: int = 100,
+    tol: float = 1e-10,
     device: torch.device = CPU,
 ) -> dict:
-    """A table row for a run's final weights on its evaluation subset: L and the accuracy there, the
-    top-k eigenvalues (lambda_1 >= ... >= lambda_k) and the Hutchinson trace with its standard error
-    in `dtype`, with what they cost, and the gradient noise at `micro_batch_size` (fp32). With
-    rows=512 and 20 probes it repeats, on the same rows and probes, the last measurement of
-    `curvature_every`."""
-    config, model = load_run_model(run_dir, None, device)
-    batches = evaluation_batches(config, rows, device)
-    out = curvature(model, batches, k, trace_samples, False, bn, dtype)
-    noise = gradient_noise(Objective(model, batches, bn), micro_batch_size)
-    return {
+    """A record of a run's weights after evaluation `evaluation` (the checkpoint keep_checkpoints
+    kept; None: the final checkpoint.pt) in batch-norm mode `bn`, from landscape.curvature on the
+    run's `rows` seeded training rows (measured_batches), in fp32: the loss L and the accuracy
+    there, the top-k eigenvalues lambda_1 >= ... >= lambda_k (top_eigenvalues at max_iter and tol)
+    with `converged` (all of them within tolerance), the Hutchinson trace with its standard error
+    and, with sharpness, the adaptive sharpness at rho and the filter-normalized curvature with its
+    standard error; with the Hessian-vector products and seconds it took."""
+    checkpoint = None if evaluation is None else Path(run_dir) / kept_checkpoint(evaluation)
+    config, model = load_run_model(run_dir, checkpoint, device)
+    batches = measured_batches(config, rows, bn, device)
+    out = curvature(
+        model,
+        batches,
+        k,
+        trace_samples,
+        bn=bn,
+        sharpness=sharpness,
+        rho=rho,
+        sharpness_steps=sharpness_steps,
+        directions=directions,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    record = {
         "run_dir": str(run_dir),
+        "evaluation": evaluation,
+        "bn": bn,
         "rows": out["rows"],
         "loss": out["loss"],
         "acc": out["acc"],
         **{f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])},
+        "converged": out["all_converged"],
         "trace": out["trace"],
         "trace_se": out["trace_se"],
-        "trace_samples": trace_samples,
-        "noise_micro_batch": micro_batch_size,
-        "noise_trace_cov": noise["trace_cov"],
-        "noise_per_example": noise["trace_cov_per_example"],
-        "hvps": out["hvps"],
-        "seconds": out["seconds"],
     }
+    if sharpness:
+        record.update(
+            adaptive_sharpness=out["adaptive_sharpness"],
+            fn_curvature=out["fn_curvature"],
+            fn_curvature_se=out["fn_curvature_se"],
+        )
+    return {**record, "hvps": out["hvps"], "seconds": out["seconds"]}
+
+
+@functools.cache
+def instruments_digest() -> str:
+    """A digest of the instruments' source (this module and landscape.py): records measured by
+    other code are measured again."""
+    return hashlib.sha1(b"".join(path.read_bytes() for path in INSTRUMENTS)).hexdigest()[:12]
+
+
+def curvature_over_training(run_dir, device: torch.device = CPU, **settings) -> list[dict]:
+    """checkpoint_curvature (its keywords in `settings`) of every checkpoint the run kept
+    (Config.keep_checkpoints; those that exist: a run that diverged kept fewer), in both batch-norm
+    modes. The records are kept in the run directory (MEASURES, named by a digest of the run's
+    identity, the settings, the device, the checkpoints and instruments_digest) and read back from
+    there while none of these changed."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no {CONFIG})")
+    stored = read_json(run_dir / CONFIG)
+    kept = [n for n in stored.get("keep_checkpoints", []) if (run_dir / kept_checkpoint(n)).is_file()]
+    asked = {
+        "run": identity_digest(stored),
+        "settings": settings,
+        "device": str(device),
+        "kept": kept,
+        "instruments": instruments_digest(),
+    }
+    path = run_dir / MEASURES.format(hashlib.sha1(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:12])
+    if path.is_file():
+        return read_json(path)
+    records = [checkpoint_curvature(run_dir, n, bn=bn, device=device, **settings) for n in kept for bn in BN_MODES]
+    write_json(path, records)
+    return records
+
+
+def measured_in_worker(run_dir: str, settings: dict) -> list[dict]:
+    """curvature_over_training in a worker process of measure_runs, on one torch thread."""
+    with torch_threads(1):
+        return curvature_over_training(run_dir, CPU, **settings)
+
+
+def measure_runs(run_dirs, device: torch.device = CPU, workers: int = 0, **settings) -> list[dict]:
+    """curvature_over_training of each run (`settings`: checkpoint_curvature's keywords), the records
+    in the order of the runs. On a CPU in a pool of `workers` processes (0: one per core) of one
+    torch thread each, as the grid trains runs; on another device here, one run after another. A
+    line per run as it is done."""
+    run_dirs = [str(r) for r in run_dirs]
+    workers = min(len(run_dirs), workers or os.cpu_count() or 1) if device.type == "cpu" else 1
+    done = {}
+
+    def report(index: int, records: list[dict]) -> None:
+        done[index] = records
+        seconds = sum(r["seconds"] for r in records)
+        print(
+            f"measured {len(done)}/{len(run_dirs)}: {Path(run_dirs[index]).name}, {len(records)} measurements "
+            f"({seconds:.0f} s when measured)",
+            flush=True,
+        )
+
+    if workers <= 1:
+        for index, run_dir in enumerate(run_dirs):
+            report(index, curvature_over_training(run_dir, device, **settings))
+    else:
+        # spawned, not forked: a forked copy of a process whose OpenMP threads already ran can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(measured_in_worker, run_dir, settings): i for i, run_dir in enumerate(run_dirs)}
+            for future in as_completed(futures):
+                report(futures[future], future.result())
+    return [record for index in range(len(run_dirs)) for record in done[index]]
 
 
 def interpolate_runs(run_a, run_b, rows: int = 512, ts=None, bn: str = "eval", device: torch.device = CPU) -> dict:

@@ -320,6 +320,13 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("epoch", kind="stable").groupby("run_dir", sort=False).tail(1)
 
 
+def first_below(df: pd.DataFrame, column: str, level: float, by="run_dir", order: str = "step") -> pd.DataFrame:
+    """Each `by` group's (a column or a list of them) first row in `order` whose `column` is below
+    `level`: the checkpoint at which a run first reaches a training loss. A group that never falls
+    below it has no row."""
+    return df[df[column] < level].sort_values(order, kind="stable").groupby(by, sort=False).head(1)
+
+
 def with_best(runs: pd.DataFrame) -> pd.DataFrame:
     """final_rows with each run's best test accuracy over its epochs as best_test_acc."""
     final = final_rows(runs)
@@ -602,12 +609,11 @@ LABELS.update(
         "hessian_trace": "Hessian trace",
         **{f"lambda_{i}": f"λ{i}" for i in range(1, 10)},
         "trace": "trace",
-        "noise_trace_cov": "tr Cov[g_m]",
-        "curvature_s": "s per measurement in training",
-        "seconds": "s per final measurement",
-        "train_s_per_epoch": "training s/epoch",
-        "curvature_s_per_epoch": "curvature s/epoch",
-        "curvature_overhead_pct": "curvature overhead (%)",
+        "adaptive_sharpness": "adaptive sharpness",
+        "fn_curvature": "filter-normalized curvature",
+        "train_eval_loss": "training loss (all training rows, eval mode)",
+        "acc_gap": "train − test accuracy (points)",
+        "loss_gap": "test − train loss",
     }
 )
 
@@ -719,43 +725,6 @@ def paired_difference(
         return f"{interval_text(*interval(method - baseline, level), digits, ci_form)} vs {baselines[group]}"
 
     return {group: cell(group) for group in df[by].drop_duplicates()}
-
-
-def trained(rows: pd.DataFrame) -> tuple[int, float]:
-    """(optimizer steps, training seconds without evaluation) of one run's load_runs() rows, in
-    steps mode, in epochs mode, and in runs recorded before rows carried interval_time_s (one
-    row per epoch then)."""
-    per_epoch = int(rows["steps_per_epoch"].iloc[0])
-    if "step" in rows.columns and rows["step"].notna().all():
-        return int(rows["step"].max()), float(rows["interval_time_s"].sum())
-    steps = (int(rows["epoch"].max()) + 1) * per_epoch
-    if "interval_time_s" in rows.columns and rows["interval_time_s"].notna().all():
-        return steps, float(rows["interval_time_s"].sum())
-    return steps, float(rows["epoch_time_s"].sum())
-
-
-def curvature_cost(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run of a load_runs() table trained with Config.curvature_every: seconds per curvature
-    measurement, training seconds per epoch (evaluation excluded) and the curvature seconds the run
-    spent per epoch of steps_per_epoch steps, and the latter as a share of the former. A steps-mode
-    run's epoch is extrapolated from its steps."""
-    rows = []
-    for run_dir, r in runs.groupby("run_dir", sort=False):
-        per_epoch = int(r["steps_per_epoch"].iloc[0])
-        steps, train = trained(r)
-        measured = r["curvature_time_s"].dropna() if "curvature_time_s" in r.columns else pd.Series(dtype=float)
-        train_per_epoch, curvature_per_epoch = train / steps * per_epoch, measured.sum() / steps * per_epoch
-        rows.append(
-            {
-                "run_dir": run_dir,
-                "measurements": len(measured),
-                "curvature_s": measured.mean() if len(measured) else np.nan,
-                "train_s_per_epoch": train_per_epoch,
-                "curvature_s_per_epoch": curvature_per_epoch,
-                "curvature_overhead_pct": 100 * curvature_per_epoch / train_per_epoch,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def interpolation(lines: pd.DataFrame, ends: tuple[str, str], axes=None):

@@ -49,6 +49,11 @@ STEP_LINES = "steps.jsonl"
 GRID = "grid.json"
 
 
+def kept_checkpoint(evaluation: int) -> str:
+    """The file name of the checkpoint Config.keep_checkpoints keeps after evaluation n (1-based)."""
+    return f"checkpoint-{evaluation}.pt"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: a reader sees the old file
     or the new one, never half of one. The file gets the mode a plain open() would give it (mkstemp's

@@ -74,6 +74,12 @@ smallest n with q_{n-1}((1 + level) / 2) sd / sqrt(n) <= h (the CI's half-width)
 whose paired t test has the wanted power against a true mean difference `effect` (the noncentral t,
 noncentrality effect / sd * sqrt(n)); both search n upwards, since q depends on n.
 
+Rank correlation over grouped rows (`kendall_tau`), the generalization-measure protocol (Jiang et
+al. 2019): Kendall's tau-b between a measure and a generalization gap over every run and checkpoint
+of a study, with a percentile bootstrap interval that resamples runs, not rows: a run's checkpoints
+share its initialization and data order, so they are not independent draws, and resampling them one
+by one would make the interval too narrow.
+
 Selection on validation (`select`), the one rule of the lab for picking a hyper-parameter setting:
 each run is read at its best-validation evaluation (load_runs' `selected_test_acc`), each method's
 setting is the one with the best mean validation accuracy over the selection seeds, and its test
@@ -643,3 +649,34 @@ def select(
             }
         )
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- rank correlation over runs
+
+
+def kendall_tau(
+    x, y, groups, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(tau, low, high): Kendall's tau-b of x and y over their rows (scipy.stats.kendalltau; a row
+    where either is NaN left out) and its percentile bootstrap interval over `groups` (one label per
+    row, such as the run): each of `resamples` seeded resamples draws as many groups as there are,
+    with replacement, and takes every row of each group drawn, as often as it was drawn. With
+    fewer than 2 groups there is no interval (NaN bounds)."""
+    x, y, groups = np.asarray(x, float), np.asarray(y, float), np.asarray(groups)
+    if not len(x) == len(y) == len(groups) or resamples < 1:
+        raise UsageError(
+            f"kendall_tau needs x, y and groups of one length and resamples >= 1, got lengths {len(x)}, {len(y)}, "
+            f"{len(groups)} and resamples={resamples}"
+        )
+    kept = ~(np.isnan(x) | np.isnan(y))
+    x, y, groups = x[kept], y[kept], groups[kept]
+    tau = float(scipy_stats.kendalltau(x, y).statistic) if len(x) > 1 else math.nan
+    names, codes = np.unique(groups, return_inverse=True)
+    if len(names) < 2:
+        return tau, math.nan, math.nan
+    members = [np.flatnonzero(codes == g) for g in range(len(names))]
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    resampled = (np.concatenate([members[g] for g in drawn]) for drawn in draws)
+    taus = np.array([scipy_stats.kendalltau(x[rows], y[rows]).statistic for rows in resampled])
+    low, high = np.nanquantile(taus, [(1 - level) / 2, (1 + level) / 2])
+    return tau, float(low), float(high)

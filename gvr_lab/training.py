@@ -563,11 +563,17 @@ def evaluation_count(config: Config, steps_per_epoch: int) -> int:
 
 
 def evaluation_batches(
-    config, rows: int, device: torch.device, seed: int = 0, model: torch.nn.Module | None = None
+    config,
+    rows: int,
+    device: torch.device,
+    seed: int = 0,
+    batch_size: int = 0,
+    model: torch.nn.Module | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`rows` examples of the run's training rows, drawn with `seed` (the same whenever the run is
-    measured), normalized and not augmented, in batches of the run's eval_batch_size, with the
-    channels the run's model (`model`, else the Config's) takes."""
+    measured), normalized and not augmented, in batches of `batch_size` (0: the run's
+    eval_batch_size), with the channels the run's model (`model`, else the Config's) takes; the
+    same rows in the same order whatever the batch size."""
     info = dataset_info(config.dataset)
     train_split, _ = load_dataset(config.dataset, config.data_dir or None)
     train_idx, _ = split_indices(len(train_split.labels), config.train_subset, config.val_split, config.seed)
@@ -577,7 +583,7 @@ def evaluation_batches(
     loader = DeviceLoader(
         train_split,
         info,
-        batch_size=config.eval_batch_size,
+        batch_size=batch_size or config.eval_batch_size,
         device=device,
         indices=pick.sort().values,
         shuffle=False,
@@ -1165,7 +1171,7 @@ def checkpoint(ctx: Context, state: LoopState, interval: Interval) -> None:
         with writing(state):
             results.save_checkpoint(ctx.run_dir / results.CHECKPOINT, saved)
             if len(state.history) in ctx.config.keep_checkpoints:
-                results.save_checkpoint(ctx.run_dir / f"checkpoint-{len(state.history)}.pt", saved)
+                results.save_checkpoint(ctx.run_dir / results.kept_checkpoint(len(state.history)), saved)
     write_summary(ctx, state, "running", wall)
 
 

@@ -11,41 +11,55 @@
 # ---
 
 # %% [markdown]
-# # 07 · Sharpness and loss landscapes: what each method does to the Hessian
+# # 07 · Sharpness and loss landscapes: what each method does to the Hessian, and does it explain generalization?
 #
 # **Question.** SAM and vSAM minimize a sharpness proxy, GVR penalizes the gradient's variance
 # over augmented views, large batches are said to find sharper minima than small ones and the
-# gradient-norm penalty (LB+GN) to undo that. Measured on the same model and data: how do the top
-# Hessian eigenvalue and the trace evolve in training, where does each method end (top-k
-# eigenvalues, trace, gradient noise, test accuracy, with 95% intervals over paired seeds), is
-# there a barrier on the line from SGD's weights to SAM's, how do their 2-D loss surfaces
-# compare, and does vSAM's Lemma 1 (||PSF|| <= rho * lambda_max) hold at its final weights? And
-# what does measuring cost?
+# gradient-norm penalty (LB+GN) to undo that. Measured on the same model and data:
+#
+# 1. *Which loss?* The Hessian of the loss the optimizer descended (batch norm with batch
+#    statistics, `bn="train"`) or of the function the trained model computes at test time (running
+#    statistics, `bn="eval"`)? Both are measured; for SGD without momentum at a constant learning
+#    rate, linear stability bounds the top eigenvalue of the loss it trains on by about 2/lr.
+# 2. *Lower curvature, or just a different training loss?* Each method against its baseline at the
+#    first checkpoint where its training loss falls below a common level L* (`matched_loss`), and at
+#    the end, seed by seed.
+# 3. *Does sharpness predict generalization here?* Kendall's tau between each measure and the
+#    generalization gap over every run and checkpoint, with a bootstrap interval over runs (Jiang et
+#    al. 2019; Andriushchenko et al. 2023 found adaptive sharpness a weak predictor on modern nets).
+#
+# Four measures (docs/curvature.md defines each, with its reference): the top Hessian eigenvalue
+# λ1, the trace, the adaptive (|w|-scaled) worst-case sharpness in a rho ball, and the
+# filter-normalized curvature; the last two do not change when a ReLU network's layers are
+# rescaled against each other, which moves λ1 and the trace without changing the function. Then, at
+# the final weights: the line from SGD's weights to SAM's, their 2-D loss surfaces, and vSAM's
+# Lemma 1 (||PSF|| <= rho * lambda_max).
 #
 # Two protocols, each with equal optimizer steps: SGD, GVR, SAM and vSAM at `batch_size` with
 # momentum 0.9, weight decay and a cosine learning rate; SB, LB and LB+GN as Novack et al.
 # (momentum 0, weight decay 0, constant learning rate, LB = `lb_batch / sb_batch` accumulated
-# micro-batches with ghost batch norm). Seed s gives every run the same initial weights and
-# data order, so methods are compared seed by seed. Every measurement is of the training loss on
-# a fixed, seeded subset of the run's training rows with batch norm in eval mode (running
-# statistics) and dropout off, in fp32 (gvr_lab/landscape.py).
+# micro-batches with ghost batch norm). Seed s gives every run the same initial weights and data
+# order, so methods are compared seed by seed. Every run evaluates `checkpoints` times, evenly over
+# its steps, and keeps each checkpoint; each is measured in both batch-norm modes on the same
+# `rows` seeded training rows (unaugmented), in fp32 (gvr_lab/landscape.py, gvr_lab/measure.py).
 #
 # **Use.** Pick a preset in the first line of the parameters cell (`smoke`: seconds on synthetic
-# data; `cpu`: Fashion-MNIST, tiny_cnn with batch norm, 3 seeds, the committed figures; `gpu`:
+# data; `cpu`: Fashion-MNIST, tiny_cnn with batch norm, 5 seeds, the committed figures; `gpu`:
 # CIFAR-10, ResNet-18, 10 epochs, not yet measured; `paper`: CIFAR-10, ResNet-18, 200 epochs, B =
 # 5120 for LB) and run all; a parameter set in a cell below the parameters cell overrides the
-# preset. Headless: `gvr-lab run notebooks/07_curvature.py --preset cpu`.
+# preset. Headless: `gvr-lab run notebooks/07_curvature.py --preset cpu`. The measurements are kept
+# in each run's directory: a rerun with other tables' parameters (`matched_loss`, `bootstrap`)
+# and `--runs-root` pointing at the same runs reads them back instead of measuring again.
 
 # %% tags=["parameters"]
 preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "tiny_cnn"  # see gvr_lab.list_models()
-model_args: dict = {"bn": True}  # tiny_cnn with batch norm, measured in eval mode like a ResNet
+model_args: dict = {"bn": True}  # tiny_cnn with batch norm, the layer whose two modes give two losses
 train_subset: int = 8192  # training examples drawn with the seed, 0 for all
 steps: int = 240  # optimizer steps of SGD, GVR, SAM and vSAM
 novack_steps: int = 240  # optimizer steps of SB, LB and LB+GN
-eval_every: int = 80  # steps between evaluations
-curvature_every: int = 1  # evaluations between Hessian measurements in training (512 rows, 20 probes)
+checkpoints: int = 10  # evaluations of each run, evenly over its steps; each checkpoint kept and measured
 batch_size: int = 128  # SGD, GVR, SAM, vSAM
 lr: float = 0.05  # their peak learning rate, cosine per step, momentum 0.9, weight decay 5e-4
 method_args: dict = {
@@ -58,11 +72,16 @@ lb_batch: int = 256  # LB's and LB+GN's batch
 novack_lr: float = 0.1  # SB, LB and LB+GN: constant, momentum 0, weight decay 0
 gn_lam: float = 0.01  # LB+GN's lambda
 gn_hvp: str = "exact"  # LB+GN's Hessian-vector product: exact (double backward, Novack's) or fd
-seeds: list = [0, 1, 2]  # paired: seed s is one initialization and data order for every method
-rows: int = 512  # training rows of the final measurements (512: the rows measured during training)
-top_k: int = 3  # top Hessian eigenvalues at the final weights
-trace_probes: int = 30  # Hutchinson probes at the final weights
-noise_micro_batch: int = 32  # micro-batch size m of the gradient noise tr Cov[g_m]
+seeds: list = [0, 1, 2, 3, 4]  # paired: seed s is one initialization and data order for every method
+matched_loss: float = 1.0  # L*, compared at each run's first checkpoint whose training loss is below it
+rows: int = 256  # seeded training rows of every measurement, a multiple of each run's forward batch
+lanczos_steps: int = 30  # Lanczos steps at most for the top eigenvalue
+lanczos_tol: float = 1e-3  # Lanczos stops once the residual estimate is below this times the spectral norm
+trace_probes: int = 16  # Hutchinson probes of the trace
+rho: float = 0.1  # radius of the adaptive sharpness ball, in |w|-scaled coordinates
+sharpness_steps: int = 8  # projected gradient ascent steps of the adaptive sharpness
+directions: int = 8  # filter-normalized directions of the filter-normalized curvature
+bootstrap: int = 2000  # bootstrap resamples (of runs) of Kendall's tau
 interp_points: int = 21  # points on t in [0, 1] between SGD's and SAM's weights
 slice_points: int = 21  # points per axis of the 2-D slices, on [-1, 1]
 slice_seed: int = 0  # the seed whose SGD and SAM runs are sliced
@@ -72,6 +91,7 @@ runs_root: str = ""  # training runs; empty: runs/<preset>/curvature/<digest of 
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
 
 # %%
+import math
 import os
 
 import matplotlib.pyplot as plt
@@ -80,8 +100,8 @@ import pandas as pd
 import torch
 
 import gvr_lab as gl
-from gvr_lab import measure, plots
-from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS, resolve_device
+from gvr_lab import measure, plots, stats
+from gvr_lab.training import resolve_device
 
 study = gl.Study(
     "curvature",
@@ -92,8 +112,7 @@ study = gl.Study(
             "train_subset": 64,
             "steps": 32,
             "novack_steps": 32,
-            "eval_every": 16,
-            "curvature_every": 2,
+            "checkpoints": 2,
             "batch_size": 16,
             "lr": 0.02,
             "sb_batch": 8,
@@ -103,10 +122,13 @@ study = gl.Study(
                 "gvr": {"target": "fc", "penalty": "closed_form", "subset": 4},
                 "vsam": {"warmup_epochs": 1, "window": 2, "blocks": 1},
             },
-            "rows": 32,
-            "top_k": 2,
-            "trace_probes": 3,
-            "noise_micro_batch": 4,
+            "matched_loss": 100.0,
+            "rows": 16,
+            "lanczos_steps": 4,
+            "trace_probes": 2,
+            "sharpness_steps": 1,
+            "directions": 2,
+            "bootstrap": 20,
             "interp_points": 5,
             "slice_points": 5,
             "psf_batches": 2,
@@ -120,15 +142,15 @@ study = gl.Study(
             "train_subset": 0,
             "steps": 3900,
             "novack_steps": 1000,
-            "eval_every": 390,
-            "curvature_every": 2,
             "lr": 0.1,
             "sb_batch": 128,
             "lb_batch": 1024,
             "method_args": {"gvr": {}, "sam": {}, "vsam": {"warmup_epochs": 1}},
             "rows": 2048,
-            "trace_probes": 100,
-            "noise_micro_batch": 128,
+            "lanczos_steps": 60,
+            "trace_probes": 50,
+            "directions": 20,
+            "sharpness_steps": 20,
             "slice_points": 31,
             "psf_batches": 16,
         },
@@ -139,24 +161,31 @@ study = gl.Study(
             "train_subset": 0,
             "steps": 78000,
             "novack_steps": 6250,
-            "eval_every": 1560,
             "lr": 0.1,
             "sb_batch": 128,
             "lb_batch": 5120,
             "method_args": {"gvr": {}, "sam": {}, "vsam": {}},
             "rows": 4096,
-            "top_k": 5,
-            "trace_probes": 200,
-            "noise_micro_batch": 128,
+            "lanczos_steps": 100,
+            "trace_probes": 100,
+            "directions": 20,
+            "sharpness_steps": 20,
+            "bootstrap": 10000,
             "interp_points": 41,
             "slice_points": 51,
             "psf_batches": 50,
         },
     },
     outputs={
-        "eigen_over_training": "top Hessian eigenvalue and trace against step, per method",
-        "summary": "final weights: test accuracy, top-k eigenvalues, trace ± SE, gradient noise, paired "
-        "differences, cost of measuring",
+        "curvature_over_training": "λ1, trace, adaptive sharpness and filter-normalized curvature against step, "
+        "batch norm in train and in eval mode, with 2/lr of the runs without momentum",
+        "measures": "every run, checkpoint, measure and batch-norm mode, with the run's training and test loss and "
+        "accuracy there (tidy)",
+        "summary": "each method minus its baseline at matched training loss L* and at the end: paired differences "
+        "of each measure and of test accuracy",
+        "kendall": "Kendall's tau of each measure with the generalization gaps over every run and checkpoint, "
+        "95% CI resampling runs",
+        "measure_vs_gap": "each measure against train − test accuracy at every run and checkpoint",
         "interpolation": "training loss and accuracy on the line from SGD's to SAM's weights, same seed",
         "slices": "2-D filter-normalized loss slices around SGD's and SAM's weights, shared levels",
         "psf_bound": "vSAM's Lemma 1: the PSF norm against rho times the batch Hessian's largest absolute eigenvalue",
@@ -166,17 +195,22 @@ study = gl.Study(
 # %%
 if slice_seed not in seeds:
     raise gl.UsageError(f"slice_seed {slice_seed} is not among the seeds {seeds}")
-common = dict(
-    dataset=dataset,
-    model=model,
-    model_args=model_args,
-    train_subset=train_subset,
-    eval_every=eval_every,
-    curvature_every=curvature_every,
-    device=device,
-)
-sam_family = dict(common, steps=steps, batch_size=batch_size, lr=lr)
-novack = dict(common, steps=novack_steps, lr=novack_lr, momentum=0.0, weight_decay=0.0, schedule="constant")
+if checkpoints < 2:
+    raise gl.UsageError(f"checkpoints must be >= 2 (curvature over training), got {checkpoints}")
+
+
+def evenly(total: int) -> dict:
+    """Evaluations every ceil(total / checkpoints) steps and at the last, each checkpoint kept."""
+    every = -(-total // checkpoints)
+    return dict(steps=total, eval_every=every, keep_checkpoints=list(range(1, -(-total // every) + 1)))
+
+
+# eval_train: the clean training loss and accuracy on all training rows at each evaluation, which
+# the matching and the generalization gaps read
+common = dict(dataset=dataset, model=model, model_args=model_args, train_subset=train_subset, eval_train=True)
+common["device"] = device
+sam_family = dict(common, **evenly(steps), batch_size=batch_size, lr=lr)
+novack = dict(common, **evenly(novack_steps), lr=novack_lr, momentum=0.0, weight_decay=0.0, schedule="constant")
 micro = dict(micro_batch_size=sb_batch)
 names = {"SGD": "sgd", "GVR": "gvr", "SAM": "sam", "vSAM": "vsam"}
 configs = gl.grid_configs(
@@ -197,76 +231,209 @@ configs = gl.grid_configs(
 gl.train_configs(configs)
 
 # %% [markdown]
-# During training (`Config.curvature_every`) the loop measures the top eigenvalue (Lanczos) and
-# the trace (Hutchinson, 20 probes) on 512 seeded training rows (all of them when the subset is
-# smaller); its time is `curvature_time_s`, outside the training time.
-
-# %%
-order = [*names, "SB", "LB", "LB+GN"]
-runs = plots.ordered(study.load_runs(), "label", order)
-shown = study.plotted(runs)
-measured_on = f"{min(CURVATURE_ROWS, train_subset or CURVATURE_ROWS)} training rows, batch norm in eval mode"
-fig, axes = plt.subplots(2, 1, figsize=(7, 6.4), sharex=True)
-plots.curves(shown, "step", "hessian_top", ax=axes[0], logy=True, title=f"top Hessian eigenvalue ({measured_on})")
-plots.curves(
-    shown,
-    "step",
-    "hessian_trace",
-    ax=axes[1],
-    logy=True,
-    legend=False,
-    title=f"Hessian trace (Hutchinson, {CURVATURE_PROBES} probes)",
-)
-for ax in axes:
-    plots.plain_log_ticks(ax)
-study.save_figure(fig, "eigen_over_training", shown)
-
-# %% [markdown]
-# At the final weights, each run on its own `rows` seeded training rows: the top-k eigenvalues,
-# the trace with its standard error over probes, and the gradient noise, the trace of the
-# covariance of micro-batch gradients at m = `noise_micro_batch`. With `rows` = 512 the first
-# eigenvalue repeats, on the same rows and from the same Lanczos start, the last measurement made
-# in training: the printed gap checks that the table and the figure measure one thing.
+# Every kept checkpoint of every run, measured twice on the same `rows` seeded training rows: with
+# batch norm in train mode, on batches of as many rows as one of the run's training forward passes
+# (the batch; LB's and LB+GN's micro-batch, ghost batch norm), so each batch is normalized with its
+# own statistics as in the run's steps; and in eval mode, with the running statistics. Dropout is
+# off in both, and the rows are not augmented. On a CPU the runs are measured a process per core;
+# the records stay in each run's directory (`measures-*.json`).
 
 # %%
 where = resolve_device(device)
-final = plots.ordered(plots.with_best(runs), "label", order)
-measured = pd.DataFrame(
-    [
-        measure.final_curvature(run_dir, rows, top_k, trace_probes, noise_micro_batch, device=where)
-        for run_dir in final["run_dir"]
-    ]
+order = [*names, "SB", "LB", "LB+GN"]
+runs = plots.ordered(study.load_runs(), "label", order)
+settings = dict(
+    rows=rows,
+    trace_samples=trace_probes,
+    rho=rho,
+    sharpness_steps=sharpness_steps,
+    directions=directions,
+    max_iter=lanczos_steps,
+    tol=lanczos_tol,
 )
-final = final.merge(measured, on="run_dir").merge(plots.curvature_cost(runs), on="run_dir")
-last = final["hessian_top"].where(final["rows"] == min(CURVATURE_ROWS, train_subset or CURVATURE_ROWS))
+records = pd.DataFrame(measure.measure_runs(list(dict.fromkeys(runs["run_dir"])), device=where, **settings))
+history = runs.sort_values("step", kind="stable")
+history = history.assign(evaluation=history.groupby("run_dir").cumcount() + 1)
+wide = study.plotted(plots.ordered(records.merge(history, on=["run_dir", "evaluation"]), "label", order))
+wide = wide.assign(
+    acc_gap=100 * (wide["train_eval_acc"] - wide["test_acc"]), loss_gap=wide["test_loss"] - wide["train_eval_loss"]
+)
+accuracy = max(lanczos_tol, math.sqrt(torch.finfo(torch.float32).eps))
 print(
-    f"λ1 at the final weights against the last one measured in training: largest relative gap "
-    f"{(final['lambda_1'] / last - 1).abs().max():.1e}"
+    f"{len(records)} measurements of {records['rows'].iloc[0]} rows: median {records['seconds'].median():.1f} s and "
+    f"{records['hvps'].median():.0f} Hessian-vector products each, {records['seconds'].sum() / 60:.1f} min in all; "
+    f"λ1 converged (residual <= {accuracy:.1e} ||H||) in {100 * records['converged'].mean():.0f}% of them"
 )
 
 # %%
-lambdas = [f"lambda_{i + 1}" for i in range(top_k)]
-cost = ["curvature_s", "seconds", "train_s_per_epoch", "curvature_s_per_epoch", "curvature_overhead_pct"]
-table = plots.mean_ci(final, ["label"], ["test_acc", *lambdas, "trace", "noise_trace_cov", *cost])
-table.insert(
-    2 + top_k + 1,
-    "trace SE (one run)",
-    table["label"].map(final.groupby("label")["trace_se"].mean().map(plots.significant)),
+measures = ["lambda_1", "trace", "adaptive_sharpness", "fn_curvature"]
+renamed = {"label": "method", "train_eval_loss": "train_loss", "train_eval_acc": "train_acc"}
+tidy = wide.drop(columns=["method", "train_loss", "train_acc"]).rename(columns=renamed)
+tidy = tidy.melt(
+    id_vars=["method", "seed", "step", "train_loss", "train_acc", "test_loss", "test_acc", "bn"],
+    value_vars=["loss", *measures],
+    var_name="measure",
 )
+columns = ["method", "seed", "step", "train_loss", "train_acc", "test_loss", "test_acc", "measure", "bn", "value"]
+study.save_data(tidy[columns].to_dict("records"), "measures")
+
+# %% [markdown]
+# `measures.csv`, one row per run, checkpoint, measure and batch-norm mode: `method` is the run's
+# label (SB and SGD are both the sgd method), `train_loss` and `train_acc` the clean training loss
+# and accuracy on all the run's training rows in eval mode (`train_eval_loss`, `train_eval_acc`:
+# no augmentation, unlike the running loss the optimizer logs), `test_loss` and `test_acc` the test
+# set's, and `measure` one of `loss` (L on the measured rows in that mode), `lambda_1`, `trace`,
+# `adaptive_sharpness`, `fn_curvature`.
+#
+# Over training, in both modes. The dashed line is 2/lr for the runs trained by SGD without
+# momentum at a constant learning rate (SB, LB, LB+GN): a top eigenvalue of the loss they descend
+# far above it would make their steps diverge along that direction, so the mode whose λ1 respects
+# it is the loss they trained on.
+
+# %%
+momentum_free = wide[(wide["momentum"] == 0) & (wide["schedule"] == "constant")]
+bounds = {2 / rate: list(dict.fromkeys(group["label"])) for rate, group in momentum_free.groupby("lr")}
+titles = {
+    "lambda_1": "λ1 (top Hessian eigenvalue)",
+    "trace": f"Hessian trace (Hutchinson, {trace_probes} probes)",
+    "adaptive_sharpness": f"adaptive sharpness (rho {rho:g})",
+    "fn_curvature": f"filter-normalized curvature ({directions} directions)",
+}
+modes = {"train": "batch norm in train mode: the loss trained", "eval": "batch norm in eval mode: the function tested"}
+fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.1 * len(measures)), sharex=True)
+axes[0, 1].sharey(axes[0, 0])  # λ1 of both modes on one scale, against 2/lr
+for i, name in enumerate(measures):
+    logy = bool((wide[name] > 0).all())
+    for j, bn in enumerate(modes):
+        ax = axes[i, j]
+        if name == "lambda_1":
+            for bound, labels in bounds.items():
+                shown = f"2/lr = {bound:g} ({', '.join(labels)})"
+                ax.axhline(bound, color="0.3", linestyle="--", linewidth=1, label=shown)
+        plots.curves(wide[wide["bn"] == bn], "step", name, ax=ax, logy=logy, legend=(i, j) == (0, 1))
+        ax.set_ylabel(titles[name] if j == 0 else "", fontsize=9)
+        ax.set_title(modes[bn] if i == 0 else "")
+        if i < len(measures) - 1:
+            ax.set_xlabel("")
+        if logy:
+            plots.plain_log_ticks(ax)
+fig.suptitle(f"on {rows} seeded training rows at each kept checkpoint")
+study.save_figure(fig, "curvature_over_training", wide)
+for bn in modes:
+    ratio = (momentum_free["lambda_1"] * momentum_free["lr"] / 2)[momentum_free["bn"] == bn]
+    if len(ratio):
+        print(
+            f"batch norm in {bn} mode: λ1 above 2/lr at {100 * (ratio > 1).mean():.0f}% of the {len(ratio)} "
+            f"checkpoints of the runs without momentum (median λ1 / (2/lr) = {ratio.median():.2f})"
+        )
+
+# %% [markdown]
+# **Matched training loss.** Each method against its baseline (GVR, SAM and vSAM against SGD; LB
+# against SB; LB+GN against LB), seed by seed: at the first checkpoint at which the run's training
+# loss (`train_eval_loss`: all its training rows, eval mode, no augmentation, the clean loss rather
+# than the running average the optimizer logs) is below L* = `matched_loss`, and at the end. A pair
+# where either run never falls below L* is left out (the `at` column counts the pairs).
+
+# %%
 baselines = {"GVR": "SGD", "SAM": "SGD", "vSAM": "SGD", "LB": "SB", "LB+GN": "LB"}
-table["Δλ1 (paired)"] = table["label"].map(plots.paired_difference(final, "lambda_1", baselines))
-table["Δtrace (paired)"] = table["label"].map(plots.paired_difference(final, "trace", baselines))
-study.save_table(
-    study.term_column(runs, table),
-    "summary",
-    f"Final weights, mean [95% CI] over {len(seeds)} paired seeds. Hessian of the training loss on {rows} seeded "
-    f"training rows, batch norm in eval mode, fp32: λ by Lanczos, trace by Hutchinson with {trace_probes} probes "
-    f"('trace SE (one run)': the estimator's standard error, mean over seeds); tr Cov[g_m]: gradient noise at "
-    f"m={noise_micro_batch}; Δ: the method minus its baseline seed by seed. Cost: curvature measured every "
-    f"{curvature_every} evaluation(s) of {eval_every} steps ({CURVATURE_PROBES} probes), epochs of "
-    f"steps_per_epoch steps; {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}",
-    runs,
+reached = plots.first_below(wide, "train_eval_loss", matched_loss, by=["run_dir", "bn"])
+final = wide.sort_values("step", kind="stable").groupby(["run_dir", "bn"], sort=False).tail(1)
+last_losses = final.groupby("label", sort=False)["train_eval_loss"].max()
+below = reached[reached["bn"] == "eval"].groupby("label", sort=False)
+print(
+    f"the largest final training loss of a run: {last_losses.max():.3f} ({last_losses.idxmax()}); below L* = "
+    f"{matched_loss:g} by their end, and the mean step where they first were: "
+    + ", ".join(f"{label} {len(r)}/{len(seeds)} at {r['step'].mean():.0f}" for label, r in below)
 )
+
+
+def paired(frame: pd.DataFrame, label: str, baseline: str, column: str, scale: float = 1.0):
+    """(seeds, method's values, baseline's values) of `column` on the seeds both have."""
+
+    def values(name):
+        arm = frame[frame["label"] == name]
+        return dict(zip(arm["seed"], scale * arm[column]))
+
+    return stats.paired_differences(values(label), values(baseline))
+
+
+compared = {**{name: (name, 1.0) for name in measures}, "test_acc": ("test_acc", 100.0)}
+summary = []
+for label, baseline in baselines.items():
+    for point, frame in ((f"L* = {matched_loss:g}", reached), ("end", final)):
+        for bn in modes:
+            here = frame[frame["bn"] == bn]
+            paired_seeds, method_steps, baseline_steps = paired(here, label, baseline, "step")
+            n = len(paired_seeds)
+            at = f"step {method_steps.mean():.0f} vs {baseline_steps.mean():.0f} ({n} pair{'s' if n > 1 else ''})"
+            row = {"comparison": f"{label} − {baseline}", "at": f"{point}: {at if paired_seeds else 'no pair'}"}
+            row["bn"] = bn
+            for name, (column, scale) in compared.items():
+                _, m, b = paired(here, label, baseline, column, scale)
+                text = plots.interval_text(*stats.mean_ci(m - b)) if len(m) else "—"
+                row["Δtest accuracy (points)" if name == "test_acc" else f"Δ{plots.label(name)}"] = text
+            summary.append(row)
+cost = (
+    f"{len(records)} measurements, median {records['seconds'].median():.1f} s and {records['hvps'].median():.0f} "
+    f"Hessian-vector products each, {torch.get_num_threads()} torch threads here, {os.cpu_count()} cores, "
+    f"load average {os.getloadavg()[0]:.1f}"
+)
+study.save_table(
+    pd.DataFrame(summary),
+    "summary",
+    f"Each method minus its baseline, seed by seed: mean [95% CI] (Student t) over the paired seeds, at the first "
+    f"checkpoint at which each run's training loss (all {train_subset or 'its'} training rows, eval mode, no "
+    f"augmentation) is below L* = {matched_loss:g}, and at the end; 'at' gives the mean steps of the two and the "
+    f"pairs. Measured on {rows} seeded training rows in fp32, batch norm in train mode (batch statistics over the "
+    f"rows of one training forward pass: the loss the optimizer descended) or in eval mode (running statistics): λ1 "
+    f"by Lanczos (at most {lanczos_steps} steps, tolerance {lanczos_tol:g}), trace by Hutchinson ({trace_probes} "
+    f"probes), adaptive sharpness at rho {rho:g} ({sharpness_steps} ascent steps, a lower bound), "
+    f"filter-normalized curvature over {directions} directions; test accuracy in points. Cost: {cost}",
+    wide,
+)
+
+# %% [markdown]
+# **Does sharpness predict generalization here?** Kendall's tau-b between each measure and each
+# generalization gap (training minus test accuracy; test minus training loss, both on the clean
+# training loss and accuracy) over every run and checkpoint, the interval the 2.5% and 97.5%
+# percentiles of `bootstrap` resamples of whole runs (a run's checkpoints share its initialization
+# and data order: resampling them one by one would make the interval too narrow). Reported as it
+# falls.
+
+# %%
+gaps = {"acc_gap": "train − test accuracy", "loss_gap": "test − train loss"}
+taus, kendall = {}, []
+for name in measures:
+    for bn in modes:
+        here = wide[wide["bn"] == bn]
+        row = {"measure": plots.label(name), "bn": bn}
+        for gap, title in gaps.items():
+            taus[name, bn, gap] = stats.kendall_tau(here[name], here[gap], here["run_dir"], bootstrap)
+            row[f"τ with {title} [95% CI]"] = plots.interval_text(*taus[name, bn, gap])
+        kendall.append({**row, "points": len(here), "runs": here["run_dir"].nunique()})
+study.save_table(
+    pd.DataFrame(kendall),
+    "kendall",
+    f"Kendall's tau-b of each measure with each generalization gap over every run and checkpoint (points), "
+    f"[95% CI]: percentile bootstrap over {bootstrap} resamples of whole runs (their checkpoints together, not "
+    f"rows one by one). Gaps on the clean training loss and accuracy (all training rows, eval mode); measures as "
+    f"in the summary table, on {rows} seeded training rows",
+    wide,
+)
+
+# %%
+fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.1 * len(measures)), sharey=True)
+for i, name in enumerate(measures):
+    for j, bn in enumerate(modes):
+        ax = axes[i, j]
+        plots.curves(wide[wide["bn"] == bn], name, "acc_gap", ax=ax, points=True, legend=(i, j) == (0, 1))
+        if (wide[name] > 0).all():
+            ax.set_xscale("log")
+            plots.plain_log_ticks(ax, "x")
+        ax.set_xlabel(f"{titles[name]}, batch norm in {bn} mode", fontsize=9)
+        ax.set_title(f"τ = {plots.interval_text(*taus[name, bn, 'acc_gap'])}", fontsize=9)
+fig.suptitle("the accuracy gap against each measure, every run and checkpoint (Kendall's tau, 95% CI over runs)")
+study.save_figure(fig, "measure_vs_gap", wide, spread="one point per run and checkpoint")
 
 # %% [markdown]
 # The line from SGD's final weights (t = 0) to SAM's (t = 1) of the same seed, batch-norm running
@@ -275,7 +442,7 @@ study.save_table(
 # variances can turn negative, and the loss with them NaN.
 
 # %%
-pairs = final.pivot(index="seed", columns="label", values="run_dir")
+pairs = plots.final_rows(runs).pivot(index="seed", columns="label", values="run_dir")
 lines = pd.concat(
     [
         pd.DataFrame(

@@ -546,14 +546,15 @@ def test_gvr_lab_curvature_measures_a_run_and_refuses_bad_input(tiny_config, tmp
 # ---------------------------------------------------------------------- finished runs, measured for a study
 
 
-def run_directory(tmp_path, name, scale=1.0, **fields):
+def run_directory(tmp_path, name, scale=1.0, kept=None, **fields):
     """A run directory as training leaves it (config.json, checkpoint.pt), without training: the
-    Config's initial weights times `scale`, so a helper that measured a fresh model would be caught."""
+    Config's initial weights times `scale`, so a helper that measured a fresh model would be caught;
+    `kept` ({evaluation: scale}) adds the checkpoints keep_checkpoints keeps, scaled alike."""
     from dataclasses import asdict
 
     from gvr_lab import Config
     from gvr_lab.data import dataset_info
-    from gvr_lab.results import CHECKPOINT, CONFIG, save_checkpoint, write_json
+    from gvr_lab.results import CHECKPOINT, CONFIG, kept_checkpoint, save_checkpoint, write_json
     from gvr_lab.training import DeviceSettings, build_model
 
     config = Config(
@@ -569,13 +570,17 @@ def run_directory(tmp_path, name, scale=1.0, **fields):
     )
     info = dataset_info(config.dataset)
     model, _, _ = build_model(config, info.num_classes, info.channels, DeviceSettings.of(config, torch.device("cpu")))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def scaled(factor):
+        return {k: v * factor if k in dict(model.named_parameters()) else v for k, v in initial.items()}
+
     run_dir = tmp_path / name
     run_dir.mkdir()
     write_json(run_dir / CONFIG, asdict(config))
-    save_checkpoint(run_dir / CHECKPOINT, {"model": model.state_dict()})
+    save_checkpoint(run_dir / CHECKPOINT, {"model": scaled(scale)})
+    for evaluation, factor in (kept or {}).items():
+        save_checkpoint(run_dir / kept_checkpoint(evaluation), {"model": scaled(factor)})
     return run_dir
 
 
@@ -587,20 +592,108 @@ def measured_objective(run_dir, rows):
     return Objective(model, evaluation_batches(config, rows, torch.device("cpu")))
 
 
-def test_final_curvature_measures_the_checkpoint_on_the_runs_rows(tmp_path):
-    from gvr_lab.measure import final_curvature
+def test_checkpoint_curvature_measures_a_kept_checkpoint_in_either_batch_norm_mode(tmp_path):
+    from gvr_lab.measure import checkpoint_curvature, load_run_model, measured_batches
+    from gvr_lab.results import kept_checkpoint
 
     torch.set_default_dtype(torch.float32)
-    run = run_directory(tmp_path, "bn", scale=1.3, model_args={"bn": True})
-    out = final_curvature(run, rows=16, k=2, trace_samples=5, micro_batch_size=4)
-    objective = measured_objective(run, 16)
-    assert [out["lambda_1"], out["lambda_2"]] == pytest.approx(top_eigenvalues(objective, k=2).values, rel=1e-5)
-    assert (out["trace"], out["trace_se"]) == pytest.approx(hutchinson_trace(objective, probes=5), rel=1e-5)
-    noise = gradient_noise(objective, 4)
-    assert out["noise_trace_cov"] == pytest.approx(noise["trace_cov"], rel=1e-6) and noise["micro_batches"] == 4
-    assert out["noise_per_example"] == pytest.approx(4 * out["noise_trace_cov"], rel=1e-12)
-    assert (out["loss"], out["acc"]) == pytest.approx(objective.value(), rel=1e-6)
-    assert out["rows"] == 16 and out["lambda_1"] >= out["lambda_2"] and out["hvps"] > 5
+    fields = dict(keep_checkpoints=[2], batch_size=8, model_args={"bn": True})
+    run = run_directory(tmp_path, "bn", scale=1.3, kept={2: 0.8}, **fields)
+    lanczos = dict(max_iter=12, tol=1e-3)
+    settings = dict(rows=16, k=2, trace_samples=3, rho=0.05, sharpness_steps=2, directions=2, **lanczos)
+    config, model = load_run_model(run, run / kept_checkpoint(2))
+    losses = {}
+    for bn, sizes in (("eval", [16]), ("train", [8, 8])):  # train mode: batches of the run's batch size
+        out = checkpoint_curvature(run, 2, bn=bn, **settings)
+        batches = measured_batches(config, 16, bn, torch.device("cpu"))
+        assert [len(y) for _, y in batches] == sizes
+        objective = Objective(model, batches, bn)
+        eigen = top_eigenvalues(objective, k=2, **lanczos)
+        assert [out["lambda_1"], out["lambda_2"]] == pytest.approx(eigen.values, rel=1e-5)
+        assert out["converged"] == eigen.all_converged
+        assert (out["trace"], out["trace_se"]) == pytest.approx(hutchinson_trace(objective, probes=3), rel=1e-5)
+        sharpness = adaptive_sharpness(objective, rho=0.05, steps=2)["sharpness"]
+        assert out["adaptive_sharpness"] == pytest.approx(sharpness, rel=1e-5) and sharpness > 0
+        fn = filter_normalized_curvature(objective, directions=2)
+        assert (out["fn_curvature"], out["fn_curvature_se"]) == pytest.approx((fn["curvature"], fn["se"]), rel=1e-5)
+        assert (out["loss"], out["acc"]) == pytest.approx(objective.value(), rel=1e-6)
+        assert out["evaluation"] == 2 and out["bn"] == bn and out["rows"] == 16 and out["hvps"] > 5
+        losses[bn] = out["loss"]
+    assert losses["train"] != pytest.approx(losses["eval"], rel=1e-3)  # batch statistics are not running ones
+    final = checkpoint_curvature(run, None, **settings)  # checkpoint.pt: the final weights, scale 1.3
+    assert final["evaluation"] is None and final["loss"] == pytest.approx(measured_objective(run, 16).value()[0])
+
+
+def test_train_mode_batches_hold_the_rows_of_one_training_forward_pass():
+    from gvr_lab import Config
+    from gvr_lab.measure import forward_rows, measured_batches
+
+    cpu = torch.device("cpu")
+    base = dict(dataset="synthetic", model="tiny_cnn", train_subset=64, batch_size=16, device="cpu")
+    cases = [
+        ("sgd", {}, 16),
+        ("pseudo_gd", {"micro_batch_size": 4}, 4),  # ghost batch norm of the micro-batch
+        ("reg_loss", {"micro_batch_size": 8}, 8),
+        ("sam", {"m": 8}, 8),  # m-sharpness groups
+        ("sam", {}, 16),
+        ("gvr", {}, 16),  # each view over the whole batch
+    ]
+    for method, args, rows in cases:
+        config = Config(**base, method=method, method_args=args)
+        assert forward_rows(config) == rows, method
+    config = Config(**base, method="pseudo_gd", method_args={"micro_batch_size": 4})
+    batches = measured_batches(config, 24, "train", cpu)
+    assert [len(y) for _, y in batches] == [4] * 6
+    same = [torch.cat(parts) for parts in zip(*measured_batches(config, 24, "eval", cpu))]
+    assert all(torch.equal(a, b) for a, b in zip(same, [torch.cat(parts) for parts in zip(*batches)]))
+    assert sum(len(y) for _, y in measured_batches(config, 100, "train", cpu)) == 64  # all the run's rows
+    with pytest.raises(UsageError, match="24 measured rows are not a multiple of 16, .* choose rows = k \\* 16"):
+        measured_batches(Config(**base), 24, "train", cpu)
+    with pytest.raises(UsageError, match="unknown bn mode 'batch'"):
+        measured_batches(config, 24, "batch", cpu)
+
+
+def test_curvature_over_training_measures_each_kept_checkpoint_both_ways_and_keeps_the_records(tmp_path, monkeypatch):
+    from gvr_lab import measure
+
+    torch.set_default_dtype(torch.float32)
+    # evaluation 3 was never reached (a run that diverged before it): its checkpoint is not there
+    run = run_directory(tmp_path, "run", kept={1: 0.9, 2: 1.1}, keep_checkpoints=[1, 2, 3], model_args={"bn": True})
+    settings = dict(rows=16, trace_samples=3, sharpness_steps=1, directions=2, max_iter=6, tol=1e-3)
+    measured = []
+    original = measure.checkpoint_curvature
+    monkeypatch.setattr(measure, "checkpoint_curvature", lambda *a, **kw: measured.append(a) or original(*a, **kw))
+    records = measure.curvature_over_training(run, **settings)
+    assert [(r["evaluation"], r["bn"]) for r in records] == [(1, "eval"), (1, "train"), (2, "eval"), (2, "train")]
+    again = original(run, 2, bn="train", **settings)
+    assert {k: v for k, v in records[3].items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+    assert records[0]["lambda_1"] != pytest.approx(records[2]["lambda_1"], rel=1e-3)  # two checkpoints
+    assert len(measured) == 4 and len(list(run.glob("measures-*.json"))) == 1
+    assert measure.curvature_over_training(run, **settings) == records and len(measured) == 4  # read back
+    other = measure.curvature_over_training(run, **{**settings, "trace_samples": 4})
+    assert len(measured) == 8 and len(list(run.glob("measures-*.json"))) == 2 and len(other) == 4
+    assert measure.measure_runs([run, run], workers=1, **settings) == records + records
+    with pytest.raises(UsageError, match="is not a run directory"):
+        measure.curvature_over_training(tmp_path, **settings)
+
+
+@pytest.mark.slow
+def test_measure_runs_in_worker_processes_measures_what_this_process_does(tmp_path):
+    """The pool starts processes that import torch: slow."""
+    import shutil
+
+    from gvr_lab.measure import measure_runs
+
+    torch.set_default_dtype(torch.float32)
+    runs = [run_directory(tmp_path, f"run{i}", kept={1: 1.0 + 0.1 * i}, keep_checkpoints=[1]) for i in range(3)]
+    copies = [shutil.copytree(r, tmp_path / f"copy{i}") for i, r in enumerate(runs)]
+    settings = dict(rows=16, trace_samples=3, sharpness_steps=1, directions=2, max_iter=6, tol=1e-3)
+    pooled = measure_runs(runs, workers=2, **settings)
+    here = measure_runs(copies, workers=1, **settings)
+    assert [r["run_dir"] for r in pooled] == [str(r) for r in runs for _ in range(2)]
+    for a, b in zip(pooled, here):
+        assert a["bn"] == b["bn"] and a["lambda_1"] == pytest.approx(b["lambda_1"], rel=1e-4)
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-4) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_path):
@@ -679,30 +772,32 @@ def test_psf_check_run_uses_the_runs_rho_and_batch_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_final_curvature_repeats_the_last_measurement_made_in_training(tiny_config, tmp_path):
-    """What notebooks/07_curvature.py relies on: with 512 rows and 20 probes the final measurement
-    is the training loop's last one (same rows, Lanczos start and probes), and the cost columns are
-    the history's times per epoch."""
-    from gvr_lab import plots, train
-    from gvr_lab.collect import load_runs
-    from gvr_lab.measure import final_curvature
+def test_checkpoint_curvature_repeats_the_measurements_made_in_training(tiny_config, tmp_path):
+    """With 512 rows, 20 probes and k = 1 a kept checkpoint's measurement is the training loop's
+    (curvature_every) at that evaluation: the same rows, Lanczos start and probes."""
+    from gvr_lab import train
+    from gvr_lab.measure import checkpoint_curvature
     from gvr_lab.training import CURVATURE_PROBES, CURVATURE_ROWS
 
     torch.set_default_dtype(torch.float32)
     run = train(
-        tiny_config(steps=6, eval_every=3, curvature_every=1, train_subset=64, batch_size=16, model_args={"bn": True})
+        tiny_config(
+            steps=6,
+            eval_every=3,
+            curvature_every=1,
+            keep_checkpoints=[1],
+            train_subset=64,
+            batch_size=16,
+            model_args={"bn": True},
+        )
     )
-    out = final_curvature(run.run_dir, rows=CURVATURE_ROWS, k=1, trace_samples=CURVATURE_PROBES)
-    last = run.history.iloc[-1]
-    assert out["rows"] == 64  # the run's training rows, all of them
-    assert out["lambda_1"] == pytest.approx(last["hessian_top"], rel=1e-6)
-    assert out["trace"] == pytest.approx(last["hessian_trace"], rel=1e-6)
-    runs = load_runs(str(run.run_dir))
-    cost = plots.curvature_cost(runs).iloc[0]
-    per_epoch = 4  # 64 rows in batches of 16
-    assert cost["measurements"] == 2 and cost["curvature_s"] == pytest.approx(run.history["curvature_time_s"].mean())
-    assert cost["train_s_per_epoch"] == pytest.approx(run.history["interval_time_s"].sum() / 6 * per_epoch)
-    assert "1.5 epochs = 6 optimizer steps" in plots.provenance(runs, "smoke")
+    for evaluation, row in ((1, run.history.iloc[0]), (None, run.history.iloc[-1])):
+        out = checkpoint_curvature(
+            run.run_dir, evaluation, rows=CURVATURE_ROWS, trace_samples=CURVATURE_PROBES, sharpness=False
+        )
+        assert out["rows"] == 64  # the run's training rows, all of them
+        assert out["lambda_1"] == pytest.approx(row["hessian_top"], rel=1e-6)
+        assert out["trace"] == pytest.approx(row["hessian_trace"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------- the study's tables and figures
@@ -755,37 +850,27 @@ def test_paired_difference_pairs_by_seed():
     assert got == {"m": "2.00 [-0.48, 4.48] vs base", "base": "—"}
 
 
-def test_curvature_cost_per_epoch_in_steps_and_epochs_mode():
+def test_first_below_is_each_runs_first_checkpoint_under_the_level():
     import pandas as pd
 
     from gvr_lab import plots
 
-    steps_mode = pd.DataFrame(
+    frame = pd.DataFrame(
         {
-            "run_dir": "s",
-            "step": [80, 160],
-            "interval_time_s": [4.0, 4.0],
-            "curvature_time_s": [8.0, 8.0],
-            "steps_per_epoch": 64,
+            "run_dir": ["a"] * 3 + ["b"] * 3 + ["c"] * 2,
+            "step": [30, 10, 20, 10, 20, 30, 10, 20],
+            "train_eval_loss": [0.5, 1.2, 0.8, 0.85, 0.7, 0.6, 1.5, 0.9],
         }
     )
-    epochs_mode = pd.DataFrame(
-        {
-            "run_dir": "e",
-            "epoch": [0, 1, 2],
-            "epoch_time_s": [2.0, 2.0, 2.0],
-            "curvature_time_s": [np.nan, 5.0, np.nan],
-            "steps_per_epoch": 10,
-        }
+    picked = plots.first_below(frame, "train_eval_loss", 0.9)
+    # a: the first below 0.9 in step order is step 20 (0.8), not its lowest (0.5 at 30); b: step 10;
+    # c never falls below (0.9 is not below 0.9): no row
+    assert picked.set_index("run_dir")["step"].to_dict() == {"a": 20, "b": 10}
+    both = pd.concat(
+        [frame.assign(bn="eval"), frame.assign(bn="train", train_eval_loss=frame["train_eval_loss"] + 0.1)]
     )
-    cost = plots.curvature_cost(pd.concat([steps_mode, epochs_mode], ignore_index=True)).set_index("run_dir")
-    # 8 s of training over 160 steps, 64 steps per epoch: 3.2 s; curvature 16 s over the same: 6.4 s
-    assert cost.loc[
-        "s", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch", "curvature_overhead_pct"]
-    ].tolist() == pytest.approx([2, 8.0, 3.2, 6.4, 200.0])
-    assert cost.loc[
-        "e", ["measurements", "curvature_s", "train_s_per_epoch", "curvature_s_per_epoch"]
-    ].tolist() == pytest.approx([1, 5.0, 2.0, 5.0 / 3])
+    per_mode = plots.first_below(both, "train_eval_loss", 0.9, by=["run_dir", "bn"]).set_index(["run_dir", "bn"])
+    assert per_mode["step"].to_dict() == {("a", "eval"): 20, ("b", "eval"): 10, ("a", "train"): 30, ("b", "train"): 20}
 
 
 def test_provenance_counts_the_steps_of_a_steps_mode_run():

@@ -555,3 +555,32 @@ def test_assessed_claims_draw_in_the_forest_plot_like_comparisons():
     hollow = [line for line in ax.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "white"]
     assert len(hollow) == 1 and hollow[0].get_xdata()[0] == pytest.approx(np.mean(SIGNIFICANT))  # premise failed
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- Kendall's tau over runs
+
+
+def test_kendall_tau_is_the_pair_count_and_its_interval_resamples_groups_not_rows():
+    from gvr_lab.stats import kendall_tau
+
+    # run a: (1, 1) (2, 3) (3, 2); run b: (4, 6) (5, 4) (6, 5). Of the 15 pairs 12 agree and 3 disagree
+    # (within a: 2 agree, 1 not; within b: 1 agrees, 2 not; all 9 pairs across agree): tau = 9/15.
+    x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    y = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0]
+    runs = ["a", "a", "a", "b", "b", "b"]
+    tau, low, high = kendall_tau(x, y, runs, resamples=2000)
+    assert tau == pytest.approx(9 / 15, abs=1e-12)
+    # Resampling two runs draws aa, ab, ba or bb. A run drawn twice is each of its rows twice, whose
+    # tau-b is the run's own: a 1/3, b -1/3; ab is all rows, 9/15. With P(bb) = 1/4 > 2.5% the bounds
+    # are exactly the smallest and largest of the three; resampling rows would give other values.
+    assert (low, high) == pytest.approx((-1 / 3, 9 / 15), abs=1e-12)
+    assert kendall_tau(x, y, runs, resamples=2000) == (tau, low, high)  # seeded
+
+
+def test_kendall_tau_leaves_out_missing_rows_and_needs_two_groups_for_an_interval():
+    from gvr_lab.stats import kendall_tau
+
+    tau, low, high = kendall_tau([1.0, 2.0, np.nan, 3.0], [1.0, 2.0, 5.0, 3.0], ["a"] * 4)
+    assert tau == pytest.approx(1.0) and math.isnan(low) and math.isnan(high)
+    with pytest.raises(UsageError, match="x, y and groups of one length and resamples >= 1, got lengths 2, 3, 2"):
+        kendall_tau([1.0, 2.0], [1.0, 2.0, 3.0], ["a", "b"])

@@ -249,6 +249,12 @@ class Method(abc.ABC):
                 "before each epoch's first step (and method.end_epoch(epoch) after its last)"
             )
 
+    @classmethod
+    def forward_rows(cls, hp: dict, batch_size: int) -> int:
+        """The rows of one training forward pass, over which batch norm takes its batch statistics:
+        the whole batch (each view's, for a method of two views) unless the method splits it."""
+        return batch_size
+
     # ------------------------------------------------------------------ helpers for steps
 
     def autocast(self):

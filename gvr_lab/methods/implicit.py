@@ -164,6 +164,11 @@ class MicroBatchMethod(Method):
                 f"{cls.name!r}; use a batch_size that is k * {m}"
             )
 
+    @classmethod
+    def forward_rows(cls, hp: dict, batch_size: int) -> int:
+        """Each micro-batch is forwarded alone: ghost batch norm of size m."""
+        return hp["micro_batch_size"]
+
     def micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.check_batch_size({"micro_batch_size": self.hp.micro_batch_size}, batch.y.shape[0])
         return list(zip(batch.x.split(self.hp.micro_batch_size), batch.y.split(self.hp.micro_batch_size)))

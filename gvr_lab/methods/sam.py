@@ -146,6 +146,11 @@ class SAM(Method):
         if hp["m"] is not None and batch_size % int(hp["m"]):
             raise UsageError(f"m={hp['m']} for method {cls.name!r} must divide the batch size {batch_size}")
 
+    @classmethod
+    def forward_rows(cls, hp: dict, batch_size: int) -> int:
+        """Each m-sharpness group of m rows is forwarded alone."""
+        return batch_size if hp["m"] is None else int(hp["m"])
+
     def __init__(self, model, optimizer, **kw):
         super().__init__(model, optimizer, **kw)
         if self.hp.adaptive:
