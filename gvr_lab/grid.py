@@ -20,6 +20,7 @@ history whichever it is (a run sets its own torch threads, Config.threads, befor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -168,10 +169,11 @@ def train_configs(configs: list[Config], executor: str | None = None, ray=None, 
         where = options.address or "a local Ray instance"
         cluster.run_grid(configs, options, GridStatus(configs, where))
         return GridRuns(load_run(c.run_dir(), c) for c in configs)
-    if executor == "processes":
+    workers = min(workers or int(os.environ.get(ENVIRONMENT["workers"]) or 0) or default_workers(configs), len(configs))
+    if executor == "processes" and workers > 1:  # one worker would only add a process's start to one after another
         modules, reason = worker_modules(configs)
         if not reason:
-            run_in_pool(configs, workers or int(os.environ.get(ENVIRONMENT["workers"]) or 0), modules)
+            run_in_pool(configs, workers, modules)
             return GridRuns(load_run(c.run_dir(), c) for c in configs)
         print(f"the grid trains in this process, one run after another: {reason}", flush=True)
     report = grid_report(len(configs))
@@ -243,20 +245,37 @@ def default_workers(configs: list[Config]) -> int:
     return max(1, (os.cpu_count() or 1) // max(c.threads for c in configs))
 
 
+@contextlib.contextmanager
+def caller_script_hidden():
+    """Spawned workers that do not run the caller's script: spawn imports the parent's __main__ file
+    in every worker, so a script calling train_grid without an `if __name__ == "__main__":` guard
+    would start the grid again in each one. A worker needs only gvr_lab and the modules
+    worker_modules names (a grid whose definitions live in __main__ never comes here)."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None  # spawn reads the attribute: a module run by name is found through it
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def run_in_pool(configs: list[Config], workers: int, modules: list[str]) -> None:
     """Every run of the grid in a pool of worker processes (spawned: a forked copy of a process
     whose OpenMP threads already ran can hang), progress read from the run directories. A run that
     raises fails alone, the grid goes on, and the first failure is raised at the end (GridStatus); a worker that
     dies (killed, out of memory) breaks the pool, which starts again with the runs not finished,
     each resuming from its checkpoint, up to WORKER_RETRIES times."""
-    workers = min(workers or default_workers(configs), len(configs))
     report = GridStatus(configs, f"{workers} worker process{'es' if workers > 1 else ''} on this machine")
     pending = set(range(len(configs)))
     for _ in range(WORKER_RETRIES + 1):
         broken = False
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=import_modules, initargs=(modules,)) as pool:
-            futures = {pool.submit(train_in_worker, dataclasses.asdict(configs[i])): i for i in sorted(pending)}
+            with caller_script_hidden():  # the workers start as the first runs are submitted
+                futures = {pool.submit(train_in_worker, dataclasses.asdict(configs[i])): i for i in sorted(pending)}
             report.submitted()
             while futures:
                 done, _ = wait(futures, timeout=2.0, return_when=FIRST_COMPLETED)

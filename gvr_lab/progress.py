@@ -171,30 +171,36 @@ class LiveReport(TextReport):
                 self.plot.update(image)
 
     def draw(self):
-        from IPython.display import Image
+        return curves_image(self.curves, self.config.steps, self.split, f"training: {self.prefix}")
 
-        fig = Figure(figsize=(6.5, 3))
-        ax = fig.add_subplot()
-        per_method: dict[str, int] = {}
-        for key, (method, xs, accs) in self.curves.items():
-            rank = per_method[method] = per_method.get(method, -1) + 1
-            ax.plot(
-                xs,
-                accs,
-                marker="o",
-                markersize=3,
-                color=method_color(method),
-                linestyle=LINESTYLES[rank % len(LINESTYLES)],
-                label=key,
-            )
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step" if self.config.steps else "epoch")
-        ax.set_ylabel(f"{'validation' if self.split == 'val' else 'test'} accuracy (%)")
-        ax.set_title(f"training: {self.prefix}", fontsize=9, loc="left")
-        legend_outside(ax)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-        return Image(data=buf.getvalue())
+
+def curves_image(curves: dict, steps: bool, split: str, title: str):
+    """The learning curves of a grid's runs (run -> (method, epochs or steps, accuracies in %)) as a
+    PNG image for a kernel's display: colours by method, as every figure, line styles by run."""
+    from IPython.display import Image
+
+    fig = Figure(figsize=(6.5, 3))
+    ax = fig.add_subplot()
+    per_method: dict[str, int] = {}
+    for key, (method, xs, accs) in curves.items():
+        rank = per_method[method] = per_method.get(method, -1) + 1
+        ax.plot(
+            xs,
+            accs,
+            marker="o",
+            markersize=3,
+            color=method_color(method),
+            linestyle=LINESTYLES[rank % len(LINESTYLES)],
+            label=key,
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step" if steps else "epoch")
+    ax.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%)")
+    ax.set_title(title, fontsize=9, loc="left")
+    legend_outside(ax)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return Image(data=buf.getvalue())
 
 
 def run_fraction(config) -> float:
@@ -229,7 +235,9 @@ class GridStatus:
         self.t0, self.submitted_at = time.monotonic(), time.time()
         self.printed_at, self.printed_counts = 0.0, None
         self.kernel = in_kernel()
-        self.handle = None
+        self.handle = self.plot = None
+        self.drawn_at, self.read_mtimes = 0.0, [0.0] * len(configs)
+        self.curves: dict[str, tuple[str, list, list]] = {}  # run -> (method, epochs or steps, accuracies)
         self.errors: list[tuple[int, BaseException]] = []
 
     def label(self, index: int) -> str:
@@ -314,6 +322,27 @@ class GridStatus:
                 out.append(f"{self.label(i)} · {self.detail[i] or state}")
         return out
 
+    def read_curves(self) -> bool:
+        """Each started run's evaluations so far, re-read where its summary changed; True if any did."""
+        changed = False
+        for i, config in enumerate(self.configs):
+            try:
+                mtime = (config.run_dir() / results.SUMMARY).stat().st_mtime
+            except OSError:  # not started
+                continue
+            if mtime == self.read_mtimes[i]:
+                continue
+            self.read_mtimes[i], changed = mtime, True
+            history = results.read_run(config.run_dir(), tables=(results.EPOCHS,)).tables[results.EPOCHS]
+            split = "val" if "val_acc" in history else "test"
+            xs = [progress_x(row) for row in history.to_dict("records")]
+            self.curves[f"{config.label} s{config.seed}"] = (
+                config.method,
+                xs,
+                list(100 * history.get(f"{split}_acc", [])),
+            )
+        return changed
+
     def show(self, force: bool = False) -> None:
         now = time.monotonic()
         if self.kernel:
@@ -326,6 +355,15 @@ class GridStatus:
                     self.handle = display(text, raw=True, display_id=True)
                 else:
                     self.handle.update(text, raw=True)
+            # the curves at most every 5 s (a drawing costs a good part of one), and at the end
+            if (force or now - self.drawn_at >= 5.0) and self.read_curves() and self.curves:
+                self.drawn_at = now
+                split = "val" if self.configs[0].val_split else "test"
+                image = curves_image(self.curves, self.configs[0].steps, split, f"grid on {self.where}")
+                if self.plot is None:
+                    self.plot = display(image, display_id=True)
+                else:
+                    self.plot.update(image)
             return
         counts = self.counts()
         if counts != self.printed_counts or now - self.printed_at >= 30.0:

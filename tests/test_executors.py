@@ -4,6 +4,7 @@ here, saying why; a worker that dies is replaced and its run resumes."""
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -76,10 +77,12 @@ def test_a_method_of_a_module_trains_in_the_pool_and_one_of_a_notebook_cell_here
     monkeypatch.syspath_prepend(str(tmp_path))
     __import__("pooled_methods")
     try:
-        configs = grid_configs(BASE, [dict(method="pooled_sgd")], [0], tmp_path / "module")
+        configs = grid_configs(BASE, [dict(method="pooled_sgd")], [0, 1], tmp_path / "module")
         assert worker_modules(configs) == (["pooled_methods"], "")
-        [run] = train_configs(configs, executor="processes", workers=1)
-        assert run.summary["status"] == "completed" and "trains in this process" not in capsys.readouterr().out
+        runs = train_configs(configs, executor="processes", workers=2)
+        out = capsys.readouterr().out
+        assert [r.summary["status"] for r in runs] == ["completed"] * 2 and "2 worker processes" in out
+        assert "trains in this process" not in out
     finally:
         sys.modules.pop("pooled_methods", None)
 
@@ -89,9 +92,11 @@ def test_a_method_of_a_module_trains_in_the_pool_and_one_of_a_notebook_cell_here
     CellSGD.__module__ = "__main__"  # what a class defined in a notebook's cell has
     method_registry["cell_sgd"] = CellSGD
     __import__("gvr_lab.methods.base").methods.base.ALIASES["cell_sgd"] = "cell_sgd"
-    [run] = train_configs(grid_configs(BASE, [dict(method="cell_sgd")], [0], tmp_path / "cell"), executor="processes")
+    runs = train_configs(
+        grid_configs(BASE, [dict(method="cell_sgd")], [0, 1], tmp_path / "cell"), executor="processes", workers=2
+    )
     out = capsys.readouterr().out
-    assert run.summary["status"] == "completed"
+    assert [r.summary["status"] for r in runs] == ["completed"] * 2
     assert (
         "the grid trains in this process, one run after another: method 'cell_sgd' is defined in the notebook's" in out
     )
@@ -99,7 +104,7 @@ def test_a_method_of_a_module_trains_in_the_pool_and_one_of_a_notebook_cell_here
 
 def test_a_killed_worker_is_replaced_and_its_run_resumes_to_the_uninterrupted_end(tmp_path):
     long = dict(BASE, epochs=6, train_subset=2048)
-    [config] = grid_configs(long, [dict(method="sgd")], [0], tmp_path / "pool")
+    config, other = grid_configs(long, [dict(method="sgd")], [0, 1], tmp_path / "pool")
     killed = []
 
     def kill_after_the_second_epoch():
@@ -116,9 +121,30 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes_to_the_uninterrupted_en
 
     killer = threading.Thread(target=kill_after_the_second_epoch)
     killer.start()
-    [run] = train_configs([config], executor="processes", workers=1)
+    runs = train_configs([config, other], executor="processes", workers=2)
     killer.join()
-    assert killed, "the worker was never killed"
-    [whole] = train_configs(grid_configs(long, [dict(method="sgd")], [0], tmp_path / "seq"), executor="sequential")
-    assert run.summary["status"] == "completed"
-    pd.testing.assert_frame_equal(run.history[COLUMNS], whole.history[COLUMNS])
+    assert killed and killed[0] != os.getpid(), "the worker was never killed"
+    wholes = train_configs(grid_configs(long, [dict(method="sgd")], [0, 1], tmp_path / "seq"), executor="sequential")
+    for run, whole in zip(runs, wholes):
+        assert run.summary["status"] == "completed"
+        pd.testing.assert_frame_equal(run.history[COLUMNS], whole.history[COLUMNS])
+
+
+SCRIPT = """import gvr_lab
+
+print("the script's top level ran")
+runs = gvr_lab.train_grid({base!r}, [dict(method="sgd")], [0, 1], {runs!r}, executor="processes")
+print(repr(runs))
+"""
+
+
+def test_a_script_without_a_main_guard_trains_its_grid_in_the_pool_once(tmp_path):
+    """Spawned workers would import the calling script (spawn's default): without an
+    `if __name__ == "__main__":` guard each would start the grid again."""
+    script = tmp_path / "grid_script.py"
+    script.write_text(SCRIPT.format(base=dict(BASE, epochs=1), runs=str(tmp_path / "runs")))
+    env = {**os.environ, "GVR_LAB_WORKERS": "2"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("the script's top level ran") == 1
+    assert "2 worker processes" in done.stdout and done.stdout.strip().endswith("2 completed>")

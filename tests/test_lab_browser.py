@@ -166,7 +166,9 @@ def test_quickstart_in_jupyterlab_at_smoke(lab, tmp_path):
     assert "[ ]:" not in executed, executed
     assert images >= 2  # the live learning curve and the figure
     lines = [line for line in training_text.splitlines() if line.strip()]
-    assert [line.split(" ")[0] for line in lines] == ["[1/3]", "[2/3]", "[3/3]", "<3"], training_text
+    # the grid's status (its runs train in worker processes) above its live learning curve, then its repr
+    assert [line.split(" ")[0] for line in lines] == ["grid", "[1/3]", "[2/3]", "[3/3]", "<3"], training_text
+    assert lines[0].startswith("grid of 3 runs on 2 worker processes on this machine: 3 done"), training_text
     assert "Run(" not in training_text and training_images == 1
     study_line = next(o for o in outputs if o.startswith("quickstart · preset smoke")).strip()
     # this checkout's package, in the root's runs/, whatever the kernel's working directory (notebooks/)
