@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import results
+from .collect import run_status
 from .errors import UsageError
 from .plots import LINESTYLES, legend_outside, method_color
 
@@ -412,7 +413,7 @@ def run_state(run_dir: Path, now: float) -> tuple[str, str]:
     summary, history = files.summary, files.tables[results.EPOCHS]
     if not summary:
         return "starting", "starting"
-    status = results.run_status(files)
+    status = run_status(files)
     done, total = summary.get("steps_completed", 0), summary.get("total_steps", 0)
     lines = run_dir / results.STEP_LINES
     if status == "running" and lines.is_file():

@@ -14,8 +14,9 @@ LAYERS = [
     {"methods"},  # methods/__init__, base.py and one module per family
     {"landscape"},
     {"training"},
-    {"stats", "plots", "terms", "progress"},
-    {"cluster", "grid", "measure", "collect"},
+    {"stats", "plots", "terms"},
+    {"collect"},
+    {"cluster", "grid", "measure", "progress"},
     {"bench", "grid_bench", "claims", "study", "runner", "lab"},
     {"plugins"},  # imports the modules other packages name, which use the whole package
     {"cli", "__init__", "__main__"},
