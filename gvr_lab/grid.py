@@ -20,14 +20,12 @@ history whichever it is (a run sets its own torch threads, Config.threads, befor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-import multiprocessing
 import os
 import sys
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from .errors import UsageError, check_choice
 from .loggers import check_available
 from .methods import method_class
 from .models import MODELS
+from .pools import SpawnedPool
 from .progress import GridStatus, grid_report
 from .training import Config, check_run_dir, load_run, train
 
@@ -245,26 +244,9 @@ def default_workers(configs: list[Config]) -> int:
     return max(1, (os.cpu_count() or 1) // max(c.threads for c in configs))
 
 
-@contextlib.contextmanager
-def caller_script_hidden():
-    """Spawned workers that do not run the caller's script: spawn imports the parent's __main__ file
-    in every worker, so a script calling train_grid without an `if __name__ == "__main__":` guard
-    would start the grid again in each one. A worker needs only gvr_lab and the modules
-    worker_modules names (a grid whose definitions live in __main__ never comes here)."""
-    main = sys.modules["__main__"]
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None  # spawn reads the attribute: a module run by name is found through it
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
-
-
 def run_in_pool(configs: list[Config], workers: int, modules: list[str]) -> None:
-    """Every run of the grid in a pool of worker processes (spawned: a forked copy of a process
-    whose OpenMP threads already ran can hang), progress read from the run directories. A run that
+    """Every run of the grid in a pool of worker processes (pools.py), progress read from the run
+    directories. A run that
     raises fails alone, the grid goes on, and the first failure is raised at the end (GridStatus); a worker that
     dies (killed, out of memory) breaks the pool, which starts again with the runs not finished,
     each resuming from its checkpoint, up to WORKER_RETRIES times."""
@@ -272,10 +254,8 @@ def run_in_pool(configs: list[Config], workers: int, modules: list[str]) -> None
     pending = set(range(len(configs)))
     for _ in range(WORKER_RETRIES + 1):
         broken = False
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=import_modules, initargs=(modules,)) as pool:
-            with caller_script_hidden():  # the workers start as the first runs are submitted
-                futures = {pool.submit(train_in_worker, dataclasses.asdict(configs[i])): i for i in sorted(pending)}
+        with SpawnedPool(workers, initializer=import_modules, initargs=(modules,)) as pool:
+            futures = {pool.submit(train_in_worker, dataclasses.asdict(configs[i])): i for i in sorted(pending)}
             report.submitted()
             while futures:
                 done, _ = wait(futures, timeout=2.0, return_when=FIRST_COMPLETED)

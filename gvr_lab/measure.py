@@ -18,9 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from .landscape import (
     psf_bound_check,
 )
 from .methods import method_class
+from .pools import SpawnedPool
 from .results import CHECKPOINT, CONFIG, SUMMARY, kept_checkpoint, load_checkpoint, read_json, write_json
 from .training import (
     Config,
@@ -273,8 +273,7 @@ def measure_runs(run_dirs, device: torch.device = CPU, workers: int = 0, **setti
         for index, run_dir in enumerate(run_dirs):
             report(index, curvature_over_training(run_dir, device, **settings))
     else:
-        # spawned, not forked: a forked copy of a process whose OpenMP threads already ran can hang
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with SpawnedPool(workers) as pool:
             futures = {pool.submit(measured_in_worker, run_dir, settings): i for i, run_dir in enumerate(run_dirs)}
             for future in as_completed(futures):
                 report(futures[future], future.result())

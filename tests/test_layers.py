@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).parent.parent / "gvr_lab"
 
 # Lowest first. A module may import from its own layer (without a circle) or a lower one.
 LAYERS = [
-    {"errors", "distributed"},
+    {"errors", "distributed", "pools"},
     {"data", "models", "quant", "results", "optim", "loggers"},
     {"methods"},  # methods/__init__, base.py and one module per family
     {"landscape"},

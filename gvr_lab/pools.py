@@ -1,0 +1,42 @@
+"""Process pools for a grid's runs and a study's measurements on the CPU.
+
+Workers are spawned, not forked: a forked copy of a process whose OpenMP threads already ran can
+hang. Spawn, by default, imports the parent's `__main__` file in every worker, so a script calling
+`train_grid` without an `if __name__ == "__main__":` guard would start the grid again in each one;
+a worker here needs only gvr_lab and the modules it is told to import, so the caller's script is
+hidden from spawn while workers start (they start as work is submitted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+
+@contextlib.contextmanager
+def caller_script_hidden():
+    """The caller's __main__ without the file and spec spawn would re-import in a worker."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None  # spawn reads the attribute: a module run by name is found through it
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+class SpawnedPool(ProcessPoolExecutor):
+    """A ProcessPoolExecutor of spawned workers that never run the caller's script."""
+
+    def __init__(self, workers: int, initializer=None, initargs=()):
+        super().__init__(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+        )
+
+    def submit(self, fn, /, *args, **kwargs):
+        with caller_script_hidden():
+            return super().submit(fn, *args, **kwargs)
