@@ -306,7 +306,8 @@ def executor_environment(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import NotebookFailed, run_notebook, saved_outputs
+    from .runner import NotebookFailed, execution_record, record_timing, resolved_of, run_notebook, saved_outputs
+    from .study import REPO, read_notebook
 
     os.environ.update(executor_environment(args))
     started = time.time()
@@ -327,6 +328,9 @@ def cmd_run(args) -> int:
     for table in saved.tables:
         print(Path(table).read_text())
     executed = (run_dir / "DONE").stat().st_mtime >= started  # else skipped: nothing changed since it ran
+    resolved, figures = resolved_of(run_dir), Path(REPO, "figures")
+    if executed and resolved.fig_root.resolve() == figures.resolve():  # the committed figures: their cost
+        record_timing(figures, read_notebook(args.notebook).name, execution_record(run_dir))
     print(
         ("wrote:" if executed else "unchanged since its last execution (--force redraws), which wrote:")
         + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing")

@@ -204,15 +204,42 @@ def execution_record(run_dir: Path) -> dict:
     """What a finished notebook run did: the execution's wall time, and the training runs under its
     runs root (count, summed wall time and devices, which stay true when a later execution only
     redraws because every run had finished)."""
-    params = read_json(run_dir / "params.json")
-    resolved = resolve(read_notebook(params["notebook"]), {k: v for k, v in params.items() if k != "notebook"})
+    resolved = resolved_of(run_dir)
     summaries = [read_json(p) for p in resolved.runs_root.glob("*/summary.json")]
     return {
         "wall_time_s": read_json(run_dir / "DONE")["wall_time_s"],
         "training_runs": len(summaries),
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
+        "runs_root": str(resolved.runs_root),
     }
+
+
+def resolved_of(run_dir: Path) -> Resolved:
+    """The parameters and folders of a notebook run, from its params.json."""
+    params = read_json(run_dir / "params.json")
+    return resolve(read_notebook(params["notebook"]), {k: v for k, v in params.items() if k != "notebook"})
+
+
+def study_timing(previous: dict | None, record: dict) -> dict:
+    """A notebook's entry in figures/timings.json after an execution (record: execution_record):
+    its wall time is that of the executions that trained its runs. An execution that trained
+    nothing (every run finished earlier: a redraw) keeps the earlier wall time; one that continued
+    a study run in parts (same runs root, more training) adds its own to the earlier parts'."""
+    same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
+    if not same_study:
+        return record
+    if record["training_time_s"] <= previous["training_time_s"]:
+        return {**record, "wall_time_s": previous["wall_time_s"]}
+    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1)}
+
+
+def record_timing(root, name: str, record: dict) -> None:
+    """Update one notebook's entry of <root>/timings.json (study_timing), the others kept."""
+    path = Path(root) / TIMINGS
+    timings = read_json(path) if path.is_file() else {}
+    timings[name] = study_timing(timings.get(name), record)
+    write_atomic(path, (json.dumps(timings, indent=2, sort_keys=True) + "\n").encode())
 
 
 def notebook_table() -> str:
@@ -239,7 +266,10 @@ def timing(record: dict | None) -> str:
     """A notebook's measured cost at the cpu preset, from figures/timings.json (gvr-lab figures)."""
     if not record:
         return "not measured"
-    return f"{record['training_time_s'] / 60:.0f} min of training, summed over its {record['training_runs']} runs"
+    training = f"{record['training_time_s'] / 60:.0f} min of training, summed over its {record['training_runs']} runs"
+    if "runs_root" not in record:  # recorded before the studies' own wall time was: that of a redraw
+        return training
+    return f"{record['wall_time_s'] / 60:.0f} min ({training})"
 
 
 def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict]]) -> Path:
@@ -255,14 +285,16 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         "dataset, model, epochs and steps, seeds and preset; tables carry the same in their caption.",
         "",
     ]
+    timings_path = root / TIMINGS
+    timings = read_json(timings_path) if timings_path.is_file() else {}
     for decl, record in entries:
         lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
         if record:
+            timings[decl.name] = record = study_timing(timings.get(decl.name), record)
             lines.append(
                 f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
-                f"times summing to {record['training_time_s']:.0f} s (runs under Ray overlap); the "
-                "execution that drew these took "
-                f"{record['wall_time_s']:.0f} s."
+                f"times summing to {record['training_time_s']:.0f} s (runs in parallel overlap); the "
+                f"executions that trained them took {record['wall_time_s']:.0f} s of wall time."
             )
         lines.append("")
         for stem, what in decl.outputs.items():
@@ -273,10 +305,5 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         lines.append("")
     path = root / "README.md"
     write_atomic(path, "\n".join(lines).encode())
-    write_atomic(
-        root / TIMINGS,
-        (
-            json.dumps({decl.name: record for decl, record in entries if record}, indent=2, sort_keys=True) + "\n"
-        ).encode(),
-    )
+    write_atomic(timings_path, (json.dumps(timings, indent=2, sort_keys=True) + "\n").encode())
     return path

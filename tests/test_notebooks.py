@@ -10,7 +10,7 @@ import pytest
 from gvr_lab import claims, train_grid
 from gvr_lab.cli import main
 from gvr_lab.errors import UsageError
-from gvr_lab.runner import NotebookFailed, notebook_table, run_notebook
+from gvr_lab.runner import NotebookFailed, notebook_table, record_timing, run_notebook
 from gvr_lab.study import (
     COMMITTED_PRESET,
     PATH_PARAMETERS,
@@ -403,4 +403,31 @@ def test_the_notebook_table_states_measured_cost_or_says_not_measured():
     assert (
         timing({"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 5.0})
         == "27 min of training, summed over its 17 runs"
-    )
+    )  # an entry from before the studies' wall time was recorded: its wall time was a redraw's
+    record = {"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 900.0, "runs_root": "runs/cpu/x/1"}
+    assert timing(record) == "15 min (27 min of training, summed over its 17 runs)"
+
+
+def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(tmp_path):
+    def record(wall, trained, root="runs/cpu/x/abc"):
+        return {
+            "wall_time_s": wall,
+            "training_runs": 4,
+            "training_time_s": trained,
+            "devices": ["cpu"],
+            "runs_root": root,
+        }
+
+    def recorded():
+        return json.loads((tmp_path / "timings.json").read_text())["x"]["wall_time_s"]
+
+    (tmp_path / "timings.json").write_text(json.dumps({"other": record(7.0, 7.0, "runs/cpu/other/1")}))
+    record_timing(tmp_path, "x", record(3000.0, 5000.0))
+    assert recorded() == 3000.0
+    record_timing(tmp_path, "x", record(40.0, 5000.0))  # a redraw: every run had finished
+    assert recorded() == 3000.0
+    record_timing(tmp_path, "x", record(1000.0, 6500.0))  # the study's second part
+    assert recorded() == 4000.0
+    record_timing(tmp_path, "x", record(500.0, 800.0, "runs/cpu/x/def"))  # another study: its own time
+    assert recorded() == 500.0
+    assert json.loads((tmp_path / "timings.json").read_text())["other"]["wall_time_s"] == 7.0
