@@ -476,10 +476,9 @@ def fit_note(runs: pd.DataFrame, label: str, threshold: float = 0.99) -> str:
         return f"{label}: clean training accuracy not evaluated (eval_train), no fit check"
     lowest, seeds = 100 * finals["train_eval_acc"].min(), len(finals)
     fits = "fits" if fitting_setting(finals, threshold) is not None else "does not fit"
-    return (
-        f"{label} {fits} its training set: clean training accuracy at least {lowest:.1f}% on each of "
-        f"{seeds} seed{'s' if seeds > 1 else ''} (the rule: {100 * threshold:.0f}%)"
-    )
+    on = f"each of {seeds} seeds" if seeds > 1 else "1 seed"
+    rule = f"the rule: {100 * threshold:.0f}%"
+    return f"{label} {fits} its training set: clean training accuracy at least {lowest:.1f}% on {on} ({rule})"
 
 
 def sample_sizes(protocol_claims: list, runs: pd.DataFrame, half_width: float, times: dict | None = None) -> list:
