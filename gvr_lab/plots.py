@@ -212,11 +212,21 @@ def half_width(values: pd.Series, band: str | None = "std") -> float | None:
 
 
 def points_with_bars(
-    df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, title: str = "", band: str | None = "std"
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str = "label",
+    ax=None,
+    title: str = "",
+    band: str | None = "std",
+    xband: str | None = "",
 ):
-    """One point per hue value at the mean of x and y over its rows (seeds), with bars on both axes
-    where there is more than one seed: one std (band="std"), the 95% Student t interval of the mean
-    ("ci") or none (None; see half_width). A point on top of an earlier one is named in the legend."""
+    """One point per hue value at the mean of x and y over its rows (seeds), with bars where there is
+    more than one seed: one std (band="std"), the 95% Student t interval of the mean ("ci") or none
+    (None; see half_width), on y, and on x unless `xband` says otherwise (a throughput measured on
+    shared cores is no sample of a method's speed: std, not an interval). A point on top of an
+    earlier one is named in the legend."""
+    xband = band if xband == "" else xband
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.8))
     xs, ys = (100.0 if is_accuracy(c) else 1.0 for c in (x, y))
@@ -225,7 +235,7 @@ def points_with_bars(
         rows = df[df[hue] == name]
         at = (xs * rows[x].mean(), ys * rows[y].mean())
         twin = next((other for other, point in drawn.items() if point == at), None)
-        xerr, yerr = half_width(rows[x], band), half_width(rows[y], band)
+        xerr, yerr = half_width(rows[x], xband), half_width(rows[y], band)
         ax.errorbar(
             *at,
             xerr=None if xerr is None else xs * xerr,

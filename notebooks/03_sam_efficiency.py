@@ -133,8 +133,8 @@ gl.train_grid(
 # Throughput is measured per evaluation interval by the training loop (training steps only,
 # evaluation excluded); the first interval includes warm-up effects, so it is left out of the averages
 # when there are more. Runs train two at a time on shared cores, so a throughput is a measurement of
-# this machine's load as much as of the method: the table gives its mean ± std over seeds, no
-# interval. The figure's bars are 95% CIs on both axes.
+# this machine's load as much as of the method: the figure and the table give its mean ± std over
+# seeds, no interval; accuracies carry the 95% CI.
 
 # %%
 runs = plots.ordered(study.load_runs(), "label", methods)
@@ -144,8 +144,9 @@ steady = runs[runs["epoch"] > first] if (runs["epoch"] > first).any() else runs
 speed = steady.groupby(["label", "run_dir"], sort=False)[["images_per_s", "epoch_time_s"]].mean().reset_index()
 final = plots.final_rows(runs).merge(speed, on=["label", "run_dir"], suffixes=("_last", ""))
 shown = study.plotted(final)
-ax = plots.points_with_bars(shown, "images_per_s", "test_acc", title=f"{model} on {dataset}", band="ci")
-study.save_figure(ax.figure, "accuracy_vs_throughput", shown, spread=f"{plots.ci_spread(shown)}; {plateau}")
+ax = plots.points_with_bars(shown, "images_per_s", "test_acc", title=f"{model} on {dataset}", band="ci", xband="std")
+spread = f"{plots.ci_spread(shown)}; throughput bars: ± 1 std, runs shared the cores; {plateau}"
+study.save_figure(ax.figure, "accuracy_vs_throughput", shown, spread=spread)
 
 # %%
 table = plots.mean_ci(final, ["label"], ["test_acc"])

@@ -221,7 +221,9 @@ def loss_curves(losses: dict, every: int = 5, steps: int = 0) -> pd.DataFrame:
         for i, loss in enumerate(values):
             done = every * (i + 1)
             at = {"step": done, "epoch": done // 10} if steps else {"epoch": done - 1}  # epoch rows count from 0
-            rows.append({"label": "SGD", "seed": seed, "run_dir": f"SGD-s{seed}", "steps": steps, "train_loss": loss, **at})
+            rows.append(
+                {"label": "SGD", "seed": seed, "run_dir": f"SGD-s{seed}", "steps": steps, "train_loss": loss, **at}
+            )
     return pd.DataFrame(rows)
 
 

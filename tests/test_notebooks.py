@@ -371,11 +371,12 @@ def test_intervals_over_seeds_in_bars_reference_lines_and_footers():
     assert plots.half_width(values, "ci") == pytest.approx(4.302653 * 0.01 / 3**0.5)
     assert plots.half_width(values[:1], "ci") is None and plots.half_width(values, None) is None
     three = frame([("sgd", "SGD")], seeds=(0, 1, 2), values={"SGD": 0.5}).assign(
-        test_acc=lambda d: 0.81 + 0.01 * d["seed"], images_per_s=100.0
+        test_acc=lambda d: 0.81 + 0.01 * d["seed"], images_per_s=lambda d: 100.0 + 10 * d["seed"]
     )
-    ax = plots.points_with_bars(plots.final_rows(three), "images_per_s", "test_acc", band="ci")
-    bar = ax.containers[0].lines[2][-1].get_segments()[0]  # the y bar (after the x bar): (x, low) to (x, high)
-    assert bar[1][1] - bar[0][1] == pytest.approx(2 * 100 * 4.302653 * 0.01 / 3**0.5)
+    ax = plots.points_with_bars(plots.final_rows(three), "images_per_s", "test_acc", band="ci", xband="std")
+    xbar, ybar = (lines.get_segments()[0] for lines in ax.containers[0].lines[2])  # (low, high) ends, percent on y
+    assert xbar[1][0] - xbar[0][0] == pytest.approx(2 * 10.0)  # one std each side
+    assert ybar[1][1] - ybar[0][1] == pytest.approx(2 * 100 * 4.302653 * 0.01 / 3**0.5)
     fig, ax = plt.subplots()
     plots.level_with_ci(ax, plots.final_rows(three), "test_acc", "SB", plots.method_color("sgd"))
     assert ax.get_lines()[0].get_ydata()[0] == pytest.approx(82.0) and ax.get_lines()[0].get_label() == "SB"
