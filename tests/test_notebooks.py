@@ -71,7 +71,7 @@ def test_presets_decide_where_runs_and_figures_go():
     decl = read_notebook(REPO / "notebooks" / "00_quickstart.py")
     cpu, smoke = resolve(decl, {}), resolve(decl, {"preset": "smoke"})
     assert cpu.fig_root == REPO / "figures"  # only the committed preset, as it stands, writes figures/
-    assert smoke.fig_root == REPO / "runs" / "smoke" / "figures" and smoke.params["dataset"] == "synthetic"
+    assert smoke.fig_root == REPO / "runs" / "smoke" / "figures" and smoke.params["model"] == "tiny_cnn"
     changed = resolve(decl, {"epochs": 5})
     assert changed.changed == {"epochs": 5} and changed.fig_root.parent.name.startswith("cpu-")
     assert changed.runs_root != cpu.runs_root and cpu.runs_root.parent == REPO / "runs" / "cpu" / "quickstart"
