@@ -407,7 +407,12 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
 # ---------------------------------------------------------------------- the pilot
 
 
-def plateau_budget(finals: pd.DataFrame, loss_drop: float = 0.2, acc_gain: float = 0.5) -> int:
+# The plateau rule's threshold: a doubling of training that lowers the mean training loss by less than
+# this fraction of it no longer pays.
+PLATEAU_LOSS_DROP = 0.2
+
+
+def plateau_budget(finals: pd.DataFrame, loss_drop: float = PLATEAU_LOSS_DROP, acc_gain: float = 0.5) -> int:
     """The smallest epoch budget after which doubling the budget no longer pays: from the baseline's
     runs at each budget (rows: `epochs`, `seed`, final `train_loss` and `test_acc`, fractions),
     the smallest budget E whose next budget's mean final training loss is less than `loss_drop`
@@ -423,6 +428,33 @@ def plateau_budget(finals: pd.DataFrame, loss_drop: float = 0.2, acc_gain: float
     return int(budgets[-1])
 
 
+def plateau_note(runs: pd.DataFrame, label: str, loss_drop: float = PLATEAU_LOSS_DROP) -> str:
+    """Whether the runs labelled `label` (a load_runs() table: one row per run and evaluation) had
+    plateaued by plateau_budget's rule, in one sentence: their training loss at each evaluation,
+    averaged over seeds, compared between the last evaluation at or before half of the training
+    (epochs, or steps for a steps-mode run) and the last one; plateaued when that last doubling
+    lowered it by less than `loss_drop` of its value."""
+    rows = runs[runs["label"] == label]
+    steps_mode = "steps" in rows and bool((rows["steps"] > 0).all())
+    unit = "step" if steps_mode else "epoch"
+    done = rows["step"] if steps_mode else rows["epoch"] + 1  # epoch rows count from 0
+    curve = rows["train_loss"].groupby(done.to_numpy()).mean().dropna().sort_index()
+    seeds = rows["seed"].nunique()
+    what = f"training loss of {label} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
+    if curve.empty:
+        return f"{what}: not logged, no plateau check"
+    end = curve.index[-1]
+    earlier = curve[curve.index <= end / 2]
+    if earlier.empty:
+        return f"{what}: no evaluation at or before {unit} {end / 2:g}, no plateau check"
+    start = earlier.index[-1]
+    drop = (curve[start] - curve[end]) / curve[start]
+    rule = f"the plateau rule's {100 * loss_drop:.0f}% per doubling"
+    if drop < loss_drop:
+        return f"{what}: plateaued, it fell {100 * drop:.0f}% from {unit} {start} to {end}, less than {rule}"
+    return f"{what}: not plateaued, it still fell {100 * drop:.0f}% from {unit} {start} to {end}, more than {rule}"
+
+
 def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99) -> dict | None:
     """The cheapest candidate setting (fewest training examples times steps) whose runs all reach
     `threshold` training accuracy on their clean training rows (train_eval_acc): rows carry
@@ -433,6 +465,20 @@ def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99) -> dict | Non
         return None
     subset, steps = min(fitted.index, key=lambda key: (key[0] * key[1], key))
     return {"train_subset": int(subset), "steps": int(steps)}
+
+
+def fit_note(runs: pd.DataFrame, label: str, threshold: float = 0.99) -> str:
+    """Whether the runs labelled `label` fit their training set by fitting_setting's rule (every
+    seed's clean training accuracy, train_eval_acc at its last evaluation, at least `threshold`), in
+    one sentence with the lowest seed's accuracy; the runs need Config.eval_train."""
+    finals = final_rows(runs[runs["label"] == label])
+    if "train_eval_acc" not in finals or finals["train_eval_acc"].isna().any():
+        return f"{label}: clean training accuracy not evaluated (eval_train), no fit check"
+    lowest, seeds = 100 * finals["train_eval_acc"].min(), len(finals)
+    fits = "fits" if fitting_setting(finals, threshold) is not None else "does not fit"
+    on = f"each of {seeds} seeds" if seeds > 1 else "1 seed"
+    rule = f"the rule: {100 * threshold:.0f}%"
+    return f"{label} {fits} its training set: clean training accuracy at least {lowest:.1f}% on {on} ({rule})"
 
 
 def sample_sizes(protocol_claims: list, runs: pd.DataFrame, half_width: float, times: dict | None = None) -> list:

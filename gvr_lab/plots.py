@@ -198,22 +198,48 @@ def curves(
     return ax
 
 
-def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=None, title: str = ""):
-    """One point per hue value at the mean of x and y over its rows (seeds), with bars of one std on
-    both axes where there is more than one seed. A point on top of an earlier one is named in the legend."""
+def half_width(values: pd.Series, band: str | None = "std") -> float | None:
+    """The half-length of an error bar over `values` (seeds): one std ("std"), half the 95% Student t
+    interval of the mean ("ci", as stats.mean_ci), or None (no bar) with one value or band None."""
+    check_choice("band", band, BANDS)
+    values = values.dropna().to_numpy(float)
+    if band is None or len(values) < 2:
+        return None
+    if band == "std":
+        return float(values.std(ddof=1))
+    _, low, high = interval(values, CI_LEVEL)
+    return (high - low) / 2
+
+
+def points_with_bars(
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str = "label",
+    ax=None,
+    title: str = "",
+    band: str | None = "std",
+    xband: str | None = "",
+):
+    """One point per hue value at the mean of x and y over its rows (seeds), with bars where there is
+    more than one seed: one std (band="std"), the 95% Student t interval of the mean ("ci") or none
+    (None; see half_width), on y, and on x unless `xband` says otherwise (a throughput measured on
+    shared cores is no sample of a method's speed: std, not an interval). A point on top of an
+    earlier one is named in the legend."""
+    xband = band if xband == "" else xband
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.8))
     xs, ys = (100.0 if is_accuracy(c) else 1.0 for c in (x, y))
     drawn: dict[str, tuple] = {}
     for name, style in styles(df, hue).items():
         rows = df[df[hue] == name]
-        many = len(rows) > 1
         at = (xs * rows[x].mean(), ys * rows[y].mean())
         twin = next((other for other, point in drawn.items() if point == at), None)
+        xerr, yerr = half_width(rows[x], xband), half_width(rows[y], band)
         ax.errorbar(
             *at,
-            xerr=xs * rows[x].std() if many else None,
-            yerr=ys * rows[y].std() if many else None,
+            xerr=None if xerr is None else xs * xerr,
+            yerr=None if yerr is None else ys * yerr,
             marker=style["marker"],
             color=style["color"],
             capsize=3,
@@ -227,6 +253,29 @@ def points_with_bars(df: pd.DataFrame, x: str, y: str, hue: str = "label", ax=No
         ax.set_title(title)
     legend_outside(ax)
     return ax
+
+
+def level_with_ci(ax, rows: pd.DataFrame, y: str, label: str, color: str, linestyle: str = "--") -> None:
+    """A horizontal reference line at the mean of `y` over `rows` (seeds), with its 95% Student t
+    interval as a band where there is more than one seed: a baseline beside curves of other runs."""
+    scale = 100.0 if is_accuracy(y) else 1.0
+    mean, low, high = interval(rows[y].dropna().to_numpy(float) * scale, CI_LEVEL)
+    ax.axhline(mean, ls=linestyle, lw=1, color=color, label=label)
+    if not np.isnan(low):
+        ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0)
+
+
+def ci_spread(frame: pd.DataFrame, hue: str = "label") -> str:
+    """What a figure's bands or bars and a table's intervals are when they are the 95% Student t
+    interval of the mean (curves(band="ci"), points_with_bars(band="ci"), mean_ci): seeds per curve
+    from `frame`'s runs, for provenance's `spread`."""
+    per_curve = sorted(set(final_rows(frame).groupby(hue).size()))
+    if per_curve == [1]:
+        return "1 seed per curve: no interval"
+    return (
+        f"{', '.join(map(str, per_curve))} seeds per curve: mean and its {100 * CI_LEVEL:.0f}% Student t CI "
+        "as band, bars or [low, high] (geometric on log axes)"
+    )
 
 
 def provenance(runs: pd.DataFrame, preset: str, spread: str = "") -> str:

@@ -20,9 +20,18 @@
 # gradient-norm trajectory track SB's?
 #
 # Protocol as the paper's code: plain SGD (momentum 0, weight decay 0, constant learning rate), crop
-# and flip, no Cutout; SB and LB run the same number of optimizer steps (SB trains for
-# `lb_epochs * sb_batch / lb_batch` epochs); LB = `lb_batch / sb_batch` micro-batches accumulated
-# (ghost batch norm on BN models).
+# and flip (`augment`), no Cutout; SB and LB run the same number of optimizer steps (`steps`); LB =
+# `lb_batch / sb_batch` micro-batches accumulated (ghost batch norm on BN models).
+#
+# **Exploratory.** This notebook tests no claim: its figures and tables describe what the runs did,
+# with the 95% confidence interval of the mean over seeds. Whether SB beats LB, and which penalty
+# recovers the gap, is decided in `notebooks/06_claims.py`, under a protocol registered before its
+# runs.
+#
+# The cpu preset trains where the claims study's pilot found that SB fits its training set: 512
+# Fashion-MNIST images, 1,600 steps, SB batch 32, no augmentation (SB's lowest clean training
+# accuracy over the pilot's 3 seeds: 99.6%), with LB at 128 (4 micro-batches of 32) to fit the time;
+# 3 seeds. Every table and figure says whether SB fitted its training set, computed from the runs.
 #
 # **Use.** Pick a preset in the first line of the parameters cell (`smoke`, `cpu`: the committed
 # figures, `gpu`: CIFAR-10, ResNet-18, B = 5120, m = 128, exact penalties by double backward as the
@@ -35,17 +44,19 @@
 preset: str = "cpu"  # smoke | cpu | gpu | paper
 dataset: str = "fashion_mnist"  # see gvr_lab.list_datasets()
 model: str = "tiny_cnn"  # see gvr_lab.list_models()
-sb_batch: int = 64  # small batch, also the micro-batch size m of every LB method
-lb_batch: int = 1024  # large batch B
-lb_epochs: int = 16  # epochs of every LB run; SB runs the same number of steps
+sb_batch: int = 32  # small batch, also the micro-batch size m of every LB method
+lb_batch: int = 128  # large batch B
+steps: int = 1600  # optimizer steps of every run, SB and LB alike
+eval_every: int = 200  # steps between evaluations (and the last)
+augment: bool = False  # random crop and flip (the paper's code); off where SB is to fit its training set
 sb_lr: float = 0.1  # SB learning rate
 lb_lr: float = 0.1  # LB and penalty learning rate
 lam: dict = {"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001}  # lambdas
 hvp: str = "fd"  # exact (double backward, the original code) or fd (finite differences)
-micro_sizes: list = [16, 256]  # extra micro-batch sizes for the GN sweep; sb_batch itself is in the main table
-train_subset: int = 4096  # training examples drawn with the seed, 0 for all
+micro_sizes: list = [16, 128]  # extra micro-batch sizes for the GN sweep; sb_batch itself is in the main table
+train_subset: int = 512  # training examples drawn with the seed, 0 for all
 log_every: int = 4  # steps between logged gradient norms (ExterGraft reads the SB log)
-seeds: list = [0]  # one run per seed and variant
+seeds: list = [0, 1, 2]  # one run per seed and variant
 device: str = "auto"  # auto, cpu or cuda
 runs_root: str = ""  # training runs; empty: runs/<preset>/implicit_regularization/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, else runs/<preset>/figures
@@ -54,7 +65,7 @@ fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, els
 import matplotlib.pyplot as plt
 
 import gvr_lab as gl
-from gvr_lab import plots
+from gvr_lab import claims, plots
 
 study = gl.Study(
     "implicit_regularization",
@@ -65,10 +76,13 @@ study = gl.Study(
             "model": "tiny_cnn",
             "sb_batch": 16,
             "lb_batch": 64,
-            "lb_epochs": 4,
+            "steps": 32,
+            "eval_every": 8,
+            "augment": True,
             "micro_sizes": [32],
             "train_subset": 512,
             "log_every": 1,
+            "seeds": [0],
             "device": "cpu",
         },
         "cpu": {"device": "cpu"},
@@ -77,18 +91,23 @@ study = gl.Study(
             "model": "resnet18",
             "sb_batch": 128,
             "lb_batch": 5120,
-            "lb_epochs": 40,
+            "steps": 360,
+            "eval_every": 9,
+            "augment": True,
             "micro_sizes": [2560],
             "hvp": "exact",
             "train_subset": 0,
             "log_every": 20,
+            "seeds": [0],
         },
         "paper": {
             "dataset": "cifar10",
             "model": "resnet18",
             "sb_batch": 128,
             "lb_batch": 5120,
-            "lb_epochs": 640,
+            "steps": 4480,
+            "eval_every": 70,
+            "augment": True,
             "micro_sizes": [2560],
             "hvp": "exact",
             "train_subset": 40000,
@@ -97,11 +116,12 @@ study = gl.Study(
         },
     },
     outputs={
-        "main_table": "SB, LB and LB with each penalty: final and best test accuracy",
-        "microbatch_sweep": "LB+GN test accuracy against the micro-batch size, SB and LB for reference",
-        "grafting_table": "SB, LB, IterGraft, ExterGraft, NGD: final and best test accuracy",
-        "trajectories": "mean micro-batch gradient norm against step",
+        "main_table": "SB, LB and LB with each penalty: final and best test accuracy, mean [95% CI] over seeds",
+        "microbatch_sweep": "LB+GN test accuracy against the micro-batch size, SB and LB for reference, 95% CIs",
+        "grafting_table": "SB, LB, IterGraft, ExterGraft, NGD: final and best test accuracy, mean [95% CI]",
+        "trajectories": "mean micro-batch gradient norm against step, mean and 95% CI over seeds",
     },
+    exploratory=True,
 )
 
 # %% [markdown]
@@ -119,13 +139,16 @@ novack = dict(
     momentum=0.0,
     weight_decay=0.0,
     schedule="constant",
-    augment=True,
+    augment=augment,
+    steps=steps,
+    eval_every=eval_every,
+    eval_train=True,  # whether SB fits its training set
     train_subset=train_subset,
     log_every=log_every,
     device=device,
 )
-sb = dict(novack, batch_size=sb_batch, lr=sb_lr, epochs=max(1, lb_epochs * sb_batch // lb_batch))
-lb = dict(novack, batch_size=lb_batch, lr=lb_lr, epochs=lb_epochs)
+sb = dict(novack, batch_size=sb_batch, lr=sb_lr)
+lb = dict(novack, batch_size=lb_batch, lr=lb_lr)
 micro = dict(micro_batch_size=sb_batch)
 names = {"reg_loss": "LB+GN", "fish_loss": "LB+FT", "avg_jac_loss": "LB+AJ", "unit_jac_loss": "LB+UJ"}
 
@@ -195,31 +218,34 @@ order = [
     "NGD",
 ]
 runs = plots.ordered(study.load_runs(), "label", order)
+fit = claims.fit_note(runs, "SB")
 final = plots.with_best(runs)
 main = final[final["label"].isin(["SB", "LB", *names.values()])]
-table = plots.mean_std(main, ["label"], ["test_acc", "best_test_acc"])
+table = plots.mean_ci(main, ["label"], ["test_acc", "best_test_acc"])
 study.save_table(
     study.term_column(runs, table),
     "main_table",
     f"Test accuracy, B={lb_batch}, m={sb_batch}, penalties hvp={hvp}",
     main,
+    spread=f"{plots.ci_spread(main)}; {fit}",
 )
 graft = final[final["label"].isin(["SB", "LB", "IterGraft", "IterGraft (mean)", "ExterGraft", "NGD"])]
 study.save_table(
-    plots.mean_std(graft, ["label"], ["test_acc", "best_test_acc"]),
+    plots.mean_ci(graft, ["label"], ["test_acc", "best_test_acc"]),
     "grafting_table",
     f"Grafting, B={lb_batch}, m={sb_batch} (NGD lr {ngd_lr:.4f})",
     graft,
+    spread=f"{plots.ci_spread(graft)}; {fit}",
 )
 
 # %%
 gn = final[final["method"] == "reg_loss"].assign(m=lambda d: d["arg_micro_batch_size"])
-by_m = 100 * gn.groupby("m")["test_acc"].agg(["mean", "std"])
+by_m = gn.groupby("m")["test_acc"]
 fig, ax = plt.subplots(figsize=(6, 3.4))
 ax.errorbar(
-    by_m.index,
-    by_m["mean"],
-    yerr=by_m["std"].fillna(0),
+    by_m.mean().index,
+    100 * by_m.mean(),
+    yerr=[100 * (plots.half_width(values, "ci") or 0.0) for _, values in by_m],
     marker="o",
     capsize=3,
     color=plots.method_color("reg_loss"),
@@ -227,17 +253,18 @@ ax.errorbar(
 )
 for name in ("SB", "LB"):
     rows = final[final["label"] == name]
-    ax.axhline(100 * rows["test_acc"].mean(), ls="--", color=plots.method_color(rows["method"].iloc[0]), label=name)
+    plots.level_with_ci(ax, rows, "test_acc", name, plots.method_color(rows["method"].iloc[0]))
 ax.set_xscale("log", base=2)
-plots.integer_ticks(ax.xaxis, by_m.index)
+plots.integer_ticks(ax.xaxis, by_m.mean().index)
 ax.xaxis.set_major_formatter(plt.ScalarFormatter())
 ax.set_xlabel("micro-batch size m")
 ax.set_ylabel(plots.label("test_acc"))
 plots.legend_outside(ax)
-study.save_figure(fig, "microbatch_sweep", final[final["label"].isin(["SB", "LB"]) | (final["method"] == "reg_loss")])
+swept = final[final["label"].isin(["SB", "LB"]) | (final["method"] == "reg_loss")]
+study.save_figure(fig, "microbatch_sweep", swept, spread=f"{plots.ci_spread(swept)}; {fit}")
 
 # %%
 steps = plots.ordered(study.plotted(study.load_runs(steps=True)), "label", order)
 traj = steps[steps["label"].isin(["SB", "LB", *names.values(), "IterGraft", "ExterGraft", "NGD"])]
-ax = plots.curves(traj, "step", "micro_grad_norm", logy=True, title="average micro-batch gradient norm")
-study.save_figure(ax.figure, "trajectories", traj)
+ax = plots.curves(traj, "step", "micro_grad_norm", logy=True, title="average micro-batch gradient norm", band="ci")
+study.save_figure(ax.figure, "trajectories", traj, spread=f"{plots.ci_spread(traj)}; {fit}")

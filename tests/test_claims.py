@@ -213,6 +213,66 @@ def test_the_plateau_is_the_budget_past_which_doubling_stops_paying():
     assert claims.plateau_budget(finals.assign(train_loss=[0.5, 0.5, 0.3, 0.3, 0.1, 0.1])) == 40
 
 
+def loss_curves(losses: dict, every: int = 5, steps: int = 0) -> pd.DataFrame:
+    """load_runs-shaped rows of one label: seed -> training loss at each evaluation, every `every`
+    epochs (or steps, for a steps-mode run of `steps` steps)."""
+    rows = []
+    for seed, values in losses.items():
+        for i, loss in enumerate(values):
+            done = every * (i + 1)
+            at = {"step": done, "epoch": done // 10} if steps else {"epoch": done - 1}  # epoch rows count from 0
+            rows.append(
+                {"label": "SGD", "seed": seed, "run_dir": f"SGD-s{seed}", "steps": steps, "train_loss": loss, **at}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_the_plateau_note_compares_the_seed_mean_loss_over_the_last_doubling():
+    # evaluations at epochs 5, 10, 15, 20: the last doubling runs from epoch 10 to 20
+    flat = loss_curves({0: [1.0, 0.50, 0.48, 0.46], 1: [1.0, 0.70, 0.66, 0.62]})  # means 0.60 -> 0.54: 10%
+    assert claims.plateau_note(flat, "SGD") == (
+        "training loss of SGD (mean of 2 seeds): plateaued, it fell 10% from epoch 10 to 20, "
+        "less than the plateau rule's 20% per doubling"
+    )
+    falling = loss_curves({0: [1.0, 0.50, 0.40, 0.30], 1: [1.0, 0.70, 0.60, 0.54]})  # means 0.60 -> 0.42: 30%
+    assert claims.plateau_note(falling, "SGD") == (
+        "training loss of SGD (mean of 2 seeds): not plateaued, it still fell 30% from epoch 10 to 20, "
+        "more than the plateau rule's 20% per doubling"
+    )
+    assert "plateaued, it fell 30%" in claims.plateau_note(falling, "SGD", loss_drop=0.31)
+    # seven evaluations every 3 epochs end at 21: the last at or before 10.5 is epoch 9
+    odd = loss_curves({0: [1.0, 0.8, 0.4, 0.39, 0.38, 0.37, 0.36]}, every=3)
+    assert "(mean of 1 seed): plateaued, it fell 10% from epoch 9 to 21" in claims.plateau_note(odd, "SGD")
+    stepped = loss_curves({0: [0.9, 0.5, 0.45, 0.3]}, every=100, steps=400)
+    assert "it still fell 40% from step 200 to 400" in claims.plateau_note(stepped, "SGD")
+    assert claims.plateau_note(loss_curves({0: [0.9]}), "SGD") == (
+        "training loss of SGD (mean of 1 seed): no evaluation at or before epoch 2.5, no plateau check"
+    )
+
+
+def test_the_fit_note_reads_every_seeds_clean_training_accuracy():
+    finals = pd.DataFrame(
+        {
+            "label": "SB",
+            "run_dir": ["SB-s0", "SB-s1", "SB-s2"],
+            "seed": [0, 1, 2],
+            "epoch": 99,
+            "train_subset": 512,
+            "steps": 1600,
+            "train_eval_acc": [1.0, 0.996, 0.998],
+        }
+    )
+    assert claims.fit_note(finals, "SB") == (
+        "SB fits its training set: clean training accuracy at least 99.6% on each of 3 seeds (the rule: 99%)"
+    )
+    assert claims.fit_note(finals.assign(train_eval_acc=[1.0, 0.985, 1.0]), "SB").startswith(
+        "SB does not fit its training set: clean training accuracy at least 98.5%"
+    )
+    assert claims.fit_note(finals.drop(columns="train_eval_acc"), "SB") == (
+        "SB: clean training accuracy not evaluated (eval_train), no fit check"
+    )
+
+
 def test_the_fitting_setting_is_the_cheapest_where_every_seed_fits():
     finals = pd.DataFrame(
         {

@@ -361,6 +361,34 @@ def test_curves_one_colour_per_method_percent_bands_and_hidden_twins():
     plt.close("all")
 
 
+def test_intervals_over_seeds_in_bars_reference_lines_and_footers():
+    import matplotlib.pyplot as plt
+
+    from gvr_lab import plots
+
+    values = pd.Series([0.81, 0.82, 0.83])  # sd 0.01; t(0.975, 2) = 4.302653 -> half-width 0.0248414
+    assert plots.half_width(values, "std") == pytest.approx(0.01)
+    assert plots.half_width(values, "ci") == pytest.approx(4.302653 * 0.01 / 3**0.5)
+    assert plots.half_width(values[:1], "ci") is None and plots.half_width(values, None) is None
+    three = frame([("sgd", "SGD")], seeds=(0, 1, 2), values={"SGD": 0.5}).assign(
+        test_acc=lambda d: 0.81 + 0.01 * d["seed"], images_per_s=lambda d: 100.0 + 10 * d["seed"]
+    )
+    ax = plots.points_with_bars(plots.final_rows(three), "images_per_s", "test_acc", band="ci", xband="std")
+    xbar, ybar = (lines.get_segments()[0] for lines in ax.containers[0].lines[2])  # (low, high) ends, percent on y
+    assert xbar[1][0] - xbar[0][0] == pytest.approx(2 * 10.0)  # one std each side
+    assert ybar[1][1] - ybar[0][1] == pytest.approx(2 * 100 * 4.302653 * 0.01 / 3**0.5)
+    fig, ax = plt.subplots()
+    plots.level_with_ci(ax, plots.final_rows(three), "test_acc", "SB", plots.method_color("sgd"))
+    assert ax.get_lines()[0].get_ydata()[0] == pytest.approx(82.0) and ax.get_lines()[0].get_label() == "SB"
+    [span] = ax.patches  # the interval, as a band across the axes
+    assert (span.get_y(), span.get_y() + span.get_height()) == pytest.approx((82.0 - 2.48414, 82.0 + 2.48414), abs=1e-4)
+    assert plots.ci_spread(three) == (
+        "3 seeds per curve: mean and its 95% Student t CI as band, bars or [low, high] (geometric on log axes)"
+    )
+    assert plots.ci_spread(frame([("sgd", "SGD")])) == "1 seed per curve: no interval"
+    plt.close("all")
+
+
 def test_provenance_names_what_a_figure_rests_on():
     from gvr_lab import plots
 
