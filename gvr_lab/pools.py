@@ -4,14 +4,19 @@ Workers are spawned, not forked: a forked copy of a process whose OpenMP threads
 hang. Spawn, by default, imports the parent's `__main__` file in every worker, so a script calling
 `train_grid` without an `if __name__ == "__main__":` guard would start the grid again in each one;
 a worker here needs only gvr_lab and the modules it is told to import, so the caller's script is
-hidden from spawn while workers start (they start as work is submitted).
+hidden from spawn while workers start (they start as work is submitted). A worker whose parent
+dies (a killed notebook or script) ends itself: otherwise it would wait on the pool's queue forever,
+holding its memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -29,12 +34,29 @@ def caller_script_hidden():
         main.__dict__.update(saved)
 
 
+def end_with_parent(parent: int) -> None:
+    """A worker's watch: once its parent process is gone (it is re-parented), it exits."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def start_worker(parent: int, initializer, initargs) -> None:
+    threading.Thread(target=end_with_parent, args=(parent,), daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 class SpawnedPool(ProcessPoolExecutor):
-    """A ProcessPoolExecutor of spawned workers that never run the caller's script."""
+    """A ProcessPoolExecutor of spawned workers that never run the caller's script and end with
+    their parent."""
 
     def __init__(self, workers: int, initializer=None, initargs=()):
         super().__init__(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=start_worker,
+            initargs=(os.getpid(), initializer, initargs),
         )
 
     def submit(self, fn, /, *args, **kwargs):

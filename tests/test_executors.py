@@ -148,3 +148,30 @@ def test_a_script_without_a_main_guard_trains_its_grid_in_the_pool_once(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("the script's top level ran") == 1
     assert "2 worker processes" in done.stdout and done.stdout.strip().endswith("2 completed>")
+
+
+POOL_SCRIPT = """import os, time
+from gvr_lab.pools import SpawnedPool
+
+with SpawnedPool(2) as pool:
+    futures = [pool.submit(time.sleep, 600) for _ in range(2)]
+    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_workers_of_a_killed_caller_end_themselves(tmp_path):
+    """A caller killed outright (a notebook's kernel, a script) leaves no worker waiting forever."""
+    script = tmp_path / "pool_script.py"
+    script.write_text(POOL_SCRIPT)
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in caller.stdout.readline().split()]
+        assert len(workers) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in workers)
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "workers outlived their caller"
