@@ -115,6 +115,7 @@ def write_notebook(tmp_path, body='print("ok")', explicit=""):
     return nb
 
 
+@pytest.mark.slow  # executes a notebook in a kernel process
 def test_runner_executes_injects_and_skips_completed(tmp_path):
     nb = write_notebook(tmp_path, "assert seeds == [3, 4] and rate == 2.0 and epochs == 1, (seeds, rate, epochs)")
     params_file = tmp_path / "p.yaml"
@@ -133,6 +134,7 @@ def test_runner_executes_injects_and_skips_completed(tmp_path):
     assert (run_dir / "executed.ipynb").stat().st_mtime_ns != stamp  # --force executes again
 
 
+@pytest.mark.slow  # executes a notebook in a kernel process
 def test_preset_values_yield_to_values_set_explicitly_even_when_equal_to_the_default(tmp_path):
     # the smoke preset sets epochs 2 and rate 0.5; a cell below the parameters cell sets rate to its
     # default, -p sets epochs to its default: both explicit, both win
@@ -142,6 +144,7 @@ def test_preset_values_yield_to_values_set_explicitly_even_when_equal_to_the_def
     run_notebook(nb, {}, preset="smoke", runs_root=tmp_path / "runs")
 
 
+@pytest.mark.slow  # executes a notebook in a kernel process
 def test_a_bad_grid_exits_2_before_anything_trains_or_is_kept(tmp_path, capsys):
     body = (
         f"gl.train_grid({TINY!r}, [dict(method='sgd'), dict(method='sam'), dict(method='sgdd')], seeds, "
@@ -155,6 +158,7 @@ def test_a_bad_grid_exits_2_before_anything_trains_or_is_kept(tmp_path, capsys):
     assert not (tmp_path / "train").exists() and not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow  # executes a notebook in a kernel process
 def test_failed_cell_is_reported_and_partial_notebook_kept(tmp_path, capsys):
     nb = write_notebook(tmp_path, 'raise ValueError("the data looks wrong")')
     with pytest.raises(NotebookFailed, match=r"00_toy.py: cell \d+ failed: ValueError: the data looks wrong"):
@@ -171,6 +175,7 @@ def test_cli_list_values_survive(tmp_path):
     assert main(["run", str(nb), "-p", "seeds", "[0,1,2]", "--runs-root", str(tmp_path / "runs")]) == 0
 
 
+@pytest.mark.slow  # executes a notebook in a kernel process
 def test_run_uses_this_python_and_prints_the_table_and_paths(tmp_path, capfd, monkeypatch):
     # another checkout's kernel of the same name, first on the search path, must not be used
     stale = tmp_path / "stale" / "kernels" / "gvr_lab"

@@ -440,6 +440,7 @@ def test_double_backward(float64):
     assert all(g is None or torch.isfinite(g).all() for g in second)
 
 
+@pytest.mark.slow  # torch.compile of a model: seconds of compilation
 def test_torch_compile_matches_eager():
     """Dynamo + AOTAutograd (the part the detach form is for); inductor's C++ build is too slow for
     this CPU's test budget. The first call initializes (a graph break), the second recompiles."""
