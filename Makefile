@@ -54,7 +54,7 @@ figures: setup
 test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-# The tests to run after each edit, under 2 minutes on 2 cores: all but those marked slow (end-to-end
+# The tests to run after each edit (2.5 minutes on 2 cores, measured; the goal is 2): all but those marked slow (end-to-end
 # training, notebooks, the CLI or torchrun as a process; tests/conftest.py keeps the marker honest).
 test-fast: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
