@@ -246,10 +246,9 @@ def default_workers(configs: list[Config]) -> int:
 
 def run_in_pool(configs: list[Config], workers: int, modules: list[str]) -> None:
     """Every run of the grid in a pool of worker processes (pools.py), progress read from the run
-    directories. A run that
-    raises fails alone, the grid goes on, and the first failure is raised at the end (GridStatus); a worker that
-    dies (killed, out of memory) breaks the pool, which starts again with the runs not finished,
-    each resuming from its checkpoint, up to WORKER_RETRIES times."""
+    directories. A run that raises fails alone, the grid goes on, and the first failure is raised at
+    the end (GridStatus); a worker that dies (killed, out of memory) breaks the pool, which starts
+    again with the runs not finished, each resuming from its checkpoint, up to WORKER_RETRIES times."""
     report = GridStatus(configs, f"{workers} worker process{'es' if workers > 1 else ''} on this machine")
     pending = set(range(len(configs)))
     for _ in range(WORKER_RETRIES + 1):

@@ -88,6 +88,14 @@ def progress_x(row: dict) -> int:
     return row["step"] if "step" in row else row["epoch"] + 1
 
 
+def history_curve(history) -> tuple[str, list, list]:
+    """A run's learning curve from its evaluations: the split it shows ("val" where the run holds
+    a validation split, else "test"), the epochs or steps, and the accuracies in %."""
+    split = "val" if "val_acc" in history else "test"
+    xs = [progress_x(row) for row in history.to_dict("records")]
+    return split, xs, list(100 * history[f"{split}_acc"]) if len(history) else []
+
+
 def run_line(run, trained: bool) -> str:
     s = run.summary
     if s["status"] == "diverged":
@@ -155,9 +163,10 @@ class LiveReport(TextReport):
     def finish(self, run) -> None:
         if not self.trained:  # reused: its whole history at once
             _, xs, accs = self.curves[self.key]
-            self.split = "val" if "val_acc" in run.history else self.split
-            xs.extend(progress_x(row) for row in run.history.to_dict("records"))
-            accs.extend(100 * run.history.get(f"{self.split}_acc", run.history["test_acc"] * float("nan")))
+            split, run_xs, run_accs = history_curve(run.history)
+            self.split = "val" if split == "val" else self.split
+            xs.extend(run_xs)
+            accs.extend(run_accs if split == self.split else [float("nan")] * len(run_xs))
         self.lines[-1] = f"{self.prefix} · {run_line(run, self.trained)}"
         self.refresh(draw=self.last or time.monotonic() - self.drawn_at >= 1.0)
 
@@ -335,13 +344,8 @@ class GridStatus:
                 continue
             self.read_mtimes[i], changed = mtime, True
             history = results.read_run(config.run_dir(), tables=(results.EPOCHS,)).tables[results.EPOCHS]
-            split = "val" if "val_acc" in history else "test"
-            xs = [progress_x(row) for row in history.to_dict("records")]
-            self.curves[f"{config.label} s{config.seed}"] = (
-                config.method,
-                xs,
-                list(100 * history.get(f"{split}_acc", [])),
-            )
+            _, xs, accs = history_curve(history)
+            self.curves[f"{config.label} s{config.seed}"] = (config.method, xs, accs)
         return changed
 
     def show(self, force: bool = False) -> None:
