@@ -71,18 +71,34 @@ def variants():
     return out
 
 
+def is_default(name, hp):
+    """Whether the variant uses the method's default implementation (hvp or penalty)."""
+    defaults = METHODS[name].hparams
+    return all(hp[key] == defaults[key] for key in ("hvp", "penalty") if key in hp)
+
+
 VARIANTS = variants()
 IDS = [name + "".join(f"-{v}" for k, v in hp.items() if k in ("hvp", "penalty")) for name, hp in VARIANTS]
 # Every test of a variant runs on one worker, so its reference run is computed once (see `trained`);
 # the variants spread over the workers.
+# make test-fast runs each method as users get it by default; its other hvp / penalty implementations
+# (seconds each, double backward in bf16) run in make test.
 TIER = [
-    pytest.param(name, hp, case, id=case, marks=pytest.mark.xdist_group(f"cuda_config-{case}"))
+    pytest.param(
+        name,
+        hp,
+        case,
+        id=case,
+        marks=[pytest.mark.xdist_group(f"cuda_config-{case}")] + ([] if is_default(name, hp) else [pytest.mark.slow]),
+    )
     for (name, hp), case in zip(VARIANTS, IDS)
 ]
 
 
 def test_the_tier_covers_every_registered_method():
     assert {name for name, _ in VARIANTS} == set(list_methods())
+    fast = {p.values[0] for p in TIER if not any(m.name == "slow" for m in p.marks)}
+    assert fast == set(list_methods())  # make test-fast too: each method's default implementation
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,18 @@ def cached_model(name: str, in_channels: int) -> nn.Module:
     return create_model(name, num_classes=NUM_CLASSES, in_channels=in_channels)
 
 
-@pytest.mark.parametrize("name, in_channels, size", list(itertools.product(list_models(), (1, 3), (28, 32))))
+# The nets that take seconds per case on the 2-core machine (build, then forward and backward): make
+# test-fast checks them at CIFAR's shape, make test at every shape.
+DEEP_OR_WIDE = {"pyramidnet110", "vgg16", "wrn28_10"}
+SHAPES = [
+    pytest.param(
+        name, channels, size, marks=[pytest.mark.slow] if name in DEEP_OR_WIDE and (channels, size) != (3, 32) else []
+    )
+    for name, channels, size in itertools.product(list_models(), (1, 3), (28, 32))
+]
+
+
+@pytest.mark.parametrize("name, in_channels, size", SHAPES)
 def test_forward_backward_and_structure(name, in_channels, size):
     model = cached_model(name, in_channels)
     x = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(size))
