@@ -306,8 +306,16 @@ def executor_environment(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import NotebookFailed, execution_record, record_timing, resolved_of, run_notebook, saved_outputs
-    from .study import REPO, read_notebook
+    from .runner import (
+        NotebookFailed,
+        execution_record,
+        record_timing,
+        resolved_of,
+        run_notebook,
+        saved_outputs,
+        write_figures_index,
+    )
+    from .study import COMMITTED_PRESET, REPO, notebook_paths, read_notebook
 
     os.environ.update(executor_environment(args))
     started = time.time()
@@ -330,7 +338,12 @@ def cmd_run(args) -> int:
     executed = (run_dir / "DONE").stat().st_mtime >= started  # else skipped: nothing changed since it ran
     resolved, figures = resolved_of(run_dir), Path(REPO, "figures")
     if executed and resolved.fig_root.resolve() == figures.resolve():  # the committed figures: their cost
-        record_timing(figures, read_notebook(args.notebook).name, execution_record(run_dir))
+        name, record = read_notebook(args.notebook).name, execution_record(run_dir)
+        if resolved.variant == COMMITTED_PRESET:  # the index of figures/ lists that preset's notebooks
+            decls = [d for d in map(read_notebook, notebook_paths()) if COMMITTED_PRESET in d.presets]
+            write_figures_index(figures, COMMITTED_PRESET, [(d, record if d.name == name else None) for d in decls])
+        else:  # a preset whose outputs sit beside the committed ones (the claims pilot): its own entry
+            record_timing(figures, f"{name}-{resolved.variant}", record)
     print(
         ("wrote:" if executed else "unchanged since its last execution (--force redraws), which wrote:")
         + ("".join(f"\n  {shown(path)}" for path in saved.paths) or " nothing")

@@ -17,8 +17,9 @@ Added on top of papermill's Python API:
 * what the notebook saved (its tables and the paths of every file), read back from its outputs.
 
 Each execution goes to runs/notebooks/<notebook>-<variant>-<hash>/ with executed.ipynb,
-params.json and, once it finished, DONE (JSON: the execution's wall time). It is executed in a
-temporary folder beside it and renamed into place.
+params.json and, once it finished, DONE (JSON: the execution's wall time, with that of earlier
+executions of the same run that were killed or interrupted before they finished). It is executed
+in a temporary folder beside it, where elapsed.json keeps its time so far, and renamed into place.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +131,14 @@ def run_notebook(
     ):
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    earlier = interrupted_time(run_dir)
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
     write_json(work / "params.json", {"notebook": str(decl.path), **resolved.params})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
-        with this_python_kernel() as (kernel, config):
+        with this_python_kernel() as (kernel, config), elapsed_recorded(work / ELAPSED, started):
             pm.execute_notebook(
                 nb,
                 str(work / "executed.ipynb"),
@@ -156,12 +159,62 @@ def run_notebook(
         raise NotebookFailed(
             f"{decl.path}: cell {e.exec_count} failed: {line} (partial notebook kept: {run_dir / 'executed.ipynb'})"
         ) from None
+    except KeyboardInterrupt:  # a study stopped to be continued later: its time so far is kept
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    write_json(work / "DONE", {"wall_time_s": round(time.perf_counter() - started, 1), "code": code})
+    (work / ELAPSED).unlink()
+    own = time.perf_counter() - started
+    write_json(work / "DONE", {"wall_time_s": round(own + earlier, 1), "interrupted_s": earlier, "code": code})
     replace_dir(work, run_dir)
     return run_dir
+
+
+# An execution's wall time so far, rewritten while it runs: an execution killed or interrupted
+# (a study run in parts) leaves it in its unfinished folder, and the next one counts it.
+ELAPSED = "elapsed.json"
+ELAPSED_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def elapsed_recorded(path: Path, started: float, every: float = ELAPSED_EVERY_S):
+    """Write {"wall_time_s": seconds since `started`} to `path` every `every` seconds and at the end."""
+    stop = threading.Event()
+
+    def write():
+        write_json(path, {"wall_time_s": round(time.perf_counter() - started, 1), "at": time.time()})
+
+    def beat():
+        while not stop.wait(every):
+            write()
+
+    write()
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        write()
+
+
+def interrupted_time(run_dir: Path, every: float = ELAPSED_EVERY_S) -> float:
+    """The wall time of earlier executions of this notebook run that never finished (killed or
+    interrupted), from their unfinished folders, which are removed once counted. A folder whose
+    record is fresher than two beats belongs to an execution still running and is left alone."""
+    total = 0.0
+    for folder in run_dir.parent.glob(f".{run_dir.name}.*"):
+        record = folder / ELAPSED
+        if not record.is_file():
+            continue
+        elapsed = read_json(record)
+        if time.time() - elapsed.get("at", 0.0) < 2 * every:
+            continue
+        total += elapsed["wall_time_s"]
+        shutil.rmtree(folder, ignore_errors=True)
+    return round(total, 1)
 
 
 def code_digest(notebook: Path) -> str:
@@ -211,8 +264,14 @@ def execution_record(run_dir: Path) -> dict:
         "training_runs": len(summaries),
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
-        "runs_root": str(resolved.runs_root),
+        "runs_root": repo_relative(resolved.runs_root),
     }
+
+
+def repo_relative(path: Path) -> str:
+    """A path as committed files keep it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
 
 def resolved_of(run_dir: Path) -> Resolved:
@@ -274,7 +333,8 @@ def timing(record: dict | None) -> str:
 
 def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict]]) -> Path:
     """<root>/README.md: each notebook's figures and tables with what they show, the command and
-    preset that made them and, from its execution record (execution_record), what that took."""
+    preset that made them and what that took: entries pair each notebook with the record of an
+    execution just made (execution_record, added to <root>/timings.json) or None (the one there)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -290,7 +350,9 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
     for decl, record in entries:
         lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
         if record:
-            timings[decl.name] = record = study_timing(timings.get(decl.name), record)
+            timings[decl.name] = study_timing(timings.get(decl.name), record)
+        record = timings.get(decl.name)
+        if record:
             lines.append(
                 f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
                 f"times summing to {record['training_time_s']:.0f} s (runs in parallel overlap); the "

@@ -210,3 +210,15 @@ def test_use_it_in_your_own_project_runs_as_written(tmp_path, monkeypatch, capsy
     config = (tmp_path / "runs" / "sam-adamw" / "config.json").read_text()
     assert '"optimizer": "adamw"' in config and '"momentum": null' in config
     assert '"status": "completed"' in (tmp_path / "runs" / "mylab" / "summary.json").read_text()
+
+
+def test_the_curvature_findings_quote_only_intervals_of_the_committed_tables():
+    """README's curvature findings are copied from the study's tables: a number that drifted from
+    them (a redrawn study, a typo) fails here."""
+    readme = (REPO / "README.md").read_text()
+    findings = readme.split("Findings at the cpu preset", 1)[1].split("\n## ", 1)[0]
+    tables = "".join(p.read_text() for p in (REPO / "figures" / "curvature").glob("*.md"))
+    quoted = re.findall(r"-?[\d.]+ \[-?[\d.]+, -?[\d.]+\]", findings)
+    assert len(quoted) >= 8
+    missing = [q for q in quoted if q.lstrip("+") not in tables]
+    assert not missing, f"not in figures/curvature/*.md: {missing}"

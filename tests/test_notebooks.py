@@ -464,3 +464,60 @@ def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(t
     record_timing(tmp_path, "x", record(500.0, 800.0, "runs/cpu/x/def"))  # another study: its own time
     assert recorded() == 500.0
     assert json.loads((tmp_path / "timings.json").read_text())["other"]["wall_time_s"] == 7.0
+
+
+def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path):
+    """A study run in parts: an execution killed midway leaves its elapsed time in its unfinished
+    folder; the next execution of the same run counts it and removes the folder. A folder still
+    being written (a live execution) is left alone."""
+    import time
+
+    from gvr_lab.runner import elapsed_recorded, interrupted_time
+
+    run_dir = tmp_path / "07_x-cpu-abc"
+    live = tmp_path / ".07_x-cpu-abc.live"
+    live.mkdir()
+    with elapsed_recorded(live / "elapsed.json", time.perf_counter() - 5.0, every=0.05):
+        first = json.loads((live / "elapsed.json").read_text())
+        time.sleep(0.3)
+        beating = json.loads((live / "elapsed.json").read_text())
+        assert first["wall_time_s"] >= 5.0 and beating["at"] > first["at"]  # rewritten while it runs
+        assert interrupted_time(run_dir, every=0.05) == 0.0 and live.is_dir()
+    for name, seconds in (("killed1", 1200.0), ("killed2", 300.5)):
+        (tmp_path / f".07_x-cpu-abc.{name}").mkdir()
+        (tmp_path / f".07_x-cpu-abc.{name}" / "elapsed.json").write_text(
+            json.dumps({"wall_time_s": seconds, "at": time.time() - 600})
+        )
+    (tmp_path / ".07_x-cpu-other.killed").mkdir()  # another run's folder
+    (tmp_path / ".07_x-cpu-other.killed" / "elapsed.json").write_text(json.dumps({"wall_time_s": 9.0, "at": 0}))
+    time.sleep(0.15)  # the live folder's last beat is now stale too
+    assert interrupted_time(run_dir, every=0.05) == pytest.approx(1500.5 + beating["wall_time_s"], abs=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".07_x-cpu-other.killed"]
+    assert interrupted_time(run_dir, every=0.05) == 0.0  # counted once
+
+
+def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
+    from gvr_lab.runner import repo_relative
+
+    assert repo_relative(REPO / "runs" / "cpu" / "x") == "runs/cpu/x"
+    assert repo_relative(tmp_path) == str(tmp_path)
+    roots = [
+        entry.get("runs_root", "") for entry in json.loads((REPO / "figures" / "timings.json").read_text()).values()
+    ]
+    assert not [r for r in roots if r.startswith("/")]
+
+
+@pytest.mark.slow  # executes a notebook in a kernel process
+def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
+    import time
+
+    nb = write_notebook(tmp_path)
+    run_dir = run_notebook(nb, {}, runs_root=tmp_path / "runs")
+    own = json.loads((run_dir / "DONE").read_text())
+    assert own["interrupted_s"] == 0.0 and not list(run_dir.glob("elapsed.json"))
+    killed = run_dir.parent / f".{run_dir.name}.killed"
+    killed.mkdir()
+    (killed / "elapsed.json").write_text(json.dumps({"wall_time_s": 100.0, "at": time.time() - 3600}))
+    run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
+    done = json.loads((run_dir / "DONE").read_text())
+    assert done["interrupted_s"] == 100.0 and done["wall_time_s"] >= 100.0 and not killed.exists()
