@@ -521,3 +521,24 @@ def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
     done = json.loads((run_dir / "DONE").read_text())
     assert done["interrupted_s"] == 100.0 and done["wall_time_s"] >= 100.0 and not killed.exists()
+
+
+def test_the_figures_index_shows_each_studys_recorded_cost_and_adds_a_new_execution(tmp_path):
+    from gvr_lab.runner import write_figures_index
+    from gvr_lab.study import notebook_paths, read_notebook
+
+    first, second = (read_notebook(p) for p in notebook_paths()[:2])
+    earlier = {
+        "wall_time_s": 600.0,
+        "training_runs": 3,
+        "training_time_s": 900.0,
+        "devices": ["cpu"],
+        "runs_root": "r/1",
+    }
+    (tmp_path / "timings.json").write_text(json.dumps({first.name: earlier}))
+    new = {**earlier, "wall_time_s": 120.0, "training_time_s": 1000.0, "runs_root": "r/2"}
+    index = write_figures_index(tmp_path, "cpu", [(first, None), (second, new)]).read_text()
+    one, two = index.split(f"## {second.name}")
+    assert "summing to 900 s" in one and "took 600 s of wall time" in one  # kept from timings.json
+    assert "summing to 1000 s" in two and "took 120 s of wall time" in two
+    assert json.loads((tmp_path / "timings.json").read_text()) == {first.name: earlier, second.name: new}
