@@ -257,10 +257,12 @@ def execution_record(run_dir: Path) -> dict:
     """What a finished notebook run did: the execution's wall time, and the training runs under its
     runs root (count, summed wall time and devices, which stay true when a later execution only
     redraws because every run had finished)."""
-    resolved = resolved_of(run_dir)
+    resolved, done = resolved_of(run_dir), read_json(run_dir / "DONE")
     summaries = [read_json(p) for p in resolved.runs_root.glob("*/summary.json")]
     return {
-        "wall_time_s": read_json(run_dir / "DONE")["wall_time_s"],
+        "wall_time_s": done["wall_time_s"],
+        # executions before killed parts were kept (no interrupted_s) may have continued unrecorded ones
+        "all_parts": "interrupted_s" in done,
         "training_runs": len(summaries),
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
@@ -288,9 +290,10 @@ def study_timing(previous: dict | None, record: dict) -> dict:
     same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
     if not same_study:
         return record
+    all_parts = previous.get("all_parts", True) and record.get("all_parts", True)
     if record["training_time_s"] <= previous["training_time_s"]:
-        return {**record, "wall_time_s": previous["wall_time_s"]}
-    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1)}
+        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": previous.get("all_parts", True)}
+    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1), "all_parts": all_parts}
 
 
 def record_timing(root, name: str, record: dict) -> None:
@@ -328,6 +331,8 @@ def timing(record: dict | None) -> str:
     training = f"{record['training_time_s'] / 60:.0f} min of training, summed over its {record['training_runs']} runs"
     if "runs_root" not in record:  # recorded before the studies' own wall time was: that of a redraw
         return training
+    if not record.get("all_parts", True):
+        return f"over {record['wall_time_s'] / 60:.0f} min: its last part, earlier ones not recorded ({training})"
     return f"{record['wall_time_s'] / 60:.0f} min ({training})"
 
 
@@ -353,10 +358,15 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
             timings[decl.name] = study_timing(timings.get(decl.name), record)
         record = timings.get(decl.name)
         if record:
+            wall = f"took {record['wall_time_s']:.0f} s of wall time"
+            if not record.get("all_parts", True):
+                wall = (
+                    f"took over {record['wall_time_s']:.0f} s of wall time (the last of them; the others not recorded)"
+                )
             lines.append(
                 f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
                 f"times summing to {record['training_time_s']:.0f} s (runs in parallel overlap); the "
-                f"executions that trained them took {record['wall_time_s']:.0f} s of wall time."
+                f"executions that trained them {wall}."
             )
         lines.append("")
         for stem, what in decl.outputs.items():

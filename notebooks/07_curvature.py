@@ -375,8 +375,8 @@ for label, baseline in baselines.items():
             summary.append(row)
 cost = (
     f"{len(records)} measurements, median {records['seconds'].median():.1f} s and {records['hvps'].median():.0f} "
-    f"Hessian-vector products each, {torch.get_num_threads()} torch threads here, {os.cpu_count()} cores, "
-    f"load average {os.getloadavg()[0]:.1f}"
+    "Hessian-vector products each, "
+    + (f"in {os.cpu_count()} processes of one torch thread each" if where.type == "cpu" else f"on {where}")
 )
 study.save_table(
     pd.DataFrame(summary),

@@ -439,6 +439,9 @@ def test_the_notebook_table_states_measured_cost_or_says_not_measured():
     )  # an entry from before the studies' wall time was recorded: its wall time was a redraw's
     record = {"training_time_s": 1620.0, "training_runs": 17, "wall_time_s": 900.0, "runs_root": "runs/cpu/x/1"}
     assert timing(record) == "15 min (27 min of training, summed over its 17 runs)"
+    assert timing({**record, "all_parts": False}) == (
+        "over 15 min: its last part, earlier ones not recorded (27 min of training, summed over its 17 runs)"
+    )
 
 
 def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(tmp_path):
@@ -463,6 +466,11 @@ def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(t
     assert recorded() == 4000.0
     record_timing(tmp_path, "x", record(500.0, 800.0, "runs/cpu/x/def"))  # another study: its own time
     assert recorded() == 500.0
+    # an execution from before killed parts were kept: its study's time is a lower bound from then on
+    record_timing(tmp_path, "x", {**record(200.0, 900.0, "runs/cpu/x/def"), "all_parts": False})
+    record_timing(tmp_path, "x", record(100.0, 1000.0, "runs/cpu/x/def"))
+    entry = json.loads((tmp_path / "timings.json").read_text())["x"]
+    assert entry["wall_time_s"] == 800.0 and entry["all_parts"] is False
     assert json.loads((tmp_path / "timings.json").read_text())["other"]["wall_time_s"] == 7.0
 
 
