@@ -9,6 +9,8 @@ the runs of a study.
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from .methods import METHODS
@@ -35,16 +37,34 @@ def describe(rows: pd.DataFrame) -> str:
 
 def term_column(runs: pd.DataFrame, table: pd.DataFrame, by: str = "label", ablations: tuple = ()) -> pd.DataFrame:
     """`table` (one row per `by` value) with a column "term on": each group's share of steps with
-    its method's defining term (seeds joined when they differ). Labels in `ablations` switch the
-    term off on purpose and say so."""
+    its method's defining term (seeds that differ in their numbers only as ranges, combined_texts).
+    Labels in `ablations` switch the term off on purpose and say so."""
 
     def cell(value) -> str:
         if value in ablations:
             return "off (ablation)"
-        texts = [describe(rows) for _, rows in runs[runs[by] == value].groupby("run_dir", sort=False)]
-        return " / ".join(dict.fromkeys(texts))
+        return combined_texts([describe(rows) for _, rows in runs[runs[by] == value].groupby("run_dir", sort=False)])
 
     return table.assign(**{"term on": table[by].map(cell)})
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def combined_texts(texts: list[str]) -> str:
+    """One text for the runs of a group: theirs when they agree; when they differ in their numbers
+    only, each number as the runs' range ('24-27% of steps'); else the distinct texts joined."""
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) == 1:
+        return distinct[0]
+    wordings = {NUMBER.sub("#", t) for t in distinct}
+    if len(wordings) > 1:
+        return " / ".join(distinct)
+    columns = zip(*(NUMBER.findall(t) for t in distinct))
+    ranges = iter(
+        lo if lo == hi else f"{lo}-{hi}" for lo, hi in ((min(c, key=float), max(c, key=float)) for c in columns)
+    )
+    return NUMBER.sub(lambda _: next(ranges), distinct[0])
 
 
 def never_active(runs: pd.DataFrame, ablations: tuple = ()) -> list[str]:

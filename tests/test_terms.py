@@ -105,3 +105,13 @@ def test_a_hyperparameter_named_like_an_attribute_is_refused(method_registry):
         with pytest.raises(ValueError, match=f"hyper-parameter '{clash}' has the name of an attribute"):
             register_method(Shadowing)
         assert f"shadow_{clash}" not in method_registry
+
+
+def test_runs_that_differ_in_their_numbers_only_read_as_ranges():
+    from gvr_lab.terms import combined_texts
+
+    vsam = ["26% of steps (26% after warm-up)", "24% of steps (24% after warm-up)", "27% of steps (25% after warm-up)"]
+    assert combined_texts(vsam) == "24-27% of steps (24-26% after warm-up)"
+    assert combined_texts(["100% of steps"] * 3) == "100% of steps"
+    assert combined_texts(["9% of steps", "10% of steps"]) == "9-10% of steps"  # compared as numbers
+    assert combined_texts(["never", "33% of steps"]) == "never / 33% of steps"  # another wording: both kept
