@@ -131,7 +131,8 @@ def run_notebook(
     ):
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    earlier = interrupted_time(run_dir)
+    parts = interrupted_parts(run_dir)
+    earlier = round(sum(parts.values()), 1)
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
     write_json(work / "params.json", {"notebook": str(decl.path), **resolved.params})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
@@ -168,6 +169,8 @@ def run_notebook(
     own = time.perf_counter() - started
     write_json(work / "DONE", {"wall_time_s": round(own + earlier, 1), "interrupted_s": earlier, "code": code})
     replace_dir(work, run_dir)
+    for folder in parts:  # counted in DONE now; until then a failed or killed execution leaves them for the next
+        shutil.rmtree(folder, ignore_errors=True)
     return run_dir
 
 
@@ -200,21 +203,18 @@ def elapsed_recorded(path: Path, started: float, every: float = ELAPSED_EVERY_S)
         write()
 
 
-def interrupted_time(run_dir: Path, every: float = ELAPSED_EVERY_S) -> float:
-    """The wall time of earlier executions of this notebook run that never finished (killed or
-    interrupted), from their unfinished folders, which are removed once counted. A folder whose
-    record is fresher than two beats belongs to an execution still running and is left alone."""
-    total = 0.0
+def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Path, float]:
+    """The unfinished folders of earlier executions of this notebook run (killed or interrupted),
+    each with its wall time. A folder whose record is fresher than two beats belongs to an
+    execution still running and is left out."""
+    parts = {}
     for folder in run_dir.parent.glob(f".{run_dir.name}.*"):
         record = folder / ELAPSED
-        if not record.is_file():
-            continue
-        elapsed = read_json(record)
-        if time.time() - elapsed.get("at", 0.0) < 2 * every:
-            continue
-        total += elapsed["wall_time_s"]
-        shutil.rmtree(folder, ignore_errors=True)
-    return round(total, 1)
+        if record.is_file():
+            elapsed = read_json(record)
+            if time.time() - elapsed.get("at", 0.0) >= 2 * every:
+                parts[folder] = elapsed["wall_time_s"]
+    return parts
 
 
 def code_digest(notebook: Path) -> str:

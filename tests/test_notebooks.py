@@ -476,11 +476,11 @@ def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(t
 
 def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path):
     """A study run in parts: an execution killed midway leaves its elapsed time in its unfinished
-    folder; the next execution of the same run counts it and removes the folder. A folder still
-    being written (a live execution) is left alone."""
+    folder, which the next execution of the same run counts (and removes once it finished: the slow
+    test below). A folder still being written (a live execution) is left out."""
     import time
 
-    from gvr_lab.runner import elapsed_recorded, interrupted_time
+    from gvr_lab.runner import elapsed_recorded, interrupted_parts
 
     run_dir = tmp_path / "07_x-cpu-abc"
     live = tmp_path / ".07_x-cpu-abc.live"
@@ -492,7 +492,7 @@ def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path
             time.sleep(0.05)
             beating = json.loads((live / "elapsed.json").read_text())
         assert first["wall_time_s"] >= 5.0 and beating["at"] > first["at"]  # rewritten while it runs
-        assert interrupted_time(run_dir, every=60.0) == 0.0 and live.is_dir()  # fresh: a live execution's
+        assert interrupted_parts(run_dir, every=60.0) == {}  # fresh: a live execution's
     for name, seconds in (("killed1", 1200.0), ("killed2", 300.5)):
         (tmp_path / f".07_x-cpu-abc.{name}").mkdir()
         (tmp_path / f".07_x-cpu-abc.{name}" / "elapsed.json").write_text(
@@ -502,9 +502,13 @@ def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path
     (tmp_path / ".07_x-cpu-other.killed" / "elapsed.json").write_text(json.dumps({"wall_time_s": 9.0, "at": 0}))
     final = json.loads((live / "elapsed.json").read_text())  # written as the execution ended
     time.sleep(0.15)  # the live folder's last beat is now stale too
-    assert interrupted_time(run_dir, every=0.05) == pytest.approx(1500.5 + final["wall_time_s"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".07_x-cpu-other.killed"]
-    assert interrupted_time(run_dir, every=0.05) == 0.0  # counted once
+    parts = interrupted_parts(run_dir, every=0.05)
+    assert {p.name: s for p, s in parts.items()} == {  # not the other run's
+        ".07_x-cpu-abc.killed1": 1200.0,
+        ".07_x-cpu-abc.killed2": 300.5,
+        ".07_x-cpu-abc.live": final["wall_time_s"],
+    }
+    assert all(p.is_dir() for p in parts)  # reading removes nothing: an execution that fails keeps them
 
 
 def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
@@ -529,6 +533,11 @@ def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     killed = run_dir.parent / f".{run_dir.name}.killed"
     killed.mkdir()
     (killed / "elapsed.json").write_text(json.dumps({"wall_time_s": 100.0, "at": time.time() - 3600}))
+    write_notebook(tmp_path, 'raise ValueError("a failing cell")')  # the same run, failing
+    with pytest.raises(NotebookFailed):
+        run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
+    assert killed.is_dir()  # an execution that did not finish counts nothing and removes nothing
+    write_notebook(tmp_path)
     run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
     done = json.loads((run_dir / "DONE").read_text())
     assert done["interrupted_s"] == 100.0 and done["wall_time_s"] >= 100.0 and not killed.exists()
