@@ -290,10 +290,11 @@ def study_timing(previous: dict | None, record: dict) -> dict:
     same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
     if not same_study:
         return record
-    all_parts = previous.get("all_parts", True) and record.get("all_parts", True)
+    earlier_all_parts = previous.get("all_parts", True)
     if record["training_time_s"] <= previous["training_time_s"]:
-        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": previous.get("all_parts", True)}
-    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1), "all_parts": all_parts}
+        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": earlier_all_parts}
+    wall = round(previous["wall_time_s"] + record["wall_time_s"], 1)
+    return {**record, "wall_time_s": wall, "all_parts": earlier_all_parts and record.get("all_parts", True)}
 
 
 def record_timing(root, name: str, record: dict) -> None:
@@ -350,12 +351,13 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         "dataset, model, epochs and steps, seeds and preset; tables carry the same in their caption.",
         "",
     ]
+    for decl, record in entries:
+        if record:
+            record_timing(root, decl.name, record)
     timings_path = root / TIMINGS
     timings = read_json(timings_path) if timings_path.is_file() else {}
-    for decl, record in entries:
+    for decl, _ in entries:
         lines += [f"## {decl.name}", "", f"From `notebooks/{decl.path.name}`, preset `{preset}`."]
-        if record:
-            timings[decl.name] = study_timing(timings.get(decl.name), record)
         record = timings.get(decl.name)
         if record:
             wall = f"took {record['wall_time_s']:.0f} s of wall time"
@@ -377,5 +379,4 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
         lines.append("")
     path = root / "README.md"
     write_atomic(path, "\n".join(lines).encode())
-    write_atomic(timings_path, (json.dumps(timings, indent=2, sort_keys=True) + "\n").encode())
     return path
