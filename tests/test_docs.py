@@ -220,5 +220,5 @@ def test_the_curvature_findings_quote_only_intervals_of_the_committed_tables():
     tables = "".join(p.read_text() for p in (REPO / "figures" / "curvature").glob("*.md"))
     quoted = re.findall(r"-?[\d.]+ \[-?[\d.]+, -?[\d.]+\]", findings)
     assert len(quoted) >= 8
-    missing = [q for q in quoted if q.lstrip("+") not in tables]
+    missing = [q for q in quoted if q not in tables]
     assert not missing, f"not in figures/curvature/*.md: {missing}"
