@@ -410,7 +410,7 @@ def run_state(run_dir: Path, now: float) -> tuple[str, str]:
     """(status, what the run's line says after its name): its status (queued: a grid's run without a
     directory yet; starting: no summary yet), how far it is (live from steps.jsonl while it runs),
     its last evaluation's training loss and accuracy and its validation (else test) accuracy, and
-    its training time (while it runs, how long ago it last wrote)."""
+    its training time (while it runs: to its last logged step, and how long ago it last wrote)."""
     if not (run_dir / results.CONFIG).is_file():
         return "queued", "queued"
     files = results.read_run(run_dir, (results.EPOCHS,))
@@ -433,10 +433,14 @@ def run_state(run_dir: Path, now: float) -> tuple[str, str]:
         split = "val" if "val_acc" in history else "test"
         parts.append(f"train loss {row['train_loss']:.3f} acc {percent(row['train_acc'])}")
         parts.append(f"{split} acc {percent(row[f'{split}_acc'])}")
-    time_text = format_duration(summary.get("wall_time_s", 0.0))
+    seconds = summary.get("wall_time_s", 0.0)
     if status == "running":
-        written = max(p.stat().st_mtime for p in (run_dir / results.SUMMARY, lines) if p.is_file())
-        time_text += f", last write {format_duration(max(0.0, now - written))} ago"
+        stamps = [p.stat().st_mtime if p.is_file() else 0.0 for p in (run_dir / results.SUMMARY, lines)]
+        # the summary's time stops at its last write (an evaluation); its steps logged since add theirs
+        seconds += max(0.0, stamps[1] - stamps[0])
+        time_text = f"{format_duration(seconds)}, last write {format_duration(max(0.0, now - max(stamps)))} ago"
+    else:
+        time_text = format_duration(seconds)
     parts.append(time_text)
     return status, " · ".join(parts)
 

@@ -2,6 +2,8 @@
 without a terminal, the time it spends writing, `gvr-lab runs` and `gvr-lab tensorboard`."""
 
 import json
+import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -133,7 +135,20 @@ def test_the_step_file_and_gvr_lab_runs_follow_the_run_as_it_trains(tiny_config,
     files, lines = Probe.seen[0::2], Probe.seen[1::2]
     assert files == [(s, list(range(s + 1)), False) for s in range(6)]
     for s, line in enumerate(lines, 1):
-        assert line.startswith(f"watched s0 · running · step {s}/6 ({100 * s / 6:.0f}%) · 0 s, last write "), line
+        assert re.match(rf"watched s0 · running · step {s}/6 \({100 * s / 6:.0f}%\) · \d+ s, last write ", line), line
+
+
+@pytest.mark.slow
+def test_gvr_lab_runs_counts_a_running_runs_steps_logged_since_its_last_evaluation(tiny_config):
+    """A running run's summary stops at its last write (10 s here); its step lines, written 30 s
+    later, add those 30 s to the time shown."""
+    run_dir = Path(train(tiny_config(steps=4, eval_every=4, log_every=1, label="watched")).run_dir)
+    summary = json.loads((run_dir / results.SUMMARY).read_text())
+    (run_dir / results.SUMMARY).write_text(json.dumps({**summary, "status": "running", "wall_time_s": 10.0}))
+    os.utime(run_dir / results.SUMMARY, (1000.0, 1000.0))
+    os.utime(run_dir / results.STEP_LINES, (1030.0, 1030.0))
+    line = runs_report(run_dir)[1]
+    assert "· running ·" in line and line.split(" · ")[-1].startswith("40 s, last write "), line
 
 
 @pytest.mark.slow
