@@ -357,15 +357,19 @@ def seeds_table(protocol: Protocol, runs: pd.DataFrame, assessed: list, times: d
     return pd.DataFrame(rows, columns=["claim_id", "arm", "role", "seed", "metric", "value"])
 
 
-def recompute(seeds: pd.DataFrame, claim_id: str) -> tuple[int, float, float, float]:
-    """(n, mean difference, 95% CI low, high) of a claim from seeds.csv alone: the check a reader
-    can make."""
-    rows = seeds[seeds["claim_id"] == claim_id]
-    method = rows[rows["role"] == "method"].set_index("seed")["value"]
-    baseline = rows[rows["role"] == "baseline"].set_index("seed")["value"]
-    d = (method - baseline).dropna().to_numpy(float)
-    mean, low, high = stats.mean_ci(d)
-    return len(d), mean, low, high
+def recompute(seeds: pd.DataFrame, record: dict, alpha: float = 0.05) -> tuple[int, float, float, float, float]:
+    """(n, mean difference, CI low, high, p) of a claims.json record from seeds.csv alone, the check
+    a reader can make: its method and baseline rows paired by seed, and the record's own test
+    (stats.claim_test) at the protocol's `alpha`, so a margin claim's interval is its 1 - 2 alpha one."""
+    rows = seeds[seeds["claim_id"] == record["id"]]
+    method, baseline = (
+        {int(s): float(v) for s, v in zip(part["seed"], part["value"])}
+        for part in (rows[rows["role"] == role] for role in ("method", "baseline"))
+    )
+    _, m, b = stats.paired_differences(method, baseline)
+    d = m - b
+    p, low, high, _ = stats.claim_test(record["test"], record["direction"], record["margin"], d, alpha)
+    return len(d), float(d.mean()) if len(d) else math.nan, low, high, p
 
 
 # ---------------------------------------------------------------------- counted work, timed

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from gvr_lab import claims, stats
 from gvr_lab.errors import UsageError
@@ -155,6 +156,9 @@ def test_the_step_time_of_a_run_weights_its_two_pass_steps_by_their_intervals():
 
 
 def test_assessed_claims_recompute_from_seeds_csv_alone(tmp_path):
+    """Every record's n, mean difference, interval and p recompute from seeds.csv, the margin
+    claim's interval at its own 90%: C - A = -0.5, +0.5, -0.5 points, so mean -1/6, se 1/3 and
+    the 90% bounds -1/6 -+ q_2(0.95) / 3 (the 95% ones reach q_2(0.975) / 3 = 1.43 either side)."""
     text = (
         small_protocol()
         + """
@@ -168,10 +172,22 @@ method = "B"
 baseline = "midpoint:A,B"
 direction = "less"
 margin = 0.0
+
+[[claims]]
+id = "c_not_worse_than_a"
+statement = "C is no more than 1 point worse than A"
+family = "primary"
+test = "non_inferiority"
+metric = "test_acc"
+method = "C"
+baseline = "A"
+direction = "greater"
+margin = 1.0
 """
-    )
+    ).replace('B = {base = "x", method = "sgd"}', 'B = {base = "x", method = "sgd"}\nC = {base = "x", method = "sgd"}')
     protocol = claims.load_protocol(write(tmp_path, text), "p")
-    runs = runs_frame({"A": {0: 0.80, 1: 0.83, 2: 0.85}, "B": {0: 0.70, 1: 0.74, 2: 0.71}})
+    arms = {"A": {0: 0.80, 1: 0.83, 2: 0.85}, "B": {0: 0.70, 1: 0.74, 2: 0.71}, "C": {0: 0.795, 1: 0.835, 2: 0.845}}
+    runs = runs_frame(arms)
     assessed = claims.assess(protocol, runs)
     seeds = claims.seeds_table(protocol, runs, assessed)
     seeds.to_csv(tmp_path / "seeds.csv", index=False)
@@ -180,21 +196,22 @@ margin = 0.0
     again = pd.read_csv(tmp_path / "seeds.csv")
     raw = []
     for record in json.loads((tmp_path / "claims.json").read_text()):
-        n, mean, low, high = claims.recompute(again, record["id"])
-        assert (n, mean, low, high) == pytest.approx(
-            (record["n"], record["diff_mean"], record["ci_low"], record["ci_high"])
+        n, mean, low, high, p = claims.recompute(again, record, protocol.alpha)
+        assert (n, mean, low, high, p) == pytest.approx(
+            (record["n"], record["diff_mean"], record["ci_low"], record["ci_high"], record["p_value"])
         )
-        rows = again[again["claim_id"] == record["id"]]
-        d = rows[rows.role == "method"]["value"].to_numpy() - rows[rows.role == "baseline"]["value"].to_numpy()
-        p = stats.t_test_p(d, 0.0, "two-sided")
-        assert record["p_value"] == pytest.approx(p)
         raw.append(p)
         assert record["protocol_sha256"] == protocol.sha256 and set(claims.CLAIMS_JSON_FIELDS) <= set(record)
+    margin = records[2]
+    half = scipy_stats.t.ppf(0.95, 2) / 3
+    assert margin["ci_level"] == pytest.approx(0.9)
+    assert (margin["ci_low"], margin["ci_high"]) == pytest.approx((-1 / 6 - half, -1 / 6 + half))
+    assert margin["p_value"] == pytest.approx(scipy_stats.t.sf((-1 / 6 + 1) / (1 / 3), 2))
     holm = stats.holm(raw)
     assert [r["p_adjusted"] for r in records] == pytest.approx(list(holm))
     assert records[0]["verdict"] == ("holds" if holm[0] < 0.05 else "not resolved")
     context = seeds[seeds["role"] == "context"]
-    assert set(context["metric"]) == {"test_acc", "train_acc"} and len(context) == 2 * 6
+    assert set(context["metric"]) == {"test_acc", "train_acc"} and len(context) == 2 * 9
 
 
 def test_a_claim_uses_the_first_n_seeds_its_preset_registers(tmp_path):

@@ -49,8 +49,9 @@ def test_figures_smoke_writes_what_each_notebook_declares(tmp_path):
     assert len(records) == len(protocol.claims)
     for record in records:
         assert set(claims.CLAIMS_JSON_FIELDS) <= set(record) and record["protocol_sha256"] == protocol.sha256
-        n, mean, low, high = claims.recompute(seeds, record["id"])
+        n, mean, low, high, p = claims.recompute(seeds, record, protocol.alpha)
         assert n == record["n"] == 2 and mean == pytest.approx(record["diff_mean"])
+        assert (low, high, p) == pytest.approx((record["ci_low"], record["ci_high"], record["p_value"]), nan_ok=True)
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.name)
