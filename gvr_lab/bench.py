@@ -6,9 +6,10 @@ alone is timed too (the "data" row: its ratio is the data share of an sgd step).
 rounds of `steps` steps are timed per method with the order shuffled each round (a shared CPU
 drifts; interleaving spreads the drift over all methods), using CUDA events on a GPU and
 perf_counter on the CPU, and the median over rounds is reported. Methods that log "sampled" (vsam,
-looksam) also report the measured fraction p of two-pass steps, and their ratio is to be read
-against 1 + p (vSAM samples per window of `window` steps and its first window after warm-up has no
-SAM step, so give it several windows: rounds x steps >> window).
+looksam) also report the measured fraction p of two-pass steps (and each round's, beside each
+round's time: `round_sampled`, `round_ms`), and their ratio is to be read against 1 + p (vSAM
+samples per window of `window` steps and its first window after warm-up has no SAM step, so give
+it several windows: rounds x steps >> window).
 
     gvr-lab bench --model resnet18 --shape 3x32 --batch-size 128 --device cuda \
         --methods sgd sam vsam gvr:penalty=closed_form,target=fc reg_loss:hvp=fd
@@ -22,7 +23,7 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +57,10 @@ class Result:
     ratio_to_sgd: float
     peak_mem_mb: float
     sampled_fraction: float | None
+    # Each timed round's ms per step and, for methods that log "sampled", its fraction of two-pass
+    # steps: a round's time depends on how many two-pass steps it held, which the median hides.
+    round_ms: list[float] = field(default_factory=list)
+    round_sampled: list[float] | None = None
 
 
 def fit_to_batch(name: str, hp: dict, batch_size: int) -> dict:
@@ -221,11 +226,14 @@ def run_bench(
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             clock.start()
+            sampled = []
             for _ in range(steps):
                 out = entry["method"].step(entry["batch"])
                 if "sampled" in out:
-                    entry["sampled"].append(torch.as_tensor(out["sampled"], dtype=torch.float32))
+                    sampled.append(torch.as_tensor(out["sampled"], dtype=torch.float32))
             entry["times"].append(clock.stop_ms() / steps)
+            if sampled:
+                entry["sampled"].append(torch.stack(sampled).mean())
             entry["peak"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
 
     data_times, loader = [], bench_loader(channels, size, num_classes, batch_size, settings, 1, steps, model_channels)
@@ -249,7 +257,9 @@ def run_bench(
             ms / 1000 * EPOCH_IMAGES / batch_size,
             ms / sgd_ms,
             peak,
-            float(torch.stack(sampled).mean()) if sampled else None,
+            float(torch.stack(sampled).mean()) if sampled else None,  # every round has `steps` steps
+            list(times),
+            [float(s) for s in sampled] if sampled else None,
         )
 
     results = [result(e["label"], e["times"], e["peak"], e["sampled"]) for e in entries]

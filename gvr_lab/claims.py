@@ -379,7 +379,10 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
     """Seconds per step of the step-time claims' arms, timed in isolation and interleaved (rounds in
     a shuffled order, the median; bench.run_bench): the two-pass step (SAM's) and each arm's
     one-pass step. A one-pass step of an arm that samples two-pass steps (vSAM) is read off its
-    timed row, whose measured fraction p of two-pass steps is known: t_1 = (t - p t_2) / (1 - p)."""
+    timed rounds, each with its measured fraction p_r of two-pass steps: the median over the rounds
+    with a one-pass step of t_1 = (t_r - p_r t_2) / (1 - p_r). Not from the median round and the
+    mean p: the rounds that hold a two-pass step are the slowest, so the median round holds none
+    while p counts them, and t_1 would read p (t_2 - t_1) / (1 - p) too low."""
     arms = sorted(
         {
             a
@@ -403,8 +406,10 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
     one_pass = {}
     for arm, f in fields.items():
         row = rows[f["method"]]
-        p = row["sampled_fraction"] if row["sampled_fraction"] is not None else (1.0 if f["method"] == "sam" else 0.0)
-        one_pass[arm] = two_pass if p >= 1 else (row["ms_per_step"] / 1000 - p * two_pass) / (1 - p)
+        fixed = 1.0 if f["method"] == "sam" else 0.0  # the two-pass fraction of a method that logs none
+        rounds = zip(row["round_ms"], row["round_sampled"] or [fixed] * len(row["round_ms"]))
+        per_round = [(ms / 1000 - p * two_pass) / (1 - p) for ms, p in rounds if p < 1]
+        one_pass[arm] = float(np.median(per_round)) if per_round else two_pass
     return {"two_pass_s": two_pass, "one_pass_s": one_pass, "bench": report}
 
 

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gvr_lab.bench import (
@@ -46,6 +47,10 @@ def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys)
     # two-pass fractions: looksam refreshes every k = 2 steps; vsam reports what it sampled
     assert rows["looksam"]["sampled_fraction"] == pytest.approx(0.5)
     assert 0 <= rows["vsam"]["sampled_fraction"] <= 1 and rows["sam"]["sampled_fraction"] is None
+    # each of the 2 rounds' time and two-pass fraction (of its 2 steps), their mean the row's
+    assert rows["looksam"]["round_sampled"] == [0.5, 0.5] and rows["sam"]["round_sampled"] is None
+    assert np.mean(rows["vsam"]["round_sampled"]) == pytest.approx(rows["vsam"]["sampled_fraction"])
+    assert np.median(rows["vsam"]["round_ms"]) == pytest.approx(rows["vsam"]["ms_per_step"])
     assert rows["reg_loss"]["label"] == "reg_loss:hvp=fd,micro_batch_size=16"  # micro-batch fitted to the batch
     assert report["setup"]["device"] == "cpu" and report["setup"]["batch_size"] == 16
     table = capsys.readouterr().out

@@ -155,6 +155,30 @@ def test_the_step_time_of_a_run_weights_its_two_pass_steps_by_their_intervals():
     assert claims.metric_by_seed(rows, "v", "step_time", times) == {0: pytest.approx(0.4 * 2.0 + 0.6 * 1.0)}
 
 
+def test_a_sampling_arms_one_pass_step_is_read_round_by_round(tmp_path, monkeypatch):
+    """vSAM's timed rounds: six without a two-pass step at 1.0 s a step, three with one of their
+    four (1.25 s a step, with SAM's 2.0 s two-pass step). Its one-pass step is 1.0 s; the median
+    round (1.0 s) read against the mean p = 1/12 would give (1.0 - 2.0 / 12) / (11 / 12) = 0.91 s."""
+    text = small_protocol(
+        claim_extra='[[claims]]\nid = "b_faster"\nstatement = "B is fast"\nfamily = "primary"\n'
+        'test = "superiority"\nmetric = "step_time"\nmethod = "ratio:B/A"\nbaseline = "0.7"\n'
+        'direction = "less"\nmargin = 0.0\n'
+    ).replace('B = {base = "x", method = "sgd"}', 'B = {base = "x", method = "vsam"}')
+    protocol = claims.load_protocol(write(tmp_path, text), "p")
+
+    def row(label, round_ms, round_sampled=None):
+        p = None if round_sampled is None else float(np.mean(round_sampled))
+        return {"label": label, "ms_per_step": float(np.median(round_ms)), "sampled_fraction": p,
+                "round_ms": round_ms, "round_sampled": round_sampled}  # fmt: skip
+
+    vsam = row("vsam:rho=0.05", [1000.0] * 6 + [1250.0] * 3, [0.0] * 6 + [0.25] * 3)
+    report = {"results": [row("sgd", [900.0] * 9), row("sam:rho=0.05", [2000.0] * 9), vsam]}
+    monkeypatch.setattr(claims, "run_bench", lambda *args, **kwargs: report)
+    times = claims.step_times(protocol)
+    assert vsam["ms_per_step"] == 1000.0 and vsam["sampled_fraction"] == pytest.approx(1 / 12)
+    assert times["two_pass_s"] == 2.0 and times["one_pass_s"] == pytest.approx({"A": 2.0, "B": 1.0})
+
+
 def test_assessed_claims_recompute_from_seeds_csv_alone(tmp_path):
     """Every record's n, mean difference, interval and p recompute from seeds.csv, the margin
     claim's interval at its own 90%: C - A = -0.5, +0.5, -0.5 points, so mean -1/6, se 1/3 and
