@@ -492,27 +492,39 @@ def fit_note(runs: pd.DataFrame, label: str, threshold: float = 0.99) -> str:
 
 def sample_sizes(protocol_claims: list, runs: pd.DataFrame, half_width: float, times: dict | None = None) -> list:
     """Per claim, from the pilot's runs: the seeds paired, the mean and SD of the paired differences,
-    and the n whose 95% CI half-width is at most `half_width` (stats.n_for_half_width), with the
-    power of that n's paired t test against the pilot's mean difference."""
+    the n it needs and the power of its own test at that n against the pilot's mean difference
+    (null_distance). An accuracy claim (in points) needs the n whose 95% CI half-width is at most
+    `half_width` points (stats.n_for_half_width); a claim in other units (the step-time ratio),
+    where a width in points means nothing, the n whose test has 80% power at the pilot's distance
+    from its null (stats.n_for_power; MAX_SEEDS where that distance is 0)."""
     out = []
     for claim in protocol_claims:
         method, baseline = (values_of(claim[k], runs, claim["metric"], times) for k in ("method", "baseline"))
         _, m, b = stats.paired_differences(method, baseline)
         d = m - b
+        mean = float(d.mean()) if len(d) else math.nan
         sd = float(d.std(ddof=1)) if len(d) > 1 else math.nan
-        n = stats.n_for_half_width(sd, half_width) if sd > 0 else 2
-        power = stats.paired_t_power(n, abs(float(d.mean())), sd) if sd > 0 else math.nan
-        out.append(
-            {
-                "id": claim["id"],
-                "pilot_seeds": len(d),
-                "effect": float(d.mean()) if len(d) else math.nan,
-                "sd": sd,
-                "n": n,
-                "power": power,
-            }
-        )
+        distance, alternative = null_distance(claim, mean)
+        if not sd > 0:
+            n = 2
+        elif claim["metric"] != "step_time":  # every other metric is an accuracy in points (metric_by_seed)
+            n = stats.n_for_half_width(sd, half_width)
+        else:
+            n = stats.n_for_power(distance, sd, alternative=alternative) if distance else stats.MAX_SEEDS
+        power = stats.paired_t_power(n, distance, sd, alternative=alternative) if sd > 0 else math.nan
+        out.append({"id": claim["id"], "pilot_seeds": len(d), "effect": mean, "sd": sd, "n": n, "power": power})
     return out
+
+
+def null_distance(claim: dict, mean: float) -> tuple[float, str]:
+    """How far a mean paired difference lies from the claim's null, and its test's sidedness:
+    superiority, two-sided against 0; non-inferiority, one-sided against the margin on the wrong
+    side (mean + M for `greater`); equivalence (TOST), its nearer one-sided test, M - |mean|."""
+    if claim["test"] == "non_inferiority":
+        return (mean if claim["direction"] == "greater" else -mean) + claim["margin"], "one-sided"
+    if claim["test"] == "equivalence":
+        return claim["margin"] - abs(mean), "one-sided"
+    return mean, "two-sided"
 
 
 def protocol_table(name: str, table: dict) -> str:
@@ -752,15 +764,8 @@ def run_pilot(
     sizes = pd.DataFrame(sample_sizes(claims_list, runs, half_width, times))
     per_seed = seconds_per_seed(arms_root)
     affordable = max(2, int(budget_hours * 3600 / per_seed))
-    families = {c["id"]: c["family"] for c in claims_list}
-    sizes = sizes.rename(columns={"n": "n_needed"})
-    sizes["family"] = [
-        "secondary" if families[i] == "primary" and n > affordable else families[i]
-        for i, n in zip(sizes["id"], sizes["n_needed"])
-    ]
-    # every claim gets every seed of the study: as many as its primary claims need, within the budget
-    n_study = min(affordable, int(sizes.loc[sizes["family"] == "primary", "n_needed"].max()))
-    sizes["n"] = n_study
+    sizes = study_sizes(sizes, {c["id"]: c["family"] for c in claims_list}, affordable)
+    n_study = int(sizes["n"].iloc[0])
     study = preset_table({**settings, "seeds": list(range(n_study))})
     study["n"] = {
         row.id: {
@@ -776,6 +781,20 @@ def run_pilot(
     }
     study["budget"] = {"hours": budget_hours, "seconds_per_seed": round(per_seed, 1), "affordable_seeds": affordable}
     return {"decisions": pd.DataFrame(decisions), "sizes": sizes, "table": study}
+
+
+def study_sizes(sizes: pd.DataFrame, families: dict, affordable: int) -> pd.DataFrame:
+    """The study's seeds from the pilot's sizes (sample_sizes, its n renamed n_needed): a primary claim
+    needing more seeds than the budget affords is declared secondary; every claim gets every seed of
+    the study, as many as its claims need, within the budget. The secondary claims count too, so a
+    study whose primaries need few seeds still spends its budget on the others, demoted ones included."""
+    sizes = sizes.rename(columns={"n": "n_needed"})
+    sizes["family"] = [
+        "secondary" if families[i] == "primary" and n > affordable else families[i]
+        for i, n in zip(sizes["id"], sizes["n_needed"])
+    ]
+    sizes["n"] = min(affordable, int(sizes["n_needed"].max()))
+    return sizes
 
 
 def with_value(fields: dict, key: str, value) -> dict:

@@ -31,13 +31,14 @@ level alpha (0.05 unless given), with its p-value; p' below is the p its verdict
         H0: mean d <= -M (the method worse by M or more).  p = 1 - T((mean d + M) / se)
         direction "less" (lower is better, a time): H0: mean d >= M,  p = T((mean d - M) / se)
         CI at 1 - 2 alpha (90%): mean d +- q(1 - alpha) se
-        holds if p' < alpha (unadjusted, the same as ci_low > -M; ci_high < M for "less");
+        holds if p' < alpha (p' unadjusted: the same as ci_low > -M, ci_high < M for "less"; a primary
+        claim's p' is Holm's, so its interval may clear -M while it reads not resolved);
         contradicted if ci_high < -M (ci_low > M for "less"); else not resolved
     equivalence (TOST), direction "parity", margin M > 0: two one-sided tests,
         p_low = 1 - T((mean d + M) / se) (H0: mean d <= -M),  p_high = T((mean d - M) / se)
         (H0: mean d >= M),  p = max(p_low, p_high)
         CI at 1 - 2 alpha (90%), as for non-inferiority
-        holds if p' < alpha (unadjusted, the same as the CI inside [-M, M]); contradicted if the CI
+        holds if p' < alpha (p' unadjusted: the same as the CI inside [-M, M]); contradicted if the CI
         lies wholly outside [-M, M] (ci_high < -M or ci_low > M); else not resolved
 
 Why 1 - 2 alpha with a margin: a one-sided test at alpha rejects exactly when the matching bound of

@@ -354,3 +354,52 @@ def test_arms_that_read_another_arms_runs_wait_for_them(tmp_path):
     assert [c.method_args["norms_path"] for c in exter] == [f"{tmp_path}/SB-s0", f"{tmp_path}/SB-s1"]
     assert [c.lr for c in every if c.label == "NGD"] == [pytest.approx(0.3)] * 2
     assert not math.isnan(np.mean([c.seed for c in every]))
+
+
+def test_each_claim_is_sized_in_its_own_units_with_the_power_of_its_own_test(monkeypatch):
+    """Accuracy claims (points) by the CI half-width, the step-time ratio by 80% power at its distance
+    from its null; the power column one-sided at the margin for non-inferiority."""
+    values = {
+        "A": {0: 80.0, 1: 82.0, 2: 81.0, 3: 83.5},
+        "B": {0: 79.0, 1: 80.0, 2: 81.5, 3: 81.0},
+        "ratio": {0: 0.64, 1: 0.66, 2: 0.61, 3: 0.65},
+        "0.7": {s: 0.7 for s in range(4)},
+    }
+    monkeypatch.setattr(claims, "values_of", lambda spec, runs, metric, times=None: values[spec])
+    common = {"method": "A", "baseline": "B", "metric": "test_acc", "margin": 0.0, "direction": "greater"}
+    protocol_claims = [
+        {**common, "id": "beats", "test": "superiority"},
+        {**common, "id": "not_worse", "test": "non_inferiority", "margin": 1.0},
+        {**common, "id": "ratio", "test": "superiority", "method": "ratio", "baseline": "0.7", "metric": "step_time"},
+    ]
+    sizes = {row["id"]: row for row in claims.sample_sizes(protocol_claims, pd.DataFrame(), half_width=1.0)}
+    d = np.array([1.0, 2.0, -0.5, 2.5])
+    r = np.array([0.64, 0.66, 0.61, 0.65]) - 0.7
+    assert sizes["beats"]["effect"] == pytest.approx(d.mean()) and sizes["beats"]["sd"] == pytest.approx(d.std(ddof=1))
+    # the smallest n with t_{n-1, 0.975} sd / sqrt(n) <= 1 point, by hand
+    n = next(n for n in range(2, 100) if scipy_stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) <= 1.0)
+    assert sizes["beats"]["n"] == sizes["not_worse"]["n"] == n
+    delta = d.mean() / d.std(ddof=1) * np.sqrt(n)
+    c = scipy_stats.t.ppf(0.975, n - 1)
+    two_sided = scipy_stats.nct.sf(c, n - 1, delta) + scipy_stats.nct.cdf(-c, n - 1, delta)
+    assert sizes["beats"]["power"] == pytest.approx(two_sided)
+    one_sided = scipy_stats.nct.sf(scipy_stats.t.ppf(0.95, n - 1), n - 1, (d.mean() + 1.0) / d.std(ddof=1) * np.sqrt(n))
+    assert sizes["not_worse"]["power"] == pytest.approx(one_sided)
+
+    # the ratio: the smallest n whose two-sided test has 80% power at the pilot's distance from 0.7
+    def power(n):
+        delta, c = abs(r.mean()) / r.std(ddof=1) * np.sqrt(n), scipy_stats.t.ppf(0.975, n - 1)
+        return scipy_stats.nct.sf(c, n - 1, delta) + scipy_stats.nct.cdf(-c, n - 1, delta)
+
+    assert sizes["ratio"]["n"] == next(n for n in range(2, 100) if power(n) >= 0.8)
+    assert sizes["ratio"]["power"] == pytest.approx(power(sizes["ratio"]["n"]))
+
+
+def test_the_study_gets_the_seeds_its_claims_need_within_the_budget():
+    families = {"a": "primary", "b": "primary", "c": "secondary"}
+    needs = pd.DataFrame({"id": ["a", "b", "c"], "n": [4, 6, 9]})
+    sized = claims.study_sizes(needs, families, affordable=12)
+    assert list(sized["family"]) == ["primary", "primary", "secondary"] and set(sized["n"]) == {9}
+    assert list(sized["n_needed"]) == [4, 6, 9]
+    sized = claims.study_sizes(needs.assign(n=[4, 30, 9]), families, affordable=12)
+    assert list(sized["family"]) == ["primary", "secondary", "secondary"] and set(sized["n"]) == {12}
