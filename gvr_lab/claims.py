@@ -339,7 +339,9 @@ def seeds_table(protocol: Protocol, runs: pd.DataFrame, assessed: list, times: d
     """seeds.csv, tidy, one row per value: claim_id, arm, role (method | baseline | context), seed,
     metric, value. The values every claim was tested on (a claim's n, mean difference, CI and p
     recompute from its method and baseline rows alone), then every arm's final test_acc and
-    train_acc per seed as context, and the two-pass fraction of the step-time claims' arms."""
+    train_acc per seed as context, and for each run of the step-time claims' arms what its step time
+    is made of: its two-pass fraction p and the isolated two-pass and one-pass step times (step_times),
+    the step time being p * two_pass_s + (1 - p) * one_pass_s."""
     rows = []
     for claim, tested in zip(protocol.claims, assessed):
         for seed, (method, baseline) in sorted(tested.values.items()):
@@ -353,7 +355,12 @@ def seeds_table(protocol: Protocol, runs: pd.DataFrame, assessed: list, times: d
         if claim["metric"] == "step_time":
             for arm in arms_of(claim["method"]) + arms_of(claim["baseline"]):
                 for (seed, _), r in runs[runs["label"] == arm].groupby(["seed", "run_dir"], sort=True):
-                    rows.append((claim["id"], arm, "context", int(seed), "two_pass_fraction", two_pass_fraction(r)))
+                    parts = {
+                        "two_pass_fraction": two_pass_fraction(r),
+                        "two_pass_s": times["two_pass_s"],
+                        "one_pass_s": times["one_pass_s"][arm],
+                    }
+                    rows += [(claim["id"], arm, "context", int(seed), m, v) for m, v in parts.items()]
     return pd.DataFrame(rows, columns=["claim_id", "arm", "role", "seed", "metric", "value"])
 
 

@@ -403,3 +403,24 @@ def test_the_study_gets_the_seeds_its_claims_need_within_the_budget():
     assert list(sized["n_needed"]) == [4, 6, 9]
     sized = claims.study_sizes(needs.assign(n=[4, 30, 9]), families, affordable=12)
     assert list(sized["family"]) == ["primary", "secondary", "secondary"] and set(sized["n"]) == {12}
+
+
+def test_a_step_time_claims_values_recompute_from_their_parts_in_seeds_csv(tmp_path):
+    """seeds.csv holds, per run of a step-time claim's arms, its two-pass fraction and the isolated
+    step times, from which its step time, and so the claim's values, recompute."""
+    text = small_protocol(
+        claim_extra='[[claims]]\nid = "b_faster"\nstatement = "B is fast"\nfamily = "primary"\n'
+        'test = "superiority"\nmetric = "step_time"\nmethod = "ratio:B/A"\nbaseline = "0.7"\n'
+        'direction = "less"\nmargin = 0.0\n'
+    ).replace('B = {base = "x", method = "sgd"}', 'B = {base = "x", method = "vsam"}')
+    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    runs = runs_frame({"A": {0: 0.8, 1: 0.9}, "B": {0: 0.7, 1: 0.75}})
+    runs["train_sampled"] = np.where(runs["label"] == "A", 1.0, np.where(runs["seed"] == 0, 0.2, 0.4))
+    times = {"two_pass_s": 2.0, "one_pass_s": {"A": 2.0, "B": 0.9}}
+    seeds = claims.seeds_table(protocol, runs, claims.assess(protocol, runs, times), times)
+    parts = seeds[(seeds["claim_id"] == "b_faster") & (seeds["role"] == "context")]
+    wide = parts.pivot_table(index=["arm", "seed"], columns="metric", values="value")
+    step = wide["two_pass_fraction"] * wide["two_pass_s"] + (1 - wide["two_pass_fraction"]) * wide["one_pass_s"]
+    assert step[("B", 0)] == pytest.approx(0.2 * 2.0 + 0.8 * 0.9) and step[("A", 1)] == pytest.approx(2.0)
+    tested = seeds[(seeds["claim_id"] == "b_faster") & (seeds["role"] == "method")].set_index("seed")["value"]
+    assert list(tested) == pytest.approx([step[("B", s)] / step[("A", s)] for s in (0, 1)])
