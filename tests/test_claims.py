@@ -24,8 +24,8 @@ PROTOCOL = Path(__file__).parent.parent / "notebooks" / "claims_protocol.toml"
 
 
 def test_the_committed_protocol_reads_at_every_preset_with_distinct_hashes():
-    hashes = {preset: claims.load_protocol(PROTOCOL, preset).sha256 for preset in ("smoke", "gpu", "paper")}
-    assert len(set(hashes.values())) == 3 and all(len(h) == 64 for h in hashes.values())
+    hashes = {preset: claims.load_protocol(PROTOCOL, preset).sha256 for preset in ("smoke", "cpu", "gpu", "paper")}
+    assert len(set(hashes.values())) == 4 and all(len(h) == 64 for h in hashes.values())
     smoke = claims.load_protocol(PROTOCOL, "smoke")
     assert [c["id"] for c in smoke.claims][0] == "sb_beats_lb"
     assert {c["family"] for c in smoke.claims} == {"primary", "secondary"}
@@ -63,6 +63,15 @@ model = "tiny_cnn"
 A = {{base = "x", method = "sam"}}
 B = {{base = "x", method = "sgd"}}
 """
+
+
+def test_the_registered_cpu_preset_is_the_block_the_pilot_wrote():
+    """The cpu preset's runs, seeds and each claim's n and family are the pilot's, unchanged."""
+    written = tomllib.loads((PROTOCOL.parent.parent / "figures" / "claims" / "pilot_protocol.toml").read_text())
+    registered = tomllib.loads(PROTOCOL.read_text())["presets"]["cpu"]
+    assert registered == written["presets"]["cpu"]
+    protocol = claims.load_protocol(PROTOCOL, "cpu")
+    assert [protocol.n(c["id"]) for c in protocol.claims] == [len(registered["seeds"])] * len(protocol.claims)
 
 
 def test_a_changed_claim_or_preset_is_another_protocol(tmp_path):
