@@ -217,6 +217,12 @@ def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Pat
     return parts
 
 
+def unrecorded_parts(run_dir: Path) -> int:
+    """How many unfinished folders of earlier executions of this notebook run hold no elapsed record
+    (killed before executions kept one): parts whose time no record can give."""
+    return sum(not (folder / ELAPSED).is_file() for folder in run_dir.parent.glob(f".{run_dir.name}.*"))
+
+
 def code_digest(notebook: Path) -> str:
     """What an execution's figures depend on besides its parameters: the notebook's text and the
     package's source (a fix to a plot or a statistic must reach the committed figures)."""
@@ -258,11 +264,12 @@ def execution_record(run_dir: Path) -> dict:
     runs root (count, summed wall time and devices, which stay true when a later execution only
     redraws because every run had finished)."""
     resolved, done = resolved_of(run_dir), read_json(run_dir / "DONE")
-    summaries = [read_json(p) for p in resolved.runs_root.glob("*/summary.json")]
+    summaries = [read_json(p) for p in resolved.runs_root.rglob("summary.json")]  # the pilot nests its arms
     return {
         "wall_time_s": done["wall_time_s"],
-        # executions before killed parts were kept (no interrupted_s) may have continued unrecorded ones
-        "all_parts": "interrupted_s" in done,
+        # executions before killed parts were kept (no interrupted_s) may have continued unrecorded ones,
+        # and the folders of parts killed before then (never removed) hold no time
+        "all_parts": "interrupted_s" in done and not unrecorded_parts(run_dir),
         "training_runs": len(summaries),
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
@@ -290,11 +297,11 @@ def study_timing(previous: dict | None, record: dict) -> dict:
     same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
     if not same_study:
         return record
-    earlier_all_parts = previous.get("all_parts", True)
+    # a part of the study that left no record stays missing, whichever execution found it
+    all_parts = previous.get("all_parts", True) and record.get("all_parts", True)
     if record["training_time_s"] <= previous["training_time_s"]:
-        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": earlier_all_parts}
-    wall = round(previous["wall_time_s"] + record["wall_time_s"], 1)
-    return {**record, "wall_time_s": wall, "all_parts": earlier_all_parts and record.get("all_parts", True)}
+        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": all_parts}
+    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1), "all_parts": all_parts}
 
 
 def record_timing(root, name: str, record: dict) -> None:

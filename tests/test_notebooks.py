@@ -473,6 +473,25 @@ def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(t
     entry = json.loads((tmp_path / "timings.json").read_text())["x"]
     assert entry["wall_time_s"] == 800.0 and entry["all_parts"] is False
     assert json.loads((tmp_path / "timings.json").read_text())["other"]["wall_time_s"] == 7.0
+    # a redraw that finds a part without a record marks the study's time a lower bound too
+    record_timing(tmp_path, "x", record(3000.0, 5000.0, "runs/cpu/x/ghi"))
+    record_timing(tmp_path, "x", {**record(40.0, 5000.0, "runs/cpu/x/ghi"), "all_parts": False})
+    entry = json.loads((tmp_path / "timings.json").read_text())["x"]
+    assert entry["wall_time_s"] == 3000.0 and entry["all_parts"] is False
+
+
+def test_a_killed_part_without_an_elapsed_record_is_counted_as_unrecorded(tmp_path):
+    """Folders of killed executions from before the elapsed record existed: their time is unknown,
+    so the study's wall time can only be a lower bound (execution_record's all_parts)."""
+    from gvr_lab.runner import unrecorded_parts
+
+    run_dir = tmp_path / "06_x-pilot-abc"
+    for name, beat in (("old1", False), ("old2", False), ("recorded", True)):
+        (tmp_path / f".06_x-pilot-abc.{name}").mkdir()
+        if beat:
+            (tmp_path / f".06_x-pilot-abc.{name}" / "elapsed.json").write_text(json.dumps({"wall_time_s": 1.0}))
+    (tmp_path / ".06_x-other-abc.old").mkdir()  # another run's folder
+    assert unrecorded_parts(run_dir) == 2
 
 
 def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path):
