@@ -51,6 +51,7 @@ import pandas as pd
 from . import stats
 from .bench import run_bench
 from .collect import load_runs
+from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, train_configs
 from .results import read_json, write_json
@@ -232,6 +233,18 @@ def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Each run's last evaluation."""
     order = [c for c in ("epoch", "step") if c in runs]
     return runs.sort_values(order, kind="stable").groupby("run_dir", sort=False).tail(1)
+
+
+# How close to guessing a run's final test accuracy must be to count as collapsed
+CHANCE_MARGIN = 0.02
+
+
+def at_chance(final: pd.DataFrame) -> pd.Series:
+    """Per run (final_rows), whether it ended within CHANCE_MARGIN of chance test accuracy (one over
+    its dataset's classes): a run that collapsed to a constant prediction without diverging, which a
+    claim counts at what it reached and a reader should see beside the arm's interval."""
+    chance = final["dataset"].map(lambda name: 1 / dataset_info(name).num_classes)
+    return final["test_acc"] <= chance + CHANCE_MARGIN
 
 
 def two_pass_fraction(rows: pd.DataFrame) -> float:

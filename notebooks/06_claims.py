@@ -115,7 +115,7 @@ study = gl.Study(
         "seeds": "every value a claim was tested on, seed by seed (claim_id, arm, role, seed, metric, value)",
         "forest": "paired differences and their CIs per claim, coloured by verdict",
         "strip": "each claim's paired differences seed by seed, with their mean and CI",
-        "arms": "every arm: runs, completed, final test and training accuracy (mean [95% CI] over seeds)",
+        "arms": "every arm: runs, completed, at chance, final test and training accuracy (mean [95% CI] over seeds)",
         "pilot_decisions": "the pilot's choices: Novack setting, epoch budget, lr, rho, alpha, each candidate's figure",
         "pilot_sizes": "per claim: the pilot's mean and SD of paired differences, the n for the wanted CI, its family",
         "pilot_protocol": "the cpu preset's protocol block the pilot writes, to register before the study",
@@ -171,16 +171,19 @@ if preset != "pilot":
 
 # %% [markdown]
 # Each arm: how many seeds, how many runs completed (a diverged run is kept and counted, its accuracy
-# is what it reached), and its final test and training accuracy.
+# is what it reached), how many ended at chance (test accuracy within 2 points of guessing: collapsed
+# to a constant prediction without diverging, also counted at what they reached), and its final test
+# and training accuracy.
 
 # %%
 if preset != "pilot":
     final = claims.final_rows(runs)
     arms = plots.mean_ci(final, ["label", "method"], ["test_acc", "train_acc"], digits=4)
     arms = arms.rename(columns={"label": "arm", "seeds": "runs"})
-    arms["completed"] = (
-        final.groupby("label", sort=False)["status"].agg(lambda s: int((s == "completed").sum())).to_numpy()
-    )
+    counted = final.assign(completed=final["status"] == "completed", chance=claims.at_chance(final))
+    counts = counted.groupby("label")[["completed", "chance"]].sum()
+    arms["completed"] = arms["arm"].map(counts["completed"]).astype(int)
+    arms["at chance"] = arms["arm"].map(counts["chance"]).astype(int)
     study.save_table(arms, "arms", "Every arm of the claims study", runs, spread="mean [95% Student t CI] over seeds")
 
 # %% [markdown]

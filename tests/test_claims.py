@@ -12,6 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from gvr_lab import claims, stats
+from gvr_lab.data import dataset_info
 from gvr_lab.errors import UsageError
 from gvr_lab.results import write_parquet
 
@@ -433,3 +434,15 @@ def test_a_step_time_claims_values_recompute_from_their_parts_in_seeds_csv(tmp_p
     assert step[("B", 0)] == pytest.approx(0.2 * 2.0 + 0.8 * 0.9) and step[("A", 1)] == pytest.approx(2.0)
     tested = seeds[(seeds["claim_id"] == "b_faster") & (seeds["role"] == "method")].set_index("seed")["value"]
     assert list(tested) == pytest.approx([step[("B", s)] / step[("A", s)] for s in (0, 1)])
+
+
+def test_a_run_that_ended_at_guessing_is_counted_at_chance():
+    """Fashion-MNIST has 10 classes: 10% is guessing, and 12% the edge; the synthetic dataset's
+    classes set its own chance level."""
+    final = pd.DataFrame(
+        {
+            "dataset": ["fashion_mnist"] * 4 + ["synthetic"],
+            "test_acc": [0.10, 0.1199, 0.1201, 0.86, 1 / dataset_info("synthetic").num_classes],
+        }
+    )
+    assert list(claims.at_chance(final)) == [True, True, False, False, True]
