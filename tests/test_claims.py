@@ -165,16 +165,21 @@ def test_the_step_time_of_a_run_weights_its_two_pass_steps_by_their_intervals():
     assert claims.metric_by_seed(rows, "v", "step_time", times) == {0: pytest.approx(0.4 * 2.0 + 0.6 * 1.0)}
 
 
-def test_a_sampling_arms_one_pass_step_is_read_round_by_round(tmp_path, monkeypatch):
-    """vSAM's timed rounds: six without a two-pass step at 1.0 s a step, three with one of their
-    four (1.25 s a step, with SAM's 2.0 s two-pass step). Its one-pass step is 1.0 s; the median
-    round (1.0 s) read against the mean p = 1/12 would give (1.0 - 2.0 / 12) / (11 / 12) = 0.91 s."""
+def time_claim_protocol(tmp_path):
+    """small_protocol with a step-time claim: arm B (vSAM) takes at most 70% of A's time."""
     text = small_protocol(
         claim_extra='[[claims]]\nid = "b_faster"\nstatement = "B is fast"\nfamily = "primary"\n'
         'test = "superiority"\nmetric = "step_time"\nmethod = "ratio:B/A"\nbaseline = "0.7"\n'
         'direction = "less"\nmargin = 0.0\n'
     ).replace('B = {base = "x", method = "sgd"}', 'B = {base = "x", method = "vsam"}')
-    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    return claims.load_protocol(write(tmp_path, text), "p")
+
+
+def test_a_sampling_arms_one_pass_step_is_read_round_by_round(tmp_path, monkeypatch):
+    """vSAM's timed rounds: six without a two-pass step at 1.0 s a step, three with one of their
+    four (1.25 s a step, with SAM's 2.0 s two-pass step). Its one-pass step is 1.0 s; the median
+    round (1.0 s) read against the mean p = 1/12 would give (1.0 - 2.0 / 12) / (11 / 12) = 0.91 s."""
+    protocol = time_claim_protocol(tmp_path)
 
     def row(label, round_ms, round_sampled=None):
         p = None if round_sampled is None else float(np.mean(round_sampled))
@@ -418,12 +423,7 @@ def test_the_study_gets_the_seeds_its_claims_need_within_the_budget():
 def test_a_step_time_claims_values_recompute_from_their_parts_in_seeds_csv(tmp_path):
     """seeds.csv holds, per run of a step-time claim's arms, its two-pass fraction and the isolated
     step times, from which its step time, and so the claim's values, recompute."""
-    text = small_protocol(
-        claim_extra='[[claims]]\nid = "b_faster"\nstatement = "B is fast"\nfamily = "primary"\n'
-        'test = "superiority"\nmetric = "step_time"\nmethod = "ratio:B/A"\nbaseline = "0.7"\n'
-        'direction = "less"\nmargin = 0.0\n'
-    ).replace('B = {base = "x", method = "sgd"}', 'B = {base = "x", method = "vsam"}')
-    protocol = claims.load_protocol(write(tmp_path, text), "p")
+    protocol = time_claim_protocol(tmp_path)
     runs = runs_frame({"A": {0: 0.8, 1: 0.9}, "B": {0: 0.7, 1: 0.75}})
     runs["train_sampled"] = np.where(runs["label"] == "A", 1.0, np.where(runs["seed"] == 0, 0.2, 0.4))
     times = {"two_pass_s": 2.0, "one_pass_s": {"A": 2.0, "B": 0.9}}
