@@ -222,3 +222,22 @@ def test_the_curvature_findings_quote_only_intervals_of_the_committed_tables():
     assert len(quoted) >= 8
     missing = [q for q in quoted if q not in tables]
     assert not missing, f"not in figures/curvature/*.md: {missing}"
+
+
+def test_the_curvature_findings_count_the_intervals_of_the_committed_summary():
+    """The counts README gives ("19 of the 20 intervals exclude 0", ...) are those of summary.md."""
+    readme = (REPO / "README.md").read_text()
+    findings = " ".join(readme.split("Findings at the cpu preset", 1)[1].split("\n## ", 1)[0].split())
+    table = (REPO / "figures" / "curvature" / "summary.md").read_text()
+    header, *rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")))) for row in rows]
+
+    def excluding_zero(column):
+        bounds = [re.search(r"\[(-?[\d.]+), (-?[\d.]+)\]", cell[column]).groups() for cell in cells]
+        return sum(float(low) > 0 or float(high) < 0 for low, high in bounds), len(bounds)
+
+    (l1, n1), (tr, ntr) = excluding_zero("Δλ1"), excluding_zero("Δtrace")
+    (ad, nad), (fn, nfn) = excluding_zero("Δadaptive sharpness"), excluding_zero("Δfilter-normalized curvature")
+    assert f"{l1} of the {n1} intervals exclude 0" in findings and f"the trace's {tr} of {ntr}" in findings
+    assert f"{nad + nfn - ad - fn} of their {nad + nfn} intervals include 0" in findings
