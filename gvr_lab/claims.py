@@ -427,8 +427,8 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
     for arm, f in fields.items():
         row = rows[f["method"]]
         fixed = 1.0 if f["method"] == "sam" else 0.0  # the two-pass fraction of a method that logs none
-        rounds = zip(row["round_ms"], row["round_sampled"] or [fixed] * len(row["round_ms"]))
-        per_round = [(ms / 1000 - p * two_pass) / (1 - p) for ms, p in rounds if p < 1]
+        timed = zip(row["round_ms"], row["round_sampled"] or [fixed] * len(row["round_ms"]))
+        per_round = [(ms / 1000 - p * two_pass) / (1 - p) for ms, p in timed if p < 1]
         one_pass[arm] = float(np.median(per_round)) if per_round else two_pass
     return {"two_pass_s": two_pass, "one_pass_s": one_pass, "bench": report}
 

@@ -203,12 +203,18 @@ def elapsed_recorded(path: Path, started: float, every: float = ELAPSED_EVERY_S)
         write()
 
 
+def unfinished_folders(run_dir: Path) -> list[Path]:
+    """The work folders executions of this notebook run left unfinished (killed, interrupted, or
+    still running): run_notebook's temporary `.<name>.*` beside the run."""
+    return list(run_dir.parent.glob(f".{run_dir.name}.*"))
+
+
 def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Path, float]:
     """The unfinished folders of earlier executions of this notebook run (killed or interrupted),
     each with its wall time. A folder whose record is fresher than two beats belongs to an
     execution still running and is left out."""
     parts = {}
-    for folder in run_dir.parent.glob(f".{run_dir.name}.*"):
+    for folder in unfinished_folders(run_dir):
         record = folder / ELAPSED
         if record.is_file():
             elapsed = read_json(record)
@@ -220,7 +226,7 @@ def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Pat
 def unrecorded_parts(run_dir: Path) -> int:
     """How many unfinished folders of earlier executions of this notebook run hold no elapsed record
     (killed before executions kept one): parts whose time no record can give."""
-    return sum(not (folder / ELAPSED).is_file() for folder in run_dir.parent.glob(f".{run_dir.name}.*"))
+    return sum(not (folder / ELAPSED).is_file() for folder in unfinished_folders(run_dir))
 
 
 def code_digest(notebook: Path) -> str:

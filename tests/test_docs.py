@@ -212,11 +212,16 @@ def test_use_it_in_your_own_project_runs_as_written(tmp_path, monkeypatch, capsy
     assert '"status": "completed"' in (tmp_path / "runs" / "mylab" / "summary.json").read_text()
 
 
+def curvature_findings() -> str:
+    """README's curvature findings: from "Findings at the cpu preset" to the next section."""
+    readme = (REPO / "README.md").read_text()
+    return readme.split("Findings at the cpu preset", 1)[1].split("\n## ", 1)[0]
+
+
 def test_the_curvature_findings_quote_only_intervals_of_the_committed_tables():
     """README's curvature findings are copied from the study's tables: a number that drifted from
     them (a redrawn study, a typo) fails here."""
-    readme = (REPO / "README.md").read_text()
-    findings = readme.split("Findings at the cpu preset", 1)[1].split("\n## ", 1)[0]
+    findings = curvature_findings()
     tables = "".join(p.read_text() for p in (REPO / "figures" / "curvature").glob("*.md"))
     quoted = re.findall(r"-?[\d.]+ \[-?[\d.]+, -?[\d.]+\]", findings)
     assert len(quoted) >= 8
@@ -226,8 +231,7 @@ def test_the_curvature_findings_quote_only_intervals_of_the_committed_tables():
 
 def test_the_curvature_findings_count_the_intervals_of_the_committed_summary():
     """The counts README gives ("19 of the 20 intervals exclude 0", ...) are those of summary.md."""
-    readme = (REPO / "README.md").read_text()
-    findings = " ".join(readme.split("Findings at the cpu preset", 1)[1].split("\n## ", 1)[0].split())
+    findings = " ".join(curvature_findings().split())
     table = (REPO / "figures" / "curvature" / "summary.md").read_text()
     header, *rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     columns = [c.strip() for c in header.strip("|").split("|")]
