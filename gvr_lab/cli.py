@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -561,13 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return status
     except UsageError as e:
         print(f"gvr-lab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gvr-lab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`gvr-lab runs DIR | head`): stop quietly, as other commands do; what is
+        # still buffered goes nowhere, so flushing it at exit cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

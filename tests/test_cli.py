@@ -6,6 +6,8 @@ import pytest
 
 from gvr_lab.cli import build_parser, config_from_args, main
 
+REPO = Path(__file__).parent.parent
+
 TINY = [
     "train",
     "--dataset",
@@ -74,6 +76,16 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (out_dir / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_reader_that_went_away_ends_the_command_quietly():
+    """`gvr-lab list | head -1` where head has exited: no traceback, the shell's status for SIGPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gvr_lab", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+    )
+    proc.stdout.close()  # before the command has written anything: it starts in about a second
+    assert (proc.stderr.read(), proc.wait()) == (b"", 141)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
