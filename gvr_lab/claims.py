@@ -55,6 +55,7 @@ from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, train_configs
 from .results import read_json, write_json
+from .study import digest
 from .training import Config
 
 if sys.version_info >= (3, 11):
@@ -617,8 +618,11 @@ def preset_table(s: dict) -> dict:
         "device": s["device"],
     }
     gvr_args = {"target": s["gvr_target"], "penalty": "exact", "subset": s["gvr_subset"], "reduction": "sum"}
-    gvr = {"base": "gvr", "method": "gvr", "method_args": {**gvr_args, "alpha": s["alpha"]}}
-    two_view = {"base": "gvr", "method": "gvr", "method_args": {**gvr_args, "alpha": 0.0}}
+    # The two-view arms train at GVR's own rate where the pilot chose one: the original sums the two
+    # views' losses, a step twice the one SGD's rate was chosen for.
+    two_view_lr = {"lr": s["gvr_lr"]} if "gvr_lr" in s else {}
+    gvr = {"base": "gvr", "method": "gvr", **two_view_lr, "method_args": {**gvr_args, "alpha": s["alpha"]}}
+    two_view = {"base": "gvr", "method": "gvr", **two_view_lr, "method_args": {**gvr_args, "alpha": 0.0}}
     noisy = {"label_noise": s["label_noise"]}
     gn = {"micro_batch_size": s["large_m"], "lam": s["lam"]["reg_loss"], "hvp": s["hvp"]}
     micro = {"micro_batch_size": s["sb_batch"]}
@@ -673,6 +677,7 @@ def run_pilot(
     half_width: float = 1.0,
     budget_hours: float = 6.0,
     device_fields: dict | None = None,
+    first_seed: int = 0,
 ) -> dict:
     """The pilot of the claims study, on `seeds` of its own (never the study's), each decision made
     on its own runs and stated in its tables:
@@ -683,12 +688,14 @@ def run_pilot(
     2. The budget: SGD (the other arms' baseline) at each epoch budget of candidates["budgets"]; the
        budget past which doubling stops paying (plateau_budget).
     3. Selection on validation (stats.select, on `settings`' validation split): SGD's learning rate
-       among candidates["lr"], then at that rate SAM's rho among candidates["rho"] and GVR's alpha
-       among candidates["alpha"]; vSAM takes SAM's rho.
+       among candidates["lr"], then at that rate SAM's rho among candidates["rho"]; vSAM takes SAM's
+       rho. GVR's own rate among candidates["lr"] at `settings`' alpha, then at that rate its alpha
+       among candidates["alpha"]; the two-view SGD arms take GVR's rate.
     4. Every arm at the chosen settings; per claim the SD of its paired differences and the n for a
        95% CI half-width of at most `half_width` (sample_sizes); the study's seeds: as many as the
        claims need and `budget_hours` allow, from the pilot arms' measured time per seed on this
-       machine; a primary claim whose n does not fit is declared secondary.
+       machine; a primary claim whose n does not fit is declared secondary. The study's seeds start
+       at `first_seed`: a study registered after another starts past the seeds that one used.
 
     Returns {"decisions": DataFrame, "sizes": DataFrame, "table": the preset table to register}."""
     root, fields = Path(runs_root), dict(device_fields or {})
@@ -770,12 +777,20 @@ def run_pilot(
     settings["lr"] = choose("learning rate", "SGD", "lr", candidates["lr"], lambda v: sgd_label(epochs, v))
     pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
     settings["rho"] = choose("SAM's rho", "SAM", "rho", candidates["rho"], lambda v: f"SAM rho {v:g}")
-    settings["alpha"] = choose("GVR's alpha", "GVR", "alpha", candidates["alpha"], lambda v: f"GVR alpha {v:g}")
+
+    def gvr_label(lr, alpha):  # one label per setting, so the alpha search reuses the rate search's run
+        return f"GVR lr {lr:g} alpha {alpha:g}"
+
+    alpha = settings["alpha"]
+    settings["gvr_lr"] = choose("GVR's learning rate", "GVR", "lr", candidates["lr"], lambda v: gvr_label(v, alpha))
+    pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
+    lr = settings["gvr_lr"]
+    settings["alpha"] = choose("GVR's alpha", "GVR", "alpha", candidates["alpha"], lambda v: gvr_label(lr, v))
 
     # 4. every arm at the chosen settings, sized
     table = preset_table({**settings, "seeds": seeds})
     arms = in_protocol(table, claims=claims_list)
-    arms_root = root / "arms"
+    arms_root = root / f"arms-{digest(table)}"  # a pilot whose choices changed trains its arms anew
     train_configs(arm_configs(arms, arms_root, overrides=fields))
     derived = derived_fields(arms, load_runs_of(arms_root, steps=True))
     train_configs(arm_configs(arms, arms_root, derived, overrides=fields))
@@ -786,7 +801,7 @@ def run_pilot(
     affordable = max(2, int(budget_hours * 3600 / per_seed))
     sizes = study_sizes(sizes, {c["id"]: c["family"] for c in claims_list}, affordable)
     n_study = int(sizes["n"].iloc[0])
-    study = preset_table({**settings, "seeds": list(range(n_study))})
+    study = preset_table({**settings, "seeds": list(range(first_seed, first_seed + n_study))})
     study["n"] = {
         row.id: {
             "n": int(row.n),

@@ -28,8 +28,9 @@
 #
 # **Regimes.** At the cpu preset, Novack et al.'s arms train where SB fits its training set (the
 # pilot's setting), and the other arms train for the budget past which SGD's training stops paying,
-# with the learning rate, rho and alpha chosen on a validation split — all decided by the `pilot`
-# preset on seeds of its own, whose tables (`pilot_decisions`, `pilot_sizes`) are committed beside
+# with the learning rate (SGD's, and GVR's own for the two-view arms, whose summed loss takes twice
+# SGD's step), rho and alpha chosen on a validation split — all decided by the `pilot` preset on
+# seeds of its own, whose tables (`pilot_decisions`, `pilot_sizes`) are committed beside
 # this study's. Controls stand beside GVR: two-view SGD (alpha 0, the same two views without the
 # penalty) under clean and noisy labels, and SGD with twice the steps (GVR's gradient evaluations).
 # vSAM's speed claim rests on counted work: the fraction of two-pass steps each run took, weighted by
@@ -51,10 +52,11 @@ pilot_seeds: list = [100, 101, 102]  # the pilot's seeds, never the study's
 pilot_settings: dict = {}  # the cpu preset's fixed settings (the pilot preset sets them)
 novack_candidates: list = []  # [train_subset, steps] of SB tried, cheapest first
 budgets: list = []  # epoch budgets of SGD tried
-lrs: list = []  # learning rates tried (SGD, on validation)
+lrs: list = []  # learning rates tried (SGD's, then GVR's own, on validation)
 rhos: list = []  # SAM's rho tried (on validation)
 alphas: list = []  # GVR's alpha tried (on validation)
 half_width: float = 1.0  # the wanted 95% CI half-width of an accuracy claim, in points
+study_seeds_from: int = 0  # the study's first seed: past every seed an earlier registered study used
 budget_hours: float = 6.0  # the study's wall-time budget on this machine
 runs_root: str = ""  # training runs; empty: runs/<preset>/claims/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu and pilot presets, else runs/<preset>/figures
@@ -105,6 +107,7 @@ study = gl.Study(
             "lrs": [0.02, 0.05, 0.1],
             "rhos": [0.02, 0.05, 0.1],
             "alphas": [0.003, 0.01, 0.03],
+            "study_seeds_from": 9,
         },
         "cpu": {"device": "cpu"},
         "gpu": {},
@@ -144,6 +147,7 @@ if preset == "pilot":
         half_width,
         budget_hours,
         {"device": device},
+        study_seeds_from,
     )
     pilot_runs = study.load_runs()
     study.save_table(pilot["decisions"], "pilot_decisions", "The pilot's decisions", pilot_runs)

@@ -446,3 +446,46 @@ def test_a_run_that_ended_at_guessing_is_counted_at_chance():
         }
     )
     assert list(claims.at_chance(final)) == [True, True, False, False, True]
+
+
+@pytest.mark.slow
+def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_earlier_seeds(tmp_path):
+    """The pilot end to end on synthetic data: each choice read off its own runs, the two-view arms
+    at the rate chosen for GVR (not SGD's), the alpha search reusing the rate search's run at the
+    pilot's alpha, and the study's seeds from first_seed."""
+    settings = dict(
+        dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, lr=0.05, cutout=0.5, train_subset=128,
+        val_split=64, eval_every=1, device="cpu", gvr_target="last_stage", gvr_subset=16, alpha=0.01,
+        label_noise=0.4, rho=0.05, vsam_args={"window": 2, "blocks": 2}, novack_model="tiny_cnn", novack_lr=0.1,
+        novack_subset=16, steps=8, sb_batch=8, lb_batch=16, large_m=16, hvp="exact", log_every=1,
+        lam={"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001},
+    )  # fmt: skip
+    candidates = {"novack": [[16, 60]], "budgets": [1], "lr": [0.01, 0.2], "rho": [0.05], "alpha": [0.01, 0.1]}
+    registered = claims.load_protocol(PROTOCOL, "smoke").claims
+    pilot = claims.run_pilot(settings, [100, 101], candidates, tmp_path, registered, first_seed=9)
+
+    decisions = pilot["decisions"].set_index("candidate")
+    chosen = decisions[decisions["chosen"].astype(bool)].reset_index().set_index("decision")["candidate"]
+    score = decisions["value"].str.extract(r"validation acc ([\d.]+)%", expand=False).astype(float)
+    rates = {f"GVR lr {lr:g} alpha 0.01": lr for lr in candidates["lr"]}
+    assert chosen["GVR's learning rate"] == score[list(rates)].idxmax()
+    gvr_lr = rates[chosen["GVR's learning rate"]]
+    alphas = {f"GVR lr {gvr_lr:g} alpha {a:g}": a for a in candidates["alpha"]}
+    assert chosen["GVR's alpha"] == score[list(alphas)].idxmax()
+    gvr_dirs = {p.name for p in tmp_path.glob("GVR_lr_*")}
+    assert len(gvr_dirs) == 2 * (len(rates) + len(alphas) - 1)  # the shared setting trained once per seed
+    for label, lr in rates.items():
+        config = json.loads((tmp_path / f"{label.replace(' ', '_')}-s100" / "config.json").read_text())
+        assert config["lr"] == lr and config["method_args"]["alpha"] == 0.01
+
+    table = pilot["table"]
+    sgd_lr = float(chosen["learning rate"].rsplit(" ", 1)[1])
+    assert table["bases"]["gvr"]["lr"] == sgd_lr and "lr" not in table["arms"]["SGD"]
+    for arm in ("GVR", "two-view SGD", "GVR, noisy labels", "two-view SGD, noisy labels"):
+        assert table["arms"][arm]["lr"] == gvr_lr
+    assert table["arms"]["GVR"]["method_args"]["alpha"] == alphas[chosen["GVR's alpha"]]
+    assert table["seeds"] == list(range(9, 9 + len(table["seeds"])))
+    [arms_root] = tmp_path.glob("arms-*")  # named by the chosen settings, so a changed choice trains anew
+    for arm in ("GVR", "two-view SGD", "SGD"):
+        config = json.loads((arms_root / f"{arm.replace(' ', '_')}-s101" / "config.json").read_text())
+        assert config["lr"] == (sgd_lr if arm == "SGD" else gvr_lr)
