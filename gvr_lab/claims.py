@@ -31,8 +31,9 @@ cores.
 The pilot (`pilot_*`): it sizes the study on seeds of its own, with a validation split, before the
 protocol is written: for Novack et al.'s arms the cheapest setting where the small-batch arm fits its
 training set; for the other arms the epoch budget past which the baseline's training loss stops
-falling (`plateau_budget`); learning rate, rho and alpha chosen on validation (stats.select); then,
-per claim, the SD of its paired differences and the n that gives a 95% CI half-width of at most
+falling (`plateau_budget`); learning rate, rho and alpha chosen on validation (stats.select), GVR
+with a rate of its own (its loss sums two views' losses, about twice the step SGD's rate was chosen
+for); then, per claim, the SD of its paired differences and the n that gives a 95% CI half-width of at most
 `half_width` points (stats.n_for_half_width).
 """
 
@@ -41,7 +42,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +58,9 @@ from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, train_configs
-from .results import read_json, write_json
+from .results import CONFIG, SUMMARY, read_json, write_json
 from .study import digest
-from .training import Config
+from .training import FINAL_STATUSES, Config, check_run_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -618,8 +622,8 @@ def preset_table(s: dict) -> dict:
         "device": s["device"],
     }
     gvr_args = {"target": s["gvr_target"], "penalty": "exact", "subset": s["gvr_subset"], "reduction": "sum"}
-    # The two-view arms train at GVR's own rate where the pilot chose one: the original sums the two
-    # views' losses, a step twice the one SGD's rate was chosen for.
+    # The two-view arms train at GVR's own rate where the pilot chose one: with reduction="sum", the
+    # original's, their loss sums two views' losses, about twice the step SGD's rate was chosen for.
     two_view_lr = {"lr": s["gvr_lr"]} if "gvr_lr" in s else {}
     gvr = {"base": "gvr", "method": "gvr", **two_view_lr, "method_args": {**gvr_args, "alpha": s["alpha"]}}
     two_view = {"base": "gvr", "method": "gvr", **two_view_lr, "method_args": {**gvr_args, "alpha": 0.0}}
@@ -695,9 +699,12 @@ def run_pilot(
        95% CI half-width of at most `half_width` (sample_sizes); the study's seeds: as many as the
        claims need and `budget_hours` allow, from the pilot arms' measured time per seed on this
        machine; a primary claim whose n does not fit is declared secondary. The study's seeds start
-       at `first_seed`: a study registered after another starts past the seeds that one used.
+       at `first_seed`: a study registered after another starts past the seeds that one used, whose
+       results have been seen. The arms train in a folder named by the chosen settings; runs of arms
+       a changed choice left alone are carried over from the earlier folders (carry_over).
 
-    Returns {"decisions": DataFrame, "sizes": DataFrame, "table": the preset table to register}."""
+    Returns {"decisions": DataFrame, "sizes": DataFrame, "table": the preset table to register, "runs":
+    the runs the decisions and sizes rest on (not those of earlier choices in the same runs root)}."""
     root, fields = Path(runs_root), dict(device_fields or {})
     base = preset_table({**settings, "seeds": seeds})
     pilot = in_protocol(base)
@@ -706,7 +713,10 @@ def run_pilot(
     def grid(label: str, arm_fields: dict) -> list:
         return grid_configs({}, [{**arm_fields, **fields, "label": label}], seeds, root)
 
+    searched = set()  # the labels of every candidate tried
+
     def finals(labels) -> pd.DataFrame:
+        searched.update(labels)
         runs = load_runs_of(root, labels)
         return final_rows(runs)
 
@@ -761,6 +771,7 @@ def run_pilot(
     def choose(name: str, arm: str, key: str, values: list, shaped) -> float:
         labels = {shaped(v): v for v in values}
         train_configs([c for label, v in labels.items() for c in grid(label, with_value(pilot.arm(arm), key, v))])
+        searched.update(labels)
         chosen = stats.select(load_runs_of(root, labels), per=None)
         pick = labels[chosen["label"].iloc[0]]
         for label, score in chosen["candidates"].iloc[0].items():
@@ -778,7 +789,7 @@ def run_pilot(
     pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
     settings["rho"] = choose("SAM's rho", "SAM", "rho", candidates["rho"], lambda v: f"SAM rho {v:g}")
 
-    def gvr_label(lr, alpha):  # one label per setting, so the alpha search reuses the rate search's run
+    def gvr_label(lr, alpha):  # one label per setting: the alpha search reuses the rate search's runs
         return f"GVR lr {lr:g} alpha {alpha:g}"
 
     alpha = settings["alpha"]
@@ -790,10 +801,11 @@ def run_pilot(
     # 4. every arm at the chosen settings, sized
     table = preset_table({**settings, "seeds": seeds})
     arms = in_protocol(table, claims=claims_list)
-    arms_root = root / f"arms-{digest(table)}"  # a pilot whose choices changed trains its arms anew
-    train_configs(arm_configs(arms, arms_root, overrides=fields))
+    arms_root = root / f"arms-{digest(table)}"
+    earlier = sorted(p for p in root.glob("arms*") if p != arms_root)
+    train_configs(carry_over(arm_configs(arms, arms_root, overrides=fields), earlier))
     derived = derived_fields(arms, load_runs_of(arms_root, steps=True))
-    train_configs(arm_configs(arms, arms_root, derived, overrides=fields))
+    train_configs(carry_over(arm_configs(arms, arms_root, derived, overrides=fields), earlier))
     runs = load_runs_of(arms_root)
     times = step_times(arms, device=fields.get("device", "cpu"))
     sizes = pd.DataFrame(sample_sizes(claims_list, runs, half_width, times))
@@ -801,7 +813,10 @@ def run_pilot(
     affordable = max(2, int(budget_hours * 3600 / per_seed))
     sizes = study_sizes(sizes, {c["id"]: c["family"] for c in claims_list}, affordable)
     n_study = int(sizes["n"].iloc[0])
-    study = preset_table({**settings, "seeds": list(range(first_seed, first_seed + n_study))})
+    study_seeds = list(range(first_seed, first_seed + n_study))
+    if set(study_seeds) & set(seeds):
+        raise UsageError(f"the study's seeds {study_seeds} would include pilot seeds {seeds}: start them elsewhere")
+    study = preset_table({**settings, "seeds": study_seeds})
     study["n"] = {
         row.id: {
             "n": int(row.n),
@@ -815,7 +830,35 @@ def run_pilot(
         for row in sizes.itertuples()
     }
     study["budget"] = {"hours": budget_hours, "seconds_per_seed": round(per_seed, 1), "affordable_seeds": affordable}
-    return {"decisions": pd.DataFrame(decisions), "sizes": sizes, "table": study}
+    rested_on = pd.concat([load_runs_of(root, searched), runs], ignore_index=True)
+    return {"decisions": pd.DataFrame(decisions), "sizes": sizes, "table": study, "runs": rested_on}
+
+
+def carry_over(configs: list, earlier: list) -> list:
+    """`configs`, after copying into place each run that a folder of `earlier` already holds finished
+    (the same run by check_run_dir's rules): a pilot whose choices changed trains only the arms they
+    changed. Each copy is made beside its target and renamed into place, its config.json's out_dir
+    pointed at it; the copies are named in one line."""
+    copied = []
+    for config in configs:
+        target = Path(config.out_dir)
+        for folder in [] if target.exists() else earlier:
+            source = folder / target.name
+            try:
+                same = check_run_dir(source, config) is not None
+            except UsageError:
+                same = False
+            if same and (source / SUMMARY).is_file() and read_json(source / SUMMARY).get("status") in FINAL_STATUSES:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+                shutil.copytree(source, work, dirs_exist_ok=True)
+                write_json(work / CONFIG, {**read_json(work / CONFIG), "out_dir": str(target)})
+                os.replace(work, target)
+                copied.append(f"{folder.name}/{target.name}")
+                break
+    if copied:
+        print(f"carried over {len(copied)} finished runs of unchanged arms: {', '.join(copied)}")
+    return configs
 
 
 def study_sizes(sizes: pd.DataFrame, families: dict, affordable: int) -> pd.DataFrame:

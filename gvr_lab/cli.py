@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -572,10 +573,24 @@ def main(argv: list[str] | None = None) -> int:
         print("gvr-lab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (`gvr-lab runs DIR | head`): stop quietly, as other commands do; what is
-        # still buffered goes nowhere, so flushing it at exit cannot raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not reader_gone(sys.stdout):  # a worker's or a socket's pipe: a real failure
+            raise
+        # `gvr-lab runs DIR | head`: stop quietly, as other commands do; what is still buffered goes
+        # nowhere, so flushing it at exit cannot raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 128 + signal.SIGPIPE
+
+
+def reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on its end)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or not a real file
+        return False
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@
 #
 # **Regimes.** At the cpu preset, Novack et al.'s arms train where SB fits its training set (the
 # pilot's setting), and the other arms train for the budget past which SGD's training stops paying,
-# with the learning rate (SGD's, and GVR's own for the two-view arms, whose summed loss takes twice
-# SGD's step), rho and alpha chosen on a validation split — all decided by the `pilot` preset on
-# seeds of its own, whose tables (`pilot_decisions`, `pilot_sizes`) are committed beside
+# with the learning rate, rho and alpha chosen on a validation split (GVR gets a rate of its own,
+# which the two-view arms share: their loss sums two views' losses) — all decided by the `pilot`
+# preset on seeds of its own, whose tables (`pilot_decisions`, `pilot_sizes`) are committed beside
 # this study's. Controls stand beside GVR: two-view SGD (alpha 0, the same two views without the
 # penalty) under clean and noisy labels, and SGD with twice the steps (GVR's gradient evaluations).
 # vSAM's speed claim rests on counted work: the fraction of two-pass steps each run took, weighted by
@@ -119,7 +119,7 @@ study = gl.Study(
         "forest": "paired differences and their CIs per claim, coloured by verdict",
         "strip": "each claim's paired differences seed by seed, with their mean and CI",
         "arms": "every arm: runs, completed, at chance, final test and training accuracy (mean [95% CI] over seeds)",
-        "pilot_decisions": "the pilot's choices: Novack setting, epoch budget, lr, rho, alpha, each candidate's figure",
+        "pilot_decisions": "the pilot's choices: Novack setting, budget, SGD's and GVR's lr, rho, alpha, with figures",
         "pilot_sizes": "per claim: the pilot's mean and SD of paired differences, the n for the wanted CI, its family",
         "pilot_protocol": "the cpu preset's protocol block the pilot writes, to register before the study",
     },
@@ -147,9 +147,9 @@ if preset == "pilot":
         half_width,
         budget_hours,
         {"device": device},
-        study_seeds_from,
+        first_seed=study_seeds_from,
     )
-    pilot_runs = study.load_runs()
+    pilot_runs = pilot["runs"]
     study.save_table(pilot["decisions"], "pilot_decisions", "The pilot's decisions", pilot_runs)
     study.save_table(pilot["sizes"], "pilot_sizes", "Sample sizes from the pilot", pilot_runs)
     study.save_text(claims.protocol_table("cpu", pilot["table"]), "pilot_protocol", ".toml")

@@ -341,17 +341,31 @@ def test_the_fitting_setting_is_the_cheapest_where_every_seed_fits():
     assert claims.fitting_setting(finals.assign(train_eval_acc=0.5)) is None
 
 
-def test_a_preset_table_written_as_toml_reads_back_as_itself(tmp_path):
+def pilot_settings(**changes) -> dict:
+    """The few settings a claims preset table is built from, at smoke size on synthetic data."""
     settings = dict(
-        seeds=[0, 1], dataset="synthetic", model="tiny_cnn", epochs=2, batch_size=32, lr=0.05, cutout=0.5,
-        train_subset=128, val_split=0, eval_every=0, device="cpu", gvr_target="last_stage", gvr_subset=16,
-        alpha=0.01, label_noise=0.4, rho=0.05, vsam_args={"window": 2}, novack_model="tiny_cnn", novack_lr=0.1,
-        novack_subset=256, steps=8, sb_batch=16, lb_batch=64, large_m=32, hvp="exact", log_every=1,
+        dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, lr=0.05, cutout=0.5, train_subset=128,
+        val_split=64, eval_every=1, device="cpu", gvr_target="last_stage", gvr_subset=16, alpha=0.01,
+        label_noise=0.4, rho=0.05, vsam_args={"window": 2, "blocks": 2}, novack_model="tiny_cnn", novack_lr=0.1,
+        novack_subset=16, steps=8, sb_batch=8, lb_batch=16, large_m=16, hvp="exact", log_every=1,
         lam={"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001},
     )  # fmt: skip
-    table = claims.preset_table(settings)
+    return {**settings, **changes}
+
+
+TWO_VIEW_ARMS = ("GVR", "two-view SGD", "GVR, noisy labels", "two-view SGD, noisy labels")
+
+
+def test_a_preset_table_written_as_toml_reads_back_as_itself(tmp_path):
+    table = claims.preset_table(pilot_settings(seeds=[0, 1], gvr_lr=0.02))
     table["n"] = {"sb_beats_lb": {"n": 12, "pilot_sd": 1.5}}
     assert tomllib.loads(claims.protocol_table("cpu", table))["presets"]["cpu"] == table
+    protocol = claims.in_protocol(table)  # GVR's own rate for the two-view arms, SGD's for the others
+    assert {arm: protocol.arm(arm)["lr"] for arm in ("SGD", "SGD, 2x steps", "SAM", *TWO_VIEW_ARMS)} == {
+        "SGD": 0.05, "SGD, 2x steps": 0.05, "SAM": 0.05, **dict.fromkeys(TWO_VIEW_ARMS, 0.02)
+    }  # fmt: skip
+    without = claims.preset_table(pilot_settings(seeds=[0, 1]))  # a pilot that chose no rate of GVR's
+    assert all("lr" not in without["arms"][arm] for arm in TWO_VIEW_ARMS)
 
 
 def test_arms_that_read_another_arms_runs_wait_for_them(tmp_path):
@@ -449,31 +463,26 @@ def test_a_run_that_ended_at_guessing_is_counted_at_chance():
 
 
 @pytest.mark.slow
-def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_earlier_seeds(tmp_path):
-    """The pilot end to end on synthetic data: each choice read off its own runs, the two-view arms
-    at the rate chosen for GVR (not SGD's), the alpha search reusing the rate search's run at the
-    pilot's alpha, and the study's seeds from first_seed."""
-    settings = dict(
-        dataset="synthetic", model="tiny_cnn", epochs=1, batch_size=32, lr=0.05, cutout=0.5, train_subset=128,
-        val_split=64, eval_every=1, device="cpu", gvr_target="last_stage", gvr_subset=16, alpha=0.01,
-        label_noise=0.4, rho=0.05, vsam_args={"window": 2, "blocks": 2}, novack_model="tiny_cnn", novack_lr=0.1,
-        novack_subset=16, steps=8, sb_batch=8, lb_batch=16, large_m=16, hvp="exact", log_every=1,
-        lam={"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001},
-    )  # fmt: skip
+def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_its_seeds(tmp_path):
+    """The pilot end to end on synthetic data: GVR's rate searched with each candidate's own rate,
+    the alpha search at the chosen rate reusing the rate search's run at the pilot's alpha, the
+    two-view arms at GVR's rate and the others at SGD's, the study's seeds from first_seed; then a
+    pilot whose rho changed trains its arms in a new folder, carrying over the unchanged arms' runs."""
     candidates = {"novack": [[16, 60]], "budgets": [1], "lr": [0.01, 0.2], "rho": [0.05], "alpha": [0.01, 0.1]}
     registered = claims.load_protocol(PROTOCOL, "smoke").claims
-    pilot = claims.run_pilot(settings, [100, 101], candidates, tmp_path, registered, first_seed=9)
+    pilot = claims.run_pilot(pilot_settings(), [100, 101], candidates, tmp_path, registered, first_seed=9)
 
-    decisions = pilot["decisions"].set_index("candidate")
-    chosen = decisions[decisions["chosen"].astype(bool)].reset_index().set_index("decision")["candidate"]
-    score = decisions["value"].str.extract(r"validation acc ([\d.]+)%", expand=False).astype(float)
+    decisions = pilot["decisions"]
+    chosen = decisions[decisions["chosen"].astype(bool)].set_index("decision")["candidate"]
     rates = {f"GVR lr {lr:g} alpha 0.01": lr for lr in candidates["lr"]}
-    assert chosen["GVR's learning rate"] == score[list(rates)].idxmax()
+    assert set(decisions[decisions["decision"] == "GVR's learning rate"]["candidate"]) == set(rates)
     gvr_lr = rates[chosen["GVR's learning rate"]]
     alphas = {f"GVR lr {gvr_lr:g} alpha {a:g}": a for a in candidates["alpha"]}
-    assert chosen["GVR's alpha"] == score[list(alphas)].idxmax()
-    gvr_dirs = {p.name for p in tmp_path.glob("GVR_lr_*")}
-    assert len(gvr_dirs) == 2 * (len(rates) + len(alphas) - 1)  # the shared setting trained once per seed
+    assert set(decisions[decisions["decision"] == "GVR's alpha"]["candidate"]) == set(alphas)
+    # one folder per setting and seed: the setting both searches tried is one run, not two
+    assert {p.name for p in tmp_path.glob("GVR_lr_*")} == {
+        f"{label.replace(' ', '_')}-s{seed}" for label in {**rates, **alphas} for seed in (100, 101)
+    }
     for label, lr in rates.items():
         config = json.loads((tmp_path / f"{label.replace(' ', '_')}-s100" / "config.json").read_text())
         assert config["lr"] == lr and config["method_args"]["alpha"] == 0.01
@@ -481,11 +490,26 @@ def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_earlier_se
     table = pilot["table"]
     sgd_lr = float(chosen["learning rate"].rsplit(" ", 1)[1])
     assert table["bases"]["gvr"]["lr"] == sgd_lr and "lr" not in table["arms"]["SGD"]
-    for arm in ("GVR", "two-view SGD", "GVR, noisy labels", "two-view SGD, noisy labels"):
-        assert table["arms"][arm]["lr"] == gvr_lr
+    assert all(table["arms"][arm]["lr"] == gvr_lr for arm in TWO_VIEW_ARMS)
     assert table["arms"]["GVR"]["method_args"]["alpha"] == alphas[chosen["GVR's alpha"]]
     assert table["seeds"] == list(range(9, 9 + len(table["seeds"])))
-    [arms_root] = tmp_path.glob("arms-*")  # named by the chosen settings, so a changed choice trains anew
+    [arms_root] = tmp_path.glob("arms-*")
     for arm in ("GVR", "two-view SGD", "SGD"):
         config = json.loads((arms_root / f"{arm.replace(' ', '_')}-s101" / "config.json").read_text())
         assert config["lr"] == (sgd_lr if arm == "SGD" else gvr_lr)
+    assert set(pilot["runs"]["run_dir"]) >= {str(arms_root / "SGD-s100")}
+
+    again = claims.run_pilot(pilot_settings(), [100, 101], {**candidates, "rho": [0.1]}, tmp_path, registered)
+    [new_root] = set(tmp_path.glob("arms-*")) - {arms_root}
+    for arm in ("SGD", "GVR", "LB+GN"):  # carried over: the same summary, not retrained
+        summary = json.loads((arms_root / f"{arm.replace(' ', '_')}-s100" / "summary.json").read_text())
+        assert json.loads((new_root / f"{arm.replace(' ', '_')}-s100" / "summary.json").read_text()) == summary
+        assert json.loads((new_root / f"{arm.replace(' ', '_')}-s100" / "config.json").read_text())["out_dir"] == str(
+            new_root / f"{arm.replace(' ', '_')}-s100"
+        )
+    sam = json.loads((new_root / "SAM-s100" / "config.json").read_text())
+    assert sam["method_args"]["rho"] == 0.1 and sam["out_dir"] == str(new_root / "SAM-s100")
+    folders = {Path(r).parent for r in again["runs"]["run_dir"]}  # its tables rest on its own arms only
+    assert new_root in folders and arms_root not in folders
+    with pytest.raises(UsageError, match="would include pilot seeds"):
+        claims.run_pilot(pilot_settings(), [100, 101], candidates, tmp_path, registered, first_seed=95)

@@ -1,12 +1,13 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gvr_lab.cli import build_parser, config_from_args, main
+from gvr_lab.cli import build_parser, config_from_args, main, reader_gone
 
-REPO = Path(__file__).parent.parent
+from helpers import REPO
 
 TINY = [
     "train",
@@ -86,6 +87,15 @@ def test_a_reader_that_went_away_ends_the_command_quietly():
     )
     proc.stdout.close()  # before the command has written anything: it starts in about a second
     assert (proc.stderr.read(), proc.wait()) == (b"", 141)
+
+
+def test_a_pipe_counts_as_gone_only_once_its_reader_has_closed():
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as stream:
+        assert not reader_gone(stream)
+        os.close(read)
+        assert reader_gone(stream)
+    assert not reader_gone(sys.stderr)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
