@@ -49,14 +49,13 @@ device: str = "auto"  # auto, cpu or cuda: where the runs train
 # The pilot (preset pilot) sizes the cpu preset on seeds of its own; every other preset reads its runs
 # and seeds from the protocol, and ignores these.
 pilot_seeds: list = [100, 101, 102]  # the pilot's seeds, never the study's
-pilot_settings: dict = {}  # the cpu preset's fixed settings (the pilot preset sets them)
+pilot_settings: dict = {}  # the cpu preset's fixed settings and its first seed (the pilot preset sets them)
 novack_candidates: list = []  # [train_subset, steps] of SB tried, cheapest first
 budgets: list = []  # epoch budgets of SGD tried
 lrs: list = []  # learning rates tried (SGD's, then GVR's own, on validation)
 rhos: list = []  # SAM's rho tried (on validation)
 alphas: list = []  # GVR's alpha tried (on validation)
 half_width: float = 1.0  # the wanted 95% CI half-width of an accuracy claim, in points
-study_seeds_from: int = 0  # the study's first seed: past every seed an earlier registered study used
 budget_hours: float = 6.0  # the study's wall-time budget on this machine
 runs_root: str = ""  # training runs; empty: runs/<preset>/claims/<digest of the parameters>
 fig_root: str = ""  # figures and tables; empty: figures/ at the cpu and pilot presets, else runs/<preset>/figures
@@ -101,13 +100,15 @@ study = gl.Study(
                 "lam": {"reg_loss": 0.01, "fish_loss": 0.01, "avg_jac_loss": 0.001, "unit_jac_loss": 0.001},
                 "hvp": "exact",
                 "log_every": 4,
+                # the study's first seed: past the seeds of the study registered before (0-8), whose
+                # results have been seen
+                "first_study_seed": 9,
             },
             "novack_candidates": [[256, 400], [256, 800], [512, 800], [512, 1600], [1024, 1600], [1024, 3200]],
             "budgets": [10, 20, 40],
             "lrs": [0.02, 0.05, 0.1],
             "rhos": [0.02, 0.05, 0.1],
             "alphas": [0.003, 0.01, 0.03],
-            "study_seeds_from": 9,
         },
         "cpu": {"device": "cpu"},
         "gpu": {},
@@ -147,7 +148,7 @@ if preset == "pilot":
         half_width,
         budget_hours,
         {"device": device},
-        first_seed=study_seeds_from,
+        first_seed=pilot_settings.get("first_study_seed", 0),
     )
     pilot_runs = pilot["runs"]
     study.save_table(pilot["decisions"], "pilot_decisions", "The pilot's decisions", pilot_runs)

@@ -542,6 +542,23 @@ def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
     assert not [r for r in roots if r.startswith("/")]
 
 
+def test_each_committed_study_resolves_to_the_runs_root_its_figures_came_from():
+    """The committed figures' runs are found again: a notebook at its committed preset resolves to
+    the runs root figures/timings.json records for it. A parameter added with its default moves the
+    root (every parameter is part of its digest) and would retrain a finished or half-run study from
+    scratch: put such a setting into a preset's own values instead."""
+    timings = json.loads((REPO / "figures" / "timings.json").read_text())
+    roots = {
+        decl.name: resolve(decl, {"preset": COMMITTED_PRESET}).runs_root
+        for decl in map(read_notebook, notebook_paths())
+        if decl.name in timings
+    }
+    assert len(roots) >= 7
+    assert {name: str(root.relative_to(REPO)) for name, root in roots.items()} == {
+        name: timings[name]["runs_root"] for name in roots
+    }
+
+
 @pytest.mark.slow  # executes a notebook in a kernel process
 def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     import time
