@@ -33,8 +33,8 @@ protocol is written: for Novack et al.'s arms the cheapest setting where the sma
 training set; for the other arms the epoch budget past which the baseline's training loss stops
 falling (`plateau_budget`); learning rate, rho and alpha chosen on validation (stats.select), GVR
 with a rate of its own (its loss sums two views' losses, about twice the step SGD's rate was chosen
-for); then, per claim, the SD of its paired differences and the n that gives a 95% CI half-width of at most
-`half_width` points (stats.n_for_half_width).
+for); then, per claim, the SD of its paired differences and the n that gives a 95% CI half-width of
+at most `half_width` points (stats.n_for_half_width).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, train_configs
-from .results import CONFIG, SUMMARY, read_json, write_json
+from .results import CONFIG, read_json, write_json
 from .study import digest
-from .training import FINAL_STATUSES, Config, check_run_dir
+from .training import Config, holds_finished_run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -836,19 +836,19 @@ def run_pilot(
 
 def carry_over(configs: list, earlier: list) -> list:
     """`configs`, after copying into place each run that a folder of `earlier` already holds finished
-    (the same run by check_run_dir's rules): a pilot whose choices changed trains only the arms they
-    changed. Each copy is made beside its target and renamed into place, its config.json's out_dir
-    pointed at it; the copies are named in one line."""
+    (holds_finished_run): a pilot whose choices changed trains only the arms they changed. Each copy
+    is made beside its target and renamed into place, its config.json's out_dir pointed at it; the
+    copies are named in one line."""
     copied = []
     for config in configs:
         target = Path(config.out_dir)
         for folder in [] if target.exists() else earlier:
             source = folder / target.name
             try:
-                same = check_run_dir(source, config) is not None
-            except UsageError:
+                same = holds_finished_run(source, config)
+            except UsageError:  # another run of that name: not this one's to carry over
                 same = False
-            if same and (source / SUMMARY).is_file() and read_json(source / SUMMARY).get("status") in FINAL_STATUSES:
+            if same:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
                 shutil.copytree(source, work, dirs_exist_ok=True)

@@ -630,6 +630,17 @@ def mixed_run(config_file: Path, written: Path, written_by: str, described: str)
     )
 
 
+def holds_finished_run(run_dir: Path, config: Config) -> bool:
+    """Whether `run_dir` holds `config`'s run, finished (completed or diverged); a directory holding
+    another run raises UsageError (check_run_dir)."""
+    summary = run_dir / results.SUMMARY
+    return (
+        check_run_dir(run_dir, config) is not None
+        and summary.is_file()
+        and results.read_json(summary).get("status") in FINAL_STATUSES
+    )
+
+
 def load_run(run_dir: Path, config: Config) -> Run:
     """The run as its directory holds it, one consistent state even while a writer is busy (read_run)."""
     files = results.read_run(run_dir)
@@ -852,10 +863,8 @@ def train(config: Config, on_evaluation=None, model: torch.nn.Module | None = No
             raise UsageError("model_args are keywords for a model's builder; a model object handed to train has none")
         config = dataclasses.replace(config, model=object_model_name(model))
     run_dir = config.run_dir()
-    if check_run_dir(run_dir, config) is not None and (run_dir / results.SUMMARY).is_file():
-        done = load_run(run_dir, config)
-        if done.summary.get("status") in FINAL_STATUSES:
-            return done
+    if holds_finished_run(run_dir, config):
+        return load_run(run_dir, config)
     check_available(config.loggers)
 
     with torch_threads(config.threads):
