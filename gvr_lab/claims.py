@@ -57,7 +57,7 @@ from .bench import run_bench
 from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
-from .grid import default_workers, grid_configs, train_configs
+from .grid import default_workers, grid_configs, run_dir_name, train_configs
 from .results import CONFIG, read_json, write_json
 from .study import digest
 from .training import Config, holds_finished_run
@@ -206,7 +206,7 @@ def arm_configs(protocol: Protocol, runs_root, derived: dict | None = None, over
                 norms = {
                     "method_args": {
                         **fields.get("method_args", {}),
-                        "norms_path": f"{runs_root}/{own['norms_from'].replace(' ', '_')}-s{seed}",
+                        "norms_path": f"{runs_root}/{run_dir_name(own['norms_from'], seed)}",
                     }
                 }
                 configs += grid_configs({}, [{**fields, **norms}], [seed], runs_root)

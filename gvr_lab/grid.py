@@ -107,6 +107,11 @@ def executor_environment(executor: str, options: cluster.RayOptions | None, work
     return {ENVIRONMENT[k]: v for k, v in values.items()}
 
 
+def run_dir_name(label: str, seed: int) -> str:
+    """The folder of a grid's run of `label` on `seed`: the label with spaces and slashes made safe."""
+    return f"{label.replace('/', '_').replace(' ', '_')}-s{seed}"
+
+
 def grid_configs(
     base: dict, variants: list[dict], seeds: list[int], runs_dir, check_run_dirs: bool = True
 ) -> list[Config]:
@@ -119,7 +124,7 @@ def grid_configs(
     for variant in variants:
         name = variant.get("label") or variant.get("method") or base.get("method", "sgd")
         for seed in seeds:
-            out_dir = str(Path(runs_dir) / f"{name.replace('/', '_').replace(' ', '_')}-s{seed}")
+            out_dir = str(Path(runs_dir) / run_dir_name(name, seed))
             if out_dir in owners:
                 raise UsageError(
                     f"grid variants {owners[out_dir]!r} and {name!r} share the run directory {out_dir}: "

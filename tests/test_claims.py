@@ -14,6 +14,7 @@ from scipy import stats as scipy_stats
 from gvr_lab import claims, stats
 from gvr_lab.data import dataset_info
 from gvr_lab.errors import UsageError
+from gvr_lab.grid import run_dir_name
 from gvr_lab.results import write_parquet
 
 if sys.version_info >= (3, 11):
@@ -481,10 +482,10 @@ def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_its_seeds(
     assert set(decisions[decisions["decision"] == "GVR's alpha"]["candidate"]) == set(alphas)
     # one folder per setting and seed: the setting both searches tried is one run, not two
     assert {p.name for p in tmp_path.glob("GVR_lr_*")} == {
-        f"{label.replace(' ', '_')}-s{seed}" for label in {**rates, **alphas} for seed in (100, 101)
+        run_dir_name(label, seed) for label in {**rates, **alphas} for seed in (100, 101)
     }
     for label, lr in rates.items():
-        config = json.loads((tmp_path / f"{label.replace(' ', '_')}-s100" / "config.json").read_text())
+        config = json.loads((tmp_path / run_dir_name(label, 100) / "config.json").read_text())
         assert config["lr"] == lr and config["method_args"]["alpha"] == 0.01
 
     table = pilot["table"]
@@ -495,18 +496,16 @@ def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_its_seeds(
     assert table["seeds"] == list(range(9, 9 + len(table["seeds"])))
     [arms_root] = tmp_path.glob("arms-*")
     for arm in ("GVR", "two-view SGD", "SGD"):
-        config = json.loads((arms_root / f"{arm.replace(' ', '_')}-s101" / "config.json").read_text())
+        config = json.loads((arms_root / run_dir_name(arm, 101) / "config.json").read_text())
         assert config["lr"] == (sgd_lr if arm == "SGD" else gvr_lr)
     assert set(pilot["runs"]["run_dir"]) >= {str(arms_root / "SGD-s100")}
 
     again = claims.run_pilot(pilot_settings(), [100, 101], {**candidates, "rho": [0.1]}, tmp_path, registered)
     [new_root] = set(tmp_path.glob("arms-*")) - {arms_root}
     for arm in ("SGD", "GVR", "LB+GN"):  # carried over: the same summary, not retrained
-        summary = json.loads((arms_root / f"{arm.replace(' ', '_')}-s100" / "summary.json").read_text())
-        assert json.loads((new_root / f"{arm.replace(' ', '_')}-s100" / "summary.json").read_text()) == summary
-        assert json.loads((new_root / f"{arm.replace(' ', '_')}-s100" / "config.json").read_text())["out_dir"] == str(
-            new_root / f"{arm.replace(' ', '_')}-s100"
-        )
+        old, new = arms_root / run_dir_name(arm, 100), new_root / run_dir_name(arm, 100)
+        assert json.loads((new / "summary.json").read_text()) == json.loads((old / "summary.json").read_text())
+        assert json.loads((new / "config.json").read_text())["out_dir"] == str(new)
     sam = json.loads((new_root / "SAM-s100" / "config.json").read_text())
     assert sam["method_args"]["rho"] == 0.1 and sam["out_dir"] == str(new_root / "SAM-s100")
     folders = {Path(r).parent for r in again["runs"]["run_dir"]}  # its tables rest on its own arms only
