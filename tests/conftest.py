@@ -13,6 +13,11 @@ os.environ["GVR_LAB_OFFLINE"] = "1"
 # cores: two threads each oversubscribe them, and OpenMP's spin-waiting then cost test_methods' resume
 # tests 5 times the CPU time (67 s of user time against 14 s, on the shared 2-core machine).
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else 2)
+# A grid trains its runs one after another here (in notebooks and the CLI's processes too, which
+# inherit the variable): a pool would start two more processes per grid, each importing torch, beside
+# the workers that already fill the cores (the claims pilot's test took 433 s with pools, 114 s
+# without, on the 2-core machine). The tests of the pool ask for it (workers=2, GVR_LAB_WORKERS=2).
+os.environ["GVR_LAB_WORKERS"] = "1"
 
 
 @pytest.fixture

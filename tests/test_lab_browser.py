@@ -72,6 +72,7 @@ def lab(tmp_path):
         JUPYTERLAB_SETTINGS_DIR=str(settings),
         JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
         JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        GVR_LAB_WORKERS="2",  # the notebook's grid in the pool, as a user's runs (conftest sets 1)
     )
     log = (tmp_path / "lab.log").open("w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
