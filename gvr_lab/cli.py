@@ -429,7 +429,10 @@ def add_executor_flags(parser) -> None:
         "CUDA), one run after another in the kernel (the default with CUDA), or as Ray tasks",
     )
     parser.add_argument(
-        "--workers", type=int, default=0, help="processes executor: runs at once (0: cores / threads per run)"
+        "--workers",
+        type=int,
+        default=0,
+        help="processes executor: runs at once, and curvature measurements at once (0: cores / threads per run)",
     )
     parser.add_argument(
         "--ray-address", help="a Ray cluster (auto or HOST:PORT); default: a local instance on this machine's cores"

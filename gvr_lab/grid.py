@@ -37,7 +37,7 @@ from .errors import UsageError, check_choice
 from .loggers import check_available
 from .methods import method_class
 from .models import MODELS
-from .pools import SpawnedPool
+from .pools import WORKERS_ENV, SpawnedPool, pool_size
 from .progress import GridStatus, grid_report
 from .training import Config, check_run_dir, load_run, train
 
@@ -49,7 +49,7 @@ ENVIRONMENT = {
     "address": "GVR_LAB_RAY_ADDRESS",
     "run_cpus": "GVR_LAB_RUN_CPUS",
     "run_gpus": "GVR_LAB_RUN_GPUS",
-    "workers": "GVR_LAB_WORKERS",
+    "workers": WORKERS_ENV,
 }
 WORKER_RETRIES = 3  # a pool whose worker died is started again this many times, its runs resumed
 
@@ -173,7 +173,7 @@ def train_configs(configs: list[Config], executor: str | None = None, ray=None, 
         where = options.address or "a local Ray instance"
         cluster.run_grid(configs, options, GridStatus(configs, where))
         return GridRuns(load_run(c.run_dir(), c) for c in configs)
-    workers = min(workers or int(os.environ.get(ENVIRONMENT["workers"]) or 0) or default_workers(configs), len(configs))
+    workers = min(pool_size(workers, default_workers(configs)), len(configs))
     if executor == "processes" and workers > 1:  # one worker would only add a process's start to one after another
         modules, reason = worker_modules(configs)
         if not reason:

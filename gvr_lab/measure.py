@@ -37,7 +37,7 @@ from .landscape import (
     psf_bound_check,
 )
 from .methods import method_class
-from .pools import SpawnedPool
+from .pools import SpawnedPool, pool_size
 from .results import CHECKPOINT, CONFIG, SUMMARY, kept_checkpoint, load_checkpoint, read_json, write_json
 from .training import (
     Config,
@@ -253,11 +253,11 @@ def measured_in_worker(run_dir: str, settings: dict) -> list[dict]:
 
 def measure_runs(run_dirs, device: torch.device = CPU, workers: int = 0, **settings) -> list[dict]:
     """curvature_over_training of each run (`settings`: checkpoint_curvature's keywords), the records
-    in the order of the runs. On a CPU in a pool of `workers` processes (0: one per core) of one
-    torch thread each, as the grid trains runs; on another device here, one run after another. A
-    line per run as it is done."""
+    in the order of the runs. On a CPU in a pool of `workers` processes (0: the size `gvr-lab run
+    --workers` set, else one per core) of one torch thread each, as the grid trains runs; on another
+    device here, one run after another. A line per run as it is done."""
     run_dirs = [str(r) for r in run_dirs]
-    workers = min(len(run_dirs), workers or os.cpu_count() or 1) if device.type == "cpu" else 1
+    workers = min(len(run_dirs), pool_size(workers, os.cpu_count() or 1)) if device.type == "cpu" else 1
     done = {}
 
     def report(index: int, records: list[dict]) -> None:

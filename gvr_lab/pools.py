@@ -19,6 +19,15 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+# `gvr-lab run --workers N` hands the notebook's kernel its pools' size here: a grid's runs and a
+# study's measurements alike.
+WORKERS_ENV = "GVR_LAB_WORKERS"
+
+
+def pool_size(workers: int, default: int) -> int:
+    """`workers` where given, else the size the environment sets (WORKERS_ENV), else `default`."""
+    return workers or int(os.environ.get(WORKERS_ENV) or 0) or default
+
 
 @contextlib.contextmanager
 def caller_script_hidden():

@@ -696,6 +696,35 @@ def test_measure_runs_in_worker_processes_measures_what_this_process_does(tmp_pa
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-4) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_measure_runs_takes_its_pool_size_from_the_argument_else_gvr_lab_runs_workers(monkeypatch):
+    """`gvr-lab run --workers N` sizes the curvature measurements' pool as it does the grids'."""
+    from gvr_lab import measure
+    from gvr_lab.pools import WORKERS_ENV
+
+    sizes = []
+
+    class Pool:  # the size it was asked for, then no pool at all
+        def __init__(self, workers):
+            sizes.append(workers)
+            raise RuntimeError("no pool here")
+
+    monkeypatch.setattr(measure, "SpawnedPool", Pool)
+
+    def measured(run_dir, device, **settings):
+        return [{"run": run_dir, "seconds": 0.0}]
+
+    monkeypatch.setattr(measure, "curvature_over_training", measured)
+    runs = ["a", "b", "c"]
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert [r["run"] for r in measure.measure_runs(runs)] == runs and sizes == []  # in this process
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 4)
+    for env, workers, size in (("1", 2, 2), ("2", 0, 2), ("", 0, 3)):  # unset: a process per core, per run at most
+        monkeypatch.setenv(WORKERS_ENV, env)
+        with pytest.raises(RuntimeError, match="no pool here"):
+            measure.measure_runs(runs, workers=workers)
+        assert sizes.pop() == size
+
+
 def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_path):
     from gvr_lab.measure import interpolate_runs, load_run_model
 
