@@ -86,5 +86,7 @@ RUNS ?= runs
 tensorboard: setup
 	$(VENV)/bin/gvr-lab tensorboard $(RUNS)
 
+# Every run made here; the committed records of a study in progress (under runs/cpu/claims/) stay.
 clean:
-	rm -rf runs .pytest_cache
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then git clean -fdqX -- runs; else rm -rf runs; fi
+	rm -rf .pytest_cache
