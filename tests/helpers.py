@@ -166,3 +166,41 @@ def install_package(root: Path, name: str, files: dict[str, str], entry_points: 
         f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()) for group, entries in entry_points.items()
     ]
     (info / "entry_points.txt").write_text("\n".join(groups))
+
+
+def check_claims_recompute(records: list[dict], seeds, protocol) -> None:
+    """What a reader of a claims study can check from its seeds.csv (`seeds`) and its protocol alone:
+    every claim's n, mean paired difference, CI and p (claims.recompute); Holm's adjustment over the
+    primary family (a primary claim without a p counts as p = 1, a secondary one keeps its own p);
+    each claim's own verdict from its adjusted p and interval; its verdict, which stands only where
+    its premise holds."""
+    import math
+
+    import pytest
+
+    from gvr_lab import claims, stats
+
+    assert [r["id"] for r in records] == [c["id"] for c in protocol.claims]
+    for record in records:
+        assert record["protocol_sha256"] == protocol.sha256
+        n, mean, low, high, p = claims.recompute(seeds, record, protocol.alpha)
+        assert n == record["n"] and mean == pytest.approx(record["diff_mean"], nan_ok=True), record["id"]
+        assert (low, high, p) == pytest.approx((record["ci_low"], record["ci_high"], record["p_value"]), nan_ok=True)
+    primary = [r for r in records if r["family"] == "primary"]
+    adjusted = stats.holm([1.0 if math.isnan(r["p_value"]) else r["p_value"] for r in primary])
+    for record, p_adjusted in zip(primary, adjusted):
+        expected = record["p_value"] if math.isnan(record["p_value"]) else p_adjusted
+        assert record["p_adjusted"] == pytest.approx(expected, nan_ok=True), record["id"]
+    verdicts = {r["id"]: r["verdict"] for r in records}
+    for record, claim in zip(records, protocol.claims):
+        if record["family"] != "primary":
+            assert record["p_adjusted"] == pytest.approx(record["p_value"], nan_ok=True), record["id"]
+        own = stats.claim_verdict(
+            record["test"], record["direction"], record["margin"], record["p_adjusted"],
+            record["diff_mean"], record["ci_low"], record["ci_high"], protocol.alpha,
+        )  # fmt: skip
+        assert record["own_verdict"] == own, record["id"]
+        premise = claim.get("premise")
+        assert record["premise"] == (f"{premise}: {verdicts[premise]}" if premise else ""), record["id"]
+        held = not premise or verdicts[premise] == "holds"
+        assert record["verdict"] == (own if held else "not resolved"), record["id"]
