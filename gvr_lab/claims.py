@@ -58,6 +58,7 @@ from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, run_dir_name, train_configs
+from .pools import pool_size
 from .results import CONFIG, read_json, write_json
 from .study import digest
 from .training import Config, holds_finished_run
@@ -889,11 +890,12 @@ def load_runs_of(root, labels=None, steps: bool = False) -> pd.DataFrame:
 
 def seconds_per_seed(root) -> float:
     """The summed training time of one seed's runs of every arm, averaged over the pilot seeds,
-    divided by the runs this machine trains at once (the processes executor's pool)."""
+    divided by the runs this machine trains at once (the processes executor's pool, as --workers
+    sizes it)."""
     summaries = [(read_json(p.parent / "config.json"), read_json(p)) for p in Path(root).glob("*/summary.json")]
     per_seed = pd.DataFrame([{"seed": c["seed"], "s": s["wall_time_s"]} for c, s in summaries]).groupby("seed")["s"]
     configs = [Config.from_dict({**c, "out_dir": "", "progress": False}) for c, _ in summaries[:1]]
-    return float(per_seed.sum().mean()) / default_workers(configs)
+    return float(per_seed.sum().mean()) / pool_size(0, default_workers(configs))
 
 
 # ---------------------------------------------------------------------- tables and figures

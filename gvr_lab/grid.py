@@ -95,9 +95,10 @@ def resolve_executor(executor: str | None, options: cluster.RayOptions | None) -
 
 
 def executor_environment(executor: str, options: cluster.RayOptions | None, workers: int = 0) -> dict[str, str]:
-    """The environment variables that make a notebook kernel's grids run this way."""
+    """The environment variables that make a notebook kernel's grids run this way; without
+    `workers`, the pool size the environment already sets (if any) stays."""
     if executor != "ray":
-        return {ENVIRONMENT["executor"]: executor, ENVIRONMENT["workers"]: str(workers or "")}
+        return {ENVIRONMENT["executor"]: executor, **({ENVIRONMENT["workers"]: str(workers)} if workers else {})}
     values = {
         "executor": executor,
         "address": options.address or "",

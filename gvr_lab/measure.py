@@ -251,13 +251,18 @@ def measured_in_worker(run_dir: str, settings: dict) -> list[dict]:
         return curvature_over_training(run_dir, CPU, **settings)
 
 
+def measuring_processes(runs: int, device: torch.device = CPU, workers: int = 0) -> int:
+    """The processes measure_runs measures `runs` runs in: on a CPU `workers` (0: the size `gvr-lab
+    run --workers` set, else one per core), at most one per run; on another device, this one."""
+    return min(runs, pool_size(workers, os.cpu_count() or 1)) if device.type == "cpu" else 1
+
+
 def measure_runs(run_dirs, device: torch.device = CPU, workers: int = 0, **settings) -> list[dict]:
     """curvature_over_training of each run (`settings`: checkpoint_curvature's keywords), the records
-    in the order of the runs. On a CPU in a pool of `workers` processes (0: the size `gvr-lab run
-    --workers` set, else one per core) of one torch thread each, as the grid trains runs; on another
-    device here, one run after another. A line per run as it is done."""
+    in the order of the runs: in measuring_processes processes of one torch thread each, as the grid
+    trains runs, or one run after another in this one. A line per run as it is done."""
     run_dirs = [str(r) for r in run_dirs]
-    workers = min(len(run_dirs), pool_size(workers, os.cpu_count() or 1)) if device.type == "cpu" else 1
+    workers = measuring_processes(len(run_dirs), device, workers)
     done = {}
 
     def report(index: int, records: list[dict]) -> None:

@@ -19,6 +19,8 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from .errors import UsageError
+
 # `gvr-lab run --workers N` hands the notebook's kernel its pools' size here: a grid's runs and a
 # study's measurements alike.
 WORKERS_ENV = "GVR_LAB_WORKERS"
@@ -26,7 +28,10 @@ WORKERS_ENV = "GVR_LAB_WORKERS"
 
 def pool_size(workers: int, default: int) -> int:
     """`workers` where given, else the size the environment sets (WORKERS_ENV), else `default`."""
-    return workers or int(os.environ.get(WORKERS_ENV) or 0) or default
+    value = os.environ.get(WORKERS_ENV) or "0"
+    if not value.isdigit():
+        raise UsageError(f"{WORKERS_ENV} must be a whole number of processes (0: the default), got {value!r}")
+    return workers or int(value) or default
 
 
 @contextlib.contextmanager

@@ -95,7 +95,6 @@ fig_root: str = ""  # figures and tables; empty: figures/ at the cpu preset, els
 
 # %%
 import math
-import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -379,7 +378,11 @@ for label, baseline in baselines.items():
 cost = (
     f"{len(records)} measurements, median {records['seconds'].median():.1f} s and {records['hvps'].median():.0f} "
     "Hessian-vector products each, "
-    + (f"in {os.cpu_count()} processes of one torch thread each" if where.type == "cpu" else f"on {where}")
+    + (
+        f"in {measure.measuring_processes(records['run_dir'].nunique(), where)} process(es) of one torch thread each"
+        if where.type == "cpu"
+        else f"on {where}"
+    )
 )
 study.save_table(
     pd.DataFrame(summary),

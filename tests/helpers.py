@@ -170,10 +170,11 @@ def install_package(root: Path, name: str, files: dict[str, str], entry_points: 
 
 def check_claims_recompute(records: list[dict], seeds, protocol) -> None:
     """What a reader of a claims study can check from its seeds.csv (`seeds`) and its protocol alone:
-    every claim's n, mean paired difference, CI and p (claims.recompute); Holm's adjustment over the
-    primary family (a primary claim without a p counts as p = 1, a secondary one keeps its own p);
-    each claim's own verdict from its adjusted p and interval; its verdict, which stands only where
-    its premise holds."""
+    every claim tested as registered (its family, test, direction and margin, on its registered n);
+    its n, mean paired difference, CI and p (claims.recompute); Holm's adjustment over the primary
+    family (a primary claim without a p counts as p = 1, a secondary one keeps its own p); each
+    claim's own verdict from its adjusted p and interval; its verdict, which stands only where its
+    premise holds."""
     import math
 
     import pytest
@@ -181,8 +182,11 @@ def check_claims_recompute(records: list[dict], seeds, protocol) -> None:
     from gvr_lab import claims, stats
 
     assert [r["id"] for r in records] == [c["id"] for c in protocol.claims]
-    for record in records:
-        assert record["protocol_sha256"] == protocol.sha256
+    for record, claim in zip(records, protocol.claims):  # tested as registered, on the registered n
+        registered = stats.Claim(**claims.definition(claim))
+        for field in ("statement", "family", "test", "direction", "margin", "metric"):
+            assert record[field] == getattr(registered, field), (record["id"], field)
+        assert record["protocol_sha256"] == protocol.sha256 and record["n"] == protocol.n(record["id"])
         n, mean, low, high, p = claims.recompute(seeds, record, protocol.alpha)
         assert n == record["n"] and mean == pytest.approx(record["diff_mean"], nan_ok=True), record["id"]
         assert (low, high, p) == pytest.approx((record["ci_low"], record["ci_high"], record["p_value"]), nan_ok=True)

@@ -66,6 +66,19 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+def test_gvr_lab_run_sets_the_pool_size_only_when_workers_is_given():
+    """Without --workers the pool size GVR_LAB_WORKERS sets stays (the tests' conftest sets 1), and
+    run and figures, which put their executor in this process's environment, do not undo it."""
+    from gvr_lab.cli import executor_environment
+    from gvr_lab.pools import WORKERS_ENV
+
+    def parsed(*flags):
+        return build_parser().parse_args(["run", "nb.py", "--executor", "processes", *flags])
+
+    assert executor_environment(parsed()) == {"GVR_LAB_EXECUTOR": "processes"}
+    assert executor_environment(parsed("--workers", "3")) == {"GVR_LAB_EXECUTOR": "processes", WORKERS_ENV: "3"}
+
+
 @pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     out_dir = tmp_path / "run"

@@ -723,6 +723,9 @@ def test_measure_runs_takes_its_pool_size_from_the_argument_else_gvr_lab_runs_wo
         with pytest.raises(RuntimeError, match="no pool here"):
             measure.measure_runs(runs, workers=workers)
         assert sizes.pop() == size
+    monkeypatch.setenv(WORKERS_ENV, "two")
+    with pytest.raises(UsageError, match="GVR_LAB_WORKERS must be a whole number of processes"):
+        measure.measure_runs(runs)
 
 
 def test_interpolate_runs_ends_at_each_runs_weights_and_refuses_two_models(tmp_path):

@@ -49,7 +49,6 @@ def test_figures_smoke_writes_what_each_notebook_declares(tmp_path):
     assert list(seeds.columns) == ["claim_id", "arm", "role", "seed", "metric", "value"]
     protocol = claims.load_protocol(REPO / "notebooks" / "claims_protocol.toml", "smoke")
     assert all(set(claims.CLAIMS_JSON_FIELDS) <= set(record) for record in records)
-    assert {record["n"] for record in records} == {2}
     check_claims_recompute(records, seeds, protocol)
 
 
