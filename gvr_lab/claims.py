@@ -909,10 +909,6 @@ def claims_table(assessed: list, paper: dict) -> pd.DataFrame:
     rows = []
     for a in assessed:
         digits = 3 if a.metric == "step_time" else 2
-        ci = "no interval" if math.isnan(a.ci_low) else f"[{a.ci_low:.{digits}f}, {a.ci_high:.{digits}f}]"
-        verdict = (
-            a.verdict if a.verdict == a.own_verdict else f"{a.verdict} (premise {a.premise}; alone: {a.own_verdict})"
-        )
         rows.append(
             {
                 "claim": a.statement,
@@ -920,16 +916,48 @@ def claims_table(assessed: list, paper: dict) -> pd.DataFrame:
                 "test": a.test + (f" (margin {a.margin:g})" if a.margin else ""),
                 "paper": paper.get(a.id, ""),
                 "ours": f"{a.method_mean:.{digits}f} vs {a.baseline_mean:.{digits}f}",
-                "difference": f"{a.diff_mean:+.{digits}f} {ci} ({100 * a.ci_level:.0f}%)",
+                "difference": difference_cell(vars(a)),
                 "p": f"{a.p_value:.2g}",
                 "p read": f"{a.p_adjusted:.2g}",
                 "d_z": f"{a.d_z:.2f}",
                 "Wilcoxon p": f"{a.wilcoxon_p:.2g}",
                 "n": a.n,
-                "verdict": verdict,
+                "verdict": verdict_cell(vars(a)),
             }
         )
     return pd.DataFrame(rows)
+
+
+def difference_cell(record: dict) -> str:
+    """A claim's mean paired difference with its interval and the interval's level."""
+    digits = 3 if record["metric"] == "step_time" else 2
+    low, high = record["ci_low"], record["ci_high"]
+    ci = "no interval" if math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{record['diff_mean']:+.{digits}f} {ci} ({100 * record['ci_level']:.0f}%)"
+
+
+def verdict_cell(record: dict) -> str:
+    """A claim's verdict, with its premise and its own verdict where the premise failed."""
+    if record["verdict"] == record["own_verdict"]:
+        return record["verdict"]
+    return f"{record['verdict']} (premise {record['premise']}; alone: {record['own_verdict']})"
+
+
+def verdicts_table(records: list[dict]) -> str:
+    """README's table of a study's verdicts, from its claims.json (claims_records): what `gvr-lab docs`
+    writes there, so the verdicts README states are the study's own. Its header names the protocol
+    (the first 12 digits of its SHA-256), one table per study. The p read is Holm's for a primary
+    claim, the claim's own for a secondary one."""
+    [sha] = {r["protocol_sha256"] for r in records}
+    rows = [
+        f"| claim (protocol {sha[:12]}) | family | paired difference [CI] (level) | p read | n | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        p_read = f"{r['p_adjusted']:.2g}"
+        cells = [r["statement"], r["family"], difference_cell(r), p_read, str(r["n"]), verdict_cell(r)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 UNITS = {

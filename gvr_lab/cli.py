@@ -134,8 +134,10 @@ def cmd_list(args) -> int:
 def cmd_docs(args) -> int:
     """docs/methods.md from the registry and the method docstrings, and README's generated tables
     (methods, notebooks) refreshed in place: what to run after adding a method or a notebook."""
-    from .results import write_atomic
+    from .claims import verdicts_table
+    from .results import read_json, write_atomic
     from .runner import notebook_table
+    from .study import REPO
 
     notes = Path(args.out)
     write_atomic(notes, method_notes().encode())
@@ -144,10 +146,12 @@ def cmd_docs(args) -> int:
     if not readme.is_file():
         raise UsageError(f"{readme} not found: run gvr-lab docs in the project's root, or pass --readme")
     text = readme.read_text()
-    for table in (markdown_table(), dataset_table(), notebook_table()):
+    studies = sorted((REPO / "figures" / "claims").glob("**/claims.json"))  # every committed claims study
+    verdicts = [verdicts_table(read_json(path)) for path in studies]
+    for table in (markdown_table(), dataset_table(), notebook_table(), *verdicts):
         text = replace_table(text, table, readme)
     write_atomic(readme, text.encode())
-    print(f"refreshed the method, dataset and notebook tables of {readme}")
+    print(f"refreshed the method, dataset, notebook and {len(verdicts)} claims studies' verdict tables of {readme}")
     return 0
 
 

@@ -252,6 +252,28 @@ margin = 1.0
     assert records[0]["verdict"] == ("holds" if holm[0] < 0.05 else "not resolved")
     context = seeds[seeds["role"] == "context"]
     assert set(context["metric"]) == {"test_acc", "train_acc"} and len(context) == 2 * 9
+    # README's verdict table (gvr-lab docs) states these records: the margin claim's row, by hand
+    table = claims.verdicts_table(json.loads((tmp_path / "claims.json").read_text())).splitlines()
+    assert table[0].startswith(f"| claim (protocol {protocol.sha256[:12]}) | family |") and len(table) == 2 + 3
+    low, high = -1 / 6 - half, -1 / 6 + half
+    assert table[4] == (
+        f"| C is no more than 1 point worse than A | primary | -0.17 [{low:.2f}, {high:.2f}] (90%) "
+        f"| {holm[2]:.2g} | 3 | {margin['verdict']} |"
+    )
+
+
+def test_the_verdict_table_names_a_failed_premise_and_a_missing_interval():
+    record = {"statement": "LB+GN recovers most of the gap", "family": "secondary", "metric": "test_acc", "n": 2}
+    record |= {"diff_mean": 0.5, "ci_low": math.nan, "ci_high": math.nan, "ci_level": 0.95, "p_adjusted": math.nan}
+    record |= {"verdict": "not resolved", "own_verdict": "holds", "premise": "sb_beats_lb: contradicted"}
+    [header, _, row] = claims.verdicts_table([{**record, "protocol_sha256": "ab" * 32}]).splitlines()
+    assert header.startswith("| claim (protocol abababababab) |")
+    assert row == (
+        "| LB+GN recovers most of the gap | secondary | +0.50 no interval (95%) | nan | 2 "
+        "| not resolved (premise sb_beats_lb: contradicted; alone: holds) |"
+    )
+    with pytest.raises(ValueError):  # one table is one study: records of two protocols are refused
+        claims.verdicts_table([{**record, "protocol_sha256": "ab" * 32}, {**record, "protocol_sha256": "cd" * 32}])
 
 
 def test_a_claim_uses_the_first_n_seeds_its_preset_registers(tmp_path):
