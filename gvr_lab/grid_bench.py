@@ -38,6 +38,7 @@ from .bench import bench_loader
 from .data import dataset_info
 from .grid import train_configs
 from .models import create_model
+from .results import SUMMARY, read_json
 from .training import Config, DeviceSettings, build_model, torch_threads
 
 TARGET = 1.4  # runs per hour, defaults over the old way: the lab's goal for a study-shaped grid
@@ -73,6 +74,7 @@ def run_grid_bench(protocol_path, preset: str, seeds: int) -> dict:
         seconds = {"old": [], "defaults": []}
         for way, configs, executor in blocks:
             seconds[way].append(timed_block(configs, executor))
+        ended = {"old": run_endings(old), "defaults": run_endings(new)}
     wall = {way: sum(s) for way, s in seconds.items()}
     per_hour = {way: 3600 * len(new) / wall[way] for way in wall}
     models = sorted({(c.model, c.dataset, c.batch_size) for c in new})
@@ -92,8 +94,20 @@ def run_grid_bench(protocol_path, preset: str, seeds: int) -> dict:
         "wall_s": wall,
         "runs_per_hour": per_hour,
         "speedup": per_hour["defaults"] / per_hour["old"],
+        "runs": ended,
         "kernels": [kernel_rates(model, dataset, batch) for model, dataset, batch in models],
     }
+
+
+def run_endings(configs: list) -> list[dict]:
+    """How each run of a way ended: a run that diverged stopped early and took less time, so the
+    two ways trained the same grid only where their runs ended alike."""
+    ended = []
+    for c in configs:
+        summary = read_json(Path(c.out_dir) / SUMMARY)
+        step = {"diverged_step": summary["diverged_step"]} if "diverged_step" in summary else {}
+        ended.append({"run": f"{c.label} s{c.seed}", "status": summary["status"], **step})
+    return ended
 
 
 def matmul_gflops(threads: int, size: int = 2048, rounds: int = 5) -> float:
@@ -200,7 +214,7 @@ def grid_markdown(report: dict, source: str) -> str:
         f"{report['runs_per_hour']['defaults']:.1f} |",
         "",
         f"Runs per hour, defaults over the old way: {report['speedup']:.2f}x (target {TARGET}x: "
-        f"{'met' if report['speedup'] >= TARGET else 'not met'}).",
+        f"{'met' if report['speedup'] >= TARGET else 'not met'}). {unfinished_note(report['runs'])}",
     ]
     lines += [
         "",
@@ -227,3 +241,19 @@ def grid_markdown(report: dict, source: str) -> str:
             for r in k["rates"]
         ]
     return "\n".join(lines)
+
+
+def unfinished_note(ended: dict) -> str:
+    """The runs of each way that did not complete; a diverged run counts as a run, as in a study."""
+    parts = []
+    for way in ("old", "defaults"):
+        runs = [
+            f"{r['run']} ({r['status']}" + (f" at step {r['diverged_step']})" if "diverged_step" in r else ")")
+            for r in ended[way]
+            if r["status"] != "completed"
+        ]
+        parts.append(f"{'the old way' if way == 'old' else 'the defaults'}: {', '.join(runs) or 'none'}")
+    return (
+        f"Runs that did not complete ({'; '.join(parts)}): a diverged run stops early and counts as a run, "
+        "as in a study, so where the ways differ here they did not train the same amount."
+    )

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gvr_lab import claims
 from gvr_lab.bench import (
     DATA_LABEL,
     HVP_LABEL,
@@ -18,10 +19,12 @@ from gvr_lab.bench import (
     write_markdown_block,
 )
 from gvr_lab.cli import main
-from gvr_lab.grid_bench import grid_markdown
+from gvr_lab.grid_bench import grid_markdown, unfinished_note
 from gvr_lab.methods.base import TWO_VIEW_SGD
 
 from helpers import BENCH_SMOKE
+
+PROTOCOL = Path(__file__).parent.parent / "notebooks" / "claims_protocol.toml"  # the smoke grid's arms
 
 
 def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys):
@@ -183,3 +186,32 @@ def test_bench_times_one_hessian_vector_product_against_an_sgd_step(tmp_path):
     source = tmp_path / "b.json"
     source.write_text(json.dumps(report))
     assert " --hvp --json " in markdown_report(report, str(source))  # the command in the block reruns it
+
+
+@pytest.mark.slow
+def test_bench_grid_trains_the_study_grid_both_ways_and_says_how_each_run_ended(tmp_path):
+    out = tmp_path / "grid.json"
+    md = tmp_path / "B.md"
+    md.write_text("")
+    assert main(["bench-grid", "--preset", "smoke", "--seeds", "1", "--json", str(out), "--into", str(md)]) == 0
+    report = json.loads(out.read_text())
+    setup = report["setup"]
+    arms = set(claims.load_protocol(PROTOCOL, "smoke").table["arms"]) - {"NGD", "ExterGraft"}  # they read SB's runs
+    assert setup["arms"] == sorted(arms) and setup["runs"] == len(arms)
+    for way in ("old", "defaults"):  # every run of the grid, once each way, in two blocks
+        assert sorted(r["run"] for r in report["runs"][way]) == sorted(f"{a} s0" for a in arms)
+        assert {r["status"] for r in report["runs"][way]} <= {"completed", "diverged"}
+        assert len(report["blocks_s"][way]) == 2
+        assert report["runs_per_hour"][way] == pytest.approx(3600 * len(arms) / sum(report["blocks_s"][way]))
+    assert report["speedup"] == pytest.approx(report["runs_per_hour"]["defaults"] / report["runs_per_hour"]["old"])
+    assert grid_markdown(report, str(out)) in md.read_text()
+
+
+def test_the_grid_benchmark_names_each_way_s_runs_that_did_not_complete():
+    ended = {
+        "old": [{"run": "SGD s0", "status": "completed"}, {"run": "GVR s0", "status": "diverged", "diverged_step": 49}],
+        "defaults": [{"run": "SGD s0", "status": "completed"}, {"run": "GVR s0", "status": "completed"}],
+    }
+    assert unfinished_note(ended).startswith(
+        "Runs that did not complete (the old way: GVR s0 (diverged at step 49); the defaults: none)"
+    )
