@@ -39,6 +39,7 @@ from .data import dataset_info
 from .grid import train_configs
 from .models import create_model
 from .results import SUMMARY, read_json
+from .study import repo_relative
 from .training import Config, DeviceSettings, build_model, torch_threads
 
 TARGET = 1.4  # runs per hour, defaults over the old way: the lab's goal for a study-shaped grid
@@ -80,7 +81,7 @@ def run_grid_bench(protocol_path, preset: str, seeds: int) -> dict:
     models = sorted({(c.model, c.dataset, c.batch_size) for c in new})
     return {
         "setup": {
-            "protocol": str(protocol_path),
+            "protocol": repo_relative(protocol_path),
             "preset": preset,
             "seeds": seeds,
             "runs": len(new),
@@ -196,7 +197,7 @@ def step_parts(model_name: str, dataset: str, batch_size: int, rounds: int) -> d
 def grid_markdown(report: dict, source: str) -> str:
     s = report["setup"]
     lines = [
-        f"{s['runs']} runs: the claims study's arms at its `{s['preset']}` preset ({', '.join(s['arms'])}), "
+        f"{s['runs']} runs: the claims study's arms at its `{s['preset']}` preset ({'; '.join(s['arms'])}), "
         f"{s['seeds']} seed{'s' if s['seeds'] > 1 else ''}, on {s['cores']} cores ({s['cpu']}), torch {s['torch']}; "
         f"1-minute load average {s['load_average'][0]:.2f} at the end.",
         "",
@@ -220,11 +221,11 @@ def grid_markdown(report: dict, source: str) -> str:
         "",
         "The other parts of a step at the defaults (1 thread, channels_last), ms:",
         "",
-        "| model | batch from the loader | forward + backward | optimizer step |",
-        "|---|---|---|---|",
+        "| model | batch | batch from the loader | forward + backward | optimizer step |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {k['model']} | {k['parts_ms']['data']:.2f} | {k['parts_ms']['forward_backward']:.1f} | "
+        f"| {k['model']} | {k['batch_size']} | {k['parts_ms']['data']:.2f} | {k['parts_ms']['forward_backward']:.1f} | "
         f"{k['parts_ms']['optimizer']:.2f} |"
         for k in report["kernels"]
     ]

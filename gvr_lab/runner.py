@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
-from .study import REPO, Declaration, Resolved, digest, notebook_paths, read_notebook, resolve
+from .study import REPO, Declaration, Resolved, digest, notebook_paths, read_notebook, repo_relative, resolve
 
 TIMINGS = "timings.json"  # beside figures/README.md: each notebook's measured cost, for README's table
 
@@ -281,12 +281,6 @@ def execution_record(run_dir: Path) -> dict:
         "devices": sorted({s.get("device", "?") for s in summaries}),
         "runs_root": repo_relative(resolved.runs_root),
     }
-
-
-def repo_relative(path: Path) -> str:
-    """A path as committed files keep it: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
 
 def resolved_of(run_dir: Path) -> Resolved:

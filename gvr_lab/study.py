@@ -247,6 +247,12 @@ def resolve(decl: Declaration, explicit: dict) -> Resolved:
     return Resolved(params, changed, variant, runs_root, fig_root)
 
 
+def repo_relative(path) -> str:
+    """A path as committed files and captions keep it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 def digest(values: dict) -> str:
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -325,17 +331,13 @@ class Study:
         plots.set_style()
         self.fig_dir = self.resolved.fig_root / name
         print(
-            f"{name} · preset {self.resolved.note} · runs: {self.shown(self.runs_root)} · "
-            f"figures: {self.shown(self.fig_dir)}"
+            f"{name} · preset {self.resolved.note} · runs: {repo_relative(self.runs_root)} · "
+            f"figures: {repo_relative(self.fig_dir)}"
         )
 
     @property
     def runs_root(self) -> Path:
         return self.resolved.runs_root
-
-    @staticmethod
-    def shown(path: Path) -> str:
-        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
     def load_runs(self, steps: bool = False) -> pd.DataFrame:
         """Every run of this study (load_runs of runs_root/*)."""
@@ -413,6 +415,5 @@ class Study:
         self.saved([path])
 
     def saved(self, paths: list[Path]) -> None:
-        show_text(
-            f"saved: {', '.join(self.shown(p) for p in paths)}", metadata={"gvr_lab": {"saved": list(map(str, paths))}}
-        )
+        shown = ", ".join(repo_relative(p) for p in paths)
+        show_text(f"saved: {shown}", metadata={"gvr_lab": {"saved": list(map(str, paths))}})

@@ -530,7 +530,7 @@ def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path
 
 
 def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
-    from gvr_lab.runner import repo_relative
+    from gvr_lab.study import repo_relative
 
     assert repo_relative(REPO / "runs" / "cpu" / "x") == "runs/cpu/x"
     assert repo_relative(tmp_path) == str(tmp_path)
