@@ -246,14 +246,15 @@ def grid_markdown(report: dict, source: str) -> str:
 
 def unfinished_note(ended: dict) -> str:
     """The runs of each way that did not complete; a diverged run counts as a run, as in a study."""
+
+    def ending(run: dict) -> str:
+        at = f" at step {run['diverged_step']}" if "diverged_step" in run else ""
+        return f"{run['run']} ({run['status']}{at})"
+
     parts = []
-    for way in ("old", "defaults"):
-        runs = [
-            f"{r['run']} ({r['status']}" + (f" at step {r['diverged_step']})" if "diverged_step" in r else ")")
-            for r in ended[way]
-            if r["status"] != "completed"
-        ]
-        parts.append(f"{'the old way' if way == 'old' else 'the defaults'}: {', '.join(runs) or 'none'}")
+    for way, named in (("old", "the old way"), ("defaults", "the defaults")):
+        runs = [ending(r) for r in ended[way] if r["status"] != "completed"]
+        parts.append(f"{named}: {', '.join(runs) or 'none'}")
     return (
         f"Runs that did not complete ({'; '.join(parts)}): a diverged run stops early and counts as a run, "
         "as in a study, so where the ways differ here they did not train the same amount."

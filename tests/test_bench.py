@@ -24,8 +24,6 @@ from gvr_lab.methods.base import TWO_VIEW_SGD
 
 from helpers import BENCH_SMOKE
 
-PROTOCOL = Path(__file__).parent.parent / "notebooks" / "claims_protocol.toml"  # the smoke grid's arms
-
 
 def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys):
     out = tmp_path / "bench.json"
@@ -197,7 +195,8 @@ def test_bench_grid_trains_the_study_grid_both_ways_and_says_how_each_run_ended(
     assert main(["bench-grid", "--preset", "smoke", "--seeds", "1", "--json", str(out), "--into", str(md)]) == 0
     report = json.loads(out.read_text())
     setup = report["setup"]
-    arms = set(claims.load_protocol(PROTOCOL, "smoke").table["arms"]) - {"NGD", "ExterGraft"}  # they read SB's runs
+    registered = claims.load_protocol(claims.DEFAULT_PROTOCOL, "smoke").table["arms"]
+    arms = set(registered) - {"NGD", "ExterGraft"}  # they read SB's runs
     assert setup["arms"] == sorted(arms) and setup["runs"] == len(arms)
     for way in ("old", "defaults"):  # every run of the grid, once each way, in two blocks
         assert sorted(r["run"] for r in report["runs"][way]) == sorted(f"{a} s0" for a in arms)
