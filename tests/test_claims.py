@@ -457,6 +457,14 @@ def test_the_study_gets_the_seeds_its_claims_need_within_the_budget():
     assert list(sized["family"]) == ["primary", "secondary", "secondary"] and set(sized["n"]) == {12}
 
 
+def test_the_budget_affords_the_seeds_whose_runs_fit_it_less_its_reserve():
+    # 6 hours less a tenth is 19,440 s: 8 seeds of 2,394 s (9 would take 21,546 s, 99.7% of 6 hours)
+    assert claims.affordable_seeds(2394.3, 6.0) == 8
+    assert claims.affordable_seeds(2160.0, 6.0) == 9  # exactly 19,440 s
+    assert claims.affordable_seeds(2160.1, 6.0) == 8
+    assert claims.affordable_seeds(50_000.0, 6.0) == 2  # a paired test needs two seeds
+
+
 def test_a_step_time_claims_values_recompute_from_their_parts_in_seeds_csv(tmp_path):
     """seeds.csv holds, per run of a step-time claim's arms, its two-pass fraction and the isolated
     step times, from which its step time, and so the claim's values, recompute."""
