@@ -76,3 +76,34 @@ class SpawnedPool(ProcessPoolExecutor):
     def submit(self, fn, /, *args, **kwargs):
         with caller_script_hidden():
             return super().submit(fn, *args, **kwargs)
+
+
+# A virtual machine's cores are shared with the host's other guests: the time the hypervisor gave
+# them ("steal") makes every wall time on this machine longer than its own speed, so measured
+# executions record it beside their wall time.
+PROC_STAT = "/proc/stat"
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(all CPU time since boot, the part of it stolen by the host) in core-seconds, from the first
+    line of Linux's /proc/stat (user nice system idle iowait irq softirq steal; guest time is already
+    in user); None where the file is missing or unreadable."""
+    try:
+        with open(PROC_STAT) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(ticks) / hz, ticks[7] / hz
+
+
+def stolen_since(start: tuple[float, float] | None) -> dict:
+    """{"cpu_s", "stolen_s"}: the machine's CPU time since `start` (a cpu_seconds() reading) and the
+    part the host took; {} where either reading is missing."""
+    now = cpu_seconds()
+    if start is None or now is None:
+        return {}
+    return {"cpu_s": round(now[0] - start[0], 1), "stolen_s": round(now[1] - start[1], 1)}

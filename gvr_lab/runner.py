@@ -18,7 +18,8 @@ Added on top of papermill's Python API:
 
 Each execution goes to runs/notebooks/<notebook>-<variant>-<hash>/ with executed.ipynb,
 params.json and, once it finished, DONE (JSON: the execution's wall time, with that of earlier
-executions of the same run that were killed or interrupted before they finished). It is executed
+executions of the same run that were killed or interrupted before they finished, and the share of
+the machine's CPU time the host took meanwhile, on a virtual machine). It is executed
 in a temporary folder beside it, where elapsed.json keeps its time so far, and renamed into place.
 """
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .pools import cpu_seconds, stolen_since
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
 from .study import REPO, Declaration, Resolved, digest, notebook_paths, read_notebook, repo_relative, resolve
 
@@ -132,7 +134,7 @@ def run_notebook(
         return run_dir
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     parts = interrupted_parts(run_dir)
-    earlier = round(sum(parts.values()), 1)
+    earlier = round(sum(part["wall_time_s"] for part in parts.values()), 1)
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
     write_json(work / "params.json", {"notebook": str(decl.path), **resolved.params})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
@@ -165,9 +167,11 @@ def run_notebook(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    own = read_json(work / ELAPSED)  # written as the execution ended
     (work / ELAPSED).unlink()
-    own = time.perf_counter() - started
-    write_json(work / "DONE", {"wall_time_s": round(own + earlier, 1), "interrupted_s": earlier, "code": code})
+    steal = summed_steal([part_steal(part) for part in [*parts.values(), own]])
+    done = {"wall_time_s": round(own["wall_time_s"] + earlier, 1), "interrupted_s": earlier, "code": code}
+    write_json(work / "DONE", {**done, **({"steal": steal} if steal else {})})
     replace_dir(work, run_dir)
     for folder in parts:  # counted in DONE now; until then a failed or killed execution leaves them for the next
         shutil.rmtree(folder, ignore_errors=True)
@@ -182,11 +186,15 @@ ELAPSED_EVERY_S = 30.0
 
 @contextlib.contextmanager
 def elapsed_recorded(path: Path, started: float, every: float = ELAPSED_EVERY_S):
-    """Write {"wall_time_s": seconds since `started`} to `path` every `every` seconds and at the end."""
+    """Write {"wall_time_s": seconds since `started`, "at": when} to `path` every `every` seconds and
+    at the end, with the machine's CPU time since then and the host's part of it where the machine
+    reports them (pools.stolen_since)."""
     stop = threading.Event()
+    cpu_at_start = cpu_seconds()
 
     def write():
-        write_json(path, {"wall_time_s": round(time.perf_counter() - started, 1), "at": time.time()})
+        wall = round(time.perf_counter() - started, 1)
+        write_json(path, {"wall_time_s": wall, "at": time.time(), **stolen_since(cpu_at_start)})
 
     def beat():
         while not stop.wait(every):
@@ -209,18 +217,35 @@ def unfinished_folders(run_dir: Path) -> list[Path]:
     return list(run_dir.parent.glob(f".{run_dir.name}.*"))
 
 
-def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Path, float]:
+def interrupted_parts(run_dir: Path, every: float = ELAPSED_EVERY_S) -> dict[Path, dict]:
     """The unfinished folders of earlier executions of this notebook run (killed or interrupted),
-    each with its wall time. A folder whose record is fresher than two beats belongs to an
-    execution still running and is left out."""
+    each with its elapsed record (elapsed_recorded). A folder whose record is fresher than two
+    beats belongs to an execution still running and is left out."""
     parts = {}
     for folder in unfinished_folders(run_dir):
         record = folder / ELAPSED
         if record.is_file():
             elapsed = read_json(record)
             if time.time() - elapsed.get("at", 0.0) >= 2 * every:
-                parts[folder] = elapsed["wall_time_s"]
+                parts[folder] = elapsed
     return parts
+
+
+def part_steal(elapsed: dict) -> dict:
+    """An execution part's steal record from its elapsed record: {} where it has none (recorded
+    before steal was, or on a machine that does not report it)."""
+    if "cpu_s" not in elapsed:
+        return {}
+    return {"cpu_s": elapsed["cpu_s"], "stolen_s": elapsed["stolen_s"], "wall_s": elapsed["wall_time_s"]}
+
+
+def summed_steal(records: list[dict]) -> dict:
+    """Steal records {"cpu_s", "stolen_s", "wall_s": the wall time they cover} summed; {} when none
+    of them holds one."""
+    measured = [r for r in records if r]
+    if not measured:
+        return {}
+    return {key: round(sum(r[key] for r in measured), 1) for key in ("cpu_s", "stolen_s", "wall_s")}
 
 
 def unrecorded_parts(run_dir: Path) -> int:
@@ -280,6 +305,7 @@ def execution_record(run_dir: Path) -> dict:
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
         "runs_root": repo_relative(resolved.runs_root),
+        **({"steal": done["steal"]} if "steal" in done else {}),
     }
 
 
@@ -293,15 +319,23 @@ def study_timing(previous: dict | None, record: dict) -> dict:
     """A notebook's entry in figures/timings.json after an execution (record: execution_record):
     its wall time is that of the executions that trained its runs. An execution that trained
     nothing (every run finished earlier: a redraw) keeps the earlier wall time; one that continued
-    a study run in parts (same runs root, more training) adds its own to the earlier parts'."""
+    a study run in parts (same runs root, more training) adds its own to the earlier parts', and
+    its steal record to theirs."""
     same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
     if not same_study:
         return record
     # a part of the study that left no record stays missing, whichever execution found it
     all_parts = previous.get("all_parts", True) and record.get("all_parts", True)
-    if record["training_time_s"] <= previous["training_time_s"]:
-        return {**record, "wall_time_s": previous["wall_time_s"], "all_parts": all_parts}
-    return {**record, "wall_time_s": round(previous["wall_time_s"] + record["wall_time_s"], 1), "all_parts": all_parts}
+    redraw = record["training_time_s"] <= previous["training_time_s"]
+    parts = [previous] if redraw else [previous, record]
+    wall = round(sum(part["wall_time_s"] for part in parts), 1)
+    steal = summed_steal([part.get("steal", {}) for part in parts])
+    timing = {**without(record, "steal"), "wall_time_s": wall, "all_parts": all_parts}
+    return {**timing, "steal": steal} if steal else timing
+
+
+def without(record: dict, key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
 
 
 def record_timing(root, name: str, record: dict) -> None:
@@ -337,11 +371,24 @@ def timing(record: dict | None) -> str:
     if not record:
         return "not measured"
     training = f"{record['training_time_s'] / 60:.0f} min of training, summed over its {record['training_runs']} runs"
+    training += steal_note(record)
     if "runs_root" not in record:  # recorded before the studies' own wall time was: that of a redraw
         return training
     if not record.get("all_parts", True):
         return f"over {record['wall_time_s'] / 60:.0f} min: its last part, earlier ones not recorded ({training})"
     return f"{record['wall_time_s'] / 60:.0f} min ({training})"
+
+
+def steal_note(record: dict) -> str:
+    """How much of the machine's CPU time the host took while the study's executions ran, and over
+    how much of their wall time that was measured; "" where it was not."""
+    steal = record.get("steal")
+    if not steal:
+        return ""
+    note = f"; the host took {100 * steal['stolen_s'] / steal['cpu_s']:.0f}% of the machine's CPU time meanwhile"
+    if steal["wall_s"] < record["wall_time_s"] - 1:
+        note += f", measured over {steal['wall_s'] / 60:.0f} min of it"
+    return note
 
 
 def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict]]) -> Path:
@@ -375,7 +422,7 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
             lines.append(
                 f"Training: {record['training_runs']} runs on {', '.join(record['devices'])}, their wall "
                 f"times summing to {record['training_time_s']:.0f} s (runs in parallel overlap); the "
-                f"executions that trained them {wall}."
+                f"executions that trained them {wall}{steal_note(record)}."
             )
         lines.append("")
         for stem, what in decl.outputs.items():

@@ -521,12 +521,73 @@ def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path
     final = json.loads((live / "elapsed.json").read_text())  # written as the execution ended
     time.sleep(0.15)  # the live folder's last beat is now stale too
     parts = interrupted_parts(run_dir, every=0.05)
-    assert {p.name: s for p, s in parts.items()} == {  # not the other run's
+    assert {p.name: record["wall_time_s"] for p, record in parts.items()} == {  # not the other run's
         ".07_x-cpu-abc.killed1": 1200.0,
         ".07_x-cpu-abc.killed2": 300.5,
         ".07_x-cpu-abc.live": final["wall_time_s"],
     }
     assert all(p.is_dir() for p in parts)  # reading removes nothing: an execution that fails keeps them
+
+
+def proc_stat_line(user: int, idle: int, steal: int) -> str:
+    """/proc/stat's first line with these ticks (user nice system idle iowait irq softirq steal
+    guest guest_nice), guest time already counted in user."""
+    return f"cpu  {user} 0 0 {idle} 0 0 0 {steal} {user // 2} 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+
+
+def test_an_executions_record_says_how_much_cpu_time_the_host_took(tmp_path, monkeypatch):
+    """On a virtual machine the host gives the cores to other guests ("steal" in /proc/stat): the
+    elapsed record holds the machine's CPU time since the execution started and the host's part of
+    it, so a wall time measured under a busy host is read as such."""
+    import os
+    import time
+
+    from gvr_lab import pools
+    from gvr_lab.runner import elapsed_recorded, part_steal
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text(proc_stat_line(user=10 * hz, idle=5 * hz, steal=1 * hz))
+    monkeypatch.setattr(pools, "PROC_STAT", str(stat))
+    assert pools.cpu_seconds() == (16.0, 1.0)  # guest time is not counted twice
+    record = tmp_path / "elapsed.json"
+    with elapsed_recorded(record, time.perf_counter() - 2.0, every=60.0):
+        stat.write_text(proc_stat_line(user=70 * hz, idle=5 * hz, steal=41 * hz))  # 100 s more, 40 stolen
+    elapsed = json.loads(record.read_text())  # written as the execution ended
+    assert elapsed["cpu_s"] == 100.0 and elapsed["stolen_s"] == 40.0 and elapsed["wall_time_s"] >= 2.0
+    assert part_steal(elapsed) == {"cpu_s": 100.0, "stolen_s": 40.0, "wall_s": elapsed["wall_time_s"]}
+    monkeypatch.setattr(pools, "PROC_STAT", str(tmp_path / "missing"))  # not Linux: nothing to say
+    with elapsed_recorded(record, time.perf_counter(), every=60.0):
+        pass
+    assert set(json.loads(record.read_text())) == {"wall_time_s", "at"} and pools.cpu_seconds() is None
+
+
+def test_a_studys_steal_is_summed_over_its_parts_and_said_beside_its_time(tmp_path):
+    from gvr_lab.runner import timing
+
+    def record(wall, trained, steal=None):
+        entry = {"wall_time_s": wall, "training_runs": 4, "training_time_s": trained, "devices": ["cpu"]}
+        return {**entry, "runs_root": "runs/cpu/x/abc", **({"steal": steal} if steal else {})}
+
+    def entry():
+        return json.loads((tmp_path / "timings.json").read_text())["x"]
+
+    record_timing(tmp_path, "x", record(1200.0, 2000.0))  # a part from before steal was recorded
+    record_timing(tmp_path, "x", record(600.0, 3000.0, {"cpu_s": 1200.0, "stolen_s": 300.0, "wall_s": 600.0}))
+    assert entry()["steal"] == {"cpu_s": 1200.0, "stolen_s": 300.0, "wall_s": 600.0}
+    record_timing(tmp_path, "x", record(600.0, 4000.0, {"cpu_s": 1200.0, "stolen_s": 500.0, "wall_s": 600.0}))
+    assert entry()["steal"] == {"cpu_s": 2400.0, "stolen_s": 800.0, "wall_s": 1200.0}
+    record_timing(tmp_path, "x", record(30.0, 4000.0, {"cpu_s": 60.0, "stolen_s": 0.0, "wall_s": 30.0}))  # a redraw
+    assert entry()["steal"] == {"cpu_s": 2400.0, "stolen_s": 800.0, "wall_s": 1200.0}
+    assert entry()["wall_time_s"] == 2400.0
+    assert timing(entry()) == (
+        "40 min (67 min of training, summed over its 4 runs; the host took 33% of the machine's CPU time "
+        "meanwhile, measured over 20 min of it)"
+    )
+    whole = {**entry(), "steal": {"cpu_s": 4800.0, "stolen_s": 480.0, "wall_s": 2400.0}}
+    assert timing(whole) == (
+        "40 min (67 min of training, summed over its 4 runs; the host took 10% of the machine's CPU time meanwhile)"
+    )
 
 
 def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
@@ -576,6 +637,9 @@ def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
     done = json.loads((run_dir / "DONE").read_text())
     assert done["interrupted_s"] == 100.0 and done["wall_time_s"] >= 100.0 and not killed.exists()
+    # the killed part recorded no steal: the record covers this execution's own time only
+    assert done["steal"]["wall_s"] == pytest.approx(done["wall_time_s"] - 100.0, abs=0.2)
+    assert 0 <= done["steal"]["stolen_s"] <= done["steal"]["cpu_s"]
 
 
 def test_the_figures_index_shows_each_studys_recorded_cost_and_adds_a_new_execution(tmp_path):
