@@ -202,9 +202,36 @@ def test_bench_grid_trains_the_study_grid_both_ways_and_says_how_each_run_ended(
         assert sorted(r["run"] for r in report["runs"][way]) == sorted(f"{a} s0" for a in arms)
         assert {r["status"] for r in report["runs"][way]} <= {"completed", "diverged"}
         assert len(report["blocks_s"][way]) == 2
+        assert all(0.0 <= share <= 1.0 for share in report["blocks_stolen_share"][way])  # Linux reports it
         assert report["runs_per_hour"][way] == pytest.approx(3600 * len(arms) / sum(report["blocks_s"][way]))
     assert report["speedup"] == pytest.approx(report["runs_per_hour"]["defaults"] / report["runs_per_hour"]["old"])
     assert grid_markdown(report, str(out)) in md.read_text()
+
+
+def test_the_grid_benchmark_says_how_much_cpu_time_the_host_took_in_each_block(tmp_path, monkeypatch):
+    import os
+
+    from gvr_lab import grid_bench, pools
+
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+
+    def ticks(busy, steal):  # /proc/stat's first line: user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {busy * hz} 0 0 0 0 0 0 {steal * hz} 0 0\n")
+
+    ticks(100, 10)
+    monkeypatch.setattr(pools, "PROC_STAT", str(stat))
+    monkeypatch.setattr(grid_bench, "train_configs", lambda configs, executor: ticks(250, 60))
+    wall, share = grid_bench.timed_block([], "processes")
+    assert share == pytest.approx(50 / 200) and wall >= 0  # 200 s of CPU time more, 50 of them stolen
+    monkeypatch.setattr(pools, "PROC_STAT", str(tmp_path / "missing"))
+    assert grid_bench.timed_block([], "processes")[1] is None
+    note = grid_bench.steal_note({"blocks_stolen_share": {"old": [0.25, None], "defaults": [0.031, 0.0]}})
+    assert note == (
+        "The host's share of the machine's CPU time, block by block: "
+        "the old way 25%, not reported; the defaults 3%, 0%."
+    )
+    assert "was not recorded" in grid_bench.steal_note({})  # a report from before it was
 
 
 def test_the_grid_benchmark_names_each_way_s_runs_that_did_not_complete():
