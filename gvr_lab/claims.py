@@ -30,11 +30,12 @@ cores.
 
 The pilot (`pilot_*`): it sizes the study on seeds of its own, with a validation split, before the
 protocol is written: for Novack et al.'s arms the cheapest setting where the small-batch arm fits its
-training set; for the other arms the epoch budget past which the baseline's training loss stops
-falling (`plateau_budget`); learning rate, rho and alpha chosen on validation (stats.select), GVR
-with a rate of its own (its loss sums two views' losses, about twice the step SGD's rate was chosen
-for); then, per claim, the SD of its paired differences and the n that gives a 95% CI half-width of
-at most `half_width` points (stats.n_for_half_width).
+training set on every pilot seed and is predicted to on the study's; for the other arms the epoch
+budget past which the baseline's training loss stops falling (`plateau_budget`); learning rate, rho
+and alpha chosen on validation (stats.select), GVR with a rate of its own (its loss sums two views'
+losses, about twice the step SGD's rate was chosen for); then, per claim, the SD of its paired
+differences and the n that gives a 95% CI half-width of at most `half_width` points
+(stats.n_for_half_width).
 """
 
 from __future__ import annotations
@@ -490,16 +491,26 @@ def plateau_note(runs: pd.DataFrame, label: str, loss_drop: float = PLATEAU_LOSS
     return f"{what}: not plateaued, it still fell {100 * drop:.0f}% from {unit} {start} to {end}, more than {rule}"
 
 
-def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99) -> dict | None:
-    """The cheapest candidate setting (fewest training examples times steps) whose runs all reach
-    `threshold` training accuracy on their clean training rows (train_eval_acc): rows carry
-    `train_subset`, `steps` and `train_eval_acc`; None when no setting does."""
-    fitted = finals.groupby(["train_subset", "steps"])["train_eval_acc"].min()
+def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99, lowest="min") -> dict | None:
+    """The cheapest candidate setting (fewest training examples times steps) whose runs reach
+    `threshold` training accuracy on their clean training rows (train_eval_acc): `lowest` of the
+    setting's runs at least `threshold` ("min": every run; the pilot's study_seeds_lowest: every run
+    and a new seed's prediction bound). Rows carry `train_subset`, `steps` and `train_eval_acc`;
+    None when no setting does."""
+    fitted = finals.groupby(["train_subset", "steps"])["train_eval_acc"].agg(lowest)
     fitted = fitted[fitted >= threshold]
     if fitted.empty:
         return None
     subset, steps = min(fitted.index, key=lambda key: (key[0] * key[1], key))
     return {"train_subset": int(subset), "steps": int(steps)}
+
+
+def study_seeds_lowest(values) -> float:
+    """What the pilot's seeds say the study's seeds will reach at the least: their lowest value, or
+    the 95% lower prediction bound of one more seed (stats.lower_prediction_bound) where that is
+    lower. The first registered study's SB setting had every pilot seed at 99.6% or more, and two of
+    its nine study seeds below 99%."""
+    return min(float(np.min(values)), stats.lower_prediction_bound(values))
 
 
 def fit_note(runs: pd.DataFrame, label: str, threshold: float = 0.99) -> str:
@@ -688,8 +699,8 @@ def run_pilot(
     on its own runs and stated in its tables:
 
     1. Novack et al.'s arms: SB at each (train_subset, steps) of candidates["novack"], evaluated on
-       its clean training rows; the cheapest setting where SB reaches 99% on every pilot seed
-       (fitting_setting).
+       its clean training rows; the cheapest setting where SB reaches 99% on every pilot seed and
+       the 95% lower prediction bound of a new seed is 99% too (fitting_setting, study_seeds_lowest).
     2. The budget: SGD (the other arms' baseline) at each epoch budget of candidates["budgets"]; the
        budget past which doubling stops paying (plateau_budget).
     3. Selection on validation (stats.select, on `settings`' validation split): SGD's learning rate
@@ -730,20 +741,22 @@ def run_pilot(
     ]
     train_configs(configs)
     sb = finals(sb_labels)
-    fit = fitting_setting(sb)
+    fit = fitting_setting(sb, lowest=study_seeds_lowest)
     for label, (subset, steps) in sb_labels.items():
-        rows = sb[sb["label"] == label]
+        acc = 100 * sb[sb["label"] == label]["train_eval_acc"]
         decisions.append(
             {
                 "decision": "Novack setting",
                 "candidate": label,
-                "value": f"min train_eval_acc {100 * rows['train_eval_acc'].min():.1f}%",
+                "value": f"min train_eval_acc {acc.min():.1f}%, a new seed's 95% lower bound "
+                f"{stats.lower_prediction_bound(acc):.1f}%",
                 "chosen": fit == {"train_subset": subset, "steps": steps},
             }
         )
     if fit is None:
         raise UsageError(
-            "no candidate Novack setting lets SB fit its training set (99% on every pilot seed): "
+            "no candidate Novack setting lets SB fit its training set (99% on every pilot seed and a "
+            "new seed's 95% lower prediction bound): "
             "add smaller subsets or more steps"
         )
     settings = {**settings, "novack_subset": fit["train_subset"], "steps": fit["steps"]}

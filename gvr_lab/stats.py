@@ -538,6 +538,18 @@ def n_for_half_width(sd: float, half_width: float, level: float = 0.95) -> int:
     )
 
 
+def lower_prediction_bound(values, level: float = 0.95) -> float:
+    """The one-sided lower prediction bound, at `level`, of one more draw from what produced `values`
+    (Student t, n - 1 degrees of freedom): mean - q_{n-1}(level) * sd * sqrt(1 + 1/n). Where a few
+    pilot seeds must speak for a study's other seeds, their lowest value is not enough; NaN for
+    fewer than two values."""
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    if n < 2:
+        return math.nan
+    return float(x.mean() - scipy_stats.t.ppf(level, n - 1) * x.std(ddof=1) * math.sqrt(1 + 1 / n))
+
+
 def paired_t_power(n: int, effect: float, sd: float, alpha: float = 0.05, alternative: str = "two-sided") -> float:
     """Power of the paired t test at n seeds when the true mean difference is `effect` (sd: of the
     differences): with noncentrality delta = effect / sd * sqrt(n) and critical value c,

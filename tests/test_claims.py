@@ -364,6 +364,22 @@ def test_the_fitting_setting_is_the_cheapest_where_every_seed_fits():
     assert claims.fitting_setting(finals.assign(train_eval_acc=0.5)) is None
 
 
+def test_the_pilot_takes_a_setting_its_seeds_fit_and_a_new_seed_is_predicted_to():
+    finals = pd.DataFrame(
+        {
+            "train_subset": [256] * 3 + [512] * 3,
+            "steps": [800] * 3 + [1600] * 3,
+            "train_eval_acc": [0.992, 0.996, 1.0, 0.996, 1.0, 1.0],
+        }
+    )
+    assert claims.fitting_setting(finals) == {"train_subset": 256, "steps": 800}  # every seed at 99% or more
+    # but 256 x 800's spread predicts a new seed as low as 98.3%: mean - t_2(0.95) sd sqrt(1 + 1/3)
+    bound = 0.996 - scipy_stats.t.ppf(0.95, 2) * 0.004 * math.sqrt(4 / 3)
+    assert claims.study_seeds_lowest([0.992, 0.996, 1.0]) == pytest.approx(bound)
+    assert claims.fitting_setting(finals, lowest=claims.study_seeds_lowest) == {"train_subset": 512, "steps": 1600}
+    assert claims.study_seeds_lowest([1.0, 1.0, 1.0]) == 1.0  # no spread: the seeds' own value
+
+
 def pilot_settings(**changes) -> dict:
     """The few settings a claims preset table is built from, at smoke size on synthetic data."""
     settings = dict(

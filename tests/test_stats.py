@@ -584,3 +584,15 @@ def test_kendall_tau_leaves_out_missing_rows_and_needs_two_groups_for_an_interva
     assert tau == pytest.approx(1.0) and math.isnan(low) and math.isnan(high)
     with pytest.raises(UsageError, match="x, y and groups of one length and resamples >= 1, got lengths 2, 3, 2"):
         kendall_tau([1.0, 2.0], [1.0, 2.0, 3.0], ["a", "b"])
+
+
+def test_a_new_draw_falls_below_the_lower_prediction_bound_one_time_in_twenty():
+    """The bound's meaning, checked by simulation: from 3 normal draws, a fourth is below their 95%
+    lower prediction bound in 5% of 20,000 trials (binomial SD 0.15 points)."""
+    from gvr_lab.stats import lower_prediction_bound
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(99.0, 0.5, size=(20_000, 4))
+    below = [new < lower_prediction_bound(pilot) for *pilot, new in draws]
+    assert np.mean(below) == pytest.approx(0.05, abs=0.006)
+    assert math.isnan(lower_prediction_bound([99.5]))  # one value says nothing of the spread
