@@ -947,6 +947,7 @@ def claims_table(assessed: list, paper: dict) -> pd.DataFrame:
                 "paper": paper.get(a.id, ""),
                 "ours": f"{a.method_mean:.{digits}f} vs {a.baseline_mean:.{digits}f}",
                 "difference": difference_cell(vars(a)),
+                "95% CI half-width": half_width_cell(vars(a)),
                 "p": f"{a.p_value:.2g}",
                 "p read": f"{a.p_adjusted:.2g}",
                 "d_z": f"{a.d_z:.2f}",
@@ -966,6 +967,16 @@ def difference_cell(record: dict) -> str:
     return f"{record['diff_mean']:+.{digits}f} {ci} ({100 * record['ci_level']:.0f}%)"
 
 
+def half_width_cell(record: dict) -> str:
+    """The half-width of a claim's 95% CI in points, whatever the level of the interval its test
+    reads (a margin test's is 90%): the precision an accuracy claim's n was sized for. A step-time
+    ratio's was not sized in points."""
+    if record["metric"] == "step_time":
+        return "(a ratio)"
+    half = stats.half_width_at(0.95, record["ci_low"], record["ci_high"], record["ci_level"], record["n"])
+    return "no interval" if math.isnan(half) else f"{half:.2f}"
+
+
 def verdict_cell(record: dict) -> str:
     """A claim's verdict, with its premise and its own verdict where the premise failed."""
     if record["verdict"] == record["own_verdict"]:
@@ -980,12 +991,14 @@ def verdicts_table(records: list[dict]) -> str:
     claim, the claim's own for a secondary one."""
     [sha] = {r["protocol_sha256"] for r in records}
     rows = [
-        f"| claim (protocol {sha[:12]}) | family | paired difference [CI] (level) | p read | n | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| claim (protocol {sha[:12]}) | family | paired difference [CI] (level) | 95% CI half-width | p read | n "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in records:
         p_read = f"{r['p_adjusted']:.2g}"
-        cells = [r["statement"], r["family"], difference_cell(r), p_read, str(r["n"]), verdict_cell(r)]
+        cells = [r["statement"], r["family"], difference_cell(r), half_width_cell(r), p_read, str(r["n"])]
+        cells.append(verdict_cell(r))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

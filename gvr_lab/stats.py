@@ -538,6 +538,14 @@ def n_for_half_width(sd: float, half_width: float, level: float = 0.95) -> int:
     )
 
 
+def half_width_at(level: float, low: float, high: float, ci_level: float, n: int) -> float:
+    """The half-width a Student t interval [low, high] at `ci_level` over n paired values would
+    have at `level` (the same mean and SD); NaN without an interval."""
+    if n < 2 or math.isnan(low):
+        return math.nan
+    return (high - low) / 2 * scipy_stats.t.ppf((1 + level) / 2, n - 1) / scipy_stats.t.ppf((1 + ci_level) / 2, n - 1)
+
+
 def lower_prediction_bound(values, level: float = 0.95) -> float:
     """The one-sided lower prediction bound, at `level`, of one more draw from what produced `values`
     (Student t, n - 1 degrees of freedom): mean - q_{n-1}(level) * sd * sqrt(1 + 1/n). Where a few

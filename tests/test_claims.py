@@ -256,8 +256,9 @@ margin = 1.0
     table = claims.verdicts_table(json.loads((tmp_path / "claims.json").read_text())).splitlines()
     assert table[0].startswith(f"| claim (protocol {protocol.sha256[:12]}) | family |") and len(table) == 2 + 3
     low, high = -1 / 6 - half, -1 / 6 + half
+    half_95 = scipy_stats.t.ppf(0.975, 2) / 3  # the 95% CI the study was sized for, not the test's 90%
     assert table[4] == (
-        f"| C is no more than 1 point worse than A | primary | -0.17 [{low:.2f}, {high:.2f}] (90%) "
+        f"| C is no more than 1 point worse than A | primary | -0.17 [{low:.2f}, {high:.2f}] (90%) | {half_95:.2f} "
         f"| {holm[2]:.2g} | 3 | {margin['verdict']} |"
     )
 
@@ -269,9 +270,11 @@ def test_the_verdict_table_names_a_failed_premise_and_a_missing_interval():
     [header, _, row] = claims.verdicts_table([{**record, "protocol_sha256": "ab" * 32}]).splitlines()
     assert header.startswith("| claim (protocol abababababab) |")
     assert row == (
-        "| LB+GN recovers most of the gap | secondary | +0.50 no interval (95%) | nan | 2 "
+        "| LB+GN recovers most of the gap | secondary | +0.50 no interval (95%) | no interval | nan | 2 "
         "| not resolved (premise sb_beats_lb: contradicted; alone: holds) |"
     )
+    ratio = {**record, "metric": "step_time", "ci_low": 0.6, "ci_high": 0.7, "protocol_sha256": "ab" * 32}
+    assert "| (a ratio) |" in claims.verdicts_table([ratio])
     with pytest.raises(ValueError):  # one table is one study: records of two protocols are refused
         claims.verdicts_table([{**record, "protocol_sha256": "ab" * 32}, {**record, "protocol_sha256": "cd" * 32}])
 
