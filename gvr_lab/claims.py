@@ -58,10 +58,10 @@ from .bench import run_bench
 from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
-from .grid import default_workers, grid_configs, run_dir_name, train_configs
+from .grid import default_workers, grid_configs, run_dir_name, train_configs, train_grid
 from .pools import pool_size
 from .results import CONFIG, read_json, write_json
-from .study import digest
+from .study import HALF_BUDGET, digest
 from .training import Config, holds_finished_run
 
 if sys.version_info >= (3, 11):
@@ -443,12 +443,16 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
 # ---------------------------------------------------------------------- the pilot
 
 
-# The plateau rule's threshold: a doubling of training that lowers the mean training loss by less than
-# this fraction of it no longer pays.
+# The plateau rule's thresholds: a doubling of training that lowers the mean final training loss by
+# less than this fraction of it, and raises the mean final test accuracy by less than this many
+# points, no longer pays.
 PLATEAU_LOSS_DROP = 0.2
+PLATEAU_ACC_GAIN = 0.5
 
 
-def plateau_budget(finals: pd.DataFrame, loss_drop: float = PLATEAU_LOSS_DROP, acc_gain: float = 0.5) -> int:
+def plateau_budget(
+    finals: pd.DataFrame, loss_drop: float = PLATEAU_LOSS_DROP, acc_gain: float = PLATEAU_ACC_GAIN
+) -> int:
     """The smallest epoch budget after which doubling the budget no longer pays: from the baseline's
     runs at each budget (rows: `epochs`, `seed`, final `train_loss` and `test_acc`, fractions),
     the smallest budget E whose next budget's mean final training loss is less than `loss_drop`
@@ -464,31 +468,55 @@ def plateau_budget(finals: pd.DataFrame, loss_drop: float = PLATEAU_LOSS_DROP, a
     return int(budgets[-1])
 
 
-def plateau_note(runs: pd.DataFrame, label: str, loss_drop: float = PLATEAU_LOSS_DROP) -> str:
-    """Whether the runs labelled `label` (a load_runs() table: one row per run and evaluation) had
-    plateaued by plateau_budget's rule, in one sentence: their training loss at each evaluation,
-    averaged over seeds, compared between the last evaluation at or before half of the training
-    (epochs, or steps for a steps-mode run) and the last one; plateaued when that last doubling
-    lowered it by less than `loss_drop` of its value."""
-    rows = runs[runs["label"] == label]
-    steps_mode = "steps" in rows and bool((rows["steps"] > 0).all())
-    unit = "step" if steps_mode else "epoch"
-    done = rows["step"] if steps_mode else rows["epoch"] + 1  # epoch rows count from 0
-    curve = rows["train_loss"].groupby(done.to_numpy()).mean().dropna().sort_index()
-    seeds = rows["seed"].nunique()
+def half_budget_runs(base: dict, variants: list, seeds: list, runs_root) -> pd.DataFrame:
+    """The baselines of a grid (`base` + each of `variants`) trained again at half their epochs
+    (half their steps, for a steps-mode run), for each seed, in runs_root/half-budget
+    (study.HALF_BUDGET): each run with its whole schedule, so its end is what training half as long
+    gives. Under a decaying schedule, the loss a run had halfway says nothing of that."""
+
+    def halved(variant: dict) -> dict:
+        config = {**base, **variant}
+        unit = "steps" if config.get("steps") else "epochs"
+        return {**variant, unit: config[unit] // 2}
+
+    root = Path(runs_root) / HALF_BUDGET
+    train_grid(base, [halved(v) for v in variants], seeds, root)
+    return load_runs(f"{root}/*")
+
+
+def plateau_note(
+    runs: pd.DataFrame,
+    label: str,
+    half: pd.DataFrame,
+    loss_drop: float = PLATEAU_LOSS_DROP,
+    acc_gain: float = PLATEAU_ACC_GAIN,
+) -> str:
+    """Whether the runs labelled `label` (a load_runs() table) had plateaued, in one sentence: their
+    final training loss and test accuracy, averaged over seeds, against those of the same runs at
+    half the budget (`half`: half_budget_runs), by plateau_budget's rule: plateaued when that
+    doubling lowered the loss by less than `loss_drop` of its value and raised the accuracy by less
+    than `acc_gain` points."""
+    full, short = final_rows(runs[runs["label"] == label]), final_rows(half[half["label"] == label])
+    seeds = full["seed"].nunique()
     what = f"training loss of {label} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
-    if curve.empty:
-        return f"{what}: not logged, no plateau check"
-    end = curve.index[-1]
-    earlier = curve[curve.index <= end / 2]
-    if earlier.empty:
-        return f"{what}: no evaluation at or before {unit} {end / 2:g}, no plateau check"
-    start = earlier.index[-1]
-    drop = (curve[start] - curve[end]) / curve[start]
-    rule = f"the plateau rule's {100 * loss_drop:.0f}% per doubling"
-    if drop < loss_drop:
-        return f"{what}: plateaued, it fell {100 * drop:.0f}% from {unit} {start} to {end}, less than {rule}"
-    return f"{what}: not plateaued, it still fell {100 * drop:.0f}% from {unit} {start} to {end}, more than {rule}"
+    if short.empty:
+        return f"{what}: no run at half the budget, no plateau check"
+    unit = "steps" if bool((full["steps"] > 0).all()) else "epochs"
+    budget, half_budget = int(full[unit].iloc[0]), int(short[unit].iloc[0])
+
+    def count(n: int) -> str:
+        return f"{n} {unit if n != 1 else unit[:-1]}"
+
+    finals = pd.concat([full.assign(epochs=budget), short.assign(epochs=half_budget)])
+    plateaued = plateau_budget(finals, loss_drop, acc_gain) == half_budget
+    drop = 1 - full["train_loss"].mean() / short["train_loss"].mean()
+    gain = 100 * (full["test_acc"].mean() - short["test_acc"].mean())
+    found = (
+        f"{count(budget)} ended {100 * drop:.0f}% below the runs of {count(half_budget)} (each with its own "
+        f"schedule), test accuracy {gain:+.1f} points"
+    )
+    rule = f"the plateau rule: less than {100 * loss_drop:.0f}% and {acc_gain:g} points per doubling"
+    return f"{what}: {'plateaued' if plateaued else 'not plateaued'}, {found} ({rule})"
 
 
 def fitting_setting(finals: pd.DataFrame, threshold: float = 0.99, lowest="min") -> dict | None:

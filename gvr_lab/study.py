@@ -50,6 +50,10 @@ COMMITTED_PRESET = "cpu"  # figures/ holds this preset's figures and tables
 # sizes the cpu preset's study, and its tables are what the study's protocol cites.
 ALSO_COMMITTED = ("pilot",)
 PATH_PARAMETERS = ("runs_root", "fig_root")
+
+# The folder of a study's runs root where its plateau check trains the baseline again at half the
+# budget (claims.half_budget_runs): evidence about the budget, not an arm, so load_runs leaves it out.
+HALF_BUDGET = "half-budget"
 # What an exploratory study's figures and tables say under them.
 EXPLORATORY = (
     "exploratory: tests no claim; the papers' claims are tested under a registered protocol in notebooks/06_claims.py"
@@ -340,8 +344,8 @@ class Study:
         return self.resolved.runs_root
 
     def load_runs(self, steps: bool = False) -> pd.DataFrame:
-        """Every run of this study (load_runs of runs_root/*)."""
-        return load_runs(f"{self.runs_root}/*", steps=steps)
+        """Every run of this study (load_runs of runs_root/*), the plateau check's aside."""
+        return load_runs([p for p in sorted(self.runs_root.glob("*")) if p.name != HALF_BUDGET], steps=steps)
 
     def plotted(self, frame: pd.DataFrame) -> pd.DataFrame:
         """`frame` (epoch or step rows) without the runs whose defining term never acted, each named."""

@@ -125,12 +125,13 @@ gl.train_grid(base, variants, seeds, study.runs_root)
 
 # %% [markdown]
 # Bands, bars and [low, high] are the 95% Student t interval of the mean over seeds; every footer says
-# whether the baseline (SGD) had stopped learning, by the claims study's plateau rule.
+# whether the baseline (SGD) had stopped learning, by the claims study's plateau rule: SGD trained again
+# for half the epochs (its own cosine schedule) against the whole budget.
 
 # %%
 labels = [v["label"] for v in variants]
 runs = plots.ordered(study.load_runs(), "label", labels)
-plateau = claims.plateau_note(runs, "SGD")
+plateau = claims.plateau_note(runs, "SGD", claims.half_budget_runs(base, variants[:1], seeds, study.runs_root))
 shown = study.plotted(runs)
 ax = plots.curves(shown, "epoch", "test_acc", title=f"{model} on {dataset}", band="ci")
 study.save_figure(ax.figure, "accuracy", shown, spread=f"{plots.ci_spread(shown)}; {plateau}")

@@ -125,9 +125,8 @@ base = dict(
     eval_every=eval_every,
     device=device,
 )
-gl.train_grid(
-    base, [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods], seeds, study.runs_root
-)
+variants = [dict(method=m, method_args=method_args.get(m, {}), label=m) for m in methods]
+gl.train_grid(base, variants, seeds, study.runs_root)
 
 # %% [markdown]
 # Throughput is measured per evaluation interval by the training loop (training steps only,
@@ -138,7 +137,8 @@ gl.train_grid(
 
 # %%
 runs = plots.ordered(study.load_runs(), "label", methods)
-plateau = claims.plateau_note(runs, "sgd")
+sgd = [v for v in variants if v["label"] == "sgd"]
+plateau = claims.plateau_note(runs, "sgd", claims.half_budget_runs(base, sgd, seeds, study.runs_root))
 first = runs.groupby("run_dir")["epoch"].transform("min")
 steady = runs[runs["epoch"] > first] if (runs["epoch"] > first).any() else runs
 speed = steady.groupby(["label", "run_dir"], sort=False)[["images_per_s", "epoch_time_s"]].mean().reset_index()

@@ -111,7 +111,8 @@ base = dict(
     log_every=log_every,
     device=device,
 )
-gl.train_grid(base, [dict(model=m, label=m) for m in models], seeds, study.runs_root)
+variants = [dict(model=m, label=m) for m in models]
+gl.train_grid(base, variants, seeds, study.runs_root)
 
 # %% [markdown]
 # On sampling steps `psf_norm` is the freshly measured ||PSF||; between them vSAM adds a decayed copy,
@@ -119,7 +120,8 @@ gl.train_grid(base, [dict(model=m, label=m) for m in models], seeds, study.runs_
 
 # %%
 runs = study.load_runs()
-plateau = "; ".join(claims.plateau_note(runs, m) for m in models)
+half = claims.half_budget_runs(base, variants, seeds, study.runs_root)
+plateau = "; ".join(claims.plateau_note(runs, m, half) for m in models)
 steps = study.plotted(study.load_runs(steps=True))
 sampled = steps[steps["sampled"] == 1]
 fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)

@@ -111,25 +111,20 @@ base = dict(
     eval_every=eval_every,
     device=device,
 )
-gl.train_grid(
-    base,
-    [
-        dict(
-            method=m,
-            method_args=method_args.get(m, {}),
-            quant_bits=b,
-            label=f"{m} {b}-bit" if b else f"{m} full precision",
-        )
-        for b in [0, *bits]
-        for m in methods
-    ],
-    seeds,
-    study.runs_root,
-)
+variants = [
+    dict(
+        method=m, method_args=method_args.get(m, {}), quant_bits=b, label=f"{m} {b}-bit" if b else f"{m} full precision"
+    )
+    for b in [0, *bits]
+    for m in methods
+]
+gl.train_grid(base, variants, seeds, study.runs_root)
 
 # %%
 runs = study.load_runs()
-plateau = claims.plateau_note(runs, f"{methods[0]} full precision")
+plateau = claims.plateau_note(
+    runs, variants[0]["label"], claims.half_budget_runs(base, variants[:1], seeds, study.runs_root)
+)
 final = plots.ordered(plots.final_rows(runs).sort_values("quant_bits", ascending=False), "method", methods)
 shown = study.plotted(final)
 quantized = shown[shown["quant_bits"] > 0]

@@ -295,41 +295,64 @@ def test_the_plateau_is_the_budget_past_which_doubling_stops_paying():
     assert claims.plateau_budget(finals.assign(train_loss=[0.5, 0.5, 0.3, 0.3, 0.1, 0.1])) == 40
 
 
-def loss_curves(losses: dict, every: int = 5, steps: int = 0) -> pd.DataFrame:
-    """load_runs-shaped rows of one label: seed -> training loss at each evaluation, every `every`
-    epochs (or steps, for a steps-mode run of `steps` steps)."""
+def finals_of(budget: int, losses: dict, accs: dict, unit: str = "epochs") -> pd.DataFrame:
+    """load_runs-shaped final rows of SGD runs trained for `budget` epochs (or steps): seed -> final
+    training loss and test accuracy; each run also has an earlier evaluation, which the note must
+    not read."""
     rows = []
-    for seed, values in losses.items():
-        for i, loss in enumerate(values):
-            done = every * (i + 1)
-            at = {"step": done, "epoch": done // 10} if steps else {"epoch": done - 1}  # epoch rows count from 0
-            rows.append(
-                {"label": "SGD", "seed": seed, "run_dir": f"SGD-s{seed}", "steps": steps, "train_loss": loss, **at}
-            )
+    for seed in losses:
+        config = {"label": "SGD", "seed": seed, "run_dir": f"{budget}/SGD-s{seed}", "epochs": 0, "steps": 0}
+        config[unit] = budget
+        end = {"epoch": budget - 1, "step": budget} if unit == "steps" else {"epoch": budget - 1, "step": 0}
+        rows.append({**config, "epoch": 0, "step": 1, "train_loss": 9.0, "test_acc": 0.1})
+        rows.append({**config, **end, "train_loss": losses[seed], "test_acc": accs[seed]})
     return pd.DataFrame(rows)
 
 
-def test_the_plateau_note_compares_the_seed_mean_loss_over_the_last_doubling():
-    # evaluations at epochs 5, 10, 15, 20: the last doubling runs from epoch 10 to 20
-    flat = loss_curves({0: [1.0, 0.50, 0.48, 0.46], 1: [1.0, 0.70, 0.66, 0.62]})  # means 0.60 -> 0.54: 10%
-    assert claims.plateau_note(flat, "SGD") == (
-        "training loss of SGD (mean of 2 seeds): plateaued, it fell 10% from epoch 10 to 20, "
-        "less than the plateau rule's 20% per doubling"
+def test_the_plateau_note_compares_the_budget_with_runs_of_half_of_it():
+    """Each run at its own schedule's end: the 40-epoch runs' final loss and accuracy against the
+    20-epoch runs', by the pilot's rule (both conditions)."""
+    half = finals_of(20, {0: 0.50, 1: 0.70}, {0: 0.850, 1: 0.860})
+    flat = finals_of(40, {0: 0.46, 1: 0.62}, {0: 0.852, 1: 0.861})  # loss means 0.60 -> 0.54: 10%, +0.15 points
+    assert claims.plateau_note(flat, "SGD", half) == (
+        "training loss of SGD (mean of 2 seeds): plateaued, 40 epochs ended 10% below the runs of 20 epochs (each "
+        "with its own schedule), test accuracy +0.2 points (the plateau rule: less than 20% and 0.5 points per "
+        "doubling)"
     )
-    falling = loss_curves({0: [1.0, 0.50, 0.40, 0.30], 1: [1.0, 0.70, 0.60, 0.54]})  # means 0.60 -> 0.42: 30%
-    assert claims.plateau_note(falling, "SGD") == (
-        "training loss of SGD (mean of 2 seeds): not plateaued, it still fell 30% from epoch 10 to 20, "
-        "more than the plateau rule's 20% per doubling"
+    falling = finals_of(40, {0: 0.40, 1: 0.44}, {0: 0.852, 1: 0.861})  # 0.60 -> 0.42: 30%
+    assert "not plateaued, 40 epochs ended 30% below" in claims.plateau_note(falling, "SGD", half)
+    gaining = finals_of(40, {0: 0.46, 1: 0.62}, {0: 0.860, 1: 0.870})  # 10% lower loss, but +1 point
+    note = claims.plateau_note(gaining, "SGD", half)
+    assert "not plateaued, 40 epochs ended 10% below the runs of 20 epochs (each with its own schedule)" in note
+    assert note.endswith("test accuracy +1.0 points (the plateau rule: less than 20% and 0.5 points per doubling)")
+    assert ": plateaued, " in claims.plateau_note(gaining, "SGD", half, acc_gain=1.5)
+    steps = claims.plateau_note(
+        finals_of(400, {0: 0.3}, {0: 0.8}, "steps"), "SGD", finals_of(200, {0: 0.5}, {0: 0.79}, "steps")
     )
-    assert "plateaued, it fell 30%" in claims.plateau_note(falling, "SGD", loss_drop=0.31)
-    # seven evaluations every 3 epochs end at 21: the last at or before 10.5 is epoch 9
-    odd = loss_curves({0: [1.0, 0.8, 0.4, 0.39, 0.38, 0.37, 0.36]}, every=3)
-    assert "(mean of 1 seed): plateaued, it fell 10% from epoch 9 to 21" in claims.plateau_note(odd, "SGD")
-    stepped = loss_curves({0: [0.9, 0.5, 0.45, 0.3]}, every=100, steps=400)
-    assert "it still fell 40% from step 200 to 400" in claims.plateau_note(stepped, "SGD")
-    assert claims.plateau_note(loss_curves({0: [0.9]}), "SGD") == (
-        "training loss of SGD (mean of 1 seed): no evaluation at or before epoch 2.5, no plateau check"
+    assert steps.startswith(
+        "training loss of SGD (mean of 1 seed): not plateaued, 400 steps ended 40% below the runs of 200 steps ("
     )
+    assert claims.plateau_note(flat, "SGD", half.iloc[0:0]) == (
+        "training loss of SGD (mean of 2 seeds): no run at half the budget, no plateau check"
+    )
+
+
+@pytest.mark.slow
+def test_the_half_budget_runs_train_beside_a_study_and_stay_out_of_its_arms(tmp_path):
+    from types import SimpleNamespace
+
+    from gvr_lab.grid import train_grid
+    from gvr_lab.study import HALF_BUDGET, Study
+
+    base = dict(dataset="synthetic", model="tiny_cnn", epochs=4, batch_size=32, train_subset=128, device="cpu")
+    variant = {"method": "sgd", "label": "SGD"}
+    train_grid(base, [variant], [0], tmp_path)
+    half = claims.half_budget_runs(base, [variant], [0], tmp_path)
+    assert set(half["epochs"]) == {2} and set(half["epoch"]) == {0, 1}  # its own schedule, ended at epoch 2
+    assert {Path(d).parent.name for d in half["run_dir"]} == {HALF_BUDGET}
+    arms = Study.load_runs(SimpleNamespace(runs_root=tmp_path))
+    assert set(arms["epochs"]) == {4} and len(arms) == 4  # the study's own run, its 4 epochs
+    assert claims.plateau_note(arms, "SGD", half).startswith("training loss of SGD (mean of 1 seed): ")
 
 
 def test_the_fit_note_reads_every_seeds_clean_training_accuracy():
