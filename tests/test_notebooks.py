@@ -590,6 +590,23 @@ def test_a_studys_steal_is_summed_over_its_parts_and_said_beside_its_time(tmp_pa
     )
 
 
+def test_the_committed_exploratory_tables_show_three_seeds_or_more_with_their_intervals():
+    """Notebooks 01-05 at their committed preset: every table's caption says how many seeds each row
+    rests on, at least 3, with the 95% Student t interval, and that it is exploratory."""
+    import re
+
+    exploratory = [decl for decl in map(read_notebook, notebook_paths()) if decl.exploratory]
+    assert len(exploratory) >= 5
+    for decl in exploratory:
+        tables = sorted((REPO / "figures" / decl.name).glob("*.md"))
+        assert tables, decl.name
+        for table in tables:
+            caption = table.read_text().splitlines()[0]
+            seeds = re.search(r"(\d+) seeds per curve: mean and its 95% Student t CI", caption)
+            assert seeds and int(seeds.group(1)) >= 3, table
+            assert "exploratory: tests no claim" in caption, table
+
+
 def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
     from gvr_lab.study import repo_relative
 
