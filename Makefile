@@ -50,9 +50,10 @@ figures: setup
 
 # Every test: what CI runs, under 15 minutes on 2 cores. --dist loadgroup runs the tests of one
 # xdist_group on one worker (its module fixtures once: test_data_parallel's torchrun launch, the CUDA
-# tier's reference runs); pyproject pins pytest below 9.2, which ignores the groups.
+# tier's reference runs); pyproject pins pytest below 9.2, which ignores the groups. The 15 slowest
+# tests are listed at the end: where the time went when a run takes longer than it should.
 test: setup lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # The tests to run after each edit (1 min 45 s on 2 cores, measured; the goal is 2): all but those marked slow (end-to-end
 # training, notebooks, the CLI or torchrun as a process, the non-default variants of the CUDA-configuration tier, the deep
