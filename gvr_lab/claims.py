@@ -491,12 +491,24 @@ def plateau_note(
     loss_drop: float = PLATEAU_LOSS_DROP,
     acc_gain: float = PLATEAU_ACC_GAIN,
 ) -> str:
-    """Whether the runs labelled `label` (a load_runs() table) had plateaued, in one sentence: their
-    final training loss and test accuracy, averaged over seeds, against those of the same runs at
-    half the budget (`half`: half_budget_runs), by plateau_budget's rule: plateaued when that
-    doubling lowered the loss by less than `loss_drop` of its value and raised the accuracy by less
-    than `acc_gain` points."""
-    full, short = final_rows(runs[runs["label"] == label]), final_rows(half[half["label"] == label])
+    """Whether the runs labelled `label` (a load_runs() table) had plateaued: doubling_note of them
+    against the same runs at half the budget (`half`: half_budget_runs)."""
+    return doubling_note(runs[runs["label"] == label], half[half["label"] == label], label, loss_drop, acc_gain)
+
+
+def doubling_note(
+    longer: pd.DataFrame,
+    shorter: pd.DataFrame,
+    label: str,
+    loss_drop: float = PLATEAU_LOSS_DROP,
+    acc_gain: float = PLATEAU_ACC_GAIN,
+) -> str:
+    """Whether `label`'s training had plateaued at the `shorter` runs' budget, in one sentence:
+    their final training loss and test accuracy, averaged over seeds, against those of the `longer`
+    runs (twice the budget, each with its own schedule), by plateau_budget's rule: plateaued when
+    the doubling lowered the loss by less than `loss_drop` of its value and raised the accuracy by
+    less than `acc_gain` points."""
+    full, short = final_rows(longer), final_rows(shorter)
     seeds = full["seed"].nunique()
     what = f"training loss of {label} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
     if short.empty:
