@@ -144,6 +144,50 @@ def load_protocol(path, preset: str) -> Protocol:
     return protocol
 
 
+def register_preset(protocol_path, block: str) -> Protocol:
+    """Register a preset's block (the TOML `[presets.<name>]` tables the pilot writes, protocol_table)
+    in the protocol file: in place of that preset's tables where the file has them, else at its end;
+    the rest of the file (the comments before the next preset's tables too) is kept as it is. The new
+    file is read back before it replaces the old one (a temporary file, renamed): the preset must load,
+    with the block's table. Returns the registered protocol."""
+    path = Path(protocol_path)
+    try:
+        presets = tomllib.loads(block).get("presets", {})
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"the block to register is not valid TOML: {e}") from None
+    if len(presets) != 1:
+        raise UsageError("the block to register must hold exactly one preset: [presets.<name>] and its tables")
+    [(name, table)] = presets.items()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read the protocol {path}: {e.strerror}") from None
+
+    def own(line: str) -> bool:  # a table header of this preset's
+        return line.startswith((f"[presets.{name}]", f"[presets.{name}."))
+
+    start = next((i for i, line in enumerate(lines) if own(line)), len(lines))
+    end = start
+    while end < len(lines) and (own(lines[end]) or not lines[end].startswith("[")):
+        end += 1
+    while end > start and (lines[end - 1].startswith("#") or not lines[end - 1].strip()):
+        end -= 1  # what stands before the next tables belongs to them
+    head, after = lines[:start], lines[end:]
+    while head and not head[-1].strip():
+        head.pop()
+    text = "\n".join([*head, "", block.strip(), *([""] + after if after else [])]) + "\n"
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        (work / path.name).write_text(text)
+        registered = load_protocol(work / path.name, name)
+        if registered.table != table:
+            raise UsageError(f"{path}: preset {name!r} would not read back as the block to register")
+        os.replace(work / path.name, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return load_protocol(path, name)
+
+
 def demoted(claim: dict, registered: dict, path) -> dict:
     """A claim as a preset registers it: declared secondary there when its n did not fit the
     preset's budget (a preset may demote a claim, never promote one)."""

@@ -260,6 +260,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_register(args) -> int:
+    from .claims import DEFAULT_PROTOCOL, register_preset
+    from .study import repo_relative
+
+    try:
+        block = Path(args.block).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read the block {args.block}: {e.strerror}") from None
+    protocol = register_preset(args.protocol or DEFAULT_PROTOCOL, block)
+    sha = protocol.sha256[:12]
+    print(
+        f"registered preset {protocol.preset} in {repo_relative(protocol.path)}: protocol {sha}. Commit it before "
+        f"any run of its study; a study registered anew trains into a runs root of its own "
+        f"(runs/{protocol.preset}/claims/{sha})"
+    )
+    return 0
+
+
 def cmd_bench_grid(args) -> int:
     from .bench import write_markdown_block, write_report
     from .grid_bench import grid_markdown, run_grid_bench, study_grid
@@ -564,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--json", help="write the measurements here")
     bg.add_argument("--into", metavar="FILE.md", help="and their table into this markdown file (BENCHMARKS.md)")
     bg.set_defaults(func=cmd_bench_grid)
+    rg = sub.add_parser(
+        "register", help="register a preset's protocol block (the pilot's pilot_protocol.toml) in the claims protocol"
+    )
+    rg.add_argument("block", help="a TOML file with one [presets.<name>] block")
+    rg.add_argument("--protocol", help="the claims study's protocol (default: notebooks/claims_protocol.toml)")
+    rg.set_defaults(func=cmd_register)
     return parser
 
 

@@ -76,6 +76,50 @@ def test_the_registered_cpu_preset_is_the_block_the_pilot_wrote():
     assert [protocol.n(c["id"]) for c in protocol.claims] == [len(registered["seeds"])] * len(protocol.claims)
 
 
+def test_registering_a_block_replaces_its_presets_tables_and_keeps_the_rest(tmp_path):
+    """What the pilot wrote goes into the protocol as written: the preset's tables replaced, another
+    preset's tables and comments kept byte for byte, a new preset appended; the new protocol is
+    another study (another hash)."""
+    from gvr_lab.cli import main
+
+    other = '\n# the q preset, by hand\n[presets.q]\nseeds = [5]\n\n[presets.q.bases.x]\ndataset = "synthetic"\n'
+    other += (
+        'model = "tiny_cnn"\n\n[presets.q.arms]\nA = {base = "x", method = "sam"}\nB = {base = "x", method = "sgd"}\n'
+    )
+    path = write(tmp_path, small_protocol() + other)
+    before = claims.load_protocol(path, "p")
+    table = {**before.table, "seeds": [9, 10], "n": {"a_beats_b": {"n": 2, "family": "primary"}}}
+    block = tmp_path / "pilot_protocol.toml"
+    block.write_text(claims.protocol_table("p", table))
+    assert main(["register", str(block), "--protocol", str(path)]) == 0
+    after = claims.load_protocol(path, "p")
+    assert after.table == table and after.seeds == [9, 10] and after.sha256 != before.sha256
+    text = path.read_text()
+    assert text.endswith(other) and text.count("[presets.p]") == 1  # q's tables and comment as they were
+    assert claims.load_protocol(path, "q").seeds == [5]
+    block.write_text(claims.protocol_table("r", table))  # a preset the file lacks: appended
+    assert main(["register", str(block), "--protocol", str(path)]) == 0
+    assert path.read_text().startswith(text) and claims.load_protocol(path, "r").seeds == [9, 10]
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ("[presets.p]\nseeds = [", "the block to register is not valid TOML"),
+        ("[presets.p]\nseeds = [1]\n[presets.q]\nseeds = [2]\n", "exactly one preset"),
+        ('[presets.p]\nseeds = [1]\n\n[presets.p.arms]\nA = {base = "x", method = "sam"}\n', "has no arm 'B'"),
+    ],
+)
+def test_a_block_that_cannot_be_registered_leaves_the_protocol_as_it_was(tmp_path, capsys, block, message):
+    from gvr_lab.cli import main
+
+    path = write(tmp_path, small_protocol())
+    (tmp_path / "block.toml").write_text(block)
+    assert main(["register", str(tmp_path / "block.toml"), "--protocol", str(path)]) == 2
+    assert message in capsys.readouterr().err and path.read_text() == small_protocol()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block.toml", "protocol.toml"]  # no temporary left
+
+
 def test_a_changed_claim_or_preset_is_another_protocol(tmp_path):
     base = claims.load_protocol(write(tmp_path, small_protocol()), "p").sha256
     assert claims.load_protocol(write(tmp_path, small_protocol()), "p").sha256 == base
