@@ -40,6 +40,7 @@ differences and the n that gives a 95% CI half-width of at most `half_width` poi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -185,7 +186,7 @@ def register_preset(protocol_path, block: str) -> Protocol:
         os.replace(work / path.name, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return load_protocol(path, name)
+    return dataclasses.replace(registered, path=path)
 
 
 def demoted(claim: dict, registered: dict, path) -> dict:
@@ -505,11 +506,18 @@ def plateau_budget(
     means = finals.groupby("epochs")[["train_loss", "test_acc"]].mean().sort_index()
     budgets = list(means.index)
     for small, large in zip(budgets, budgets[1:]):
-        drop = (means.at[small, "train_loss"] - means.at[large, "train_loss"]) / means.at[small, "train_loss"]
-        gain = 100 * (means.at[large, "test_acc"] - means.at[small, "test_acc"])
-        if drop < loss_drop and gain < acc_gain:
+        if doubling(means.loc[small], means.loc[large], loss_drop, acc_gain)[2]:
             return int(small)
     return int(budgets[-1])
+
+
+def doubling(shorter, longer, loss_drop: float, acc_gain: float) -> tuple[float, float, bool]:
+    """The plateau rule on one doubling, from the mean final `train_loss` and `test_acc` (fractions)
+    at a budget and at twice it: (the loss's relative drop, the accuracy's gain in points, whether
+    the doubling no longer paid: a drop under `loss_drop` and a gain under `acc_gain`)."""
+    drop = 1 - longer["train_loss"] / shorter["train_loss"]
+    gain = 100 * (longer["test_acc"] - shorter["test_acc"])
+    return drop, gain, bool(drop < loss_drop and gain < acc_gain)
 
 
 def half_budget_runs(base: dict, variants: list, seeds: list, runs_root) -> pd.DataFrame:
@@ -563,10 +571,8 @@ def doubling_note(
     def count(n: int) -> str:
         return f"{n} {unit if n != 1 else unit[:-1]}"
 
-    finals = pd.concat([full.assign(epochs=budget), short.assign(epochs=half_budget)])
-    plateaued = plateau_budget(finals, loss_drop, acc_gain) == half_budget
-    drop = 1 - full["train_loss"].mean() / short["train_loss"].mean()
-    gain = 100 * (full["test_acc"].mean() - short["test_acc"].mean())
+    means = [rows[["train_loss", "test_acc"]].mean() for rows in (short, full)]
+    drop, gain, plateaued = doubling(*means, loss_drop, acc_gain)
     found = (
         f"{count(budget)} ended {100 * drop:.0f}% below the runs of {count(half_budget)} (each with its own "
         f"schedule), test accuracy {gain:+.1f} points"

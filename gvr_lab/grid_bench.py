@@ -38,7 +38,7 @@ from .bench import bench_loader
 from .data import dataset_info
 from .grid import train_configs
 from .models import create_model
-from .pools import cpu_seconds, stolen_since
+from .pools import cpu_seconds, stolen_share, stolen_since
 from .results import SUMMARY, read_json
 from .study import repo_relative
 from .training import Config, DeviceSettings, build_model, torch_threads
@@ -60,7 +60,7 @@ def timed_block(configs: list, executor: str) -> tuple[float, float | None]:
     cpu_at_start, started = cpu_seconds(), time.perf_counter()
     train_configs(configs, executor=executor)
     wall, steal = time.perf_counter() - started, stolen_since(cpu_at_start)
-    return wall, (steal["stolen_s"] / steal["cpu_s"] if steal.get("cpu_s") else None)
+    return wall, stolen_share(steal)
 
 
 def run_grid_bench(protocol_path, preset: str, seeds: int) -> dict:

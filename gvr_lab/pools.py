@@ -107,3 +107,8 @@ def stolen_since(start: tuple[float, float] | None) -> dict:
     if start is None or now is None:
         return {}
     return {"cpu_s": round(now[0] - start[0], 1), "stolen_s": round(now[1] - start[1], 1)}
+
+
+def stolen_share(steal: dict) -> float | None:
+    """The host's share of the CPU time in a stolen_since record (or a sum of them); None without one."""
+    return steal["stolen_s"] / steal["cpu_s"] if steal.get("cpu_s") else None

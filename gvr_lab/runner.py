@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .pools import cpu_seconds, stolen_since
+from .pools import cpu_seconds, stolen_share, stolen_since
 from .results import read_json, read_yaml_mapping, write_atomic, write_json
 from .study import REPO, Declaration, Resolved, digest, notebook_paths, read_notebook, repo_relative, resolve
 
@@ -385,7 +385,7 @@ def steal_note(record: dict) -> str:
     steal = record.get("steal")
     if not steal:
         return ""
-    note = f"; the host took {100 * steal['stolen_s'] / steal['cpu_s']:.0f}% of the machine's CPU time meanwhile"
+    note = f"; the host took {100 * stolen_share(steal):.0f}% of the machine's CPU time meanwhile"
     if steal["wall_s"] < record["wall_time_s"] - 1:
         note += f", measured over {steal['wall_s'] / 60:.0f} min of it"
     return note
