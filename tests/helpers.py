@@ -208,3 +208,9 @@ def check_claims_recompute(records: list[dict], seeds, protocol) -> None:
         assert record["premise"] == (f"{premise}: {verdicts[premise]}" if premise else ""), record["id"]
         held = not premise or verdicts[premise] == "holds"
         assert record["verdict"] == (own if held else "not resolved"), record["id"]
+
+
+def proc_stat_line(user: int, idle: int, steal: int) -> str:
+    """/proc/stat's first line with these ticks (user nice system idle iowait irq softirq steal
+    guest guest_nice), guest time already counted in user."""
+    return f"cpu  {user} 0 0 {idle} 0 0 0 {steal} {user // 2} 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"

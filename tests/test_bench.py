@@ -22,7 +22,7 @@ from gvr_lab.cli import main
 from gvr_lab.grid_bench import grid_markdown, unfinished_note
 from gvr_lab.methods.base import TWO_VIEW_SGD
 
-from helpers import BENCH_SMOKE
+from helpers import BENCH_SMOKE, proc_stat_line
 
 
 def test_bench_reports_every_method_against_sgd_in_one_process(tmp_path, capsys):
@@ -216,8 +216,8 @@ def test_the_grid_benchmark_says_how_much_cpu_time_the_host_took_in_each_block(t
     hz = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
 
-    def ticks(busy, steal):  # /proc/stat's first line: user nice system idle iowait irq softirq steal
-        stat.write_text(f"cpu  {busy * hz} 0 0 0 0 0 0 {steal * hz} 0 0\n")
+    def ticks(busy, steal):
+        stat.write_text(proc_stat_line(user=busy * hz, idle=0, steal=steal * hz))
 
     ticks(100, 10)
     monkeypatch.setattr(pools, "PROC_STAT", str(stat))

@@ -23,7 +23,7 @@ from gvr_lab.study import (
     resolve,
 )
 
-from helpers import check_claims_recompute
+from helpers import check_claims_recompute, proc_stat_line
 
 TINY = dict(dataset="synthetic", model="tiny_cnn", epochs=1, train_subset=256, batch_size=64, device="cpu")
 
@@ -527,12 +527,6 @@ def test_an_executions_time_so_far_is_kept_and_counted_once_by_the_next(tmp_path
         ".07_x-cpu-abc.live": final["wall_time_s"],
     }
     assert all(p.is_dir() for p in parts)  # reading removes nothing: an execution that fails keeps them
-
-
-def proc_stat_line(user: int, idle: int, steal: int) -> str:
-    """/proc/stat's first line with these ticks (user nice system idle iowait irq softirq steal
-    guest guest_nice), guest time already counted in user."""
-    return f"cpu  {user} 0 0 {idle} 0 0 0 {steal} {user // 2} 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
 
 
 def test_an_executions_record_says_how_much_cpu_time_the_host_took(tmp_path, monkeypatch):
