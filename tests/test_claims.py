@@ -17,12 +17,15 @@ from gvr_lab.errors import UsageError
 from gvr_lab.grid import run_dir_name
 from gvr_lab.results import write_parquet
 
+from helpers import check_claims_recompute
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
 
-PROTOCOL = Path(__file__).parent.parent / "notebooks" / "claims_protocol.toml"
+REPO = Path(__file__).parent.parent
+PROTOCOL = REPO / "notebooks" / "claims_protocol.toml"
 
 
 def test_the_committed_protocol_reads_at_every_preset_with_distinct_hashes():
@@ -68,10 +71,11 @@ B = {{base = "x", method = "sgd"}}
 
 
 def test_the_registered_cpu_preset_is_the_block_the_pilot_wrote():
-    """The cpu preset's runs, seeds and each claim's n and family are the pilot's, unchanged."""
-    written = tomllib.loads((PROTOCOL.parent.parent / "figures" / "claims" / "pilot_protocol.toml").read_text())
+    """The cpu preset's runs, seeds and each claim's n and family are a committed pilot's, unchanged
+    (the current pilot's, or an archived study's until the next pilot's block is registered)."""
+    blocks = sorted((REPO / "figures" / "claims").glob("**/pilot_protocol.toml"))
     registered = tomllib.loads(PROTOCOL.read_text())["presets"]["cpu"]
-    assert registered == written["presets"]["cpu"]
+    assert blocks and registered in [tomllib.loads(path.read_text())["presets"]["cpu"] for path in blocks]
     protocol = claims.load_protocol(PROTOCOL, "cpu")
     assert [protocol.n(c["id"]) for c in protocol.claims] == [len(registered["seeds"])] * len(protocol.claims)
 
@@ -628,3 +632,43 @@ def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_its_seeds(
     assert new_root in folders and arms_root not in folders
     with pytest.raises(UsageError, match="would include pilot seeds"):
         claims.run_pilot(pilot_settings(), [100, 101], candidates, tmp_path, registered, first_seed=95)
+
+
+def committed_studies() -> list:
+    """Every claims study committed under figures/claims: the current one and those archived."""
+    return sorted((REPO / "figures" / "claims").glob("**/claims.json"))
+
+
+def protocol_of(records: list) -> claims.Protocol:
+    """The registered protocol a study's claims.json names by its hash: the file the notebook reads,
+    or the copy archived beside an earlier study, at whichever preset hashes to it."""
+    [sha] = {r["protocol_sha256"] for r in records}
+    files = [PROTOCOL, *sorted((REPO / "figures" / "claims").glob("**/claims_protocol.toml"))]
+    found = [
+        claims.load_protocol(path, preset) for path in files for preset in tomllib.loads(path.read_text())["presets"]
+    ]
+    named = [p for p in found if p.sha256 == sha]
+    assert named, f"no committed protocol hashes to {sha[:12]}"
+    return named[0]
+
+
+def test_each_committed_study_recomputes_under_the_protocol_it_names():
+    """The claims study's done-when, checked on what is committed: its claims.json names a committed
+    protocol, and every claim's n, mean difference, CI, p, Holm's p and verdict recompute from its
+    seeds.csv alone under that protocol."""
+    studies = committed_studies()
+    assert studies, "no committed claims study"
+    for path in studies:
+        records = json.loads(path.read_text())
+        check_claims_recompute(records, pd.read_csv(path.parent / "seeds.csv"), protocol_of(records))
+
+
+def test_readme_states_each_committed_studys_verdicts_as_it_wrote_them():
+    """README's verdict tables are those gvr-lab docs writes from each committed claims.json: a
+    verdict, interval or n that drifted from the study's own fails here."""
+    readme = (REPO / "README.md").read_text()
+    studies = committed_studies()
+    assert studies, "no committed claims study"
+    for path in studies:
+        table = claims.verdicts_table(json.loads(path.read_text()))
+        assert table in readme, f"README lacks {path}'s verdicts as written: run gvr-lab docs"

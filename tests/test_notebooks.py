@@ -672,3 +672,17 @@ def test_the_figures_index_shows_each_studys_recorded_cost_and_adds_a_new_execut
     assert "summing to 900 s" in one and "took 600 s of wall time" in one  # kept from timings.json
     assert "summing to 1000 s" in two and "took 120 s of wall time" in two
     assert json.loads((tmp_path / "timings.json").read_text()) == {first.name: earlier, second.name: new}
+
+
+def test_the_figures_index_links_an_archived_study_by_its_readmes_title(tmp_path):
+    from gvr_lab.runner import write_figures_index
+    from gvr_lab.study import notebook_paths, read_notebook
+
+    first = read_notebook(notebook_paths()[0])
+    archive = tmp_path / first.name / "v1"
+    archive.mkdir(parents=True)
+    (archive / "README.md").write_text("# The study registered in commit abc (archived)\n\nWhy it was kept.\n")
+    (tmp_path / first.name / "notes").mkdir()  # a folder without a README is not an archive
+    index = write_figures_index(tmp_path, "cpu", [(first, None)]).read_text()
+    assert f"- [v1/]({first.name}/v1/README.md): The study registered in commit abc (archived)" in index
+    assert "notes/" not in index
