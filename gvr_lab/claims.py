@@ -488,36 +488,34 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
 # ---------------------------------------------------------------------- the pilot
 
 
-# The plateau rule's thresholds: a doubling of training that lowers the mean final training loss by
-# less than this fraction of it, and raises the mean final test accuracy by less than this many
-# points, no longer pays.
-PLATEAU_LOSS_DROP = 0.2
+# The plateau rule: a doubling of training that raises the mean final test accuracy by less than this
+# many points no longer pays. The training loss is reported beside it, not judged: under a decaying
+# schedule on a few thousand images it keeps falling by 20-45% per doubling as the network memorizes
+# its training set (SGD on 1,024 Fashion-MNIST images, 80 -> 160 -> 320 epochs: 39% and 44% lower, test
+# accuracy +2.2 and +0.0 points), so a threshold on its drop would call no feasible budget a plateau.
 PLATEAU_ACC_GAIN = 0.5
 
 
-def plateau_budget(
-    finals: pd.DataFrame, loss_drop: float = PLATEAU_LOSS_DROP, acc_gain: float = PLATEAU_ACC_GAIN
-) -> int:
+def plateau_budget(finals: pd.DataFrame, acc_gain: float = PLATEAU_ACC_GAIN) -> int:
     """The smallest epoch budget after which doubling the budget no longer pays: from the baseline's
     runs at each budget (rows: `epochs`, `seed`, final `train_loss` and `test_acc`, fractions),
-    the smallest budget E whose next budget's mean final training loss is less than `loss_drop`
-    (relative) below E's and whose mean test accuracy is less than `acc_gain` points above; the
-    largest budget when none is."""
+    the smallest budget E whose next budget's mean test accuracy is less than `acc_gain` points
+    above E's; the largest budget when none is."""
     means = finals.groupby("epochs")[["train_loss", "test_acc"]].mean().sort_index()
     budgets = list(means.index)
     for small, large in zip(budgets, budgets[1:]):
-        if doubling(means.loc[small], means.loc[large], loss_drop, acc_gain)[2]:
+        if doubling(means.loc[small], means.loc[large], acc_gain)[2]:
             return int(small)
     return int(budgets[-1])
 
 
-def doubling(shorter, longer, loss_drop: float, acc_gain: float) -> tuple[float, float, bool]:
+def doubling(shorter, longer, acc_gain: float) -> tuple[float, float, bool]:
     """The plateau rule on one doubling, from the mean final `train_loss` and `test_acc` (fractions)
-    at a budget and at twice it: (the loss's relative drop, the accuracy's gain in points, whether
-    the doubling no longer paid: a drop under `loss_drop` and a gain under `acc_gain`)."""
+    at a budget and at twice it: (the loss's relative drop, reported; the accuracy's gain in points;
+    whether the doubling no longer paid: a gain under `acc_gain`)."""
     drop = 1 - longer["train_loss"] / shorter["train_loss"]
     gain = 100 * (longer["test_acc"] - shorter["test_acc"])
-    return drop, gain, bool(drop < loss_drop and gain < acc_gain)
+    return drop, gain, bool(gain < acc_gain)
 
 
 def half_budget_runs(base: dict, variants: list, seeds: list, runs_root) -> pd.DataFrame:
@@ -536,33 +534,20 @@ def half_budget_runs(base: dict, variants: list, seeds: list, runs_root) -> pd.D
     return load_runs(f"{root}/*")
 
 
-def plateau_note(
-    runs: pd.DataFrame,
-    label: str,
-    half: pd.DataFrame,
-    loss_drop: float = PLATEAU_LOSS_DROP,
-    acc_gain: float = PLATEAU_ACC_GAIN,
-) -> str:
+def plateau_note(runs: pd.DataFrame, label: str, half: pd.DataFrame, acc_gain: float = PLATEAU_ACC_GAIN) -> str:
     """Whether the runs labelled `label` (a load_runs() table) had plateaued: doubling_note of them
     against the same runs at half the budget (`half`: half_budget_runs)."""
-    return doubling_note(runs[runs["label"] == label], half[half["label"] == label], label, loss_drop, acc_gain)
+    return doubling_note(runs[runs["label"] == label], half[half["label"] == label], label, acc_gain)
 
 
-def doubling_note(
-    longer: pd.DataFrame,
-    shorter: pd.DataFrame,
-    label: str,
-    loss_drop: float = PLATEAU_LOSS_DROP,
-    acc_gain: float = PLATEAU_ACC_GAIN,
-) -> str:
+def doubling_note(longer: pd.DataFrame, shorter: pd.DataFrame, label: str, acc_gain: float = PLATEAU_ACC_GAIN) -> str:
     """Whether `label`'s training had plateaued at the `shorter` runs' budget, in one sentence:
-    their final training loss and test accuracy, averaged over seeds, against those of the `longer`
+    their final test accuracy and training loss, averaged over seeds, against those of the `longer`
     runs (twice the budget, each with its own schedule), by plateau_budget's rule: plateaued when
-    the doubling lowered the loss by less than `loss_drop` of its value and raised the accuracy by
-    less than `acc_gain` points."""
+    the doubling raised the accuracy by less than `acc_gain` points; the loss's drop is stated."""
     full, short = final_rows(longer), final_rows(shorter)
     seeds = full["seed"].nunique()
-    what = f"training loss of {label} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
+    what = f"training of {label} (mean of {seeds} seed{'s' if seeds > 1 else ''})"
     if short.empty:
         return f"{what}: no run at half the budget, no plateau check"
     unit = "steps" if bool((full["steps"] > 0).all()) else "epochs"
@@ -572,12 +557,12 @@ def doubling_note(
         return f"{n} {unit if n != 1 else unit[:-1]}"
 
     means = [rows[["train_loss", "test_acc"]].mean() for rows in (short, full)]
-    drop, gain, plateaued = doubling(*means, loss_drop, acc_gain)
+    drop, gain, plateaued = doubling(*means, acc_gain)
     found = (
-        f"{count(budget)} ended {100 * drop:.0f}% below the runs of {count(half_budget)} (each with its own "
-        f"schedule), test accuracy {gain:+.1f} points"
+        f"{count(budget)} gained {gain:+.1f} points of test accuracy over the runs of {count(half_budget)} "
+        f"(each with its own schedule), its training loss {100 * drop:.0f}% lower"
     )
-    rule = f"the plateau rule: less than {100 * loss_drop:.0f}% and {acc_gain:g} points per doubling"
+    rule = f"the plateau rule: less than {acc_gain:g} points per doubling; the loss is stated, not judged"
     return f"{what}: {'plateaued' if plateaued else 'not plateaued'}, {found} ({rule})"
 
 
