@@ -60,6 +60,7 @@ from .collect import load_runs
 from .data import dataset_info
 from .errors import UsageError
 from .grid import default_workers, grid_configs, run_dir_name, train_configs, train_grid
+from .plots import final_rows
 from .pools import pool_size
 from .results import CONFIG, read_json, write_json
 from .study import HALF_BUDGET, digest
@@ -279,12 +280,6 @@ def derived_fields(protocol: Protocol, runs: pd.DataFrame) -> dict:
 
 
 # ---------------------------------------------------------------------- values and claims
-
-
-def final_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last evaluation."""
-    order = [c for c in ("epoch", "step") if c in runs]
-    return runs.sort_values(order, kind="stable").groupby("run_dir", sort=False).tail(1)
 
 
 # How close to guessing a run's final test accuracy must be to count as collapsed

@@ -365,8 +365,10 @@ def ordered(df: pd.DataFrame, column: str, order: list) -> pd.DataFrame:
 
 
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The last epoch of each run in a load_runs() table."""
-    return df.sort_values("epoch", kind="stable").groupby("run_dir", sort=False).tail(1)
+    """Each run's last evaluation in a load_runs() table (by epoch, then step: a steps-mode run
+    evaluates within one epoch)."""
+    order = [c for c in ("epoch", "step") if c in df]
+    return df.sort_values(order, kind="stable").groupby("run_dir", sort=False).tail(1)
 
 
 def first_below(df: pd.DataFrame, column: str, level: float, by="run_dir", order: str = "step") -> pd.DataFrame:

@@ -187,7 +187,7 @@ if preset != "pilot":
 
 # %%
 if preset != "pilot":
-    final = claims.final_rows(runs)
+    final = plots.final_rows(runs)
     arms = plots.mean_ci(final, ["label", "method"], ["test_acc", "train_acc"], digits=4)
     arms = arms.rename(columns={"label": "arm", "seeds": "runs"})
     counted = final.assign(completed=final["status"] == "completed", chance=claims.at_chance(final))

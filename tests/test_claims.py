@@ -674,3 +674,29 @@ def test_readme_states_each_committed_studys_verdicts_as_it_wrote_them():
     for path in studies:
         table = claims.verdicts_table(json.loads(path.read_text()))
         assert table in readme, f"README lacks {path}'s verdicts as written: run gvr-lab docs"
+
+
+def test_the_plateau_rules_reasons_recompute_from_the_committed_scouting_runs():
+    """What PLATEAU_ACC_GAIN's comment and README say of the scouting runs (records under
+    runs/scout/budget): every doubling lowered SGD's final training loss by 22-44%, so the former
+    20% loss threshold passed none, while on 1,024 images the test accuracy rose +2.2 points from 80
+    to 160 epochs and +0.0 from 160 to 320, where the accuracy rule finds the plateau."""
+    from gvr_lab.collect import load_runs
+    from gvr_lab.plots import final_rows
+
+    finals = final_rows(load_runs(str(REPO / "runs" / "scout" / "budget" / "*")))
+    by_size = {
+        size: rows.groupby("epochs")[["train_loss", "test_acc"]].mean() for size, rows in finals.groupby("train_subset")
+    }
+    assert sorted(by_size) == [1024, 2048, 4096]
+    drops = []
+    for means in by_size.values():
+        for short, long in zip(means.index, means.index[1:]):
+            assert long == 2 * short
+            drop, gain, _ = claims.doubling(means.loc[short], means.loc[long], claims.PLATEAU_ACC_GAIN)
+            drops.append(drop)
+    assert len(drops) == 6 and round(100 * min(drops)) == 22 and round(100 * max(drops)) == 44
+    small = by_size[1024]
+    gains = [claims.doubling(small.loc[a], small.loc[2 * a], claims.PLATEAU_ACC_GAIN)[1] for a in (80, 160)]
+    assert [round(g, 1) for g in gains] == [2.2, 0.0]
+    assert claims.plateau_budget(small.reset_index()) == 160
