@@ -402,7 +402,7 @@ def test_the_half_budget_runs_train_beside_a_study_and_stay_out_of_its_arms(tmp_
     assert {Path(d).parent.name for d in half["run_dir"]} == {HALF_BUDGET}
     arms = Study.load_runs(SimpleNamespace(runs_root=tmp_path))
     assert set(arms["epochs"]) == {4} and len(arms) == 4  # the study's own run, its 4 epochs
-    assert claims.plateau_note(arms, "SGD", half).startswith("training loss of SGD (mean of 1 seed): ")
+    assert claims.plateau_note(arms, "SGD", half).startswith("training of SGD (mean of 1 seed): ")
 
 
 def test_the_fit_note_reads_every_seeds_clean_training_accuracy():
