@@ -31,7 +31,8 @@ cores.
 The pilot (`pilot_*`): it sizes the study on seeds of its own, with a validation split, before the
 protocol is written: for Novack et al.'s arms the cheapest setting where the small-batch arm fits its
 training set on every pilot seed and is predicted to on the study's; for the other arms the epoch
-budget past which the baseline's training loss stops falling (`plateau_budget`); learning rate, rho
+budget past which doubling no longer raises the baseline's test accuracy (`plateau_budget`; the
+largest tried, said to be no plateau, when none is); learning rate, rho
 and alpha chosen on validation (stats.select), GVR with a rate of its own (its loss sums two views'
 losses, about twice the step SGD's rate was chosen for); then, per claim, the SD of its paired
 differences and the n that gives a 95% CI half-width of at most `half_width` points
@@ -491,17 +492,17 @@ def step_times(protocol: Protocol, device: str = "cpu", rounds: int = 9, steps: 
 PLATEAU_ACC_GAIN = 0.5
 
 
-def plateau_budget(finals: pd.DataFrame, acc_gain: float = PLATEAU_ACC_GAIN) -> int:
-    """The smallest epoch budget after which doubling the budget no longer pays: from the baseline's
-    runs at each budget (rows: `epochs`, `seed`, final `train_loss` and `test_acc`, fractions),
-    the smallest budget E whose next budget's mean test accuracy is less than `acc_gain` points
-    above E's; the largest budget when none is."""
+def plateau_budget(finals: pd.DataFrame, acc_gain: float = PLATEAU_ACC_GAIN) -> tuple[int, bool]:
+    """The smallest epoch budget after which doubling the budget no longer pays, and whether one
+    did: from the baseline's runs at each budget (rows: `epochs`, `seed`, final `train_loss` and
+    `test_acc`, fractions), (the smallest budget E whose next budget's mean test accuracy is less than
+    `acc_gain` points above E's, True); (the largest budget, False) when none is."""
     means = finals.groupby("epochs")[["train_loss", "test_acc"]].mean().sort_index()
     budgets = list(means.index)
     for small, large in zip(budgets, budgets[1:]):
         if doubling(means.loc[small], means.loc[large], acc_gain)[2]:
-            return int(small)
-    return int(budgets[-1])
+            return int(small), True
+    return int(budgets[-1]), False
 
 
 def doubling(shorter, longer, acc_gain: float) -> tuple[float, float, bool]:
@@ -554,8 +555,8 @@ def doubling_note(longer: pd.DataFrame, shorter: pd.DataFrame, label: str, acc_g
     means = [rows[["train_loss", "test_acc"]].mean() for rows in (short, full)]
     drop, gain, plateaued = doubling(*means, acc_gain)
     found = (
-        f"{count(budget)} gained {gain:+.1f} points of test accuracy over the runs of {count(half_budget)} "
-        f"(each with its own schedule), its training loss {100 * drop:.0f}% lower"
+        f"{count(budget)} ended {gain:+.1f} points of test accuracy and {-100 * drop:+.0f}% of training loss "
+        f"from the runs of {count(half_budget)} (each with its own schedule)"
     )
     rule = f"the plateau rule: less than {acc_gain:g} points per doubling; the loss is stated, not judged"
     return f"{what}: {'plateaued' if plateaued else 'not plateaued'}, {found} ({rule})"
@@ -772,7 +773,8 @@ def run_pilot(
        its clean training rows; the cheapest setting where SB reaches 99% on every pilot seed and
        the 95% lower prediction bound of a new seed is 99% too (fitting_setting, study_seeds_lowest).
     2. The budget: SGD (the other arms' baseline) at each epoch budget of candidates["budgets"]; the
-       budget past which doubling stops paying (plateau_budget).
+       budget past which doubling stops paying (plateau_budget; the largest, said to be no plateau,
+       when none is).
     3. Selection on validation (stats.select, on `settings`' validation split): SGD's learning rate
        among candidates["lr"], then at that rate SAM's rho among candidates["rho"]; vSAM takes SAM's
        rho. GVR's own rate among candidates["lr"] at `settings`' alpha, then at that rate its alpha
@@ -838,15 +840,13 @@ def run_pilot(
     budget_labels = {sgd_label(e, settings["lr"]): e for e in candidates["budgets"]}
     train_configs([c for label, e in budget_labels.items() for c in grid(label, {**pilot.arm("SGD"), "epochs": e})])
     budgets = finals(budget_labels).assign(epochs=lambda f: f["label"].map(budget_labels))
-    epochs = plateau_budget(budgets)
+    epochs, plateaued = plateau_budget(budgets)
     for e, rows in budgets.groupby("epochs"):
+        value = f"train loss {rows['train_loss'].mean():.4f}, test acc {100 * rows['test_acc'].mean():.2f}%"
+        if e == epochs and not plateaued:  # the study trains short of the plateau: the table says so
+            value += "; no plateau: the largest budget tried, the last doubling still paid"
         decisions.append(
-            {
-                "decision": "epoch budget",
-                "candidate": f"{e} epochs",
-                "value": f"train loss {rows['train_loss'].mean():.4f}, test acc {100 * rows['test_acc'].mean():.2f}%",
-                "chosen": e == epochs,
-            }
+            {"decision": "epoch budget", "candidate": f"{e} epochs", "value": value, "chosen": e == epochs}
         )
     settings["epochs"] = epochs
     pilot = in_protocol(preset_table({**settings, "seeds": seeds}))
@@ -1052,6 +1052,12 @@ def verdict_cell(record: dict) -> str:
     if record["verdict"] == record["own_verdict"]:
         return record["verdict"]
     return f"{record['verdict']} (premise {record['premise']}; alone: {record['own_verdict']})"
+
+
+def committed_studies(figures) -> list[Path]:
+    """Every claims study's claims.json under `figures`/claims: the current one and those archived
+    in its subfolders."""
+    return sorted((Path(figures) / "claims").glob("**/claims.json"))
 
 
 def verdicts_table(records: list[dict]) -> str:

@@ -134,7 +134,7 @@ def cmd_list(args) -> int:
 def cmd_docs(args) -> int:
     """docs/methods.md from the registry and the method docstrings, and README's generated tables
     (methods, notebooks) refreshed in place: what to run after adding a method or a notebook."""
-    from .claims import verdicts_table
+    from .claims import committed_studies, verdicts_table
     from .results import read_json, write_atomic
     from .runner import notebook_table
     from .study import REPO
@@ -146,8 +146,7 @@ def cmd_docs(args) -> int:
     if not readme.is_file():
         raise UsageError(f"{readme} not found: run gvr-lab docs in the project's root, or pass --readme")
     text = readme.read_text()
-    studies = sorted((REPO / "figures" / "claims").glob("**/claims.json"))  # every committed claims study
-    verdicts = [verdicts_table(read_json(path)) for path in studies]
+    verdicts = [verdicts_table(read_json(path)) for path in committed_studies(REPO / "figures")]
     for table in (markdown_table(), dataset_table(), notebook_table(), *verdicts):
         text = replace_table(text, table, readme)
     write_atomic(readme, text.encode())
