@@ -844,7 +844,7 @@ def run_pilot(
     for e, rows in budgets.groupby("epochs"):
         value = f"train loss {rows['train_loss'].mean():.4f}, test acc {100 * rows['test_acc'].mean():.2f}%"
         if e == epochs and not plateaued:  # the study trains short of the plateau: the table says so
-            value += "; no plateau: the largest budget tried, the last doubling still paid"
+            value += "; no plateau among the budgets tried: the largest"
         decisions.append(
             {"decision": "epoch budget", "candidate": f"{e} epochs", "value": value, "chosen": e == epochs}
         )

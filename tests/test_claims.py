@@ -603,6 +603,8 @@ def test_the_pilot_chooses_gvrs_own_rate_and_registers_the_study_past_its_seeds(
 
     decisions = pilot["decisions"]
     chosen = decisions[decisions["chosen"].astype(bool)].set_index("decision")["candidate"]
+    budget = decisions[decisions["decision"] == "epoch budget"]  # one budget tried: it, said to be no plateau
+    assert budget["value"].item().endswith("; no plateau among the budgets tried: the largest")
     rates = {f"GVR lr {lr:g} alpha 0.01": lr for lr in candidates["lr"]}
     assert set(decisions[decisions["decision"] == "GVR's learning rate"]["candidate"]) == set(rates)
     gvr_lr = rates[chosen["GVR's learning rate"]]
