@@ -431,7 +431,7 @@ def write_figures_index(root, preset: str, entries: list[tuple[Declaration, dict
             files = sorted(name for suffix, name in found.items() if suffix in shown)
             lines += [f"- [{name}]({decl.name}/{name}): {what}" for name in files]
         for archive in sorted((root / decl.name).glob("*/README.md")):  # an earlier study, kept with its own README
-            title = archive.read_text().split("\n", 1)[0].lstrip("# ")
+            title = archive.read_text().split("\n", 1)[0].removeprefix("# ")
             lines.append(f"- [{archive.parent.name}/]({decl.name}/{archive.parent.name}/README.md): {title}")
         lines.append("")
     path = root / "README.md"

@@ -683,6 +683,9 @@ def test_the_figures_index_links_an_archived_study_by_its_readmes_title(tmp_path
     archive.mkdir(parents=True)
     (archive / "README.md").write_text("# The study registered in commit abc (archived)\n\nWhy it was kept.\n")
     (tmp_path / first.name / "notes").mkdir()  # a folder without a README is not an archive
+    (tmp_path / first.name / "v2").mkdir()
+    (tmp_path / first.name / "v2" / "README.md").write_text("# #2: the second study\n")  # only the heading mark goes
     index = write_figures_index(tmp_path, "cpu", [(first, None)]).read_text()
     assert f"- [v1/]({first.name}/v1/README.md): The study registered in commit abc (archived)" in index
+    assert f"- [v2/]({first.name}/v2/README.md): #2: the second study" in index
     assert "notes/" not in index
