@@ -113,7 +113,12 @@ study = gl.Study(
             "rhos": [0.02, 0.05, 0.1],
             "alphas": [0.003, 0.01, 0.03],
         },
-        "cpu": {"device": "cpu"},
+        "cpu": {
+            "device": "cpu",
+            # the registered study's own folder, named by its protocol's hash: a study registered
+            # anew never finds another's runs there (and check_stamp refuses them)
+            "runs_root": "runs/cpu/claims/d8ae2a00b5e0",
+        },
         "gpu": {},
         "paper": {},
     },

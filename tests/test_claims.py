@@ -85,6 +85,15 @@ def test_the_registered_cpu_preset_is_the_block_the_pilot_wrote():
     assert [protocol.n(c["id"]) for c in protocol.claims] == [len(registered["seeds"])] * len(protocol.claims)
 
 
+def test_the_cpu_preset_trains_in_the_folder_its_registered_protocol_names():
+    """The study runs under runs/cpu/claims/<its protocol's hash>: registering a new block without
+    moving the runs root fails here, before any run could land beside another study's."""
+    from gvr_lab.study import read_notebook, resolve
+
+    resolved = resolve(read_notebook(REPO / "notebooks" / "06_claims.py"), {"preset": "cpu"})
+    assert resolved.runs_root == REPO / "runs" / "cpu" / "claims" / claims.load_protocol(PROTOCOL, "cpu").sha256[:12]
+
+
 def test_registering_a_block_replaces_its_presets_tables_and_keeps_the_rest(tmp_path):
     """What the pilot wrote goes into the protocol as written: the preset's tables replaced, another
     preset's tables and comments kept byte for byte, a new preset appended; the new protocol is
