@@ -389,11 +389,17 @@ CLAIMS_JSON_FIELDS = (
 )
 
 
-def claims_records(assessed: list) -> list[dict]:
+def claims_records(assessed: list, protocol: Protocol) -> list[dict]:
     """claims.json: one record per claim, the fields above, plus the CI's level, the claim's own
-    verdict before its premise and the premise."""
+    verdict before its premise and the premise, and the SHA-256 of the protocol file's bytes as the
+    study read them: protocol_sha256 names the preset's block and claims, which other presets' edits
+    leave alone; this one is what `sha256sum` of the registered file gives."""
     extra = ("ci_level", "own_verdict", "premise", "exploratory")
-    return [{k: getattr(a, k) for k in (*CLAIMS_JSON_FIELDS, *extra)} for a in assessed]
+    file_sha256 = hashlib.sha256(protocol.path.read_bytes()).hexdigest()
+    return [
+        {**{k: getattr(a, k) for k in (*CLAIMS_JSON_FIELDS, *extra)}, "protocol_file_sha256": file_sha256}
+        for a in assessed
+    ]
 
 
 def seeds_table(protocol: Protocol, runs: pd.DataFrame, assessed: list, times: dict | None = None) -> pd.DataFrame:

@@ -215,7 +215,7 @@ if preset != "pilot":
     assessed = claims.assess(registered, runs, times)
     seeds = claims.seeds_table(registered, runs, assessed, times)
     study.save_data(seeds.to_dict("records"), "seeds")
-    study.save_data(claims.claims_records(assessed), "claims", formats=("json",))
+    study.save_data(claims.claims_records(assessed, registered), "claims", formats=("json",))
     paper = {c["id"]: c.get("paper", "") for c in registered.claims}
     table = claims.claims_table(assessed, paper)
     study.save_table(table, "claims", f"Claims under protocol {registered.sha256[:12]}", runs,

@@ -1,6 +1,7 @@
 """The claims study's machinery (gvr_lab/claims.py): a protocol read and hashed, runs stamped with
 it, claims' values read from runs, tested, and written so that a reader recomputes them."""
 
+import hashlib
 import json
 import math
 import sys
@@ -293,7 +294,8 @@ margin = 1.0
     assessed = claims.assess(protocol, runs)
     seeds = claims.seeds_table(protocol, runs, assessed)
     seeds.to_csv(tmp_path / "seeds.csv", index=False)
-    records = claims.claims_records(assessed)
+    records = claims.claims_records(assessed, protocol)
+    assert {r["protocol_file_sha256"] for r in records} == {hashlib.sha256(protocol.path.read_bytes()).hexdigest()}
     (tmp_path / "claims.json").write_text(json.dumps(records))
     again = pd.read_csv(tmp_path / "seeds.csv")
     raw = []
@@ -675,6 +677,13 @@ def test_each_committed_study_recomputes_under_the_protocol_it_names():
     for path in studies:
         records = json.loads(path.read_text())
         check_claims_recompute(records, pd.read_csv(path.parent / "seeds.csv"), protocol_of(records))
+
+
+def test_the_current_study_names_the_protocol_file_as_it_stands():
+    """figures/claims/claims.json was produced under notebooks/claims_protocol.toml byte for byte: a
+    protocol edited after its study is another study, to be run (or the old one archived) anew."""
+    records = json.loads((REPO / "figures" / "claims" / "claims.json").read_text())
+    assert {r["protocol_file_sha256"] for r in records} == {hashlib.sha256(PROTOCOL.read_bytes()).hexdigest()}
 
 
 def test_readme_states_each_committed_studys_verdicts_as_it_wrote_them():
