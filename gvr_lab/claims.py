@@ -89,6 +89,7 @@ class Protocol:
     claims: list  # the [claims] entries, in order
     table: dict  # [presets.<preset>]
     sha256: str
+    file_sha256: str = ""  # of the file's bytes as read (sha256sum's), claims_records writes it
 
     @property
     def seeds(self) -> list[int]:
@@ -119,7 +120,8 @@ def load_protocol(path, preset: str) -> Protocol:
     (stats.Claim), every arm a claim names present in the preset, its seeds a list."""
     path = Path(path)
     try:
-        document = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+        document = tomllib.loads(raw.decode())
     except OSError as e:
         raise UsageError(f"cannot read the protocol {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
@@ -140,7 +142,9 @@ def load_protocol(path, preset: str) -> Protocol:
     if not isinstance(table.get("seeds"), list) or not table["seeds"]:
         raise UsageError(f"{path}: preset {preset!r} needs `seeds`, a list of seeds")
     canonical = json.dumps({"claims": claims, "preset": table}, sort_keys=True, default=str)
-    protocol = Protocol(path, preset, claims, table, hashlib.sha256(canonical.encode()).hexdigest())
+    protocol = Protocol(
+        path, preset, claims, table, hashlib.sha256(canonical.encode()).hexdigest(), hashlib.sha256(raw).hexdigest()
+    )
     for claim in claims:
         for arm in arms_of(claim["method"]) + arms_of(claim["baseline"]):
             protocol.arm(arm)
@@ -395,9 +399,8 @@ def claims_records(assessed: list, protocol: Protocol) -> list[dict]:
     study read them: protocol_sha256 names the preset's block and claims, which other presets' edits
     leave alone; this one is what `sha256sum` of the registered file gives."""
     extra = ("ci_level", "own_verdict", "premise", "exploratory")
-    file_sha256 = hashlib.sha256(protocol.path.read_bytes()).hexdigest()
     return [
-        {**{k: getattr(a, k) for k in (*CLAIMS_JSON_FIELDS, *extra)}, "protocol_file_sha256": file_sha256}
+        {**{k: getattr(a, k) for k in (*CLAIMS_JSON_FIELDS, *extra)}, "protocol_file_sha256": protocol.file_sha256}
         for a in assessed
     ]
 
