@@ -135,6 +135,8 @@ def run_notebook(
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     parts = interrupted_parts(run_dir)
     earlier = round(sum(part["wall_time_s"] for part in parts.values()), 1)
+    # when the first of this execution's parts began: the runs whose records were written since are its own
+    started_at = min([time.time(), *(part["at"] - part["wall_time_s"] for part in parts.values() if "at" in part)])
     work = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
     write_json(work / "params.json", {"notebook": str(decl.path), **resolved.params})
     if log_output:  # papermill only configures logging in its own CLI (papermill#496)
@@ -170,7 +172,12 @@ def run_notebook(
     own = read_json(work / ELAPSED)  # written as the execution ended
     (work / ELAPSED).unlink()
     steal = summed_steal([part_steal(part) for part in [*parts.values(), own]])
-    done = {"wall_time_s": round(own["wall_time_s"] + earlier, 1), "interrupted_s": earlier, "code": code}
+    done = {
+        "wall_time_s": round(own["wall_time_s"] + earlier, 1),
+        "interrupted_s": earlier,
+        "started_at": round(started_at, 1),
+        "code": code,
+    }
     write_json(work / "DONE", {**done, **({"steal": steal} if steal else {})})
     replace_dir(work, run_dir)
     for folder in parts:  # counted in DONE now; until then a failed or killed execution leaves them for the next
@@ -293,9 +300,14 @@ def saved_outputs(run_dir: Path) -> Saved:
 def execution_record(run_dir: Path) -> dict:
     """What a finished notebook run did: the execution's wall time, and the training runs under its
     runs root (count, summed wall time and devices, which stay true when a later execution only
-    redraws because every run had finished)."""
+    redraws because every run had finished) with how many of them the execution trained itself
+    (records written since its first part began; absent for executions from before that was kept)."""
     resolved, done = resolved_of(run_dir), read_json(run_dir / "DONE")
-    summaries = [read_json(p) for p in resolved.runs_root.rglob("summary.json")]  # the pilot nests its arms
+    paths = list(resolved.runs_root.rglob("summary.json"))  # the pilot nests its arms
+    summaries = [read_json(p) for p in paths]
+    trained_here = {}
+    if "started_at" in done:
+        trained_here["runs_trained"] = sum(p.stat().st_mtime >= done["started_at"] for p in paths)
     return {
         "wall_time_s": done["wall_time_s"],
         # executions before killed parts were kept (no interrupted_s) may have continued unrecorded ones,
@@ -305,6 +317,7 @@ def execution_record(run_dir: Path) -> dict:
         "training_time_s": round(sum(s.get("wall_time_s", 0.0) for s in summaries), 1),
         "devices": sorted({s.get("device", "?") for s in summaries}),
         "runs_root": repo_relative(resolved.runs_root),
+        **trained_here,
         **({"steal": done["steal"]} if "steal" in done else {}),
     }
 
@@ -318,15 +331,18 @@ def resolved_of(run_dir: Path) -> Resolved:
 def study_timing(previous: dict | None, record: dict) -> dict:
     """A notebook's entry in figures/timings.json after an execution (record: execution_record):
     its wall time is that of the executions that trained its runs. An execution that trained
-    nothing (every run finished earlier: a redraw) keeps the earlier wall time; one that continued
-    a study run in parts (same runs root, more training) adds its own to the earlier parts', and
-    its steal record to theirs."""
+    nothing (every run finished earlier: a redraw) keeps the earlier wall time; one that trained
+    every run (the earlier ones were gone) is the study's whole cost; one that continued a study
+    run in parts (same runs root, some runs finished earlier) adds its own to the earlier parts',
+    and its steal record to theirs. Records from before executions counted the runs they trained
+    (no runs_trained) are told apart by their total training time."""
     same_study = previous is not None and previous.get("runs_root") == record["runs_root"]
-    if not same_study:
+    trained = record.get("runs_trained")
+    if not same_study or (trained and trained == record["training_runs"]):
         return record
     # a part of the study that left no record stays missing, whichever execution found it
     all_parts = previous.get("all_parts", True) and record.get("all_parts", True)
-    redraw = record["training_time_s"] <= previous["training_time_s"]
+    redraw = trained == 0 if trained is not None else record["training_time_s"] <= previous["training_time_s"]
     parts = [previous] if redraw else [previous, record]
     wall = round(sum(part["wall_time_s"] for part in parts), 1)
     steal = summed_steal([part.get("steal", {}) for part in parts])

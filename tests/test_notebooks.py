@@ -476,6 +476,43 @@ def test_a_studys_recorded_wall_time_is_that_of_the_executions_that_trained_it(t
     record_timing(tmp_path, "x", {**record(40.0, 5000.0, "runs/cpu/x/ghi"), "all_parts": False})
     entry = json.loads((tmp_path / "timings.json").read_text())["x"]
     assert entry["wall_time_s"] == 3000.0 and entry["all_parts"] is False
+    # executions that counted the runs they trained: a rerun that retrained every run (the earlier
+    # records were gone) is the study's whole cost, whether its training came out longer or shorter
+    root = "runs/cpu/x/jkl"
+    record_timing(tmp_path, "x", {**record(3000.0, 5000.0, root), "runs_trained": 4})
+    record_timing(tmp_path, "x", {**record(2500.0, 5200.0, root), "runs_trained": 4})
+    assert recorded() == 2500.0
+    record_timing(tmp_path, "x", {**record(2400.0, 4800.0, root), "runs_trained": 4})
+    assert recorded() == 2400.0
+    record_timing(tmp_path, "x", {**record(40.0, 4800.0, root), "runs_trained": 0})  # a redraw
+    assert recorded() == 2400.0
+    record_timing(tmp_path, "x", {**record(900.0, 4700.0, root), "runs_trained": 1})  # one run continued
+    assert recorded() == 3300.0
+
+
+def test_an_execution_counts_the_runs_whose_records_it_wrote(tmp_path):
+    """execution_record's runs_trained: the summaries written since the execution's first part
+    began (DONE's started_at), the pilot's nested arms included; an execution from before
+    started_at was kept says nothing, and study_timing falls back on the training time."""
+    import os
+
+    from gvr_lab.runner import execution_record
+
+    nb, runs = write_notebook(tmp_path), tmp_path / "study"
+    run_dir = tmp_path / "runs" / "00_toy-cpu"
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.json").write_text(json.dumps({"notebook": str(nb), "runs_root": str(runs)}))
+    started = 1_800_000_000.0
+    for name, mtime in (("a", started - 600), ("b", started + 5), ("arm/c", started + 90)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"wall_time_s": 10.0, "device": "cpu"}))
+        os.utime(runs / name / "summary.json", (mtime, mtime))
+    done = {"wall_time_s": 120.0, "interrupted_s": 0.0, "code": "c"}
+    (run_dir / "DONE").write_text(json.dumps({**done, "started_at": started}))
+    record = execution_record(run_dir)
+    assert (record["training_runs"], record["runs_trained"], record["training_time_s"]) == (3, 2, 30.0)
+    (run_dir / "DONE").write_text(json.dumps(done))
+    assert "runs_trained" not in execution_record(run_dir)
 
 
 def test_a_killed_part_without_an_elapsed_record_is_counted_as_unrecorded(tmp_path):
@@ -639,7 +676,8 @@ def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     assert own["interrupted_s"] == 0.0 and not list(run_dir.glob("elapsed.json"))
     killed = run_dir.parent / f".{run_dir.name}.killed"
     killed.mkdir()
-    (killed / "elapsed.json").write_text(json.dumps({"wall_time_s": 100.0, "at": time.time() - 3600}))
+    killed_at = time.time() - 3600
+    (killed / "elapsed.json").write_text(json.dumps({"wall_time_s": 100.0, "at": killed_at}))
     write_notebook(tmp_path, 'raise ValueError("a failing cell")')  # the same run, failing
     with pytest.raises(NotebookFailed):
         run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
@@ -648,6 +686,7 @@ def test_an_execution_continuing_a_killed_one_records_both_parts(tmp_path):
     run_notebook(nb, {}, runs_root=tmp_path / "runs", force=True)
     done = json.loads((run_dir / "DONE").read_text())
     assert done["interrupted_s"] == 100.0 and done["wall_time_s"] >= 100.0 and not killed.exists()
+    assert done["started_at"] == pytest.approx(killed_at - 100.0, abs=0.1)  # the killed part's runs are its own
     # the killed part recorded no steal: the record covers this execution's own time only
     assert done["steal"]["wall_s"] == pytest.approx(done["wall_time_s"] - 100.0, abs=0.2)
     assert 0 <= done["steal"]["stolen_s"] <= done["steal"]["cpu_s"]
