@@ -638,6 +638,16 @@ def test_the_committed_exploratory_tables_show_three_seeds_or_more_with_their_in
             assert "exploratory: tests no claim" in caption, table
 
 
+def test_the_committed_exploratory_notebooks_together_took_at_most_two_hours_on_the_cpu():
+    """01-05 at their committed preset are sized to run one after another within 2 hours on our
+    2-core machine: their recorded wall times (every part of each study recorded) sum to that."""
+    timings = json.loads((REPO / "figures" / "timings.json").read_text())
+    exploratory = [decl.name for decl in map(read_notebook, notebook_paths()) if decl.exploratory]
+    entries = [timings[name] for name in exploratory]
+    assert len(entries) >= 5 and all(e.get("all_parts", True) and e["devices"] == ["cpu"] for e in entries)
+    assert sum(e["wall_time_s"] for e in entries) <= 2 * 3600
+
+
 def test_committed_timings_name_runs_roots_relative_to_the_repository(tmp_path):
     from gvr_lab.study import repo_relative
 
