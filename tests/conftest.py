@@ -20,6 +20,13 @@ torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else 2)
 os.environ["GVR_LAB_WORKERS"] = "1"
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first. Under `pytest -n 2` the workers take tests in this order: long ones
+    collected late (the notebooks' smoke figures, about 6 minutes) left one worker running alone at
+    the end while the quick tests had all gone by."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """A Config factory for seconds-long runs on the synthetic dataset."""
